@@ -1,0 +1,122 @@
+"""`python -m raas_batch --input PATH --output DIR [options]`: run a batch generation job.
+
+Flags use vLLM's spellings where vLLM has one. Every flag defaults to "not given" (argparse SUPPRESS)
+so that `config.resolve` can layer defaults -> `--config` YAML -> flags given on the command line.
+
+Exit status: 0 the job is complete (rows that could not run are error rows, not failures);
+1 some shard failed (rerun with --resume); 2 the job could not start (one sentence on stderr,
+nothing written); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from raas_batch.config import ConfigError, JobConfig, resolve
+
+_DEFAULTS = JobConfig()
+
+
+def _d(name: str) -> str:
+    value = getattr(_DEFAULTS, name)
+    return f" (default: {value})" if value not in (None, [], False) else ""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m raas_batch", argument_default=argparse.SUPPRESS,
+        description="Generate completions for every row of a dataset into resumable Parquet shards.",
+        epilog="Outputs: DIR/shards/part-*.parquet, DIR/manifest.json, DIR/config.yaml, DIR/summary.json. "
+               "Exit status: 0 complete, 1 some shard failed (rerun with --resume), 2 bad input or "
+               "settings (nothing written), 130 interrupted.")
+    data = p.add_argument_group("data")
+    data.add_argument("--input", metavar="PATH",
+                      help="a .parquet file or folder of them, an Arrow IPC file (.arrow/.feather), a "
+                           "datasets save_to_disk folder, a .jsonl file, or hf:NAME[:SPLIT] "
+                           "(hf:NAME:CONFIG:SPLIT for a named config)")
+    data.add_argument("--output", metavar="DIR", help="output folder")
+    data.add_argument("--prompt-column", metavar="NAME",
+                      help="column of text prompts or of chat messages (lists of {role, content}); "
+                           "'messages' is used when 'prompt' is absent" + _d("prompt_column"))
+    data.add_argument("--id-column", metavar="NAME",
+                      help="column of stable row ids; row numbers are used when it is absent" + _d("id_column"))
+    data.add_argument("--limit", type=int, metavar="N", help="only the first N rows")
+    data.add_argument("--shard-size", type=int, metavar="ROWS",
+                      help="input rows per output shard file" + _d("shard_size"))
+    model = p.add_argument_group("model and KV cache")
+    model.add_argument("--model", help="model name or path (default: the embedded default model)")
+    model.add_argument("--dtype", help="model dtype, e.g. bfloat16, float16, float32 (default: engine's choice)")
+    model.add_argument("--device", help="e.g. cuda, cuda:1, cpu (default: engine's choice)")
+    model.add_argument("--kv-policy", metavar="NAME",
+                       help="KV cache policy: dense, raas, quest, h2o, streaming" + _d("kv_policy"))
+    model.add_argument("--kv-budget", type=int, metavar="TOKENS",
+                       help="KV tokens kept per sequence by a sparse policy")
+    model.add_argument("--page-size", type=int, metavar="TOKENS", help="tokens per KV page" + _d("page_size"))
+    model.add_argument("--max-num-seqs", type=int, metavar="N",
+                       help="sequences decoded together" + _d("max_num_seqs"))
+    model.add_argument("--chat-template-kwargs", metavar="JSON",
+                       help="extra arguments of the chat template, e.g. '{\"enable_thinking\": true}'")
+    sampling = p.add_argument_group("sampling")
+    sampling.add_argument("--max-new-tokens", "--max-tokens", dest="max_new_tokens", type=int, metavar="N",
+                          help="tokens generated per sample" + _d("max_new_tokens"))
+    sampling.add_argument("--temperature", type=float, help="0 is greedy" + _d("temperature"))
+    sampling.add_argument("--top-p", type=float, help=_d("top_p").strip(" ()") or None)
+    sampling.add_argument("--top-k", type=int, help="0 disables it")
+    sampling.add_argument("--n", type=int, help="samples per row" + _d("n"))
+    sampling.add_argument("--seed", type=int,
+                          help="base seed: each row samples with a seed derived from it and the row id")
+    sampling.add_argument("--thinking-budget", type=int, metavar="TOKENS",
+                          help="at most this many tokens inside <think>...</think>")
+    sampling.add_argument("--ignore-eos", action="store_true", help="keep generating after EOS")
+    sampling.add_argument("--stop", action="append", metavar="TEXT",
+                          help="stop string (repeat the flag for several)")
+    run = p.add_argument_group("run")
+    run.add_argument("--config", metavar="FILE.yaml",
+                     help="YAML file with the same keys as the long flags; flags given here win")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the job in --output: skip done shards, redo the rest")
+    run.add_argument("--overwrite", action="store_true", help="start the job in --output over")
+    run.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = resolve(vars(args))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except TypeError as exc:  # an unexpected key type from YAML
+        print(f"error: invalid configuration ({exc}); check --config.", file=sys.stderr)
+        return 2
+    from raas_batch.runner import JobError, run_job
+
+    try:
+        summary = run_job(cfg)
+    except JobError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: rerun with --resume to continue.", file=sys.stderr)
+        return 130
+    if not cfg.quiet:
+        print(_final_line(summary, cfg), file=sys.stderr)
+    return 0 if summary["complete"] else 1
+
+
+def _final_line(summary: dict, cfg: JobConfig) -> str:
+    s = summary
+    text = (f"{s['rows']}/{s['rows_total']} rows, {s['samples']} samples, {s['errors']} errors, "
+            f"{s['completion_tokens']} tokens, {s['tokens_per_s']:.1f} tok/s this run "
+            f"({s['this_run']['wall_time_s']:.1f}s) -> {cfg.output}")
+    if not s["complete"]:
+        text += (f"; {s['shards']['total'] - s['shards']['done']} shard(s) not done: rerun with --resume. "
+                 f"Shard states: {json.dumps(s['shards'])}")
+    return text
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""The job manifest (`DIR/manifest.json`): the shard plan, each shard's state, and the fingerprint.
+
+Shard lifecycle (`attempts` counts entries into `running`):
+
+    pending --start--> running --finish--> done          (file written, then the manifest)
+                          |
+                          +----fail-----> failed --start--> running ...   (next run, or --resume)
+    running (found on load: the run that set it died) is treated like failed: redone on --resume.
+
+Invariants:
+- The plan covers rows [0, num_rows) with consecutive, non-overlapping ranges of `shard_size` rows
+  (the last may be shorter); shard i holds rows [i*shard_size, min((i+1)*shard_size, num_rows)).
+- A shard is `done` only after its file was renamed into place; `file`, `sha256` and
+  `num_output_rows` of a done shard describe that file and are never changed afterwards.
+- `save` replaces manifest.json atomically (temp file, fsync, rename, fsync of the folder): after a
+  crash the manifest is the last saved one, whole.
+- The fingerprint holds everything that changes the output (input identity and the settings of
+  `JobConfig.output_settings`); `diff` names each differing setting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from raas_batch.data.writer import fsync_dir
+
+MANIFEST_VERSION = 1
+STATES = ("pending", "running", "done", "failed")
+
+
+@dataclass
+class ShardRecord:
+    """One shard: input rows [start, end), its state and, once done, its output file."""
+
+    index: int
+    start: int
+    end: int
+    state: str = "pending"
+    attempts: int = 0
+    file: str | None = None  # relative to the output folder
+    num_output_rows: int | None = None
+    sha256: str | None = None
+    error: str | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    stats: dict[str, Any] = field(default_factory=dict)  # tokens, errors, wall time of this shard
+
+    @property
+    def num_rows(self) -> int:
+        return self.end - self.start
+
+
+def fingerprint_hash(fingerprint: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Manifest:
+    fingerprint: dict[str, Any]  # {"input": {...identity...}, "settings": {...}}
+    num_rows: int
+    shard_size: int
+    shards: list[ShardRecord]
+    version: int = MANIFEST_VERSION
+    runs: list[dict[str, Any]] = field(default_factory=list)  # one record per run (start, resumed, end)
+    created_at: float = field(default_factory=time.time)
+    updated_at: float = field(default_factory=time.time)
+
+    # --- planning and loading -------------------------------------------------------------------
+    @classmethod
+    def plan(cls, num_rows: int, shard_size: int, fingerprint: dict[str, Any]) -> Manifest:
+        if shard_size < 1:
+            raise ValueError("shard_size must be >= 1")
+        shards = [ShardRecord(index=i, start=s, end=min(s + shard_size, num_rows))
+                  for i, s in enumerate(range(0, num_rows, shard_size))]
+        return cls(fingerprint=fingerprint, num_rows=num_rows, shard_size=shard_size, shards=shards)
+
+    @classmethod
+    def load(cls, path: str) -> Manifest:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        if data.get("version") != MANIFEST_VERSION:
+            raise ValueError(f"manifest version {data.get('version')!r}, expected {MANIFEST_VERSION}")
+        shards = [ShardRecord(**s) for s in data.pop("shards")]
+        data.pop("fingerprint_hash", None)
+        return cls(shards=shards, **data)
+
+    def save(self, path: str) -> None:
+        self.updated_at = time.time()
+        data = asdict(self)
+        data["fingerprint_hash"] = self.fingerprint_hash
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1, sort_keys=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(os.path.dirname(path))
+
+    @property
+    def fingerprint_hash(self) -> str:
+        return fingerprint_hash(self.fingerprint)
+
+    # --- comparing ------------------------------------------------------------------------------
+    def diff(self, fingerprint: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+        """[(what, recorded value, new value)] for each differing part; [] when they match.
+
+        Settings are named by their flag (`--temperature`); input parts as `input <key>`.
+        """
+        out = []
+        for section, prefix in (("settings", "--"), ("input", "input ")):
+            old = self.fingerprint.get(section, {})
+            new = fingerprint.get(section, {})
+            for key in sorted(set(old) | set(new)):
+                if old.get(key) != new.get(key):
+                    name = prefix + key.replace("_", "-") if section == "settings" else prefix + key
+                    out.append((name, old.get(key), new.get(key)))
+        return out
+
+    # --- state transitions ----------------------------------------------------------------------
+    def todo(self) -> list[ShardRecord]:
+        """Shards to (re)run, in order: every shard not done (pending, failed, or running left by a crash)."""
+        return [s for s in self.shards if s.state != "done"]
+
+    def start(self, index: int) -> ShardRecord:
+        s = self.shards[index]
+        assert s.state != "done", f"shard {index} is done; done shards are never rerun"
+        s.state, s.attempts, s.started_at, s.error = "running", s.attempts + 1, time.time(), None
+        return s
+
+    def finish(self, index: int, file: str, num_output_rows: int, sha256: str,
+               stats: dict[str, Any] | None = None) -> ShardRecord:
+        s = self.shards[index]
+        assert s.state != "done", f"shard {index} is already done"
+        s.state, s.file, s.num_output_rows, s.sha256 = "done", file, num_output_rows, sha256
+        s.finished_at, s.error, s.stats = time.time(), None, dict(stats or {})
+        return s
+
+    def fail(self, index: int, error: str) -> ShardRecord:
+        s = self.shards[index]
+        assert s.state != "done", f"shard {index} is done"
+        s.state, s.error, s.finished_at = "failed", error, time.time()
+        return s
+
+    def counts(self) -> dict[str, int]:
+        out = dict.fromkeys(STATES, 0)
+        for s in self.shards:
+            out[s.state] += 1
+        return out
+
+    def rows_done(self) -> int:
+        return sum(s.num_rows for s in self.shards if s.state == "done")
+
+    def totals(self) -> dict[str, Any]:
+        """Sum of the `stats` of done shards (keys as produced by runner.shard_stats)."""
+        out: dict[str, Any] = {"finish_reasons": {}}
+        for s in self.shards:
+            if s.state != "done":
+                continue
+            for key, value in s.stats.items():
+                if key == "finish_reasons":
+                    for reason, count in value.items():
+                        out["finish_reasons"][reason] = out["finish_reasons"].get(reason, 0) + count
+                elif key.endswith("_max"):
+                    out[key] = max(out.get(key, 0), value)
+                elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                    out[key] = out.get(key, 0) + value
+                elif value is not None:
+                    out.setdefault(key, value)
+        return out

@@ -1,0 +1,133 @@
+"""Output shard files: one fixed schema, written whole or not at all.
+
+Invariants:
+- Every shard file of every job, whatever the policy, has exactly `OUTPUT_SCHEMA` (same names, types,
+  order); the README's "Output schema" table documents it column by column.
+- `write_shard` writes `<dir>/.<name>.tmp-<pid>`, flushes and fsyncs it, renames it over `<name>`
+  and fsyncs the folder: a reader (or a crash at any instant) sees either no file or the whole file.
+- Each file carries key-value metadata (`raas_batch.shard`: shard index, row range, fingerprint,
+  number of rows) so a file left on disk by a killed run can be verified before it is adopted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+OUTPUT_SCHEMA = pa.schema([
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("row_idx", pa.int64(), nullable=False),
+    pa.field("sample_idx", pa.int32(), nullable=False),
+    pa.field("prompt", pa.string()),
+    pa.field("completion", pa.string()),
+    pa.field("reasoning", pa.string()),
+    pa.field("answer", pa.string()),
+    pa.field("finish_reason", pa.string(), nullable=False),
+    pa.field("error", pa.string()),
+    pa.field("num_prompt_tokens", pa.int64(), nullable=False),
+    pa.field("num_completion_tokens", pa.int64(), nullable=False),
+    pa.field("num_reasoning_tokens", pa.int64(), nullable=False),
+    pa.field("thinking_budget_hit", pa.bool_(), nullable=False),
+    pa.field("kv_policy", pa.string(), nullable=False),
+    pa.field("kv_budget", pa.int64()),
+    pa.field("peak_kv_tokens", pa.int64(), nullable=False),
+    pa.field("evicted_pages", pa.int64(), nullable=False),
+    pa.field("ttft_s", pa.float64()),
+    pa.field("e2e_s", pa.float64()),
+    pa.field("seed", pa.int64()),
+    pa.field("model", pa.string()),
+])
+
+SHARD_META_KEY = b"raas_batch.shard"
+FINISH_REASONS = ("stop", "length", "error")
+
+
+def shard_file_name(index: int) -> str:
+    return f"part-{index:05d}.parquet"
+
+
+def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
+    """Build a table with exactly OUTPUT_SCHEMA from row dicts (missing keys are null)."""
+    columns = {f.name: [row.get(f.name) for row in rows] for f in OUTPUT_SCHEMA}
+    return pa.Table.from_pydict(columns, schema=OUTPUT_SCHEMA)
+
+
+def write_shard(path: str, rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    """Atomically write `rows` to the Parquet file `path`; return the file's sha256.
+
+    `meta` (JSON-able) is stored in the file's schema metadata under SHARD_META_KEY.
+    """
+    table = rows_to_table(rows)
+    table = table.replace_schema_metadata({SHARD_META_KEY: json.dumps(meta, sort_keys=True).encode()})
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            pq.write_table(table, f, compression="zstd")
+            f.flush()
+            os.fsync(f.fileno())
+        digest = file_sha256(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    fsync_dir(folder)
+    return digest
+
+
+def read_shard_meta(path: str) -> dict[str, Any] | None:
+    """The metadata stored by write_shard, or None if the file is not a readable shard file."""
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowInvalid, OSError):
+        return None
+    raw = (schema.metadata or {}).get(SHARD_META_KEY)
+    if raw is None or schema.remove_metadata() != OUTPUT_SCHEMA.remove_metadata():
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None
+
+
+def verify_shard(path: str, expected: dict[str, Any]) -> bool:
+    """True iff `path` is a complete shard file whose metadata matches `expected` and whose rows are
+    exactly the (row_idx, sample_idx) pairs the metadata promises, each once."""
+    meta = read_shard_meta(path)
+    if meta is None or any(meta.get(k) != v for k, v in expected.items()):
+        return False
+    try:
+        table = pq.read_table(path, columns=["row_idx", "sample_idx"])
+    except (pa.ArrowInvalid, OSError):
+        return False
+    pairs = set(zip(table["row_idx"].to_pylist(), table["sample_idx"].to_pylist()))
+    want = {(r, s) for r in range(meta["start"], meta["end"]) for s in range(meta["n"])}
+    return table.num_rows == len(want) and pairs == want
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fsync_dir(folder: str) -> None:
+    """Make a rename in `folder` durable (no-op where directories cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(folder or ".", os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
