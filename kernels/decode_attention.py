@@ -1,0 +1,331 @@
+"""Paged split-KV decode attention in Triton (flash-decoding), with optional exact per-page mass.
+
+Same contract as `kernels.reference.paged_decode_attention` (the specification):
+q [B, Hq, D]; k_cache, v_cache [N, Hkv, P, D] (one layer, any strides); page_ids [B, Hkv, S] int32
+with -1 for "no page"; fill [N, Hkv] int32 (valid tokens of each page, 0 <= fill <= P). Query head h
+reads KV head h // G, G = Hq // Hkv. Returns out [B, Hq, D] (q's dtype) and, if return_mass,
+mass [B, Hkv, S] float32: the softmax probability each listed page received, max over the G heads of
+the group, 0 for -1 entries. Every (sequence, KV head) must list at least one non-empty page.
+
+Algorithm (FlashDecoding, Dao et al. 2023, https://crfm.stanford.edu/2023/10/12/flashdecoding.html;
+the per-page mass is what RaaS, arXiv 2502.11147, and H2O need; the page layout follows Quest,
+arXiv 2406.10774):
+
+* Stage 1, grid (B, Hkv, num_splits): the page list of one (sequence, KV head) is cut into
+  `num_splits` contiguous chunks of `pages_per_split` entries. A program loads the G query heads of
+  the group at once (padded to GP = max(16, next_pow2(G)) rows so `tl.dot` can be used; the padding
+  rows are masked out of every store), walks its chunk `pages_per_iter` pages at a time (one tile of
+  pages_per_iter * P tokens, token rows gathered through the page ids; -1 entries and offsets
+  >= fill[page, kvh] are masked, so they cost no memory traffic), and keeps an online softmax in base
+  2: running max m, running sum l and an unnormalised fp32 accumulator acc. It writes (m, l, acc)
+  per (query head, split). With return_mass it also writes, per (query head, listed page), the
+  page's log2-sum-exp  lse_page = m_run + log2(sum_{tokens of page} 2^(s - m_run)), taken against
+  the running max m_run at the time the page is read (m_run <= the global max, so nothing that
+  matters underflows; an empty or -1 page gives -inf).
+* Stage 2, grid (B, Hkv): for each head, M = max_split m, L = sum_split 2^(m - M) l,
+  out = sum_split 2^(m - M) acc / L. The page mass is 2^(lse_page - (M + log2 L)), i.e. the page's
+  probability under the *global* softmax of that head, then max over the G heads of the group.
+
+No host synchronisation: grid, split count and tile sizes come from shapes only, outputs and scratch
+are allocated with torch.empty, so the op can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+
+
+def _lazy_jit(fn):
+    """Apply triton.jit on first use, so TRITON_INTERPRET is read when the kernel is first launched
+    (tests set it before that), not when this module happens to be imported."""
+    holder: dict = {}
+
+    def get():
+        if "k" not in holder:
+            holder["k"] = triton.jit(fn)
+        return holder["k"]
+
+    return get
+
+
+def _decode_stage1(
+    q_ptr, k_ptr, v_ptr, ids_ptr, fill_ptr,
+    acc_ptr, m_ptr, l_ptr, lse_ptr,
+    stride_qb, stride_qh, stride_qd,
+    stride_kn, stride_kh, stride_kp, stride_kd,
+    stride_vn, stride_vh, stride_vp, stride_vd,
+    stride_ib, stride_ih, stride_is,
+    stride_fn, stride_fh,
+    qk_scale_log2,  # softmax scale * log2(e)
+    S, pages_per_split,
+    HQ: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_P: tl.constexpr, PPI: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    RETURN_MASS: tl.constexpr, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    BN: tl.constexpr = PPI * BLOCK_P
+
+    rows = tl.arange(0, GP)  # query head within the group (padded)
+    row_ok = rows < G
+    dd = tl.arange(0, BLOCK_D)
+    d_ok = dd < D
+    qh = kvh * G + rows
+    q = tl.load(
+        q_ptr + b * stride_qb + qh[:, None] * stride_qh + dd[None, :] * stride_qd,
+        mask=row_ok[:, None] & d_ok[None, :], other=0.0,
+    ).to(k_ptr.dtype.element_ty)
+    if DOT_F32:
+        q = q.to(tl.float32)
+
+    tok = tl.arange(0, BN)
+    tok_page = tok // BLOCK_P  # which page of the tile
+    tok_off = tok % BLOCK_P  # offset inside the page
+    jj = tl.arange(0, PPI)
+
+    split_start = split * pages_per_split
+    split_end = tl.minimum(split_start + pages_per_split, S)
+    ids_base = ids_ptr + b * stride_ib + kvh * stride_ih
+
+    m_i = tl.full([GP], float("-inf"), tl.float32)
+    l_i = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, BLOCK_D], tl.float32)
+
+    for start in range(split_start, split_end, PPI):
+        idx = start + tok_page
+        pid = tl.load(ids_base + idx * stride_is, mask=idx < split_end, other=-1)
+        has = pid >= 0
+        page = tl.where(has, pid, 0).to(tl.int64)
+        f = tl.load(fill_ptr + page * stride_fn + kvh * stride_fh, mask=has, other=0)
+        valid = has & (tok_off < f)
+
+        k = tl.load(
+            k_ptr + page[:, None] * stride_kn + kvh * stride_kh + tok_off[:, None] * stride_kp
+            + dd[None, :] * stride_kd,
+            mask=valid[:, None] & d_ok[None, :], other=0.0,
+        )
+        if DOT_F32:
+            k = k.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale_log2  # [GP, BN], log2 units
+        s = tl.where(valid[None, :], s, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # all masked so far: avoid inf - inf
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+
+        v = tl.load(
+            v_ptr + page[:, None] * stride_vn + kvh * stride_vh + tok_off[:, None] * stride_vp
+            + dd[None, :] * stride_vd,
+            mask=valid[:, None] & d_ok[None, :], other=0.0,
+        )
+        pv = p.to(v.dtype)
+        if DOT_F32:
+            pv = pv.to(tl.float32)
+            v = v.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(pv, v, input_precision=DOT_PREC)
+        m_i = m_new
+
+        if RETURN_MASS:
+            psum = tl.sum(tl.reshape(p, (GP, PPI, BLOCK_P)), axis=2)  # [GP, PPI]
+            lse = m_use[:, None] + tl.log2(tl.where(psum > 0.0, psum, 1.0))
+            lse = tl.where(psum > 0.0, lse, float("-inf"))
+            pidx = start + jj
+            tl.store(
+                lse_ptr + (b * HQ + qh[:, None]) * S + pidx[None, :],
+                lse,
+                mask=row_ok[:, None] & (pidx[None, :] < split_end),
+            )
+
+    head_row = (b * HQ + qh) * NUM_SPLITS + split  # [GP]
+    tl.store(m_ptr + head_row, m_i, mask=row_ok)
+    tl.store(l_ptr + head_row, l_i, mask=row_ok)
+    tl.store(acc_ptr + head_row[:, None] * D + dd[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
+
+
+def _decode_stage2(
+    acc_ptr, m_ptr, l_ptr, lse_ptr, out_ptr, mass_ptr,
+    stride_ob, stride_oh, stride_od,
+    S,
+    HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, NSP: tl.constexpr,
+    BLOCK_S: tl.constexpr, RETURN_MASS: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    sp = tl.arange(0, NSP)
+    sp_ok = sp < NUM_SPLITS
+    dd = tl.arange(0, BLOCK_D)
+    d_ok = dd < D
+
+    for g in range(G):
+        row = b * HQ + kvh * G + g
+        m = tl.load(m_ptr + row * NUM_SPLITS + sp, mask=sp_ok, other=float("-inf"))
+        l = tl.load(l_ptr + row * NUM_SPLITS + sp, mask=sp_ok, other=0.0)
+        m_max = tl.max(m, axis=0)
+        m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+        w = tl.exp2(m - m_max)  # empty splits: 2^-inf = 0
+        l_tot = tl.sum(w * l, axis=0)
+        acc = tl.load(
+            acc_ptr + (row * NUM_SPLITS + sp[:, None]) * D + dd[None, :],
+            mask=sp_ok[:, None] & d_ok[None, :], other=0.0,
+        )
+        o = tl.sum(w[:, None] * acc, axis=0) / l_tot
+        tl.store(
+            out_ptr + b * stride_ob + (kvh * G + g) * stride_oh + dd * stride_od,
+            o.to(out_ptr.dtype.element_ty), mask=d_ok,
+        )
+
+    if RETURN_MASS:
+        gg = tl.arange(0, GP)
+        g_ok = gg < G
+        rows = b * HQ + kvh * G + gg  # [GP]
+        mm = tl.load(
+            m_ptr + rows[:, None] * NUM_SPLITS + sp[None, :],
+            mask=g_ok[:, None] & sp_ok[None, :], other=float("-inf"),
+        )
+        ll = tl.load(
+            l_ptr + rows[:, None] * NUM_SPLITS + sp[None, :],
+            mask=g_ok[:, None] & sp_ok[None, :], other=0.0,
+        )
+        m_max = tl.max(mm, axis=1)
+        m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+        l_tot = tl.sum(tl.exp2(mm - m_max[:, None]) * ll, axis=1)
+        lse_tot = m_max + tl.log2(tl.where(l_tot > 0.0, l_tot, 1.0))  # [GP], global log2-sum-exp
+        ss = tl.arange(0, BLOCK_S)
+        for s0 in range(0, S, BLOCK_S):
+            sidx = s0 + ss
+            lse = tl.load(
+                lse_ptr + rows[:, None] * S + sidx[None, :],
+                mask=g_ok[:, None] & (sidx[None, :] < S), other=float("-inf"),
+            )
+            mass = tl.max(tl.exp2(lse - lse_tot[:, None]), axis=0)  # [BLOCK_S]
+            tl.store(mass_ptr + (b * HKV + kvh) * S + sidx, mass, mask=sidx < S)
+
+
+_stage1 = _lazy_jit(_decode_stage1)
+_stage2 = _lazy_jit(_decode_stage2)
+
+# Tuning knobs of the split heuristic (shapes only). See choose_num_splits.
+TARGET_CTAS_PER_SM = 4
+MIN_TOKENS_PER_SPLIT = 128
+TILE_TOKENS = 64
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
+def choose_num_splits(B: int, Hkv: int, S: int, P: int, device: torch.device) -> int:
+    """Split count from shapes only: enough programs to fill the GPU (TARGET_CTAS_PER_SM per SM),
+    but at least MIN_TOKENS_PER_SPLIT tokens of page list per split."""
+    base = max(1, B * Hkv)
+    want = triton.cdiv(TARGET_CTAS_PER_SM * _num_sms(device), base)
+    cap = max(1, (S * P) // MIN_TOKENS_PER_SPLIT)
+    return max(1, min(want, cap, S))
+
+
+def paged_decode_attention_impl(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    page_ids: torch.Tensor,
+    fill: torch.Tensor,
+    scale: float,
+    return_mass: bool = False,
+    *,
+    num_splits: int | None = None,
+    pages_per_iter: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 2,
+):
+    """`paged_decode_attention` with its launch parameters exposed (for benchmarks and tuning)."""
+    B, Hq, D = q.shape
+    N, Hkv, P, Dk = k_cache.shape
+    S = page_ids.shape[2]
+    assert Dk == D and v_cache.shape == k_cache.shape and Hq % Hkv == 0
+    assert page_ids.shape[:2] == (B, Hkv) and fill.shape == (N, Hkv)
+    G = Hq // Hkv
+    GP = max(16, triton.next_power_of_2(G))
+    BLOCK_D = triton.next_power_of_2(D)
+    BLOCK_P = triton.next_power_of_2(P)
+    if num_splits is None:
+        num_splits = choose_num_splits(B, Hkv, S, P, q.device)
+    num_splits = max(1, min(num_splits, S))
+    pages_per_split = triton.cdiv(S, num_splits)
+    num_splits = triton.cdiv(S, pages_per_split)  # no empty trailing split
+    if pages_per_iter is None:
+        pages_per_iter = max(1, min(TILE_TOKENS // BLOCK_P, triton.next_power_of_2(pages_per_split)))
+    dot_prec = "ieee" if k_cache.dtype == torch.float32 else "tf32"
+    # The Triton interpreter multiplies bf16 dot operands as their raw uint16 bits: upcast there.
+    dot_f32 = bool(triton.knobs.runtime.interpret) and k_cache.dtype == torch.bfloat16
+
+    dev = q.device
+    out = torch.empty((B, Hq, D), dtype=q.dtype, device=dev)
+    acc = torch.empty((B, Hq, num_splits, D), dtype=torch.float32, device=dev)
+    m = torch.empty((B, Hq, num_splits), dtype=torch.float32, device=dev)
+    l = torch.empty((B, Hq, num_splits), dtype=torch.float32, device=dev)
+    if return_mass:
+        lse = torch.empty((B, Hq, S), dtype=torch.float32, device=dev)
+        mass = torch.empty((B, Hkv, S), dtype=torch.float32, device=dev)
+    else:
+        lse = mass = m  # unused (dead code under RETURN_MASS=False)
+    if B == 0 or S == 0:
+        return (out, mass.zero_()) if return_mass else out
+
+    _stage1()[(B, Hkv, num_splits)](
+        q, k_cache, v_cache, page_ids, fill,
+        acc, m, l, lse,
+        q.stride(0), q.stride(1), q.stride(2),
+        *k_cache.stride(), *v_cache.stride(),
+        page_ids.stride(0), page_ids.stride(1), page_ids.stride(2),
+        fill.stride(0), fill.stride(1),
+        float(scale) * _LOG2E,
+        S, pages_per_split,
+        HQ=Hq, G=G, GP=GP, D=D, BLOCK_D=BLOCK_D, BLOCK_P=BLOCK_P, PPI=pages_per_iter,
+        NUM_SPLITS=num_splits, RETURN_MASS=return_mass, DOT_PREC=dot_prec, DOT_F32=dot_f32,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    _stage2()[(B, Hkv)](
+        acc, m, l, lse, out, mass,
+        out.stride(0), out.stride(1), out.stride(2),
+        S,
+        HQ=Hq, HKV=Hkv, G=G, GP=GP, D=D, BLOCK_D=BLOCK_D,
+        NUM_SPLITS=num_splits, NSP=max(2, triton.next_power_of_2(num_splits)),
+        BLOCK_S=min(128, max(16, triton.next_power_of_2(S))), RETURN_MASS=return_mass,
+        num_warps=4,
+    )
+    return (out, mass) if return_mass else out
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    page_ids: torch.Tensor,
+    fill: torch.Tensor,
+    scale: float,
+    return_mass: bool = False,
+):
+    """Exact softmax attention of one query token per sequence over the listed pages (Triton).
+
+    q: [B, Hq, D]; k_cache, v_cache: [N, Hkv, P, D]; page_ids: [B, Hkv, S] int32 (-1 = none);
+    fill: [N, Hkv] int32. Returns out [B, Hq, D] in q's dtype and, if return_mass, mass [B, Hkv, S]
+    float32 (per listed page softmax mass, max over the group's query heads, 0 for -1 entries).
+    Split-KV (FlashDecoding); no host sync, CUDA-graph capturable. See the module docstring.
+    """
+    return paged_decode_attention_impl(q, k_cache, v_cache, page_ids, fill, scale, return_mass)
+
+
+__all__ = ["choose_num_splits", "paged_decode_attention", "paged_decode_attention_impl"]

@@ -1,0 +1,342 @@
+"""Triton kernels against their torch references (kernels/reference.py is the specification).
+
+Without a CUDA device the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set below before
+anything imports triton; the kernel modules also apply triton.jit lazily, at first launch, so the
+order in which test modules import them does not matter). Sizes are kept small for the interpreter;
+the `gpu`-marked cases run the real decode shape on a CUDA device.
+
+Every case draws fresh random inputs from its own seed. Errors are relative: ||out - ref|| / ||ref||,
+with per-dtype tolerances from TOL.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+
+try:
+    from raas_batch.kernels import ops as kops
+    from raas_batch.kernels import reference as ref
+except ImportError:  # editable install without the raas_batch.kernels mapping: use the source tree
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from kernels import ops as kops
+    from kernels import reference as ref
+
+TRI = kops.get_ops("triton")
+dec_mod = sys.modules[TRI.paged_decode_attention.__module__]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# ONE tolerance table: relative error allowed per input dtype and quantity.
+#   attn:   attention outputs (decode and prefill), rounded to the input dtype at the end
+#   mass:   per-page softmax mass (always fp32 in the kernel; only q.k rounding differs)
+#   scores: Quest page bounds (fp32 arithmetic on the stored kmin / kmax)
+TOL = {
+    torch.float32: {"attn": 2e-5, "mass": 2e-5, "scores": 1e-6},
+    torch.float16: {"attn": 4e-3, "mass": 1e-4, "scores": 1e-6},
+    torch.bfloat16: {"attn": 2e-2, "mass": 1e-4, "scores": 1e-6},
+}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DT_NAME = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def _gen(*key) -> torch.Generator:
+    """A generator seeded from the case parameters (fresh, reproducible inputs per case)."""
+    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+
+
+def _rel(out: torch.Tensor, want: torch.Tensor) -> float:
+    out, want = out.double(), want.double()
+    return ((out - want).norm() / want.norm().clamp_min(1e-30)).item()
+
+
+def _randn(shape, g, dtype):
+    return torch.randn(shape, generator=g).to(dtype).to(DEVICE)
+
+
+# ----------------------------------------------------------------------------------------------
+# paged decode attention
+# ----------------------------------------------------------------------------------------------
+
+
+def make_decode_case(g, B, Hq, Hkv, D, P, S, budget, dtype, max_len=None, poison_v=1e4):
+    """A scattered page pool plus page lists.
+
+    Each (sequence, KV head) has its own length (so its own page count, last page partly filled);
+    its pages lie at random places in the pool. `budget` "small": S*P below the length, the list is
+    a random subset of the pages; "large": all pages listed, the remaining slots -1. The list is then
+    shuffled (so -1 entries sit anywhere) and some pages get odd fills (as after sparse eviction) or
+    fill 0. Slots past a page's fill hold garbage: NaN in K (and poison_v-scaled noise in V; the
+    reference turns NaN V into NaN output via 0 * NaN, so V garbage is kept finite here).
+    """
+    if max_len is None:
+        max_len = S * P * 2 if budget == "small" else max(P, S * P - 2 * P)
+    min_len = S * P + 1 if budget == "small" else 1
+    M = -(-max_len // P) + 2  # page ids owned by one sequence (shared by its KV heads, as in the pool)
+    N = B * M + 3
+    perm = torch.randperm(N, generator=g)
+    k_cache = torch.randn((N, Hkv, P, D), generator=g)
+    v_cache = torch.randn((N, Hkv, P, D), generator=g)
+    fill = torch.randint(0, P + 1, (N, Hkv), generator=g, dtype=torch.int32)  # unlisted pages: anything
+    ids = torch.full((B, Hkv, S), -1, dtype=torch.int32)
+    for b in range(B):
+        own = perm[b * M:(b + 1) * M]
+        for h in range(Hkv):
+            L = int(torch.randint(min_len, max_len + 1, (1,), generator=g))
+            n = -(-L // P)
+            pages = own[torch.randperm(M, generator=g)[:n]]  # the head's pages, scattered in the pool
+            f = torch.full((n,), P, dtype=torch.int32)
+            f[-1] = L - (n - 1) * P
+            odd = torch.rand(n, generator=g) < 0.3  # evicted / odd pages
+            f[odd] = torch.randint(0, P + 1, (int(odd.sum()),), generator=g, dtype=torch.int32)
+            f[-1] = max(int(f[-1]), 1)  # at least one non-empty page (kept in every subset below)
+            fill[pages, h] = f
+            keep = torch.randperm(n - 1, generator=g)[: min(n, S) - 1]
+            chosen = torch.cat([pages[keep], pages[-1:]])
+            if b == B - 1 and h == 0 and S > 2:  # one (seq, head) with far fewer pages
+                chosen = chosen[-2:]
+            row = torch.full((S,), -1, dtype=torch.int32)
+            row[: len(chosen)] = chosen.to(torch.int32)
+            ids[b, h] = row[torch.randperm(S, generator=g)]
+    off = torch.arange(P).view(1, 1, P)
+    invalid = off >= fill.unsqueeze(-1)  # [N, Hkv, P]
+    k_cache[invalid] = float("nan")
+    v_cache[invalid] = poison_v * torch.randn((int(invalid.sum()), D), generator=g)
+    q = torch.randn((B, Hq, D), generator=g)
+    to = lambda x: x.to(dtype).to(DEVICE)
+    return to(q), to(k_cache), to(v_cache), ids.to(DEVICE), fill.to(DEVICE)
+
+
+def _check_decode(q, k_cache, v_cache, ids, fill, scale, dtype, **launch):
+    want, want_mass = ref.paged_decode_attention(q, k_cache, v_cache, ids, fill, scale, return_mass=True)
+    assert torch.isfinite(want.float()).all()
+    out, mass = dec_mod.paged_decode_attention_impl(q, k_cache, v_cache, ids, fill, scale, True, **launch)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    assert mass.dtype == torch.float32 and mass.shape == ids.shape
+    tol = TOL[dtype]
+    assert _rel(out, want) < tol["attn"], (_rel(out, want), launch)
+    assert _rel(mass, want_mass) < tol["mass"], (_rel(mass, want_mass), launch)
+    assert torch.all(mass[ids < 0] == 0)
+    # the mass is a probability per page: summed over pages it is 1 for G = 1, and in [1, G] otherwise
+    tot = mass.sum(-1)
+    assert torch.all(tot > 1 - 1e-3) and torch.all(tot < q.shape[1] // ids.shape[1] + 1e-3)
+    out2 = TRI.paged_decode_attention(q, k_cache, v_cache, ids, fill, scale)  # public entry, no mass
+    assert _rel(out2, want) < tol["attn"]
+
+
+DECODE_CASES = [
+    # (P, G, budget, dtype, num_splits)  G = Hq // Hkv; None = the host heuristic
+    (P, G, budget, dtype, ns)
+    for P in (16, 64)
+    for G in (1, 4, 7)
+    for budget in ("small", "large")
+    for dtype, ns in ((torch.float32, 3), (torch.float16, None), (torch.bfloat16, 2))
+]
+
+
+@pytest.mark.parametrize(
+    "P,G,budget,dtype,ns", DECODE_CASES,
+    ids=[f"P{c[0]}-G{c[1]}-{c[2]}-{DT_NAME[c[3]]}-ns{c[4]}" for c in DECODE_CASES],
+)
+def test_paged_decode_attention(P, G, budget, dtype, ns):
+    g = _gen("decode", P, G, budget, dtype, ns)
+    Hkv, D = 2, 32
+    S = 7 if P == 16 else 3
+    args = make_decode_case(g, B=3, Hq=G * Hkv, Hkv=Hkv, D=D, P=P, S=S, budget=budget, dtype=dtype)
+    _check_decode(*args, scale=D ** -0.5, dtype=dtype, num_splits=ns)
+
+
+@pytest.mark.parametrize("ns,ppi", [(1, 1), (2, 4), (5, 2), (9, 1)])
+def test_decode_split_and_tile_layouts(ns, ppi):
+    """Same inputs through several split counts / pages-per-tile (incl. splits of a single page)."""
+    dtype = torch.float32
+    g = _gen("decode-splits", ns, ppi)
+    args = make_decode_case(g, B=2, Hq=8, Hkv=2, D=64, P=16, S=9, budget="large", dtype=dtype)
+    _check_decode(*args, scale=0.125, dtype=dtype, num_splits=ns, pages_per_iter=ppi)
+
+
+def test_decode_ignores_garbage_and_strided_q():
+    """NaN in V past the fill (which the reference cannot take) changes nothing; q may be a strided
+    view (e.g. a slice of a fused qkv projection); head dim not a power of two."""
+    dtype = torch.float32
+    g = _gen("decode-garbage")
+    q, k_cache, v_cache, ids, fill = make_decode_case(
+        g, B=2, Hq=6, Hkv=2, D=40, P=16, S=5, budget="large", dtype=dtype)
+    qkv = torch.randn((2, 6 + 4, 40), generator=g).to(DEVICE)
+    qkv[:, :6] = q
+    qv = qkv[:, :6]  # non-contiguous
+    want, want_mass = ref.paged_decode_attention(q, k_cache, v_cache, ids, fill, 0.2, return_mass=True)
+    out, mass = TRI.paged_decode_attention(qv, k_cache, v_cache, ids, fill, 0.2, return_mass=True)
+    assert _rel(out, want) < TOL[dtype]["attn"] and _rel(mass, want_mass) < TOL[dtype]["mass"]
+    invalid = torch.arange(16, device=DEVICE).view(1, 1, 16) >= fill.unsqueeze(-1)
+    v_nan = v_cache.clone()
+    v_nan[invalid] = float("nan")
+    out_nan, mass_nan = TRI.paged_decode_attention(qv, k_cache, v_nan, ids, fill, 0.2, return_mass=True)
+    assert torch.equal(out_nan, out) and torch.equal(mass_nan, mass)
+
+
+# ----------------------------------------------------------------------------------------------
+# page scores (Quest bound)
+# ----------------------------------------------------------------------------------------------
+
+SCORE_CASES = [(G, dtype) for G in (1, 4, 7) for dtype in DTYPES]
+
+
+@pytest.mark.parametrize("G,dtype", SCORE_CASES, ids=[f"G{G}-{DT_NAME[d]}" for G, d in SCORE_CASES])
+def test_page_scores(G, dtype):
+    g = _gen("scores", G, dtype)
+    B, Hkv, D, N, S, topk = 3, 2, 48, 50, 37, 4
+    q = _randn((B, G * Hkv, D), g, dtype)
+    kmin = torch.randn((N, Hkv, D), generator=g)
+    kmax = kmin + torch.rand((N, Hkv, D), generator=g)
+    kmin, kmax = kmin.to(dtype).to(DEVICE), kmax.to(dtype).to(DEVICE)
+    ids = torch.stack([torch.randperm(N, generator=g)[:S] for _ in range(B * Hkv)]).view(B, Hkv, S)
+    drop = torch.rand((B, Hkv, S), generator=g) < 0.3
+    drop[..., :topk] = False  # at least topk valid entries per row
+    ids = ids.masked_fill(drop, -1).to(torch.int32)
+    ids = ids.gather(-1, torch.argsort(torch.rand((B, Hkv, S), generator=g), -1)).to(DEVICE)
+
+    want = ref.page_scores(q, kmin, kmax, ids)
+    out = TRI.page_scores(q, kmin, kmax, ids)
+    assert out.dtype == torch.float32 and out.shape == (B, Hkv, S)
+    assert torch.equal(torch.isneginf(out), ids < 0) and torch.equal(torch.isneginf(want), ids < 0)
+    ok = ids >= 0
+    assert _rel(out[ok], want[ok]) < TOL[dtype]["scores"]
+    # top-k selection: the reference scores of the kernel's picks sum to the reference's best sum
+    best = want.topk(topk, dim=-1).values.sum(-1)
+    picked = want.gather(-1, out.topk(topk, dim=-1).indices).sum(-1)
+    assert torch.allclose(picked, best, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# kv append
+# ----------------------------------------------------------------------------------------------
+
+
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    """Bit pattern (so NaN == NaN and -0 != +0)."""
+    return x.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()])
+
+
+APPEND_CASES = [(P, dtype) for P in (16, 64) for dtype in DTYPES]
+
+
+@pytest.mark.parametrize("P,dtype", APPEND_CASES, ids=[f"P{P}-{DT_NAME[d]}" for P, d in APPEND_CASES])
+def test_kv_append(P, dtype):
+    g = _gen("append", P, dtype)
+    B, Hkv, D, N = 5, 3, 40, 23
+    # pool: valid prefix of every page is random data with consistent min/max; the rest is NaN poison
+    fill = torch.randint(0, P, (N, Hkv), generator=g, dtype=torch.int32)
+    fill[:4] = 0  # first write into a fresh page (kmin / kmax hold NaN garbage there)
+    fill[4:7] = P - 1  # last free slot
+    k_cache = torch.randn((N, Hkv, P, D), generator=g).to(dtype)
+    v_cache = torch.randn((N, Hkv, P, D), generator=g).to(dtype)
+    invalid = torch.arange(P).view(1, 1, P) >= fill.unsqueeze(-1)
+    k_cache[invalid] = float("nan")
+    v_cache[invalid] = float("nan")
+    kmin = torch.where(invalid.unsqueeze(-1), torch.inf, k_cache.float()).amin(2).to(dtype)
+    kmax = torch.where(invalid.unsqueeze(-1), -torch.inf, k_cache.float()).amax(2).to(dtype)
+    kmin[fill == 0] = float("nan")
+    kmax[fill == 0] = float("nan")
+    # distinct pages per head; every head writes one fresh page (fill 0) and one into its last slot
+    write_page = torch.empty((B, Hkv), dtype=torch.int32)
+    for h in range(Hkv):
+        col = torch.cat([torch.tensor([h % 4, 4 + h % 3]), 7 + torch.randperm(N - 7, generator=g)[: B - 2]])
+        write_page[:, h] = col[torch.randperm(B, generator=g)].to(torch.int32)
+    k = torch.randn((B, Hkv, D), generator=g).to(dtype)
+    v = torch.randn((B, Hkv, D), generator=g).to(dtype)
+
+    state = [t.to(DEVICE) for t in (k_cache, v_cache, kmin, kmax, fill)]
+    k, v, write_page = k.to(DEVICE), v.to(DEVICE), write_page.to(DEVICE)
+    want = [t.clone() for t in state]
+    ref.kv_append(k, v, *want, write_page)
+    got = [t.clone() for t in state]
+    assert TRI.kv_append(k, v, *got, write_page) is None
+    for name, a, b in zip(("k_cache", "v_cache", "kmin", "kmax", "fill"), got, want):
+        assert torch.equal(_bits(a), _bits(b)), name
+    # untouched: everything except the written (page, head) rows is bit-identical to before
+    touched = torch.zeros((N, Hkv), dtype=torch.bool, device=DEVICE)
+    touched[write_page.long(), torch.arange(Hkv, device=DEVICE).expand(B, Hkv)] = True
+    for a, before in zip(got, state):
+        assert torch.equal(_bits(a[~touched]), _bits(before[~touched]))
+
+
+# ----------------------------------------------------------------------------------------------
+# prefill attention
+# ----------------------------------------------------------------------------------------------
+
+PREFILL_CASES = [(G, dtype, given) for G in (1, 4, 7) for dtype in DTYPES for given in (True, False)
+                 if given or dtype == torch.float32]
+
+
+@pytest.mark.parametrize(
+    "G,dtype,given", PREFILL_CASES,
+    ids=[f"G{G}-{DT_NAME[d]}-{'maxlen' if m else 'auto'}" for G, d, m in PREFILL_CASES],
+)
+def test_prefill_attention(G, dtype, given):
+    g = _gen("prefill", G, dtype, given)
+    Hkv, D = 2, 32
+    lens = [1, 37, 16, 70, 5]
+    lens = [lens[i] for i in torch.randperm(len(lens), generator=g).tolist()]
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
+    T = sum(lens)
+    q, k, v = (_randn((T, h, D), g, dtype) for h in (G * Hkv, Hkv, Hkv))
+    want = ref.prefill_attention(q, k, v, cu, D ** -0.5)
+    if given:
+        out = TRI.prefill_attention(q, k, v, cu, D ** -0.5, max_seqlen=max(lens))
+    else:
+        out = TRI.prefill_attention(q, k, v, cu, D ** -0.5)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert _rel(out, want) < TOL[dtype]["attn"]
+
+
+# ----------------------------------------------------------------------------------------------
+# dispatcher and real-size GPU cases
+# ----------------------------------------------------------------------------------------------
+
+
+def test_get_ops():
+    t = kops.get_ops("torch")
+    assert t.paged_decode_attention is ref.paged_decode_attention and t.kv_append is ref.kv_append
+    for name in ("paged_decode_attention", "page_scores", "kv_append", "prefill_attention"):
+        assert callable(getattr(TRI, name)) and getattr(TRI, name) is not getattr(ref, name)
+    with pytest.raises(ValueError):
+        kops.get_ops("nope")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=DT_NAME.get)
+@pytest.mark.parametrize("budget", ["small", "large"])
+def test_paged_decode_attention_gpu_real_size(dtype, budget):
+    """B=64, S*P=4096, D=128, Hq=28, Hkv=4, P=16, with the host's split heuristic."""
+    g = _gen("decode-gpu", dtype, budget)
+    P, S, D = 16, 256, 128
+    args = make_decode_case(g, B=64, Hq=28, Hkv=4, D=D, P=P, S=S, budget=budget, dtype=dtype,
+                            max_len=S * P + 700 if budget == "small" else S * P - 50)
+    _check_decode(*args, scale=D ** -0.5, dtype=dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_page_scores_and_prefill_gpu_real_size():
+    g = _gen("other-gpu")
+    dtype = torch.bfloat16
+    q = _randn((64, 28, 128), g, dtype)
+    kmin = _randn((20000, 4, 128), g, dtype)
+    kmax = kmin + torch.rand((20000, 4, 128), generator=g).to(dtype).to(DEVICE)
+    ids = torch.randint(-1, 20000, (64, 4, 256), generator=g, dtype=torch.int32).to(DEVICE)
+    ok = ids >= 0
+    assert _rel(TRI.page_scores(q, kmin, kmax, ids)[ok], ref.page_scores(q, kmin, kmax, ids)[ok]) < 1e-5
+    lens = [1000, 17, 2048, 333]
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
+    qp, kp, vp = (_randn((sum(lens), h, 128), g, dtype) for h in (28, 4, 4))
+    want = ref.prefill_attention(qp, kp, vp, cu, 128 ** -0.5)
+    assert _rel(TRI.prefill_attention(qp, kp, vp, cu, 128 ** -0.5), want) < TOL[dtype]["attn"]
