@@ -1,0 +1,131 @@
+"""Torch reference implementations of every kernel op: the specification the Triton kernels are tested
+against, and the path the engine runs on the CPU.
+
+Plain and obviously right on purpose: no fusion, fp32 accumulation, loops where they make the meaning
+plain. Shapes (see docs/architecture.md): B sequences, Hq query heads, Hkv KV heads, D head dim,
+P page size, N physical pages, S pages listed per (sequence, KV head), T prompt tokens.
+Page id lists use -1 for "no page".
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _gather_pages(cache: torch.Tensor, page_ids: torch.Tensor) -> torch.Tensor:
+    """cache: [N, Hkv, P, D]; page_ids: [B, Hkv, S] (-1 allowed) -> [B, Hkv, S, P, D]."""
+    num_kv_heads = cache.shape[1]
+    safe = page_ids.clamp(min=0).long()  # [B, Hkv, S]
+    heads = torch.arange(num_kv_heads, device=cache.device).view(1, -1, 1).expand_as(safe)
+    return cache[safe, heads]  # [B, Hkv, S, P, D]
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    page_ids: torch.Tensor,
+    fill: torch.Tensor,
+    scale: float,
+    return_mass: bool = False,
+):
+    """Exact softmax attention of one query token per sequence over the listed pages.
+
+    q: [B, Hq, D]; k_cache, v_cache: [N, Hkv, P, D]; page_ids: [B, Hkv, S] int32 (-1 = none);
+    fill: [N, Hkv] int32 (valid tokens per page). Query head h reads KV head h // (Hq // Hkv).
+    Returns out [B, Hq, D] in q's dtype and, if return_mass, mass [B, Hkv, S] float32: the softmax
+    probability each listed page received (sum over its tokens), max over the query heads of the
+    group; 0 for -1 entries. Every (sequence, KV head) must list at least one non-empty page.
+    """
+    B, Hq, D = q.shape
+    Hkv, P = k_cache.shape[1], k_cache.shape[2]
+    S = page_ids.shape[2]
+    G = Hq // Hkv
+    k = _gather_pages(k_cache, page_ids).float()  # [B, Hkv, S, P, D]
+    v = _gather_pages(v_cache, page_ids).float()
+    heads = torch.arange(Hkv, device=q.device).view(1, -1, 1).expand_as(page_ids)
+    page_fill = torch.where(page_ids >= 0, fill[page_ids.clamp(min=0).long(), heads], 0)  # [B, Hkv, S]
+    valid = torch.arange(P, device=q.device).view(1, 1, 1, P) < page_fill.unsqueeze(-1)  # [B, Hkv, S, P]
+    qg = q.float().view(B, Hkv, G, D)
+    scores = torch.einsum("bhgd,bhspd->bhgsp", qg, k) * scale  # [B, Hkv, G, S, P]
+    scores = scores.masked_fill(~valid.unsqueeze(2), float("-inf"))
+    probs = torch.softmax(scores.reshape(B, Hkv, G, S * P), dim=-1).view(B, Hkv, G, S, P)
+    out = torch.einsum("bhgsp,bhspd->bhgd", probs, v).reshape(B, Hq, D).to(q.dtype)
+    if not return_mass:
+        return out
+    mass = probs.sum(-1).amax(dim=2)  # [B, Hkv, S]
+    return out, mass
+
+
+def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, page_ids: torch.Tensor) -> torch.Tensor:
+    """Quest upper bound of q.k over each listed page, max over the query heads of a KV head's group.
+
+    q: [B, Hq, D]; kmin, kmax: [N, Hkv, D]; page_ids: [B, Hkv, S] int32 (-1 = none).
+    Returns [B, Hkv, S] float32: sum_d max(q_d * kmax_d, q_d * kmin_d), -inf for -1 entries.
+    """
+    B, Hq, D = q.shape
+    Hkv = kmin.shape[1]
+    G = Hq // Hkv
+    safe = page_ids.clamp(min=0).long()
+    heads = torch.arange(Hkv, device=q.device).view(1, -1, 1).expand_as(safe)
+    lo = kmin[safe, heads].float()  # [B, Hkv, S, D]
+    hi = kmax[safe, heads].float()
+    qg = q.float().view(B, Hkv, G, 1, D)
+    bound = torch.maximum(qg * hi.unsqueeze(2), qg * lo.unsqueeze(2)).sum(-1)  # [B, Hkv, G, S]
+    bound = bound.amax(dim=2)
+    return bound.masked_fill(page_ids < 0, float("-inf"))
+
+
+def kv_append(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    kmin: torch.Tensor,
+    kmax: torch.Tensor,
+    fill: torch.Tensor,
+    write_page: torch.Tensor,
+) -> None:
+    """Append one token per (sequence, KV head) to its page, in place.
+
+    k, v: [B, Hkv, D]; k_cache, v_cache: [N, Hkv, P, D]; kmin, kmax: [N, Hkv, D]; fill: [N, Hkv] int32;
+    write_page: [B, Hkv] int32. The token goes to offset fill[p, h] of page p = write_page[b, h]
+    (the caller guarantees fill < P there); kmin/kmax become k at offset 0 and take the elementwise
+    min/max otherwise; fill increments. No two (b, h) may name the same (page, head).
+    """
+    B, Hkv, _ = k.shape
+    pages = write_page.long()  # [B, Hkv]
+    heads = torch.arange(Hkv, device=k.device).view(1, -1).expand(B, Hkv)
+    offsets = fill[pages, heads].long()  # [B, Hkv]
+    k_cache[pages, heads, offsets] = k.to(k_cache.dtype)
+    v_cache[pages, heads, offsets] = v.to(v_cache.dtype)
+    first = (offsets == 0).unsqueeze(-1)  # [B, Hkv, 1]
+    kc = k.to(kmin.dtype)
+    kmin[pages, heads] = torch.where(first, kc, torch.minimum(kmin[pages, heads], kc))
+    kmax[pages, heads] = torch.where(first, kc, torch.maximum(kmax[pages, heads], kc))
+    fill[pages, heads] = (offsets + 1).to(fill.dtype)
+
+
+def prefill_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Causal attention within each of several concatenated sequences.
+
+    q: [T, Hq, D]; k, v: [T, Hkv, D]; cu_seqlens: [num_seqs + 1] int32 (start offsets, last = T).
+    Returns [T, Hq, D] in q's dtype; fp32 softmax.
+    """
+    T, Hq, D = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    out = torch.empty_like(q)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        n = end - start
+        qs = q[start:end].float().transpose(0, 1)  # [Hq, n, D]
+        ks = k[start:end].float().transpose(0, 1).repeat_interleave(G, dim=0)  # [Hq, n, D]
+        vs = v[start:end].float().transpose(0, 1).repeat_interleave(G, dim=0)
+        scores = qs @ ks.transpose(1, 2) * scale  # [Hq, n, n]
+        causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+        out[start:end] = (torch.softmax(scores, dim=-1) @ vs).transpose(0, 1).to(q.dtype)
+    return out

