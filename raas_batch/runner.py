@@ -240,8 +240,8 @@ class ShardWorker:
         if c.finish_reason == "error":
             msg = c.error or "the engine could not run this prompt"
             row.update(finish_reason="error", error=f"row {row_idx} (id {row_id!r}): {msg}")
-        else:
-            row.update(finish_reason=c.finish_reason, error=c.error)
+            return row  # texts stay null, as for rows rejected before the engine
+        row.update(finish_reason=c.finish_reason, error=c.error)
         row.update(completion=c.text, reasoning=c.reasoning or None, answer=c.answer,
                    num_completion_tokens=len(c.token_ids or []),
                    num_reasoning_tokens=int(c.num_reasoning_tokens or 0),
@@ -329,6 +329,9 @@ def prepare_job(cfg: JobConfig) -> Job:
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise JobError(f"Output {cfg.output} is a file, not a folder: choose a folder for --output.")
     entries = os.listdir(out_dir) if os.path.isdir(out_dir) else []
+    # Temp files and an empty shards/ are what a run killed before its first manifest save leaves.
+    entries = [e for e in entries if ".tmp-" not in e
+               and not (e == SHARDS and not os.listdir(os.path.join(out_dir, SHARDS)))]
     manifest_path = os.path.join(out_dir, MANIFEST)
     mode = "fresh"
     manifest = None
@@ -388,9 +391,10 @@ def _recover(job: Job, log) -> int:
     import pyarrow.parquet as pq
 
     shards_dir = os.path.join(job.out_dir, SHARDS)
-    for name in os.listdir(shards_dir):
-        if ".tmp-" in name:
-            os.unlink(os.path.join(shards_dir, name))
+    for folder in (job.out_dir, shards_dir):
+        for name in os.listdir(folder):
+            if ".tmp-" in name:
+                os.unlink(os.path.join(folder, name))
     adopted = 0
     for rec in job.manifest.todo():
         spec = job.shard_spec(rec.index)
@@ -447,7 +451,7 @@ def run_job(cfg: JobConfig, stream=None, engine=None) -> dict[str, Any]:
 
     progress = JobProgress(total_rows=manifest.num_rows, initial_rows=manifest.rows_done(), quiet=cfg.quiet,
                            stream=stream)
-    adopted = _recover(job, progress.log) if job.mode == "resume" else 0
+    adopted = _recover(job, progress.log)
     if adopted:
         manifest.save(manifest_path)
         progress.advance_to(manifest.rows_done())
@@ -479,7 +483,7 @@ def run_job(cfg: JobConfig, stream=None, engine=None) -> dict[str, Any]:
             missing_tokens = result.stats["completion_tokens"] - (progress.tokens - tokens_before)
             progress.update(max(0, missing_tokens), 0)
             progress.advance_to(rows_before + rec.num_rows)
-            if progress._bar is None:
+            if not progress.is_bar:
                 progress.log(f"shard {rec.index + 1}/{len(manifest.shards)} done: {rec.num_rows} rows, "
                              f"{result.stats['completion_tokens']} tokens, {result.stats['num_errors']} "
                              f"errors, {result.stats['wall_s']:.1f}s")

@@ -101,3 +101,72 @@ class FakeLLM:
         out.peak_kv_tokens = min(len(text.split()) + len(cut), self.kv_budget or 10**9)
         out.evicted_pages = 0
         out.ttft_s, out.e2e_s = 0.001, 0.002
+
+
+# ------------------------------------------------------------------------------------------------
+# Test helpers shared by tests/test_runner_*.py (kept here: tests/ has no conftest of ours).
+# ------------------------------------------------------------------------------------------------
+INPUT_FORMATS = ("parquet", "parquet_dir", "arrow", "feather", "arrow_stream", "datasets", "jsonl", "hf")
+
+
+def sample_rows(num: int, prefix: str = "q") -> list[dict]:
+    """Rows with string ids and short, distinct prompts."""
+    return [{"id": f"{prefix}{i:03d}", "prompt": f"question number {i} : what is {i} plus {i} ?",
+             "answer": str(2 * i)} for i in range(num)]
+
+
+def write_input(folder, fmt: str, rows: list[dict]) -> str:
+    """Write `rows` in format `fmt` under `folder`; return the --input string."""
+    import json as _json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from pyarrow import feather
+
+    folder = str(folder)
+    os.makedirs(folder, exist_ok=True)
+    table = pa.Table.from_pylist(rows)
+    if fmt == "parquet":
+        path = os.path.join(folder, "data.parquet")
+        pq.write_table(table, path, row_group_size=3)  # several row groups
+        return path
+    if fmt == "parquet_dir":
+        path = os.path.join(folder, "pq")
+        os.makedirs(path, exist_ok=True)
+        half = table.num_rows // 2
+        pq.write_table(table.slice(0, half), os.path.join(path, "a.parquet"), row_group_size=2)
+        pq.write_table(table.slice(half), os.path.join(path, "b.parquet"), row_group_size=4)
+        return path
+    if fmt == "arrow":
+        path = os.path.join(folder, "data.arrow")
+        with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
+            for batch in table.to_batches(max_chunksize=3):
+                w.write_batch(batch)
+        return path
+    if fmt == "feather":
+        path = os.path.join(folder, "data.feather")
+        feather.write_feather(table, path, chunksize=4)
+        return path
+    if fmt == "arrow_stream":
+        path = os.path.join(folder, "stream.arrow")
+        with pa.OSFile(path, "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+            w.write_table(table, max_chunksize=3)
+        return path
+    if fmt == "datasets":
+        import datasets
+
+        path = os.path.join(folder, "ds")
+        datasets.Dataset.from_list(rows).save_to_disk(path)
+        return path
+    if fmt == "jsonl":
+        path = os.path.join(folder, "data.jsonl")
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(_json.dumps(r) + "\n" for r in rows)
+        return path
+    if fmt == "hf":
+        # datasets.load_dataset on a local folder of data files: the hf: path without a hub.
+        path = os.path.join(folder, "hfdata")
+        os.makedirs(path, exist_ok=True)
+        pq.write_table(table, os.path.join(path, "train.parquet"))
+        return f"hf:{path}:train"
+    raise ValueError(fmt)

@@ -44,6 +44,11 @@ class JobProgress:
             self._bar = tqdm(total=total_rows, initial=initial_rows, unit="row", desc=desc,
                              file=self.stream, dynamic_ncols=True, smoothing=0.1)
 
+    @property
+    def is_bar(self) -> bool:
+        """True when a live bar is shown (a terminal), False for plain log lines or quiet."""
+        return self._bar is not None
+
     # --- counters -------------------------------------------------------------------------------
     def update(self, num_new_tokens: int = 0, num_finished_rows: int = 0) -> None:
         """Engine callback: tokens generated and rows finished since the last call."""

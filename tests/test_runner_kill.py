@@ -1,0 +1,152 @@
+"""kill -9 of a running job, then --resume: every row's samples exactly once, done files untouched.
+
+The job runs in a subprocess (`python -m raas_batch`) on the fake engine, slowed down per prompt so
+that the kill lands mid-run; the real engine's end-to-end run is covered by test_runner_real_engine.
+"""
+
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+from fake_llm import sample_rows, write_input
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS)
+
+
+def _env(sleep_s: float) -> dict:
+    env = dict(os.environ)
+    env.update(RAAS_BATCH_ENGINE="fake_llm:FakeLLM", RAAS_FAKE_SLEEP_S=str(sleep_s),
+               PYTHONPATH=os.pathsep.join([TESTS, ROOT, env.get("PYTHONPATH", "")]))
+    env.pop("RAAS_FAKE_FAIL_ON", None)
+    return env
+
+
+def _start(args, sleep_s):
+    return subprocess.Popen([sys.executable, "-m", "raas_batch", *map(str, args)], cwd=ROOT, env=_env(sleep_s),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _done_shards(out) -> dict:
+    try:
+        with open(os.path.join(out, "manifest.json")) as f:
+            m = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return {s["index"]: s for s in m["shards"] if s["state"] == "done"}
+
+
+def _fingerprint_files(out, shards) -> dict:
+    """inode, mtime and sha256 of the files of the given done shards."""
+    res = {}
+    for i, s in shards.items():
+        p = os.path.join(out, s["file"])
+        st = os.stat(p)
+        with open(p, "rb") as f:
+            res[i] = (st.st_ino, st.st_mtime_ns, hashlib.sha256(f.read()).hexdigest(), s["sha256"])
+    return res
+
+
+def _load_json(out, name):
+    with open(os.path.join(out, name)) as f:
+        return json.load(f)
+
+
+def _wait_for(pred, proc, timeout=60.0):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if pred():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.01)
+    return False
+
+
+def _check_exactly_once(out, rows, n):
+    files = sorted(os.listdir(os.path.join(out, "shards")))
+    assert all(f.startswith("part-") and ".tmp-" not in f for f in files), files
+    got = [r for f in files for r in pq.read_table(os.path.join(out, "shards", f),
+                                                   columns=["id", "row_idx", "sample_idx"]).to_pylist()]
+    pairs = [(r["id"], r["sample_idx"]) for r in got]
+    assert len(pairs) == len(set(pairs)) == len(rows) * n
+    assert set(pairs) == {(r["id"], s) for r in rows for s in range(n)}
+    summary = _load_json(out, "summary.json")
+    assert summary["complete"] and summary["rows"] == len(rows) and summary["samples"] == len(rows) * n
+
+
+def test_kill_9_after_first_shard_then_resume(tmp_path):
+    rows = sample_rows(24)
+    src = write_input(tmp_path / "in", "jsonl", rows)
+    out = str(tmp_path / "out")
+    args = ["--input", src, "--output", out, "--shard-size", 4, "--n", 2, "--seed", 7, "--max-new-tokens", 6]
+    proc = _start(args, sleep_s=0.05)
+    try:
+        assert _wait_for(lambda: len(_done_shards(out)) >= 1, proc), proc.stderr.read().decode()
+        time.sleep(0.08)  # land inside the next shard
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    done = _done_shards(out)
+    assert 1 <= len(done) < 6, "the kill must land mid-job"
+    before = _fingerprint_files(out, done)
+    m = _load_json(out, "manifest.json")
+    assert any(s["state"] == "running" for s in m["shards"])  # the shard being generated when killed
+
+    res = subprocess.run([sys.executable, "-m", "raas_batch", *map(str, args), "--resume"], cwd=ROOT, check=False,
+                         env=_env(0.0), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    after = _fingerprint_files(out, {i: s for i, s in _done_shards(out).items() if i in done})
+    assert after == before  # same inode, mtime and hash: never rewritten
+    _check_exactly_once(out, rows, n=2)
+    m = _load_json(out, "manifest.json")
+    assert all(s["state"] == "done" for s in m["shards"])
+    assert all(s["attempts"] == 1 for s in m["shards"] if s["index"] in done)
+    # A second identical job (no kill) gives the same samples: the kill changed nothing in the output.
+    ref = str(tmp_path / "ref")
+    res = subprocess.run([sys.executable, "-m", "raas_batch", *map(str, args[:3]), ref, *map(str, args[4:])],
+                         cwd=ROOT, env=_env(0.0), capture_output=True, text=True, timeout=120, check=False)
+    assert res.returncode == 0, res.stderr
+
+    def table(d):
+        t = pq.read_table(os.path.join(d, "shards"), columns=["id", "sample_idx", "completion", "seed"])
+        return sorted(map(tuple, (r.values() for r in t.to_pylist())))
+
+    assert table(out) == table(ref)
+
+
+@pytest.mark.slow
+def test_repeated_random_kills_converge_exactly_once(tmp_path):
+    """Kill at random instants (during start-up, generation, a write or a manifest save) until done."""
+    rng = random.Random(1234)
+    rows = sample_rows(30)
+    src = write_input(tmp_path / "in", "jsonl", rows)
+    out = str(tmp_path / "out")
+    args = ["--input", src, "--output", out, "--shard-size", 3, "--max-new-tokens", 6, "--resume"]
+    seen: dict = {}  # shard index -> file fingerprint when first seen done
+    for _ in range(8):
+        proc = _start(args, sleep_s=0.03)
+        time.sleep(rng.uniform(0.3, 1.5))
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        done = _done_shards(out)
+        now = _fingerprint_files(out, done)
+        for i, fp in now.items():
+            assert seen.setdefault(i, fp) == fp, f"shard {i}'s file was rewritten after it was done"
+    res = subprocess.run([sys.executable, "-m", "raas_batch", *map(str, args)], cwd=ROOT, env=_env(0.0),
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert res.returncode == 0, res.stderr
+    final = _fingerprint_files(out, _done_shards(out))
+    assert {i: final[i] for i in seen} == seen
+    _check_exactly_once(out, rows, n=1)

@@ -1,0 +1,157 @@
+"""Manifest bookkeeping, writer schema/atomicity, config layering: exact expectations on CPU."""
+
+import dataclasses
+import json
+import os
+
+import pyarrow.parquet as pq
+import pytest
+
+from raas_batch.config import OUTPUT_FIELDS, ConfigError, JobConfig, load_yaml, resolve
+from raas_batch.data.manifest import Manifest
+from raas_batch.data.writer import OUTPUT_SCHEMA, read_shard_meta, rows_to_table, verify_shard, write_shard
+from raas_batch.sampling_params import SamplingParams
+
+FP = {"input": {"format": "jsonl", "num_rows": 10}, "settings": {"temperature": 1.0, "seed": 1}}
+
+
+# --- manifest ---------------------------------------------------------------------------------------
+def test_plan_covers_rows_exactly():
+    m = Manifest.plan(10, 4, FP)
+    assert [(s.index, s.start, s.end) for s in m.shards] == [(0, 0, 4), (1, 4, 8), (2, 8, 10)]
+    assert all(s.state == "pending" and s.attempts == 0 for s in m.shards)
+    assert Manifest.plan(0, 4, FP).shards == []
+    assert [(s.start, s.end) for s in Manifest.plan(8, 4, FP).shards] == [(0, 4), (4, 8)]
+
+
+def test_state_transitions_and_attempts():
+    m = Manifest.plan(10, 4, FP)
+    m.start(0)
+    m.finish(0, "shards/part-00000.parquet", 4, "abc", {"completion_tokens": 7})
+    m.start(1)
+    m.fail(1, "boom")
+    m.start(1)  # retried
+    assert [(s.state, s.attempts) for s in m.shards] == [("done", 1), ("running", 2), ("pending", 0)]
+    assert [s.index for s in m.todo()] == [1, 2]
+    assert m.counts() == {"pending": 1, "running": 1, "done": 1, "failed": 0}
+    assert m.rows_done() == 4
+    with pytest.raises(AssertionError):
+        m.start(0)  # a done shard is never rerun
+
+
+def test_save_is_atomic_and_round_trips(tmp_path):
+    path = str(tmp_path / "manifest.json")
+    m = Manifest.plan(10, 4, FP)
+    m.start(0)
+    m.finish(0, "shards/part-00000.parquet", 4, "abc", {"completion_tokens": 7, "finish_reasons": {"stop": 4}})
+    m.save(path)
+    assert os.listdir(tmp_path) == ["manifest.json"]  # no temp file left behind
+    with open(path) as f:
+        data = json.load(f)
+    assert data["fingerprint_hash"] == m.fingerprint_hash
+    m2 = Manifest.load(path)
+    assert m2.shards == m.shards and m2.fingerprint == m.fingerprint
+    assert m2.totals()["completion_tokens"] == 7
+    assert m2.totals()["finish_reasons"] == {"stop": 4}
+
+
+def test_diff_names_each_setting():
+    m = Manifest.plan(10, 4, FP)
+    assert m.diff(FP) == []
+    other = {"input": {"format": "jsonl", "num_rows": 12}, "settings": {"temperature": 0.5, "seed": 1}}
+    assert m.diff(other) == [("--temperature", 1.0, 0.5), ("input num_rows", 10, 12)]
+
+
+# --- writer -------------------------------------------------------------------------------------------
+def _row(i, s=0, **kw):
+    row = {"id": f"r{i}", "row_idx": i, "sample_idx": s, "prompt": "p", "completion": "c", "finish_reason": "stop",
+           "num_prompt_tokens": 1, "num_completion_tokens": 1, "num_reasoning_tokens": 0,
+           "thinking_budget_hit": False, "kv_policy": "dense", "peak_kv_tokens": 2, "evicted_pages": 0}
+    row.update(kw)
+    return row
+
+
+def test_schema_is_fixed_and_has_required_columns():
+    required = ["id", "sample_idx", "prompt", "completion", "reasoning", "answer", "finish_reason", "error",
+                "num_prompt_tokens", "num_completion_tokens", "num_reasoning_tokens", "kv_policy", "kv_budget",
+                "peak_kv_tokens", "evicted_pages", "ttft_s", "e2e_s", "seed", "model"]
+    assert set(required) <= set(OUTPUT_SCHEMA.names)
+    assert rows_to_table([]).schema == OUTPUT_SCHEMA  # even an empty shard has the schema
+    assert rows_to_table([_row(0, kv_budget=256, seed=3)]).schema == OUTPUT_SCHEMA
+
+
+def test_write_shard_atomic_and_verifiable(tmp_path):
+    path = str(tmp_path / "part-00000.parquet")
+    meta = {"index": 0, "start": 0, "end": 2, "n": 2, "fingerprint": "f"}
+    rows = [_row(i, s) for i in range(2) for s in range(2)]
+    digest = write_shard(path, rows, meta)
+    assert os.listdir(tmp_path) == ["part-00000.parquet"]
+    assert len(digest) == 64
+    assert pq.read_schema(path).remove_metadata() == OUTPUT_SCHEMA
+    assert read_shard_meta(path) == meta
+    assert verify_shard(path, meta)
+    assert not verify_shard(path, {**meta, "fingerprint": "other"})
+    write_shard(path, rows[:3], meta)  # a row missing
+    assert not verify_shard(path, meta)
+    with open(path, "r+b") as f:  # truncated file
+        f.truncate(100)
+    assert not verify_shard(path, meta)
+
+
+def test_write_shard_failure_leaves_nothing(tmp_path):
+    path = str(tmp_path / "part-00000.parquet")
+    with pytest.raises((ValueError, TypeError)):
+        write_shard(path, [{"id": None, "row_idx": 0}], {"index": 0})  # non-nullable id
+    assert os.listdir(tmp_path) == []
+
+
+# --- config -------------------------------------------------------------------------------------------
+def test_sampling_defaults_are_sampling_params_defaults():
+    cfg, sp = JobConfig(), SamplingParams()
+    for name in ("max_new_tokens", "temperature", "top_p", "top_k", "n", "ignore_eos"):
+        assert getattr(cfg, name) == getattr(sp, name)
+
+
+def test_layering_defaults_yaml_flags(tmp_path):
+    y = tmp_path / "job.yaml"
+    y.write_text("input: in.jsonl\noutput: out\nmax-new-tokens: 32\ntemperature: 0.6\nkv_policy: raas\n"
+                 "chat-template-kwargs: {enable_thinking: true}\n")
+    cfg = resolve({"config": str(y), "temperature": 0.0, "output": str(tmp_path / "o2")})
+    assert cfg.max_new_tokens == 32  # from YAML
+    assert cfg.temperature == 0.0  # the flag wins
+    assert cfg.kv_policy == "raas"  # underscore spelling accepted
+    assert cfg.top_p == 1.0  # default
+    assert cfg.chat_template_kwargs == {"enable_thinking": True}
+    assert os.path.isabs(cfg.input) and cfg.output == str(tmp_path / "o2")
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = resolve({"input": "x.jsonl", "output": "o", "seed": 5, "stop": ["###"],
+                   "chat_template_kwargs": '{"enable_thinking": false}'})
+    y = tmp_path / "config.yaml"
+    y.write_text(cfg.to_yaml())
+    again = resolve({"config": str(y)})
+    assert dataclasses.asdict(again) == {**dataclasses.asdict(cfg), "config": str(y)}
+
+
+def test_config_errors(tmp_path):
+    y = tmp_path / "bad.yaml"
+    y.write_text("max_new_token: 3\n")
+    with pytest.raises(ConfigError, match="unknown key 'max_new_token'"):
+        load_yaml(str(y))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_yaml(str(tmp_path / "nope.yaml"))
+    base = {"input": "x.jsonl", "output": "o"}
+    with pytest.raises(ConfigError, match="contradict"):
+        resolve({**base, "resume": True, "overwrite": True})
+    with pytest.raises(ConfigError, match="--shard-size must be a positive integer"):
+        resolve({**base, "shard_size": 0})
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        resolve({**base, "chat_template_kwargs": "{bad"})
+    with pytest.raises(ConfigError, match="--input"):
+        resolve({"output": "o"})
+
+
+def test_output_fields_are_fields():
+    assert set(OUTPUT_FIELDS) <= set(JobConfig.field_names())
+    assert "device" not in OUTPUT_FIELDS and "output" not in OUTPUT_FIELDS

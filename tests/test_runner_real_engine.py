@@ -1,0 +1,69 @@
+"""The batch CLI end to end on the real engine (embedded SmolLM2-135M on CPU, a few tokens per row).
+
+One subprocess run (the model load dominates: ~30-40 s on CPU), then a --resume that finds
+everything done and must not load the model or rewrite anything.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+
+from raas_batch.data.writer import OUTPUT_SCHEMA
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cli(*args, timeout=600):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAAS_")}
+    return subprocess.run([sys.executable, "-m", "raas_batch", *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+@pytest.mark.slow
+def test_real_engine_end_to_end(tmp_path):
+    with open(os.path.join(ROOT, "examples", "gsm8k_mini.jsonl"), encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f][:3]
+    rows.append({"id": "empty", "messages": [{"role": "user", "content": "  "}]})
+    rows.append({"id": "too-long", "messages": [{"role": "user", "content": "seven " * 9000}]})
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    args = ["--input", src, "--output", out, "--shard-size", 2, "--max-new-tokens", 8, "--temperature", 0,
+            "--seed", 5, "--kv-policy", "dense", "--max-num-seqs", 4]
+    res = _cli(*args)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+    files = sorted(os.listdir(out / "shards"))
+    assert files == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    for f in files:
+        assert pq.read_schema(out / "shards" / f).remove_metadata() == OUTPUT_SCHEMA
+    got = {r["id"]: r for f in files for r in pq.read_table(out / "shards" / f).to_pylist()}
+    assert set(got) == {r["id"] for r in rows}
+    for r in rows[:3]:
+        o = got[r["id"]]
+        assert o["finish_reason"] in ("stop", "length") and o["error"] is None
+        assert 1 <= o["num_completion_tokens"] <= 8 and o["num_prompt_tokens"] > 10
+        assert o["completion"] and o["model"] and "SmolLM2" in o["model"]
+        assert o["kv_policy"] == "dense" and o["peak_kv_tokens"] >= o["num_prompt_tokens"]
+        assert o["e2e_s"] > 0 and o["seed"] is not None
+        assert r["question"][:40] in o["prompt"]  # messages are stored as JSON
+    assert got["empty"]["finish_reason"] == "error" and "empty content" in got["empty"]["error"]
+    long_row = got["too-long"]
+    assert long_row["finish_reason"] == "error" and "context" in long_row["error"]
+    assert long_row["num_prompt_tokens"] > 8192
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["complete"] and summary["rows"] == 5 and summary["errors"] == 2
+    assert summary["completion_tokens"] == sum(o["num_completion_tokens"] for o in got.values())
+    assert summary["tokens_per_s"] > 0
+
+    # Resume of a finished job: no model load, no file rewritten.
+    stats = {f: os.stat(out / "shards" / f).st_mtime_ns for f in files}
+    res = _cli(*args, "--resume", timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert {f: os.stat(out / "shards" / f).st_mtime_ns for f in files} == stats
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["this_run"]["shards_done"] == 0 and summary["engine_load_s"] < 5
