@@ -374,15 +374,26 @@ def _atomic_write_text(path: str, text: str) -> None:
 
 
 def _clear_outputs(out_dir: str) -> None:
-    """--overwrite: remove what a raas_batch job wrote (and only that)."""
+    """--overwrite: remove what a raas_batch job wrote (and only that), except manifest.json, which
+    the caller has already replaced by the new plan (so no old shard is ever seen as done)."""
     shards = os.path.join(out_dir, SHARDS)
     if os.path.isdir(shards):
         for name in os.listdir(shards):
             if name.startswith(("part-", ".part-")):
                 os.unlink(os.path.join(shards, name))
     for name in os.listdir(out_dir):
-        if name in (MANIFEST, SUMMARY, CONFIG) or ".tmp-" in name:
+        if name in (SUMMARY, CONFIG) or ".tmp-" in name:
             os.unlink(os.path.join(out_dir, name))
+
+
+def _reopen_missing(job: Job) -> list[str]:
+    """Done shards whose file has vanished (deleted by hand) become pending again (in memory only)."""
+    messages = []
+    for rec in job.manifest.shards:
+        if rec.state == "done" and not os.path.exists(os.path.join(job.out_dir, rec.file)):
+            rec.state, rec.file, rec.sha256, rec.num_output_rows = "pending", None, None, None
+            messages.append(f"shard {rec.index}: {shard_file_name(rec.index)} is missing; it will be regenerated")
+    return messages
 
 
 def _recover(job: Job, log) -> int:
@@ -428,6 +439,7 @@ def run_job(cfg: JobConfig, stream=None, engine=None) -> dict[str, Any]:
     job = prepare_job(cfg)
     manifest = job.manifest
     manifest_path = os.path.join(job.out_dir, MANIFEST)
+    messages = _reopen_missing(job) if job.mode == "resume" else []
     todo_before = manifest.todo()
 
     t_load = time.monotonic()
@@ -439,22 +451,24 @@ def run_job(cfg: JobConfig, stream=None, engine=None) -> dict[str, Any]:
                            "--kv-policy, --kv-budget, --dtype and --device.") from None
     load_s = time.monotonic() - t_load
 
-    # From here on the output folder is written.
-    if job.mode == "overwrite":
-        _clear_outputs(job.out_dir)
+    # From here on the output folder is written. The new manifest goes first: with --overwrite it
+    # atomically forgets the old job, so a kill while old files are deleted leaves only pending shards.
     os.makedirs(job.out_dir, exist_ok=True)
     run_record = {"started_at": time.time(), "pid": os.getpid(), "mode": job.mode}
     manifest.runs.append(run_record)
     manifest.save(manifest_path)
+    if job.mode == "overwrite":
+        _clear_outputs(job.out_dir)
     os.makedirs(os.path.join(job.out_dir, SHARDS), exist_ok=True)
     _atomic_write_text(os.path.join(job.out_dir, CONFIG), cfg.to_yaml())
 
-    progress = JobProgress(total_rows=manifest.num_rows, initial_rows=manifest.rows_done(), quiet=cfg.quiet,
-                           stream=stream)
-    adopted = _recover(job, progress.log)
+    adopted = _recover(job, messages.append)
     if adopted:
         manifest.save(manifest_path)
-        progress.advance_to(manifest.rows_done())
+    progress = JobProgress(total_rows=manifest.num_rows, initial_rows=manifest.rows_done(), quiet=cfg.quiet,
+                           stream=stream)
+    for message in messages:
+        progress.log(message)
     worker = ShardWorker(engine) if engine is not None else None
     done_now, failed_now, tokens_now, rows_now = 0, 0, 0, 0
     t_run = time.monotonic()

@@ -294,3 +294,42 @@ def test_progress_callback_and_per_row_params_reach_the_engine(tmp_path):
     cfg = resolve({"input": src, "output": str(tmp_path / "o"), "shard_size": 3, "seed": 2, "quiet": True})
     summary = runner.run_job(cfg, engine=Recording())
     assert summary["complete"] and seen == [(3, True, True), (2, True, True)]
+
+
+def test_done_shard_whose_file_vanished_is_regenerated(tmp_path, capsys):
+    src = write_input(tmp_path / "in", "jsonl", sample_rows(6))
+    out = tmp_path / "out"
+    base = ["--input", src, "--output", out, "--shard-size", 2, "--seed", 9]
+    assert run(capsys, *base)[0] == 0
+    before = snapshot(out)
+    os.unlink(out / "shards" / "part-00001.parquet")
+    rc, err = run(capsys, *base, "--resume")
+    assert rc == 0, err
+    assert "shard 1: part-00001.parquet is missing" in err
+    after = snapshot(out)
+    assert after["part-00000.parquet"] == before["part-00000.parquet"]
+    assert after["part-00002.parquet"] == before["part-00002.parquet"]
+    assert sorted(r["row_idx"] for r in read_out(out)[1]) == list(range(6))
+
+
+def test_overwrite_forgets_the_old_job_before_deleting_files(tmp_path, capsys, monkeypatch):
+    """A kill inside --overwrite's clean-up must not leave old shards recorded done without files."""
+    src = write_input(tmp_path / "in", "jsonl", sample_rows(4))
+    out = tmp_path / "out"
+    base = ["--input", src, "--output", out, "--shard-size", 2]
+    assert run(capsys, *base, "--temperature", 0.5)[0] == 0
+
+    def die(_out_dir):
+        raise KeyboardInterrupt  # stands in for a kill at the worst moment
+
+    monkeypatch.setattr(runner, "_clear_outputs", die)
+    assert run(capsys, *base, "--temperature", 0.9, "--overwrite")[0] == 130
+    m = Manifest.load(str(out / "manifest.json"))
+    assert m.fingerprint["settings"]["temperature"] == 0.9 and all(s.state == "pending" for s in m.shards)
+    monkeypatch.undo()
+    monkeypatch.setenv("RAAS_BATCH_ENGINE", "fake_llm:FakeLLM")
+    rc, err = run(capsys, *base, "--temperature", 0.9, "--resume")
+    assert rc == 0, err
+    assert "removed incomplete or foreign" in err  # the old job's files fail verification
+    got = read_out(out)[1]
+    assert len(got) == 4
