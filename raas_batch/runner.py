@@ -255,6 +255,22 @@ class ShardWorker:
 # ================================================================================================
 # Engine construction
 # ================================================================================================
+def check_engine_settings(cfg: JobConfig) -> None:
+    """Refuse an unknown policy or an impossible budget in a second, before a model load of minutes.
+
+    Only for the real engine: a substitute engine (RAAS_BATCH_ENGINE) validates its own settings.
+    """
+    if os.environ.get(ENGINE_ENV):
+        return
+    from raas_batch.policies import make_policy
+
+    try:
+        make_policy(cfg.kv_policy, cfg.kv_budget, cfg.page_size)
+    except (ValueError, TypeError) as exc:
+        raise JobError(f"--kv-policy {cfg.kv_policy} with --kv-budget {cfg.kv_budget} and --page-size "
+                       f"{cfg.page_size} cannot run: {exc}") from None
+
+
 def make_engine(cfg: JobConfig):
     """LLM(...) from the config; `RAAS_BATCH_ENGINE=module:attr` substitutes a compatible class."""
     target = os.environ.get(ENGINE_ENV)
@@ -444,6 +460,7 @@ def run_job(cfg: JobConfig, stream=None, engine=None) -> dict[str, Any]:
 
     t_load = time.monotonic()
     if todo_before and engine is None:
+        check_engine_settings(cfg)
         try:
             engine = make_engine(cfg)
         except Exception as exc:  # noqa: BLE001  # the engine's own message says what was wrong

@@ -333,3 +333,14 @@ def test_overwrite_forgets_the_old_job_before_deleting_files(tmp_path, capsys, m
     assert "removed incomplete or foreign" in err  # the old job's files fail verification
     got = read_out(out)[1]
     assert len(got) == 4
+
+
+def test_unknown_policy_is_refused_before_loading_the_model(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("RAAS_BATCH_ENGINE")  # the real engine's registry is consulted, no model is loaded
+    src = write_input(tmp_path / "in", "jsonl", sample_rows(2))
+    out = tmp_path / "out"
+    rc, err = run(capsys, "--input", src, "--output", out, "--kv-policy", "no-such-policy", "--kv-budget", 256)
+    assert rc == 2 and "no-such-policy" in err and "unknown" in err
+    rc, err = run(capsys, "--input", src, "--output", out, "--kv-budget", 4)
+    assert rc == 2 and "kv_budget 4" in err
+    assert not out.exists()
