@@ -56,14 +56,15 @@ class Sequence:
     def append(self, token_id: int, eos_ids: set[int], tokenizer) -> None:
         """Record a sampled token (replaced by a forced one while the engine closes a think block)
         and decide whether the sequence is finished."""
-        if self.forced:
+        was_forced = bool(self.forced)
+        if was_forced:
             token_id = self.forced.pop(0)
         self.output_token_ids.append(token_id)
         if self.t_first_token is None:
             self.t_first_token = time.perf_counter()
         p = self.params
         if self.detok is not None:
-            self._track_text(token_id, tokenizer)
+            self._track_text(token_id, tokenizer, was_forced)
         if self.finished:
             return
         if not p.ignore_eos and token_id in eos_ids and not self.forced:
@@ -73,7 +74,7 @@ class Sequence:
         elif len(self.output_token_ids) >= self.max_new_tokens:
             self._finish("length")
 
-    def _track_text(self, token_id: int, tokenizer) -> None:
+    def _track_text(self, token_id: int, tokenizer, was_forced: bool) -> None:
         p = self.params
         was_in_think = self.in_think
         new = self.detok.push(token_id)
@@ -84,7 +85,7 @@ class Sequence:
                 self.in_think = False
             elif THINK_OPEN in tail and text.rfind(THINK_OPEN) > text.rfind(THINK_CLOSE):
                 self.in_think = True
-        if was_in_think:
+        if was_in_think and not was_forced:  # the engine's own closing tokens are not reasoning
             self.num_reasoning_tokens += 1
         budget = p.thinking_budget
         if (budget is not None and self.in_think and not self.forced and not self.thinking_budget_hit

@@ -1,0 +1,142 @@
+"""Sampling: seeded batch invariance, n samples, filters, stop conditions, per-row errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from raas_batch import SamplingParams
+from raas_batch.engine.sampler import SamplingBatch, sample, seed_key
+
+QUESTION = [{"role": "user", "content": "A farmer has 12 cows and buys 7 more. How many cows?"}]
+OTHER = [{"role": "user", "content": "Write a haiku about the sea."}]
+THIRD = "Once upon a time"
+
+
+def sampled(params: SamplingParams) -> SamplingParams:
+    return params
+
+
+def test_seeded_sampling_is_batch_and_order_invariant(smollm):
+    p = SamplingParams(max_new_tokens=16, temperature=0.9, top_p=0.95, top_k=40, seed=7)
+    noise = SamplingParams(max_new_tokens=9, temperature=1.0, seed=99)
+    alone = smollm.generate([QUESTION], p)[0].outputs[0].token_ids
+    in_batch = smollm.generate([OTHER, QUESTION, THIRD], [noise, p, noise])[1].outputs[0].token_ids
+    reordered = smollm.generate([THIRD, OTHER, QUESTION], [noise, noise, p])[2].outputs[0].token_ids
+    assert len(alone) > 0
+    assert alone == in_batch == reordered
+
+
+def test_seed_changes_the_sample_and_n_samples_differ(smollm):
+    base = dict(max_new_tokens=12, temperature=1.0, ignore_eos=True)
+    a = smollm.generate([OTHER], SamplingParams(seed=1, n=3, **base))[0]
+    b = smollm.generate([OTHER], SamplingParams(seed=2, **base))[0]
+    again = smollm.generate([OTHER], SamplingParams(seed=1, n=3, **base))[0]
+    ids = [o.token_ids for o in a.outputs]
+    assert [o.index for o in a.outputs] == [0, 1, 2]
+    assert len({tuple(x) for x in ids}) == 3, "three samples of one prompt should differ"
+    assert ids == [o.token_ids for o in again.outputs]
+    assert b.outputs[0].token_ids != ids[0]
+    assert all(o.seed == 1 for o in a.outputs)
+
+
+def test_unseeded_request_reports_a_seed_that_reproduces_it(smollm):
+    p = SamplingParams(max_new_tokens=10, temperature=1.0, ignore_eos=True)
+    first = smollm.generate([OTHER], p)[0].outputs[0]
+    replay = smollm.generate([OTHER], SamplingParams(max_new_tokens=10, temperature=1.0, ignore_eos=True,
+                                                     seed=first.seed))[0].outputs[0]
+    assert first.seed is not None and replay.token_ids == first.token_ids
+
+
+def _batch(logits: torch.Tensor, temperature=1.0, top_p=1.0, top_k=0, keys=None, steps=None) -> SamplingBatch:
+    B = logits.shape[0]
+    keys = keys if keys is not None else torch.arange(B, dtype=torch.int64) * 7919 + 13
+    return SamplingBatch(
+        temperature=torch.full((B,), temperature), top_p=torch.full((B,), top_p),
+        top_k=torch.full((B,), top_k, dtype=torch.int64), keys=keys,
+        steps=steps if steps is not None else torch.zeros(B, dtype=torch.int64),
+        any_sampling=temperature > 0, any_filter=top_p < 1 or top_k > 0,
+    )
+
+
+def test_sampler_draws_from_the_softmax():
+    probs = torch.tensor([0.5, 0.25, 0.15, 0.1])
+    n = 20000
+    logits = probs.log().expand(n, -1).contiguous()
+    keys = torch.tensor([seed_key(5, j) for j in range(n)], dtype=torch.int64)
+    freq = torch.bincount(sample(logits, _batch(logits, keys=keys)), minlength=4).float() / n
+    assert torch.allclose(freq, probs, atol=0.015), freq
+
+
+def test_top_k_and_top_p_never_leave_their_set():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(4096, 50, generator=gen) * 2
+    keys = torch.arange(4096, dtype=torch.int64)
+    top3 = logits.topk(3, dim=-1).indices
+    got = sample(logits, _batch(logits, top_k=3, keys=keys))
+    assert (top3 == got.unsqueeze(1)).any(dim=1).all()
+    probs = torch.softmax(logits, -1)
+    got = sample(logits, _batch(logits, top_p=0.5, keys=keys))
+    sorted_p, order = probs.sort(-1, descending=True)
+    before = sorted_p.cumsum(-1) - sorted_p
+    rank = (order == got.unsqueeze(1)).float().argmax(-1)
+    assert (before.gather(1, rank.unsqueeze(1)) < 0.5).all()
+
+
+def test_greedy_rows_ignore_noise():
+    logits = torch.randn(8, 100)
+    batch = _batch(logits, temperature=0.0)
+    assert torch.equal(sample(logits, batch), logits.argmax(-1))
+
+
+def test_stop_string_cuts_text_and_stops(smollm):
+    greedy = SamplingParams(max_new_tokens=30, temperature=0, ignore_eos=True)
+    full = smollm.generate([QUESTION], greedy)[0].outputs[0]
+    stop = full.text[10:14]
+    assert stop.strip(), full.text
+    cut = smollm.generate([QUESTION], SamplingParams(max_new_tokens=30, temperature=0, ignore_eos=True,
+                                                     stop=[stop]))[0].outputs[0]
+    assert cut.finish_reason == "stop"
+    assert cut.text == full.text[:full.text.find(stop)]
+    assert cut.token_ids == full.token_ids[:len(cut.token_ids)] and len(cut.token_ids) < 30
+
+
+def test_stop_token_ids_and_max_tokens_alias(smollm):
+    full = smollm.generate([QUESTION], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))[0].outputs[0]
+    assert full.num_tokens == 20 and full.finish_reason == "length"
+    target = full.token_ids[5]
+    first = full.token_ids.index(target)
+    stopped = smollm.generate([QUESTION], SamplingParams(max_new_tokens=20, temperature=0, ignore_eos=True,
+                                                         stop_token_ids=[target]))[0].outputs[0]
+    assert stopped.token_ids == full.token_ids[:first + 1] and stopped.finish_reason == "stop"
+
+
+def test_eos_stops_unless_ignored(smollm):
+    out = smollm.generate([[{"role": "user", "content": "Say hi."}]],
+                          SamplingParams(max_new_tokens=200, temperature=0))[0].outputs[0]
+    assert out.finish_reason == "stop" and out.token_ids[-1] in smollm.eos_token_ids
+    assert out.ttft_s > 0 and out.e2e_s >= out.ttft_s
+
+
+@pytest.mark.parametrize("prompt, message", [
+    ("", "empty"),
+    ("   ", "empty"),
+    ([{"role": "user"}], "'role' and 'content'"),
+    ([], "empty"),
+    ({"tokens": [1, 2]}, "prompt_token_ids"),
+    ({"prompt_token_ids": list(range(5, 9000))}, "context"),
+])
+def test_bad_prompts_become_error_rows(smollm, prompt, message):
+    good = [{"role": "user", "content": "Hi"}]
+    outs = smollm.generate([good, prompt], SamplingParams(max_new_tokens=3, temperature=0, n=2))
+    assert all(o.finish_reason in ("stop", "length") for o in outs[0].outputs)
+    assert [o.finish_reason for o in outs[1].outputs] == ["error", "error"]
+    assert message in outs[1].outputs[0].error and outs[1].outputs[0].token_ids == []
+
+
+def test_sampling_params_validation():
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        SamplingParams(max_new_tokens=0)
+    assert SamplingParams(stop="x").stop == ["x"]
