@@ -62,14 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--max-new-tokens", "--max-tokens", dest="max_new_tokens", type=int, metavar="N",
                           help="tokens generated per sample" + _d("max_new_tokens"))
     sampling.add_argument("--temperature", type=float, help="0 is greedy" + _d("temperature"))
-    sampling.add_argument("--top-p", type=float, help=_d("top_p").strip(" ()") or None)
-    sampling.add_argument("--top-k", type=int, help="0 disables it")
+    sampling.add_argument("--top-p", type=float, help="nucleus sampling mass" + _d("top_p"))
+    sampling.add_argument("--top-k", type=int, help="sample among the k likeliest tokens; 0 disables it")
     sampling.add_argument("--n", type=int, help="samples per row" + _d("n"))
     sampling.add_argument("--seed", type=int,
                           help="base seed: each row samples with a seed derived from it and the row id")
     sampling.add_argument("--thinking-budget", type=int, metavar="TOKENS",
                           help="at most this many tokens inside <think>...</think>")
-    sampling.add_argument("--ignore-eos", action="store_true", help="keep generating after EOS")
+    sampling.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction,
+                          help="keep generating after EOS (--no-ignore-eos overrides a YAML true)")
     sampling.add_argument("--stop", action="append", metavar="TEXT",
                           help="stop string (repeat the flag for several)")
     run = p.add_argument_group("run")
@@ -78,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true",
                      help="continue the job in --output: skip done shards, redo the rest")
     run.add_argument("--overwrite", action="store_true", help="start the job in --output over")
-    run.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
+    run.add_argument("--quiet", action=argparse.BooleanOptionalAction, help="no progress bar or log lines")
     return p
 
 
