@@ -48,18 +48,55 @@ def embedded_gguf_path() -> str:
     return files[0]
 
 
+def gguf_cache_dir(path: str) -> str:
+    """Where the dequantized copy of a GGUF file is kept (safetensors + config + tokenizer)."""
+    root = os.environ.get("RAAS_BATCH_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "raas_batch")
+    st = os.stat(path)
+    return os.path.join(root, f"{os.path.basename(path)}-{st.st_size}-{int(st.st_mtime)}")
+
+
+def _from_gguf(path: str, display: str) -> tuple[str, str | None, str]:
+    """A GGUF file is dequantized once (by transformers) into a safetensors directory that later loads
+    read directly: loading the embedded model then takes seconds, not half a minute, in every
+    process of a job."""
+    cached = gguf_cache_dir(path)
+    if os.path.exists(os.path.join(cached, "model.safetensors")):
+        return cached, None, display
+    directory, name = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+    try:
+        from safetensors.torch import save_file
+        from transformers import AutoConfig, AutoTokenizer
+
+        tmp = f"{cached}.tmp-{os.getpid()}"
+        os.makedirs(tmp, exist_ok=True)
+        config = AutoConfig.from_pretrained(directory, gguf_file=name)
+        state = dict(_gguf_tensors(directory, name))
+        if getattr(config, "tie_word_embeddings", False):
+            state.pop("lm_head.weight", None)
+        save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(tmp, "model.safetensors"))
+        config.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(directory, gguf_file=name).save_pretrained(tmp)
+        os.replace(tmp, cached)  # atomic: a concurrent loader sees all of it or none
+        return cached, None, display
+    except OSError as exc:  # read-only home, a lost race, a full disk: load from the GGUF itself
+        log.warning("could not cache the dequantized model (%s); loading the GGUF file directly", exc)
+        if os.path.exists(os.path.join(cached, "model.safetensors")):
+            return cached, None, display
+        return directory, name, display
+
+
 def _resolve(model: str | None) -> tuple[str, str | None, str]:
     """-> (directory, gguf file name or None, display name)."""
     if model is None:
         path = embedded_gguf_path()
-        return os.path.dirname(path), os.path.basename(path), f"{EMBEDDED_NAME} ({os.path.basename(path)})"
+        return _from_gguf(path, f"{EMBEDDED_NAME} ({os.path.basename(path)})")
     if os.path.isfile(model) and model.endswith(".gguf"):
-        return os.path.dirname(os.path.abspath(model)), os.path.basename(model), model
+        return _from_gguf(model, model)
     if os.path.isdir(model):
         has_safetensors = glob.glob(os.path.join(model, "*.safetensors"))
         ggufs = sorted(glob.glob(os.path.join(model, "*.gguf")))
         if not has_safetensors and ggufs:
-            return model, os.path.basename(ggufs[0]), model
+            return _from_gguf(ggufs[0], model)
         return model, None, model
     if os.path.exists(model) or model.startswith((".", "/")):
         raise ValueError(f"--model {model!r}: no such directory or .gguf file; pass a hub id or a local directory.")
