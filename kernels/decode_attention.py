@@ -33,6 +33,7 @@ are allocated with torch.empty, so the op can be captured in a CUDA graph.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -63,9 +64,9 @@ def _decode_stage1(
     stride_ib, stride_ih, stride_is,
     stride_fn, stride_fh,
     qk_scale_log2,  # softmax scale * log2(e)
-    S, pages_per_split,
+    S, pages_per_split, num_splits,
     HQ: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_P: tl.constexpr, PPI: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    BLOCK_P: tl.constexpr, PPI: tl.constexpr,
     RETURN_MASS: tl.constexpr, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -120,7 +121,14 @@ def _decode_stage1(
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # all masked so far: avoid inf - inf
         p = tl.exp2(s - m_use[:, None])
         alpha = tl.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if RETURN_MASS:
+            if PPI == 1:
+                psum = tl.sum(p, axis=1)[:, None]  # [GP, 1]: the tile is one page
+            else:
+                psum = tl.sum(tl.reshape(p, (GP, PPI, BLOCK_P)), axis=2)  # [GP, PPI]
+            l_i = l_i * alpha + tl.sum(psum, axis=1)
+        else:
+            l_i = l_i * alpha + tl.sum(p, axis=1)
 
         v = tl.load(
             v_ptr + page[:, None] * stride_vn + kvh * stride_vh + tok_off[:, None] * stride_vp
@@ -135,7 +143,6 @@ def _decode_stage1(
         m_i = m_new
 
         if RETURN_MASS:
-            psum = tl.sum(tl.reshape(p, (GP, PPI, BLOCK_P)), axis=2)  # [GP, PPI]
             lse = m_use[:, None] + tl.log2(tl.where(psum > 0.0, psum, 1.0))
             lse = tl.where(psum > 0.0, lse, float("-inf"))
             pidx = start + jj
@@ -145,7 +152,7 @@ def _decode_stage1(
                 mask=row_ok[:, None] & (pidx[None, :] < split_end),
             )
 
-    head_row = (b * HQ + qh) * NUM_SPLITS + split  # [GP]
+    head_row = (b * HQ + qh) * num_splits + split  # [GP]
     tl.store(m_ptr + head_row, m_i, mask=row_ok)
     tl.store(l_ptr + head_row, l_i, mask=row_ok)
     tl.store(acc_ptr + head_row[:, None] * D + dd[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
@@ -154,28 +161,28 @@ def _decode_stage1(
 def _decode_stage2(
     acc_ptr, m_ptr, l_ptr, lse_ptr, out_ptr, mass_ptr,
     stride_ob, stride_oh, stride_od,
-    S,
+    S, num_splits,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, NSP: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, NSP: tl.constexpr,
     BLOCK_S: tl.constexpr, RETURN_MASS: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     sp = tl.arange(0, NSP)
-    sp_ok = sp < NUM_SPLITS
+    sp_ok = sp < num_splits
     dd = tl.arange(0, BLOCK_D)
     d_ok = dd < D
 
     for g in range(G):
         row = b * HQ + kvh * G + g
-        m = tl.load(m_ptr + row * NUM_SPLITS + sp, mask=sp_ok, other=float("-inf"))
-        l = tl.load(l_ptr + row * NUM_SPLITS + sp, mask=sp_ok, other=0.0)
+        m = tl.load(m_ptr + row * num_splits + sp, mask=sp_ok, other=float("-inf"))
+        l = tl.load(l_ptr + row * num_splits + sp, mask=sp_ok, other=0.0)
         m_max = tl.max(m, axis=0)
         m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
         w = tl.exp2(m - m_max)  # empty splits: 2^-inf = 0
         l_tot = tl.sum(w * l, axis=0)
         acc = tl.load(
-            acc_ptr + (row * NUM_SPLITS + sp[:, None]) * D + dd[None, :],
+            acc_ptr + (row * num_splits + sp[:, None]) * D + dd[None, :],
             mask=sp_ok[:, None] & d_ok[None, :], other=0.0,
         )
         o = tl.sum(w[:, None] * acc, axis=0) / l_tot
@@ -189,11 +196,11 @@ def _decode_stage2(
         g_ok = gg < G
         rows = b * HQ + kvh * G + gg  # [GP]
         mm = tl.load(
-            m_ptr + rows[:, None] * NUM_SPLITS + sp[None, :],
+            m_ptr + rows[:, None] * num_splits + sp[None, :],
             mask=g_ok[:, None] & sp_ok[None, :], other=float("-inf"),
         )
         ll = tl.load(
-            l_ptr + rows[:, None] * NUM_SPLITS + sp[None, :],
+            l_ptr + rows[:, None] * num_splits + sp[None, :],
             mask=g_ok[:, None] & sp_ok[None, :], other=0.0,
         )
         m_max = tl.max(mm, axis=1)
@@ -214,10 +221,19 @@ def _decode_stage2(
 _stage1 = _lazy_jit(_decode_stage1)
 _stage2 = _lazy_jit(_decode_stage2)
 
-# Tuning knobs of the split heuristic (shapes only). See choose_num_splits.
-TARGET_CTAS_PER_SM = 4
-MIN_TOKENS_PER_SPLIT = 128
+# Tuning knobs of the split heuristic (shapes only; see choose_num_splits). Measured on nothing yet:
+# benchmarks/bench_kernels.py sweeps num_splits on the GPU.
+CTAS_PER_SM = 4  # resident stage-1 programs per SM (about 106 registers x 128 threads, ~40 KB smem)
+MIN_TOKENS_PER_SPLIT = 256  # a split's (m, l, acc) traffic stays ~5% of its K/V bytes
+MAX_SPLITS = 64
 TILE_TOKENS = 64
+
+
+def _interpreting() -> bool:
+    knobs = getattr(triton, "knobs", None)  # triton >= 3.4; older ones read the variable directly
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @functools.cache
@@ -228,12 +244,22 @@ def _num_sms(device: torch.device) -> int:
 
 
 def choose_num_splits(B: int, Hkv: int, S: int, P: int, device: torch.device) -> int:
-    """Split count from shapes only: enough programs to fill the GPU (TARGET_CTAS_PER_SM per SM),
-    but at least MIN_TOKENS_PER_SPLIT tokens of page list per split."""
+    """Split count from shapes only (no device data, so CUDA-graph safe).
+
+    All stage-1 programs do the same work (S / num_splits pages), so the kernel takes about
+    waves * S / num_splits page-times, waves = ceil(B * Hkv * num_splits / slots) and
+    slots = CTAS_PER_SM * SMs. Going up from 1, take a larger num_splits only when it cuts
+    waves / num_splits by 10% or more; at least MIN_TOKENS_PER_SPLIT tokens of page list per split.
+    """
     base = max(1, B * Hkv)
-    want = triton.cdiv(TARGET_CTAS_PER_SM * _num_sms(device), base)
-    cap = max(1, (S * P) // MIN_TOKENS_PER_SPLIT)
-    return max(1, min(want, cap, S))
+    slots = CTAS_PER_SM * _num_sms(device)
+    cap = max(1, min(S, (S * P) // MIN_TOKENS_PER_SPLIT, MAX_SPLITS))
+    best, best_cost = 1, float("inf")
+    for ns in range(1, cap + 1):
+        cost = triton.cdiv(base * ns, slots) / ns
+        if cost < best_cost * 0.9:  # a larger split count must pay for its extra reduce traffic
+            best, best_cost = ns, cost
+    return best
 
 
 def paged_decode_attention_impl(
@@ -267,9 +293,10 @@ def paged_decode_attention_impl(
     num_splits = triton.cdiv(S, pages_per_split)  # no empty trailing split
     if pages_per_iter is None:
         pages_per_iter = max(1, min(TILE_TOKENS // BLOCK_P, triton.next_power_of_2(pages_per_split)))
+    pages_per_iter = max(triton.next_power_of_2(pages_per_iter), 16 // min(BLOCK_P, 16))  # tl.dot: >= 16 rows
     dot_prec = "ieee" if k_cache.dtype == torch.float32 else "tf32"
     # The Triton interpreter multiplies bf16 dot operands as their raw uint16 bits: upcast there.
-    dot_f32 = bool(triton.knobs.runtime.interpret) and k_cache.dtype == torch.bfloat16
+    dot_f32 = _interpreting() and k_cache.dtype == torch.bfloat16
 
     dev = q.device
     out = torch.empty((B, Hq, D), dtype=q.dtype, device=dev)
@@ -292,17 +319,17 @@ def paged_decode_attention_impl(
         page_ids.stride(0), page_ids.stride(1), page_ids.stride(2),
         fill.stride(0), fill.stride(1),
         float(scale) * _LOG2E,
-        S, pages_per_split,
+        S, pages_per_split, num_splits,
         HQ=Hq, G=G, GP=GP, D=D, BLOCK_D=BLOCK_D, BLOCK_P=BLOCK_P, PPI=pages_per_iter,
-        NUM_SPLITS=num_splits, RETURN_MASS=return_mass, DOT_PREC=dot_prec, DOT_F32=dot_f32,
+        RETURN_MASS=return_mass, DOT_PREC=dot_prec, DOT_F32=dot_f32,
         num_warps=num_warps, num_stages=num_stages,
     )
     _stage2()[(B, Hkv)](
         acc, m, l, lse, out, mass,
         out.stride(0), out.stride(1), out.stride(2),
-        S,
+        S, num_splits,
         HQ=Hq, HKV=Hkv, G=G, GP=GP, D=D, BLOCK_D=BLOCK_D,
-        NUM_SPLITS=num_splits, NSP=max(2, triton.next_power_of_2(num_splits)),
+        NSP=max(2, triton.next_power_of_2(num_splits)),
         BLOCK_S=min(128, max(16, triton.next_power_of_2(S))), RETURN_MASS=return_mass,
         num_warps=4,
     )

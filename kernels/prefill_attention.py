@@ -16,6 +16,8 @@ the host (fine: prefill is not captured in a CUDA graph).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -133,7 +135,9 @@ def prefill_attention(
     BLOCK_N = 64 if BLOCK_D <= 64 else 32
     if max_seqlen <= 16:
         BLOCK_M = BLOCK_N = 16
-    interpret = bool(triton.knobs.runtime.interpret)
+    knobs = getattr(triton, "knobs", None)  # triton >= 3.4; older ones read the variable directly
+    interpret = bool(knobs.runtime.interpret) if knobs is not None else (
+        os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
     _kernel()[(triton.cdiv(max_seqlen, BLOCK_M), Hq, num_seqs)](
         q, k, v, cu_seqlens, out,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
