@@ -41,19 +41,20 @@ def paged_decode_attention(
     Hkv, P = k_cache.shape[1], k_cache.shape[2]
     S = page_ids.shape[2]
     G = Hq // Hkv
-    k = _gather_pages(k_cache, page_ids).float()  # [B, Hkv, S, P, D]
-    v = _gather_pages(v_cache, page_ids).float()
+    k = _gather_pages(k_cache, page_ids).float().view(B, Hkv, S * P, D)
+    v = _gather_pages(v_cache, page_ids).float().view(B, Hkv, S * P, D)
     heads = torch.arange(Hkv, device=q.device).view(1, -1, 1).expand_as(page_ids)
     page_fill = torch.where(page_ids >= 0, fill[page_ids.clamp(min=0).long(), heads], 0)  # [B, Hkv, S]
     valid = torch.arange(P, device=q.device).view(1, 1, 1, P) < page_fill.unsqueeze(-1)  # [B, Hkv, S, P]
+    valid = valid.view(B, Hkv, 1, S * P)
     qg = q.float().view(B, Hkv, G, D)
-    scores = torch.einsum("bhgd,bhspd->bhgsp", qg, k) * scale  # [B, Hkv, G, S, P]
-    scores = scores.masked_fill(~valid.unsqueeze(2), float("-inf"))
-    probs = torch.softmax(scores.reshape(B, Hkv, G, S * P), dim=-1).view(B, Hkv, G, S, P)
-    out = torch.einsum("bhgsp,bhspd->bhgd", probs, v).reshape(B, Hq, D).to(q.dtype)
     if not return_mass:
-        return out
-    mass = probs.sum(-1).amax(dim=2)  # [B, Hkv, S]
+        out = torch.nn.functional.scaled_dot_product_attention(qg, k, v, attn_mask=valid, scale=scale)
+        return out.reshape(B, Hq, D).to(q.dtype)
+    scores = (qg @ k.transpose(-1, -2)) * scale  # [B, Hkv, G, S*P]
+    probs = torch.softmax(scores.masked_fill(~valid, float("-inf")), dim=-1)
+    out = (probs @ v).reshape(B, Hq, D).to(q.dtype)
+    mass = probs.view(B, Hkv, G, S, P).sum(-1).amax(dim=2)  # [B, Hkv, S]
     return out, mass
 
 
