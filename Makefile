@@ -28,7 +28,7 @@ demo: setup
 	$(PY) examples/make_dataset.py --out examples/gsm8k_mini.jsonl --num 8
 	rm -rf demo_out
 	$(PY) -m raas_batch --input examples/gsm8k_mini.jsonl --output demo_out \
-		--max-new-tokens 96 --shard-size 4 --kv-policy raas --kv-budget 256
+		--max-new-tokens 96 --temperature 0 --seed 0 --shard-size 4 --kv-policy raas --kv-budget 256
 	$(PY) examples/show_output.py demo_out
 
 test: setup
