@@ -1,8 +1,8 @@
 """Triton kernels against their torch references (kernels/reference.py is the specification).
 
-Without a CUDA device the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set below before
-anything imports triton; the kernel modules also apply triton.jit lazily, at first launch, so the
-order in which test modules import them does not matter). Sizes are kept small for the interpreter;
+Without a CUDA device the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set below; it
+must be set before triton is first imported in the process, which is checked; the kernel modules
+apply triton.jit lazily, at first launch, so importing them early does no harm). Sizes are kept small for the interpreter;
 the `gpu`-marked cases run the real decode shape on a CUDA device.
 
 Every case draws fresh random inputs from its own seed. Errors are relative: ||out - ref|| / ||ref||,
@@ -29,6 +29,18 @@ except ImportError:  # editable install without the raas_batch.kernels mapping: 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from kernels import ops as kops
     from kernels import reference as ref
+
+if not torch.cuda.is_available():
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    # triton.language's own jit helpers (tl.sum, ...) are bound when triton is first imported: if that
+    # happened before TRITON_INTERPRET=1 was set, the interpreter cannot run any kernel.
+    if not isinstance(tl.sum, InterpretedFunction):
+        raise RuntimeError(
+            "triton was imported before TRITON_INTERPRET=1 was set (by an earlier test module or plugin); "
+            "export TRITON_INTERPRET=1 or set it in tests/conftest.py"
+        )
 
 TRI = kops.get_ops("triton")
 dec_mod = sys.modules[TRI.paged_decode_attention.__module__]
