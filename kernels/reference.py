@@ -47,6 +47,7 @@ def paged_decode_attention(
     page_fill = torch.where(page_ids >= 0, fill[page_ids.clamp(min=0).long(), heads], 0)  # [B, Hkv, S]
     valid = torch.arange(P, device=q.device).view(1, 1, 1, P) < page_fill.unsqueeze(-1)  # [B, Hkv, S, P]
     valid = valid.view(B, Hkv, 1, S * P)
+    v = torch.where(valid.view(B, Hkv, S * P, 1), v, 0.0)  # slots past fill may hold garbage (even NaN)
     qg = q.float().view(B, Hkv, G, D)
     if not return_mass:
         out = torch.nn.functional.scaled_dot_product_attention(qg, k, v, attn_mask=valid, scale=scale)

@@ -40,14 +40,16 @@ class LLM:
     model: None (the embedded SmolLM2-135M-Instruct), a hub id, a local directory or a .gguf file.
     kv_policy / kv_budget / page_size: the KV cache (`raas_batch.policies`); kv_budget in tokens.
     max_num_seqs: sequences decoded at once. num_kv_tokens: the page pool's size in tokens (default: on
-    the GPU what gpu_memory_utilization leaves free, on the CPU 32K tokens).
+    the GPU what gpu_memory_utilization leaves free, on the CPU 32K tokens). On CUDA, decode steps run
+    as captured CUDA graphs unless enforce_eager.
     """
 
     def __init__(self, model: str | None = None, kv_policy: str = "dense", kv_budget: int | None = None,
                  page_size: int = 16, max_num_seqs: int = 64, dtype=None, device=None,
                  chat_template_kwargs: dict | None = None, num_kv_tokens: int | None = None,
                  backend: str | None = None, policy_options: dict | None = None, load_format: str = "auto",
-                 hf_config=None, max_prefill_tokens: int = 8192, gpu_memory_utilization: float = 0.9):
+                 hf_config=None, max_prefill_tokens: int = 8192, gpu_memory_utilization: float = 0.9,
+                 enforce_eager: bool = False):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = resolve_dtype(dtype, self.device)
         loaded = load_model(model, self.dtype, self.device, load_format=load_format, hf_config=hf_config)
@@ -63,7 +65,8 @@ class LLM:
         if backend is None:
             backend = "triton" if self.device.type == "cuda" else "torch"
         self.engine = Engine(self.model, self.tokenizer, self.eos_token_ids, policy, page_size, max_num_seqs,
-                             num_kv_tokens, self.device, self.dtype, backend, max_prefill_tokens)
+                             num_kv_tokens, self.device, self.dtype, backend, max_prefill_tokens,
+                             cuda_graphs=self.device.type == "cuda" and not enforce_eager)
 
     def _default_kv_tokens(self, page_size: int, utilization: float) -> int:
         if self.device.type != "cuda":
@@ -165,12 +168,41 @@ class LLM:
                 progress_callback(num_tokens, done_prompts)
         if bar is not None:
             bar.close()
+        over = sum(o.kv_over_budget for r in results for o in r.outputs)
+        if over:
+            log.warning("%d sequence(s) had prompts longer than kv_budget=%s allows; they kept their prompt "
+                        "pages plus a small decode allowance (CompletionOutput.kv_over_budget).", over, self.kv_budget)
         return results
+
+    def score_continuations(self, prompt_ids_list: list[list[int]], continuation_ids_list: list[list[int]],
+                            kv_budgets: list[int | None] | None = None, on_logprobs=None):
+        """Teacher-forced scoring through this engine's KV policy: feed each continuation token by
+        token (decode steps with the sampled token overridden) and return, per sequence, a
+        `ScoreResult` with the log-probability of each continuation token and the greedy token at
+        each step. kv_budgets: per-sequence budget override. on_logprobs(request_indices, steps,
+        logprobs [B, V] float32) sees every step's full distribution. See raas_batch.engine.scoring."""
+        from raas_batch.engine.scoring import ScoreRequest, run_scored
+
+        budgets = kv_budgets or [None] * len(prompt_ids_list)
+        requests = [ScoreRequest(list(p), continuation_ids=list(c), kv_override=b)
+                    for p, c, b in zip(prompt_ids_list, continuation_ids_list, budgets)]
+        return run_scored(self.engine, requests, on_logprobs)
+
+    def generate_stream(self, requests, progress_callback: Callable[[int, int], None] | None = None,
+                        max_waiting: int | None = None):
+        """Like `generate`, for requests that keep arriving: `requests` is an iterator of
+        (key, prompt, SamplingParams) or None ("nothing new yet"), pulled whenever the waiting queue
+        is short; yields (key, RequestOutput) as each request finishes. See raas_batch.streaming."""
+        from raas_batch.streaming import generate_stream
+
+        return generate_stream(self, requests, progress_callback, max_waiting)
 
     def _fill_output(self, out: CompletionOutput, seq: Sequence) -> None:
         out.token_ids = list(seq.output_token_ids)
         if seq.detok is not None:
             text = seq.detok.text if seq.stop_text_end is None else seq.detok.text[:seq.stop_text_end]
+        elif self.tokenizer is None:  # random weights from a config (benchmarks): tokens only
+            text = ""
         else:
             text = self.tokenizer.decode(out.token_ids, skip_special_tokens=True)
         out.text = text
@@ -182,6 +214,7 @@ class LLM:
         out.thinking_budget_hit = seq.thinking_budget_hit
         out.finish_reason = seq.finish_reason or "length"
         out.peak_kv_tokens, out.evicted_pages = seq.peak_kv_tokens, seq.evicted_pages
+        out.kv_over_budget = seq.kv_over_budget
         out.ttft_s = (seq.t_first_token or time.perf_counter()) - seq.t_arrival
         out.e2e_s = (seq.t_finish or time.perf_counter()) - seq.t_arrival
 

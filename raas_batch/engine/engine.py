@@ -33,16 +33,29 @@ def kernel_ops(backend: str):
 class Engine:
     def __init__(self, model: torch.nn.Module, tokenizer, eos_token_ids: list[int], policy: KVPolicy,
                  page_size: int, max_num_seqs: int, num_kv_tokens: int, device: torch.device, dtype: torch.dtype,
-                 backend: str = "torch", max_prefill_tokens: int = 8192):
+                 backend: str = "torch", max_prefill_tokens: int = 8192, cuda_graphs: bool | None = None):
         spec = model.spec
         self.tokenizer = tokenizer
         self.eos_token_ids = set(eos_token_ids)
-        num_pages = max(1, num_kv_tokens // page_size)
+        num_pages = max(2, num_kv_tokens // page_size + 1)
         self.pool = PagePool(spec.num_layers, num_pages, spec.num_kv_heads, page_size, spec.head_dim, dtype, device)
+        # One scratch page and one padding slot (index max_num_seqs) serve the padding rows of
+        # CUDA-graph batches; the scheduler never hands either to a sequence.
+        scratch_page = self.pool.allocate(1)[0]
         self.policy = policy
-        policy.bind(self.pool, max_num_seqs)
+        policy.bind(self.pool, max_num_seqs + 1)
+        policy.on_admit(max_num_seqs, [scratch_page], 1)
         self.scheduler = Scheduler(self.pool, policy, max_num_seqs, max_prefill_tokens)
-        self.runner = ModelRunner(model, self.pool, policy, kernel_ops(backend), device)
+        max_pages = -(-spec.max_positions // page_size) + 1
+        self.runner = ModelRunner(model, self.pool, policy, kernel_ops(backend), device, max_num_seqs + 1, max_pages)
+        self.runner.set_slot_pages(max_num_seqs, [scratch_page])
+        policy.use_ops(self.runner.ops)
+        if cuda_graphs is None:
+            cuda_graphs = device.type == "cuda"
+        if cuda_graphs:
+            from raas_batch.engine.cuda_graph import DecodeGraphs
+
+            self.runner.graphs = DecodeGraphs(self.runner, max_num_seqs, max_pages, max_num_seqs, scratch_page)
 
     def add(self, seq: Sequence) -> None:
         seq.start_tracking(self.tokenizer)

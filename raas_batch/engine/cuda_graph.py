@@ -1,0 +1,80 @@
+"""CUDA graphs of the decode forward, one per (batch-size bucket, page-table width bucket).
+
+A decode step on the GPU launches hundreds of small kernels (per layer: norms, projections, the
+policy's page choice, kv_append, attention); replaying a captured graph removes their launch cost.
+The forward inside is the model runner's `decode_forward`, which never synchronises with the host.
+
+Padding rows (a batch of B runs in the graph of the smallest bucket >= B) use the padding slot
+(`pad_slot`, one past the real slots) whose page table is the engine's scratch page; its fill is
+reset before every replay, so padding rows write only there and read only there.
+
+Capture runs on dummy inputs (all rows padding), so capturing never touches a real sequence's pages.
+"""
+
+from __future__ import annotations
+
+import torch
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+
+
+class DecodeGraphs:
+    def __init__(self, runner, max_batch: int, max_width: int, pad_slot: int, scratch_page: int):
+        self.runner, self.pad_slot, self.scratch_page = runner, pad_slot, scratch_page
+        self.max_width = max_width
+        self.buckets = [b for b in BATCH_BUCKETS if b < max_batch] + [max_batch]
+        n = self.buckets[-1]
+        dev = runner.device
+        self.inputs = torch.zeros(3, n, dtype=torch.int64, device=dev)  # rows: token ids, positions, slots
+        self.staging = torch.zeros(3, n, dtype=torch.int64).pin_memory()
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[tuple[int, int], torch.Tensor] = {}
+        self.mempool = torch.cuda.graph_pool_handle()
+
+    def width_bucket(self, width: int) -> int:
+        w = 16
+        while w < width:
+            w *= 2
+        return min(w, self.max_width)
+
+    def _reset_scratch(self) -> None:
+        self.runner.pool.fill[:, self.scratch_page] = 0
+
+    def _set_padding(self, start: int, end: int) -> None:
+        self.inputs[0, start:end] = 0
+        self.inputs[1, start:end] = 0
+        self.inputs[2, start:end] = self.pad_slot
+
+    def _capture(self, bs: int, width: int) -> None:
+        self._set_padding(0, bs)
+        ids, pos, slots = self.inputs[0, :bs], self.inputs[1, :bs], self.inputs[2, :bs]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up: compiles Triton kernels, sizes the allocator
+            for _ in range(2):
+                self._reset_scratch()
+                self.runner.decode_forward(ids, pos, slots, width)
+        torch.cuda.current_stream().wait_stream(stream)
+        self._reset_scratch()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.mempool):
+            out = self.runner.decode_forward(ids, pos, slots, width)
+        self.graphs[(bs, width)], self.outputs[(bs, width)] = graph, out
+
+    def run(self, token_ids: list[int], positions: list[int], slots: list[int], width: int) -> torch.Tensor:
+        """-> hidden [B, hidden] for the B given sequences (a view into the graph's output)."""
+        B = len(token_ids)
+        bs = next(b for b in self.buckets if b >= B)
+        key = (bs, self.width_bucket(width))
+        if key not in self.graphs:
+            self._capture(*key)
+        staging = self.staging  # the previous step's copy has completed: sampling synchronised
+        staging[0, :B] = torch.tensor(token_ids)
+        staging[1, :B] = torch.tensor(positions)
+        staging[2, :B] = torch.tensor(slots)
+        staging[0:2, B:bs] = 0
+        staging[2, B:bs] = self.pad_slot
+        self.inputs[:, :bs].copy_(staging[:, :bs], non_blocking=True)
+        self._reset_scratch()
+        self.graphs[key].replay()
+        return self.outputs[key][:B]
