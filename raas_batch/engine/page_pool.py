@@ -70,7 +70,7 @@ class PagePool:
         self.mass[:, idx] = 0
 
     # ---- prefill writes ----
-    def write_prefill(self, layer: int, k: torch.Tensor, v: torch.Tensor, meta: "PrefillPages") -> None:
+    def write_prefill(self, layer: int, k: torch.Tensor, v: torch.Tensor, meta: PrefillPages) -> None:
         """Write a prefill batch's keys and values and the metadata of the pages they fill.
 
         k, v: [T, Hkv, D]; meta.token_pages / token_offsets: [T] (page and offset of every token);

@@ -35,7 +35,7 @@ class Scheduler:
         self.waiting.append(seq)
 
     def quota(self, seq: Sequence) -> int:
-        return self.policy.quota_pages(len(seq.prompt_token_ids), seq.max_new_tokens)
+        return self.policy.quota_pages(len(seq.prompt_token_ids), seq.max_new_tokens, seq.kv_override)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -54,7 +54,8 @@ class Scheduler:
                 break
             self.waiting.popleft()
             seq.pages, seq.slot = pages, self._free_slots.pop()
-            self.policy.on_admit(seq.slot, pages, n)
+            self.policy.on_admit(seq.slot, pages, n, seq.kv_override)
+            seq.kv_over_budget = self.policy.over_budget(n, seq.max_new_tokens, seq.kv_override)
             admitted.append(seq)
             num_tokens += n
         if admitted:

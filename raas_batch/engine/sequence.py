@@ -32,6 +32,9 @@ class Sequence:
     thinking_budget_hit: bool = False
     forced: list[int] = field(default_factory=list)
     stop_text_end: int | None = None  # text cut here when a stop string matched
+    # per-sequence KV setting (kv_budget, or (member, kv_budget) for a PolicyMixture); see policies/base.py
+    kv_override: object = None
+    kv_over_budget: bool = False  # set at admission: the quota exceeds kv_budget (prompt too long)
     # filled at retirement by the KV policy
     peak_kv_tokens: int = 0
     evicted_pages: int = 0
@@ -67,9 +70,7 @@ class Sequence:
             self._track_text(token_id, tokenizer, was_forced)
         if self.finished:
             return
-        if not p.ignore_eos and token_id in eos_ids and not self.forced:
-            self._finish("stop")
-        elif token_id in p.stop_token_ids:
+        if not p.ignore_eos and token_id in eos_ids and not self.forced or token_id in p.stop_token_ids:
             self._finish("stop")
         elif len(self.output_token_ids) >= self.max_new_tokens:
             self._finish("length")

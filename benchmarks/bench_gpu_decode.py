@@ -1,0 +1,312 @@
+"""Decode throughput and memory on the GPU: the Qwen2-7B shape (DeepSeek-R1-Distill-Qwen-7B) with random
+bf16 weights, EOS ignored (throughput and memory do not depend on the weights' values).
+
+    OUT=results/ python benchmarks/bench_gpu_decode.py [--quick]
+
+1. batch-1 decode tokens/s (dense, prompt 512);
+2. decode throughput at context 4K / 16K / 32K at the largest batch that fits: our dense path
+   (context pages filled with random keys/values instead of a prefill, to save GPU time) and RaaS
+   with L = 2048 at steady state (short prompts decoded past L, so every step scores, refreshes and
+   evicts; its per-step reads are bounded by L whatever the context), each with its roofline;
+3. transformers `generate()` (sdpa) at the same batch and context as our dense path, in the same run;
+4. memory: peak GPU memory of an engine sized for one sequence as its decode length goes 1K..32K.
+Prints markdown tables; writes bench_gpu_decode.json / .md to $OUT (default benchmarks/results/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import time
+
+import torch
+
+from raas_batch.engine.engine import Engine
+from raas_batch.engine.page_pool import PagePool
+from raas_batch.engine.sampler import seed_key
+from raas_batch.engine.sequence import Sequence
+from raas_batch.models.loader import load_model
+from raas_batch.policies import make_policy
+from raas_batch.sampling_params import SamplingParams
+
+P = 16
+GB = 1e9
+DEVICE = torch.device("cuda")
+BACKEND = "triton"
+
+
+def qwen2_7b_config(max_positions: int):
+    from transformers import Qwen2Config
+
+    return Qwen2Config(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                       num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=max_positions,
+                       rope_theta=1e6, torch_dtype="bfloat16")
+
+
+def copy_bandwidth() -> float:
+    x = torch.empty(2 * 2**30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(10):
+        start.record()
+        y.copy_(x)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    times.sort()
+    del x, y
+    return 2 * 2 * 2**30 / times[len(times) // 2]
+
+
+def random_prompt(model, n: int) -> list[int]:
+    return torch.randint(10, model.spec.vocab_size, (n,)).tolist()
+
+
+def new_seq(prompt: list[int], max_new: int, i: int = 0) -> Sequence:
+    params = SamplingParams(max_new_tokens=max_new, temperature=0, ignore_eos=True)
+    return Sequence(request_idx=i, sample_idx=0, prompt_token_ids=prompt, params=params, seed_key=seed_key(0, 0),
+                    seed=0, max_new_tokens=max_new)
+
+
+def make_engine(model, policy: str, budget, max_num_seqs: int, num_kv_tokens: int, graphs: bool = True) -> Engine:
+    return Engine(model, None, [], make_policy(policy, budget, P), P, max_num_seqs, num_kv_tokens,
+                  DEVICE, torch.bfloat16, backend=BACKEND, cuda_graphs=graphs and DEVICE.type == "cuda")
+
+
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_steps(engine: Engine, num_steps: int) -> float:
+    """Wall time per decode step over num_steps steps (each ends in the sampling sync)."""
+    sync()
+    t = time.perf_counter()
+    for _ in range(num_steps):
+        engine.step()
+    sync()
+    return (time.perf_counter() - t) / num_steps
+
+
+def free_engine(engine) -> None:
+    del engine
+    gc.collect()
+    if DEVICE.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def kv_bytes_per_token(spec) -> int:
+    return spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim * 2
+
+
+def weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def bench_batch1(model, prompt_len: int, steps: int) -> dict:
+    eng = make_engine(model, "dense", None, 1, prompt_len + steps + 64)
+    eng.add(new_seq(random_prompt(model, prompt_len), steps + 32))
+    eng.step()  # prefill
+    for _ in range(8):  # graph capture + warm-up
+        eng.step()
+    step_s = time_steps(eng, steps)
+    free_engine(eng)
+    return {"batch": 1, "prompt": prompt_len, "step_ms": step_s * 1e3, "tokens_per_s": 1 / step_s}
+
+
+def fake_context(eng: Engine, seqs: list[Sequence]) -> None:
+    """Admit sequences whose prompt is taken as already in the cache: their context pages hold random
+    keys/values (the pool was filled with random data) and count as full."""
+    admitted = []
+    while eng.scheduler.waiting:
+        kind, new = eng.scheduler.schedule()
+        assert kind == "prefill", "pool too small for the batch"
+        admitted += new
+    for seq in admitted:
+        eng.runner.set_slot_pages(seq.slot, seq.pages)
+        n_ctx = len(seq.prompt_token_ids) // P
+        idx = torch.tensor(seq.pages[:n_ctx], device=DEVICE)
+        eng.pool.fill[:, idx] = P
+        seq.append(7, set(), None)
+
+
+def bench_dense_context(model, ctx: int, batch: int, steps: int) -> dict:
+    gen = steps + 16
+    eng = make_engine(model, "dense", None, batch, batch * (ctx + gen + P))
+    eng.pool.k_cache.normal_(0, 1)
+    eng.pool.v_cache.normal_(0, 1)
+    seqs = [new_seq([5] * ctx, gen, i) for i in range(batch)]
+    for s in seqs:
+        eng.add(s)
+    fake_context(eng, seqs)
+    for _ in range(3):
+        eng.step()
+    step_s = time_steps(eng, steps)
+    free_engine(eng)
+    return {"policy": "dense", "context": ctx, "batch": batch, "step_ms": step_s * 1e3, "tokens_per_s": batch / step_s}
+
+
+def bench_raas_steady(model, budget: int, batch: int, prompt_len: int, steps: int) -> dict:
+    gen = budget + 2 * steps + 64
+    eng = make_engine(model, "raas", budget, batch, batch * (budget + 2 * P))
+    for i in range(batch):
+        eng.add(new_seq(random_prompt(model, prompt_len), gen, i))
+    eng.step()  # prefill (one batch up to max_prefill_tokens; repeat until all admitted)
+    while eng.scheduler.waiting:
+        eng.step()
+    warm = budget - prompt_len + steps  # past L: every step runs the full policy
+    t0 = time.perf_counter()
+    for _ in range(warm):
+        eng.step()
+    fill_s = time.perf_counter() - t0
+    step_s = time_steps(eng, steps)
+    peak = int(eng.pool.fill.sum(dim=1).max().item())  # tokens held by the busiest (layer, head) pool-wide
+    free_engine(eng)
+    return {"policy": "raas", "budget": budget, "batch": batch, "step_ms": step_s * 1e3, "tokens_per_s": batch / step_s,
+            "position_at_timing": prompt_len + warm, "warm_up_s": fill_s, "pool_tokens_held_max": peak}
+
+
+def bench_hf(cfg, ctx: int, batch: int, steps: int) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("cuda"):
+        hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+    ids = torch.randint(100, 150000, (batch, ctx), device="cuda")
+    times = {}
+    for new in (1, 1 + steps):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        with torch.no_grad():
+            hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                        do_sample=False, pad_token_id=0)
+        torch.cuda.synchronize()
+        times[new] = time.perf_counter() - t
+    del hf
+    gc.collect()
+    torch.cuda.empty_cache()
+    step_s = (times[1 + steps] - times[1]) / steps
+    return {"policy": "transformers", "context": ctx, "batch": batch, "step_ms": step_s * 1e3, "tokens_per_s": batch / step_s}
+
+
+def bench_memory(model, lengths: list[int], budget: int, prompt_len: int = 128) -> list[dict]:
+    rows = []
+    for policy, b in (("dense", None), ("raas", budget)):
+        for n in lengths:
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            pol = make_policy(policy, b, P)
+            tokens = pol.quota_pages(prompt_len, n) * P
+            eng = make_engine(model, policy, b, 1, tokens, graphs=False)
+            eng.add(new_seq(random_prompt(model, prompt_len), n))
+            for _ in range(33):
+                eng.step()
+            peak = torch.cuda.max_memory_allocated() - base
+            rows.append({"policy": policy, "decode_len": n, "kv_pool_tokens": tokens,
+                         "peak_gpu_bytes_above_weights": peak, "peak_gb": peak / GB})
+            free_engine(eng)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="fewer steps (a smoke run)")
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--budget", type=int, default=2048)
+    ap.add_argument("--smoke", action="store_true", help="a tiny model on the CPU: checks the script runs")
+    args = ap.parse_args()
+    if args.smoke:
+        return smoke()
+    out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")
+    os.makedirs(out_dir, exist_ok=True)
+    steps = 8 if args.quick else 32
+    results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    bw = copy_bandwidth()
+    results["copy_bandwidth_Bps"] = bw
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+    cfg = qwen2_7b_config(32768 + 1024)
+    t = time.perf_counter()
+    model = load_model(None, torch.bfloat16, torch.device("cuda"), load_format="random", hf_config=cfg).model
+    spec = model.spec
+    wbytes, kvtok = weight_bytes(model), kv_bytes_per_token(spec)
+    results.update(weight_bytes=wbytes, kv_bytes_per_token=kvtok, model_init_s=time.perf_counter() - t)
+    print(f"model: {wbytes / GB:.1f} GB weights, {kvtok} KV bytes/token", flush=True)
+
+    results["batch1"] = bench_batch1(model, 512, 64 if args.quick else 256)
+    print("batch 1:", results["batch1"], flush=True)
+
+    free, _ = torch.cuda.mem_get_info()
+    usable = free - 8 * 2**30  # activations, logits, graphs
+    per_page = PagePool.bytes_per_page(spec.num_layers, spec.num_kv_heads, P, spec.head_dim, torch.bfloat16)
+    rows = []
+    contexts = [4096, 16384, 32768]
+    for ctx in contexts:
+        batch = min(512, int(usable // (per_page * ((ctx + steps + 16) // P + 2))))
+        batch = max(1, batch)
+        r = bench_dense_context(model, ctx, batch, steps)
+        r["roofline_ms"] = (wbytes + batch * ctx * kvtok) / bw * 1e3
+        rows.append(r)
+        print(r, flush=True)
+    raas_batch_size = min(512, int(usable // (per_page * (args.budget // P + 2))))
+    r = bench_raas_steady(model, args.budget, raas_batch_size, 128, steps)
+    flops = 2 * wbytes / 2 * raas_batch_size
+    r["roofline_ms"] = max((wbytes + raas_batch_size * args.budget * kvtok) / bw, flops / 770e12) * 1e3
+    rows.append(r)
+    print(r, flush=True)
+    if not args.skip_hf:
+        for ctx, batch in ((4096, 32), (16384, 8)):
+            h = bench_hf(cfg, ctx, batch, 16 if args.quick else 32)
+            ours = bench_dense_context(model, ctx, batch, steps)
+            h["ours_dense_tokens_per_s"] = ours["tokens_per_s"]
+            h["ours_over_hf"] = ours["tokens_per_s"] / h["tokens_per_s"]
+            rows.append(h)
+            print(h, flush=True)
+    results["throughput"] = rows
+    results["memory"] = bench_memory(model, [1024, 2048, 4096, 8192, 16384, 32768], args.budget)
+    for m in results["memory"]:
+        print(m, flush=True)
+    with open(os.path.join(out_dir, "bench_gpu_decode.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    lines = [f"# GPU decode ({results['device']}, copy {bw / 1e12:.2f} TB/s)", "",
+             f"batch 1, dense, prompt 512: {results['batch1']['tokens_per_s']:.0f} tokens/s "
+             f"({results['batch1']['step_ms']:.2f} ms/step)", "",
+             "| path | context | batch | step ms | tokens/s | roofline ms | step / roofline |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        roof = r.get("roofline_ms")
+        lines.append(f"| {r['policy']} | {r.get('context', 'any >= L')} | {r['batch']} | {r['step_ms']:.2f} | "
+                     f"{r['tokens_per_s']:.0f} | {roof:.2f} | {r['step_ms'] / roof:.2f} |" if roof else
+                     f"| {r['policy']} | {r['context']} | {r['batch']} | {r['step_ms']:.2f} | {r['tokens_per_s']:.0f} | "
+                     f"ours dense {r['ours_dense_tokens_per_s']:.0f} tok/s = {r['ours_over_hf']:.1f}x | |")
+    lines += ["", "| policy | decode length | KV pool tokens | peak GB above weights |", "| --- | --- | --- | --- |"]
+    lines += [f"| {m['policy']} | {m['decode_len']} | {m['kv_pool_tokens']} | {m['peak_gb']:.3f} |" for m in results["memory"]]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    with open(os.path.join(out_dir, "bench_gpu_decode.md"), "w") as f:
+        f.write(text)
+
+
+def smoke() -> None:
+    """Exercise every section with a tiny model on the CPU (no timings worth reading)."""
+    global DEVICE, BACKEND
+    from transformers import Qwen2Config
+
+    DEVICE, BACKEND = torch.device("cpu"), "torch"
+    cfg = Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
+    model = load_model(None, torch.bfloat16, DEVICE, load_format="random", hf_config=cfg).model
+    print(bench_batch1(model, 32, 4))
+    print(bench_dense_context(model, 256, 3, 2))
+    r = bench_raas_steady(model, 64, 3, 16, 2)
+    assert r["pool_tokens_held_max"] <= 3 * (64 + 2 * P), r
+    print(r)
+    print(bench_hf(cfg, 64, 2, 2) if False else "hf skipped on cpu")
+
+
+if __name__ == "__main__":
+    main()
