@@ -12,7 +12,7 @@ python -c "import torch, triton, transformers; print('torch', torch.__version__,
 for part in $parts; do
   start=$(date +%s)
   case $part in
-    tests)   timeout 240 python -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py tests/test_gpu_engine.py 2>&1 | tail -40 ;;
+    tests)   timeout 240 python -m pytest -q -m gpu -p no:cacheprovider -rfE --tb=short tests/test_kernels.py tests/test_gpu_engine.py > "$OUT/pytest_gpu.log" 2>&1; tail -30 "$OUT/pytest_gpu.log" ;;
     kernels) timeout 200 python benchmarks/bench_kernels.py 2>&1 | tail -60 ;;
     decode)  timeout 300 python benchmarks/bench_gpu_decode.py 2>&1 | tail -40 ;;
     ray)     timeout 300 python benchmarks/bench_ray_scaling.py 2>&1 | tail -30 ;;

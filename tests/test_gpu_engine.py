@@ -23,7 +23,7 @@ def small_config():
 
     return Qwen2Config(vocab_size=4096, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
                        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096,
-                       initializer_range=0.05)
+                       initializer_range=0.2)
 
 
 def make_llm(policy: str, budget: int | None, **kw) -> LLM:
@@ -50,7 +50,7 @@ def test_decode_step_does_not_synchronise(policy, budget):
                        seed_key=seed_key(0, 0), seed=0, max_new_tokens=200)
         eng.add(seq)
     eng.step()  # prefill (may synchronise)
-    for _ in range(80):  # long enough for bounded policies to evict
+    for step in range(80):  # long enough for bounded policies to evict
         seqs = eng.scheduler.running
         runner = eng.runner
         ids = torch.tensor([s.last_token for s in seqs], device="cuda")
@@ -58,7 +58,8 @@ def test_decode_step_does_not_synchronise(policy, budget):
         slots = torch.tensor([s.slot for s in seqs], device="cuda")
         width = max(len(s.pages) for s in seqs)
         torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
+        # the first step compiles the Triton kernels (module loading may synchronise): check the rest
+        torch.cuda.set_sync_debug_mode("error" if step > 0 else "default")
         try:
             hidden = runner.decode_forward(ids, pos, slots, width)
         finally:
@@ -79,19 +80,22 @@ def test_cuda_graphs_equal_eager(policy, budget):
 
 @pytest.mark.parametrize("policy,budget", POLICY_BUDGETS)
 def test_triton_path_agrees_with_torch_path(policy, budget):
+    """The torch path decodes greedily; the Triton path is teacher-forced along the same tokens and
+    its greedy choice is compared at every step (free-running trajectories part at the first flip,
+    which would hide how often the two paths agree afterwards)."""
     params = SamplingParams(max_new_tokens=128, temperature=0, ignore_eos=True)
     ref = make_llm(policy, budget, backend="torch", enforce_eager=True).generate(prompts(8), params)
-    fast = make_llm(policy, budget, backend="triton").generate(prompts(8), params)
-    same = total = 0
-    for a, b in zip(ref, fast):
-        ta, tb = a.outputs[0].token_ids, b.outputs[0].token_ids
-        first = next((i for i, (x, y) in enumerate(zip(ta, tb)) if x != y), len(ta))
-        same += first
-        total += len(ta)
+    fast = make_llm(policy, budget, backend="triton")
+    scored = fast.score_continuations([r.prompt_token_ids for r in ref], [r.outputs[0].token_ids for r in ref])
+    same = sum(sum(a == b for a, b in zip(r.outputs[0].token_ids, s.greedy_token_ids)) for r, s in zip(ref, scored))
+    total = sum(len(r.outputs[0].token_ids) for r in ref)
+    first = [next((i for i, (a, b) in enumerate(zip(r.outputs[0].token_ids, s.greedy_token_ids)) if a != b), 128)
+             for r, s in zip(ref, scored)]
     agreement = same / total
     out = os.environ.get("OUT")
     if out:
         with open(os.path.join(out, "triton_vs_torch_agreement.jsonl"), "a") as f:
-            f.write(json.dumps({"policy": policy, "budget": budget, "agreement_until_first_divergence": agreement}) + "\n")
-    # bf16 allows rare near-tie flips, after which trajectories part; most steps must agree
-    assert agreement >= 0.6, agreement
+            f.write(json.dumps({"policy": policy, "budget": budget, "teacher_forced_agreement": agreement,
+                                "first_divergence_per_prompt": first}) + "\n")
+    # bf16 allows rare near-tie flips; a wrong kernel or policy step disagrees far more often
+    assert agreement >= 0.9, agreement
