@@ -80,6 +80,17 @@ def build_parser() -> argparse.ArgumentParser:
                      help="continue the job in --output: skip done shards, redo the rest")
     run.add_argument("--overwrite", action="store_true", help="start the job in --output over")
     run.add_argument("--quiet", action=argparse.BooleanOptionalAction, help="no progress bar or log lines")
+    dist = p.add_argument_group("distributed (Ray)")
+    dist.add_argument("--ray", action=argparse.BooleanOptionalAction,
+                      help="run on a Ray cluster: one GenerationWorker actor per GPU pulling shards; same "
+                           "output layout as a local run, so --resume works across both")
+    dist.add_argument("--ray-address", metavar="ADDR",
+                      help="Ray cluster to join (implies --ray), e.g. 10.0.0.1:6379, auto, or local for a "
+                           "fresh one-machine cluster (default: RAY_ADDRESS or Ray's own default)")
+    dist.add_argument("--num-workers", type=int, metavar="N",
+                      help="actors (default: one per GPU of the cluster, 1 on a cluster without GPUs)")
+    dist.add_argument("--max-attempts", type=int, metavar="N",
+                      help="Ray: tries of a shard in one run before it is marked failed" + _d("max_attempts"))
     return p
 
 
@@ -95,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from raas_batch.runner import JobError, run_job
 
+    if cfg.ray or cfg.ray_address:
+        from raas_batch.distributed.driver import run_job_ray as run_job
     try:
         summary = run_job(cfg)
     except JobError as exc:
@@ -113,9 +126,17 @@ def _final_line(summary: dict, cfg: JobConfig) -> str:
     text = (f"{s['rows']}/{s['rows_total']} rows, {s['samples']} samples, {s['errors']} errors, "
             f"{s['completion_tokens']} tokens, {s['tokens_per_s']:.1f} tok/s this run "
             f"({s['this_run']['wall_time_s']:.1f}s) -> {cfg.output}")
+    if s.get("this_run", {}).get("retries"):
+        text += f"; {s['this_run']['retries']} shard retries"
     if not s["complete"]:
         text += (f"; {s['shards']['total'] - s['shards']['done']} shard(s) not done: rerun with --resume. "
                  f"Shard states: {json.dumps(s['shards'])}")
+        failed = s.get("failed_shards") or []
+        if failed:
+            text += "; failed: " + "; ".join(f"shard {f['index']} (rows {f['rows'][0]}-{f['rows'][1] - 1}): "
+                                             f"{f['error']}" for f in failed[:10])
+            if len(failed) > 10:
+                text += f"; and {len(failed) - 10} more (see manifest.json)"
     return text
 
 

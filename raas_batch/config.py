@@ -67,6 +67,11 @@ class JobConfig:
     resume: bool = False
     overwrite: bool = False
     quiet: bool = False
+    # --- distributed (Ray; see raas_batch.distributed) ------------------------------------------------
+    ray: bool = False  # run on a Ray cluster: one GenerationWorker actor per GPU
+    ray_address: str | None = None  # cluster to join (implies ray); None: Ray's default (RAY_ADDRESS, ...)
+    num_workers: int | None = None  # actors; None: one per GPU of the cluster (1 on a cluster without GPUs)
+    max_attempts: int = 3  # Ray: tries of a shard in one run (worker died or failed) before it is failed
 
     # ------------------------------------------------------------------------------------------------
     @classmethod
@@ -86,6 +91,10 @@ class JobConfig:
                     "max_num_seqs": self.max_num_seqs, "max_new_tokens": self.max_new_tokens, "n": self.n}
         for name, value in positive.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"--{_flag(name)} must be a positive integer, got {value!r}.")
+        for name in ("num_workers", "max_attempts"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ConfigError(f"--{_flag(name)} must be a positive integer, got {value!r}.")
         for name in ("limit", "kv_budget", "thinking_budget", "seed"):
             value = getattr(self, name)
@@ -127,7 +136,7 @@ class JobConfig:
 
 
 # Fields that do not change the output and are not written to config.yaml.
-_RUN_CONTROL = ("config", "resume", "overwrite")
+_RUN_CONTROL = ("config", "resume", "overwrite", "ray", "ray_address", "num_workers", "max_attempts")
 
 # Fields whose change changes the output (fingerprinted). Not here: output, device, max_num_seqs, quiet
 # and run control (they change where and how fast, not what). page_size is here because sparse
@@ -219,7 +228,7 @@ def _coerce_types(cfg: JobConfig) -> None:
         except (TypeError, ValueError):
             raise ConfigError(f"--{_flag(name)} must be a number, got {value!r}.") from None
     for name in ("shard_size", "page_size", "max_num_seqs", "max_new_tokens", "n", "top_k", "limit",
-                 "kv_budget", "thinking_budget", "seed"):
+                 "kv_budget", "thinking_budget", "seed", "num_workers", "max_attempts"):
         value = getattr(cfg, name)
         if value is None or isinstance(value, bool):
             continue
@@ -230,7 +239,7 @@ def _coerce_types(cfg: JobConfig) -> None:
                 setattr(cfg, name, int(value))
             except ValueError:
                 raise ConfigError(f"--{_flag(name)} must be an integer, got {value!r}.") from None
-    for name in ("ignore_eos", "quiet", "resume", "overwrite"):
+    for name in ("ignore_eos", "quiet", "resume", "overwrite", "ray"):
         value = getattr(cfg, name)
         if not isinstance(value, bool):
             raise ConfigError(f"{name.replace('_', '-')} must be true or false, got {value!r}.")

@@ -1,4 +1,5 @@
-"""Batch job runner: the shard worker (reusable by a Ray actor) and the local driver loop.
+"""Batch job runner: job checks, the output folder's lifecycle and the local driver loop. The shard
+worker is `raas_batch.worker` (reused by the Ray actor); the Ray driver is `raas_batch.distributed`.
 
     driver (run_job)                                    worker (ShardWorker.run)
     ----------------                                    ------------------------
@@ -23,233 +24,33 @@ Invariants (exactly-once):
 
 from __future__ import annotations
 
-import hashlib
-import importlib
-import inspect
 import json
 import os
 import time
-from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from raas_batch.config import JobConfig
-from raas_batch.data.reader import ROW_ERROR, InputError, ReaderSpec, detect_input, open_reader
-from raas_batch.data.writer import fsync_dir, shard_file_name, verify_shard, write_shard
-from raas_batch.sampling_params import SamplingParams
+from raas_batch.data.reader import InputError, ReaderSpec, detect_input, open_reader
+from raas_batch.data.writer import fsync_dir, shard_file_name, verify_shard
 
-ENGINE_ENV = "RAAS_BATCH_ENGINE"  # "module:attr" of an LLM-compatible class (tests use a fake)
+# The worker part lives in raas_batch.worker; these names stay importable from here.
+from raas_batch.worker import (  # noqa: F401
+    ENGINE_ENV,
+    RowJob,
+    ShardPlan,
+    ShardResult,
+    ShardSpec,
+    ShardWorker,
+    derive_row_seed,
+    make_engine,
+    shard_stats,
+    validate_prompt,
+)
 
 
 class JobError(Exception):
     """Job-level failure a user can fix: one sentence naming what and how; exit status 2."""
-
-
-def derive_row_seed(base_seed: int, row_id: str) -> int:
-    """A stable 63-bit seed from the job seed and the row id (independent of shards and order)."""
-    digest = hashlib.sha256(f"{base_seed}:{row_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-# ================================================================================================
-# Worker: given a shard spec and an engine, produce the shard file.
-# ================================================================================================
-@dataclass(frozen=True)
-class ShardSpec:
-    """Everything a worker needs for one shard (picklable; no engine, no open files)."""
-
-    index: int
-    start: int
-    end: int
-    reader: ReaderSpec  # columns = (prompt column[, id column])
-    prompt_column: str
-    id_column: str | None  # None: ids are the row numbers
-    shards_dir: str
-    fingerprint_hash: str
-    sampling: dict[str, Any]  # SamplingParams kwargs without seed
-    base_seed: int | None
-    kv_policy: str
-    kv_budget: int | None
-
-    @property
-    def file_name(self) -> str:
-        return shard_file_name(self.index)
-
-    @property
-    def path(self) -> str:
-        return os.path.join(self.shards_dir, self.file_name)
-
-    def file_meta(self) -> dict[str, Any]:
-        """What the shard file's metadata must say for the file to be this shard's."""
-        return {"index": self.index, "start": self.start, "end": self.end,
-                "n": self.sampling.get("n", 1), "fingerprint": self.fingerprint_hash}
-
-
-@dataclass
-class ShardResult:
-    index: int
-    path: str
-    num_output_rows: int
-    sha256: str
-    stats: dict[str, Any] = field(default_factory=dict)
-
-
-def validate_prompt(value: Any) -> tuple[Any, str | None]:
-    """(what to give the engine, None) or (None, why the prompt cannot run)."""
-    if value is None:
-        return None, "the prompt is null"
-    if isinstance(value, str):
-        return (value, None) if value.strip() else (None, "the prompt is empty")
-    if isinstance(value, dict):
-        if "prompt_token_ids" in value:
-            return validate_prompt(list(value["prompt_token_ids"] or []))
-        return None, "the prompt is a single object; expected a string or a list of {role, content} messages"
-    if isinstance(value, (list, tuple)):
-        if len(value) == 0:
-            return None, "the prompt is an empty list of messages"
-        if all(isinstance(t, int) and not isinstance(t, bool) for t in value):
-            return {"prompt_token_ids": [int(t) for t in value]}, None
-        messages = []
-        for k, m in enumerate(value):
-            if not isinstance(m, dict):
-                return None, f"message {k} is a {type(m).__name__}, expected an object with role and content"
-            role, content = m.get("role"), m.get("content")
-            if not isinstance(role, str) or not role.strip():
-                return None, f"message {k} has role {role!r}; expected a string such as 'user' or 'system'"
-            if not isinstance(content, str):
-                return None, f"message {k} has content of type {type(content).__name__}, expected a string"
-            messages.append({"role": role, "content": content})
-        if not any(m["content"].strip() for m in messages):
-            return None, "every message has empty content"
-        return messages, None
-    return None, f"the prompt is a {type(value).__name__}; expected a string or a list of {{role, content}} messages"
-
-
-def _prompt_text(value: Any) -> str | None:
-    if value is None or isinstance(value, str):
-        return value
-    try:
-        return json.dumps(value, ensure_ascii=False, default=str)
-    except (TypeError, ValueError):
-        return repr(value)
-
-
-def shard_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Totals of one shard's output rows (stored in the manifest; summed into summary.json)."""
-    finish = Counter(r["finish_reason"] for r in rows)
-    return {
-        "num_rows": len({r["row_idx"] for r in rows}),
-        "num_samples": len(rows),
-        "num_errors": finish.get("error", 0),
-        "finish_reasons": dict(finish),
-        "prompt_tokens": sum(r["num_prompt_tokens"] for r in rows if r["sample_idx"] == 0),
-        "completion_tokens": sum(r["num_completion_tokens"] for r in rows),
-        "reasoning_tokens": sum(r["num_reasoning_tokens"] for r in rows),
-        "peak_kv_tokens_sum": sum(r["peak_kv_tokens"] for r in rows if r["finish_reason"] != "error"),
-        "peak_kv_tokens_max": max((r["peak_kv_tokens"] for r in rows), default=0),
-        "evicted_pages": sum(r["evicted_pages"] for r in rows),
-        "e2e_s_sum": sum(r["e2e_s"] or 0.0 for r in rows if r["finish_reason"] != "error"),
-        "model": next((r["model"] for r in rows if r["model"]), None),
-    }
-
-
-class ShardWorker:
-    """Runs shards on one engine. Holds no job state besides the engine and open readers, so a Ray
-    actor can wrap it (`actor.run.remote(spec)`) and the local driver calls it directly."""
-
-    def __init__(self, llm, model_name: str | None = None):
-        self.llm = llm
-        self.model_name = model_name or getattr(llm, "model_name", None)
-        self._readers: dict[ReaderSpec, Any] = {}
-        try:
-            params = inspect.signature(llm.generate).parameters
-            self._has_callback = "progress_callback" in params or any(
-                p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-        except (TypeError, ValueError):
-            self._has_callback = False
-
-    def _reader(self, spec: ReaderSpec):
-        if spec not in self._readers:
-            self._readers[spec] = open_reader(spec)
-        return self._readers[spec]
-
-    def run(self, spec: ShardSpec,
-            progress_callback: Callable[[int, int], None] | None = None) -> ShardResult:
-        """Produce spec's shard file (atomically) and return what it holds. Engine errors raise."""
-        t0 = time.monotonic()
-        rows = self._reader(spec.reader).read(spec.start, spec.end)
-        n = int(spec.sampling.get("n", 1))
-        jobs = []  # (row_idx, id, prompt text, engine prompt or None, error or None, seed)
-        for k, row in enumerate(rows):
-            row_idx = spec.start + k
-            raw_id = row.get(spec.id_column) if spec.id_column else None
-            row_id = str(raw_id) if raw_id is not None else str(row_idx)
-            value = row.get(spec.prompt_column)
-            if ROW_ERROR in row:
-                prompt, error = None, f"row {row_idx} (id {row_id!r}): {row[ROW_ERROR]}; fix or drop that line"
-            else:
-                prompt, error = validate_prompt(value)
-                if error is not None:
-                    error = (f"row {row_idx} (id {row_id!r}): {error}; fix column "
-                             f"{spec.prompt_column!r} of this row or drop it")
-            seed = derive_row_seed(spec.base_seed, row_id) if spec.base_seed is not None else None
-            jobs.append((row_idx, row_id, _prompt_text(value), prompt, error, seed))
-
-        runnable = [j for j in jobs if j[4] is None]
-        outputs = self._generate(runnable, spec, progress_callback) if runnable else []
-        by_row = {j[0]: out for j, out in zip(runnable, outputs)}
-        out_rows = []
-        for row_idx, row_id, text, prompt, error, seed in jobs:
-            out = by_row.get(row_idx)
-            if isinstance(prompt, dict) and out is not None and isinstance(out.prompt, str):
-                text = out.prompt  # token-id prompts are stored as the engine's decoded text
-            for s in range(n):
-                out_rows.append(self._row(spec, row_idx, row_id, text, error, seed, out, s))
-        gen_s = time.monotonic() - t0
-        digest = write_shard(spec.path, out_rows, spec.file_meta())
-        stats = shard_stats(out_rows)
-        stats.update(wall_s=time.monotonic() - t0, generate_s=gen_s)
-        return ShardResult(spec.index, spec.path, len(out_rows), digest, stats)
-
-    def _generate(self, runnable, spec: ShardSpec, progress_callback):
-        prompts = [j[3] for j in runnable]
-        if spec.base_seed is None:
-            params: Any = SamplingParams(**spec.sampling)
-        else:
-            params = [SamplingParams(**spec.sampling, seed=j[5]) for j in runnable]
-        kwargs = {"use_tqdm": False}
-        if progress_callback is not None and self._has_callback:
-            kwargs["progress_callback"] = progress_callback
-        outputs = self.llm.generate(prompts, params, **kwargs)
-        if len(outputs) != len(prompts):
-            raise RuntimeError(f"engine returned {len(outputs)} outputs for {len(prompts)} prompts")
-        return outputs
-
-    def _row(self, spec, row_idx, row_id, text, error, seed, out, s) -> dict[str, Any]:
-        row = {"id": row_id, "row_idx": row_idx, "sample_idx": s, "prompt": text,
-               "kv_policy": spec.kv_policy, "kv_budget": spec.kv_budget, "seed": seed,
-               "model": self.model_name, "num_prompt_tokens": 0, "num_completion_tokens": 0,
-               "num_reasoning_tokens": 0, "thinking_budget_hit": False, "peak_kv_tokens": 0,
-               "evicted_pages": 0, "ttft_s": None, "e2e_s": None}
-        if out is None:
-            row.update(finish_reason="error", error=error)
-            return row
-        c = out.outputs[s]
-        row["num_prompt_tokens"] = len(out.prompt_token_ids or [])
-        if c.finish_reason == "error":
-            msg = c.error or "the engine could not run this prompt"
-            row.update(finish_reason="error", error=f"row {row_idx} (id {row_id!r}): {msg}")
-            return row  # texts stay null, as for rows rejected before the engine
-        row.update(finish_reason=c.finish_reason, error=c.error)
-        row.update(completion=c.text, reasoning=c.reasoning or None, answer=c.answer,
-                   num_completion_tokens=len(c.token_ids or []),
-                   num_reasoning_tokens=int(c.num_reasoning_tokens or 0),
-                   thinking_budget_hit=bool(c.thinking_budget_hit),
-                   peak_kv_tokens=int(c.peak_kv_tokens or 0), evicted_pages=int(c.evicted_pages or 0),
-                   ttft_s=c.ttft_s, e2e_s=c.e2e_s,
-                   seed=c.seed if c.seed is not None else seed)
-        return row
 
 
 # ================================================================================================
@@ -269,17 +70,6 @@ def check_engine_settings(cfg: JobConfig) -> None:
     except (ValueError, TypeError) as exc:
         raise JobError(f"--kv-policy {cfg.kv_policy} with --kv-budget {cfg.kv_budget} and --page-size "
                        f"{cfg.page_size} cannot run: {exc}") from None
-
-
-def make_engine(cfg: JobConfig):
-    """LLM(...) from the config; `RAAS_BATCH_ENGINE=module:attr` substitutes a compatible class."""
-    target = os.environ.get(ENGINE_ENV)
-    if target:
-        module, _, attr = target.partition(":")
-        cls = getattr(importlib.import_module(module), attr or "LLM")
-    else:
-        from raas_batch.llm import LLM as cls
-    return cls(**cfg.engine_kwargs())
 
 
 # ================================================================================================
@@ -468,20 +258,7 @@ def run_job(cfg: JobConfig, stream=None, engine=None) -> dict[str, Any]:
                            "--kv-policy, --kv-budget, --dtype and --device.") from None
     load_s = time.monotonic() - t_load
 
-    # From here on the output folder is written. The new manifest goes first: with --overwrite it
-    # atomically forgets the old job, so a kill while old files are deleted leaves only pending shards.
-    os.makedirs(job.out_dir, exist_ok=True)
-    run_record = {"started_at": time.time(), "pid": os.getpid(), "mode": job.mode}
-    manifest.runs.append(run_record)
-    manifest.save(manifest_path)
-    if job.mode == "overwrite":
-        _clear_outputs(job.out_dir)
-    os.makedirs(os.path.join(job.out_dir, SHARDS), exist_ok=True)
-    _atomic_write_text(os.path.join(job.out_dir, CONFIG), cfg.to_yaml())
-
-    adopted = _recover(job, messages.append)
-    if adopted:
-        manifest.save(manifest_path)
+    run_record, adopted = begin_run(job, messages.append)
     progress = JobProgress(total_rows=manifest.num_rows, initial_rows=manifest.rows_done(), quiet=cfg.quiet,
                            stream=stream)
     for message in messages:
@@ -529,8 +306,42 @@ def run_job(cfg: JobConfig, stream=None, engine=None) -> dict[str, Any]:
                           shards_adopted=adopted, shards_failed=failed_now, completion_tokens=tokens_now)
         manifest.save(manifest_path)
         progress.close()
-        summary = build_summary(job, run_record, engine, rows_now, tokens_now, run_s, load_s)
-        _atomic_write_text(os.path.join(job.out_dir, SUMMARY), json.dumps(summary, indent=2) + "\n")
+        summary = write_summary(job, run_record, engine, rows_now, tokens_now, run_s, load_s)
+    return summary
+
+
+def begin_run(job: Job, log) -> tuple[dict[str, Any], int]:
+    """Start writing the output folder (after every job-level check passed and the engine loaded).
+
+    The new manifest goes first: with --overwrite it atomically forgets the old job, so a kill while
+    old files are deleted leaves only pending shards. Then config.yaml, then recovery of what a
+    killed run left (`_recover`). Returns this run's record (in manifest.runs) and the number of
+    adopted shards. Shared by the local and the Ray driver, so both leave the same layout."""
+    manifest_path = os.path.join(job.out_dir, MANIFEST)
+    os.makedirs(job.out_dir, exist_ok=True)
+    run_record = {"started_at": time.time(), "pid": os.getpid(), "mode": job.mode}
+    job.manifest.runs.append(run_record)
+    job.manifest.save(manifest_path)
+    if job.mode == "overwrite":
+        _clear_outputs(job.out_dir)
+    os.makedirs(os.path.join(job.out_dir, SHARDS), exist_ok=True)
+    _atomic_write_text(os.path.join(job.out_dir, CONFIG), job.cfg.to_yaml())
+    adopted = _recover(job, log)
+    if adopted:
+        job.manifest.save(manifest_path)
+    return run_record, adopted
+
+
+def write_summary(job: Job, run_record: dict[str, Any], engine, rows_now: int, tokens_now: int, run_s: float,
+                  load_s: float, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Build summary.json (plus `extra` keys, e.g. the Ray driver's per-worker figures) and write it."""
+    summary = build_summary(job, run_record, engine, rows_now, tokens_now, run_s, load_s)
+    for key, value in (extra or {}).items():
+        if isinstance(value, dict) and isinstance(summary.get(key), dict):
+            summary[key].update(value)  # e.g. this_run: {retries, worker_restarts}
+        else:
+            summary[key] = value
+    _atomic_write_text(os.path.join(job.out_dir, SUMMARY), json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -568,6 +379,8 @@ def build_summary(job: Job, run: dict[str, Any], engine, rows_now: int, tokens_n
         "evicted_pages": t.get("evicted_pages", 0),
         "mean_e2e_s": round(t.get("e2e_s_sum", 0.0) / ok_samples, 4) if ok_samples else 0.0,
         "shards": {"total": len(m.shards), **counts},
+        "failed_shards": [{"index": s.index, "rows": [s.start, s.end], "attempts": s.attempts, "error": s.error}
+                          for s in m.shards if s.state != "done" and s.error],
         "this_run": {"mode": job.mode, "rows": rows_now, "completion_tokens": tokens_now,
                      "shards_done": run.get("shards_done", 0), "shards_adopted": run.get("shards_adopted", 0),
                      "shards_failed": run.get("shards_failed", 0), "wall_time_s": round(run.get("wall_s", 0.0), 3)},
