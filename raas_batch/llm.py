@@ -197,21 +197,10 @@ class LLM:
 
         return generate_stream(self, requests, progress_callback, max_waiting)
 
-    def generate_stream(self, requests, progress_callback: Callable[[int, int], None] | None = None,
-                        max_waiting: int | None = None):
-        """Like `generate`, for requests that keep arriving: `requests` is an iterator of
-        (key, prompt, SamplingParams) or None ("nothing new yet"), pulled whenever the waiting queue
-        is short; yields (key, RequestOutput) as each request finishes. See raas_batch.streaming."""
-        from raas_batch.streaming import generate_stream
-
-        return generate_stream(self, requests, progress_callback, max_waiting)
-
     def _fill_output(self, out: CompletionOutput, seq: Sequence) -> None:
         out.token_ids = list(seq.output_token_ids)
         if seq.detok is not None:
             text = seq.detok.text if seq.stop_text_end is None else seq.detok.text[:seq.stop_text_end]
-        elif self.tokenizer is None:  # random weights from a config (benchmarks): tokens only
-            text = ""
         elif self.tokenizer is None:  # random weights from a config (benchmarks): tokens only
             text = ""
         else:
