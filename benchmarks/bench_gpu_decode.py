@@ -94,7 +94,12 @@ def time_steps(engine: Engine, num_steps: int) -> float:
 
 
 def free_engine(engine) -> None:
-    del engine
+    """Drop an engine's memory (its pool, graphs and their private memory pool) before the next."""
+    engine.runner.graphs = None
+    for holder in (engine.pool, engine.policy):  # the big tensors, whoever else still points at them
+        for name, value in list(vars(holder).items()):
+            if isinstance(value, torch.Tensor):
+                setattr(holder, name, None)
     gc.collect()
     if DEVICE.type == "cuda":
         torch.cuda.empty_cache()

@@ -64,7 +64,8 @@ def test_decode_step_does_not_synchronise(policy, budget):
             hidden = runner.decode_forward(ids, pos, slots, width)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-        tokens = runner.model.compute_logits(hidden).argmax(-1).tolist()  # the step's one sync, outside
+        with torch.inference_mode():
+            tokens = runner.model.compute_logits(hidden).argmax(-1).tolist()  # the step's one sync, outside
         for s, t in zip(seqs, tokens):
             s.append(t, set(), None)
 
