@@ -30,3 +30,14 @@ def get_ops(backend: str) -> SimpleNamespace:
         fns = {n: getattr(importlib.import_module(f".{m}", __package__), n) for n, m in _TRITON_MODULES.items()}
         return SimpleNamespace(backend="triton", **fns)
     raise ValueError(f"unknown kernel backend {backend!r} (expected 'torch' or 'triton')")
+
+
+def get_layer_ops(backend: str) -> SimpleNamespace | None:
+    """Fused layer kernels (rms_norm with residual add, apply_rotary) for "triton"; None for "torch"
+    (the model's own torch code is then the path, and the reference)."""
+    if backend != "triton":
+        return None
+    from .rmsnorm import rms_norm
+    from .rotary import apply_rotary
+
+    return SimpleNamespace(rms_norm=rms_norm, apply_rotary=apply_rotary)

@@ -131,3 +131,33 @@ def prefill_attention(
         scores = scores.masked_fill(~causal, float("-inf"))
         out[start:end] = (torch.softmax(scores, dim=-1) @ vs).transpose(0, 1).to(q.dtype)
     return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    """(Residual add +) RMSNorm with the Llama/Qwen rounding. x: [T, N]; weight: [N]; residual: [T, N]
+    or None. With a residual, the sum x + residual (rounded to x's dtype) is written into `residual`
+    and normalised; returns (out, residual). Without, returns out. Normalisation in fp32, the result
+    rounded to x's dtype before the weight multiplies it."""
+    if residual is not None:
+        residual.copy_(x + residual)
+        x = residual
+    xf = x.float()
+    normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    out = weight * normed
+    return out if residual is None else (out, residual)
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor):
+    """Rotary embedding (rotate-half layout) at absolute positions, computed in fp32.
+
+    q: [T, Hq, D]; k: [T, Hkv, D]; cos, sin: [max_pos, D] fp32; positions: [T]. Returns new (q, k)."""
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        c = cos[positions].unsqueeze(1)  # [T, 1, D]
+        s = sin[positions].unsqueeze(1)
+        xf = x.float()
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
+        return (xf * c + rotated * s).to(x.dtype)
+
+    return rotate(q), rotate(k)

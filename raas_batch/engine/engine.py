@@ -50,6 +50,12 @@ class Engine:
         self.runner = ModelRunner(model, self.pool, policy, kernel_ops(backend), device, max_num_seqs + 1, max_pages)
         self.runner.set_slot_pages(max_num_seqs, [scratch_page])
         policy.use_ops(self.runner.ops)
+        from raas_batch.kernels.ops import get_layer_ops
+
+        layer_ops = get_layer_ops(backend)
+        for module in model.modules():  # fused norm / rotary kernels on the Triton path
+            if hasattr(type(module), "kernels"):
+                module.kernels = layer_ops
         if cuda_graphs is None:
             cuda_graphs = device.type == "cuda"
         if cuda_graphs:

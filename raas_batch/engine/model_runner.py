@@ -104,6 +104,8 @@ class ModelRunner:
         if self.logits_hook is not None:
             self.logits_hook(seqs, logits)
         ps = [s.params for s in seqs]
+        if all(p.greedy for p in ps):  # no per-row settings to ship to the device
+            return logits.argmax(dim=-1).tolist()
         batch = SamplingBatch(
             temperature=self._tensor([p.temperature for p in ps], torch.float32),
             top_p=self._tensor([p.top_p for p in ps], torch.float32),

@@ -78,9 +78,13 @@ class RotaryEmbedding(nn.Module):
         half = x.shape[-1] // 2
         return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
+    kernels = None  # the Triton namespace on CUDA (kernels/rotary.py, in place, one kernel); set by the engine
+
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         if self.cos is None or self.cos.device != q.device:
             self.build(q.device)
+        if self.kernels is not None and q.is_cuda:
+            return self.kernels.apply_rotary(q, k, self.cos, self.sin, positions)
         cos = self.cos[positions].unsqueeze(1)  # [T, 1, D]
         sin = self.sin[positions].unsqueeze(1)
         qf, kf = q.float(), k.float()
