@@ -113,6 +113,24 @@ def weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+PROFILE_DIR: str | None = None  # set by --profile: kernel-time tables of a few steps are written here
+
+
+def profile_steps(engine: Engine, name: str, num_steps: int = 3) -> None:
+    """Kernel-level time table (CUDA time, top 30) of a few decode steps, to see where a step goes."""
+    if PROFILE_DIR is None or DEVICE.type != "cuda":
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(num_steps):
+            engine.step()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60)
+    with open(os.path.join(PROFILE_DIR, f"profile_{name}.txt"), "w") as f:
+        f.write(f"{num_steps} decode steps\n{table}\n")
+
+
 def bench_batch1(model, prompt_len: int, steps: int) -> dict:
     eng = make_engine(model, "dense", None, 1, prompt_len + steps + 64)
     eng.add(new_seq(random_prompt(model, prompt_len), steps + 32))
@@ -120,6 +138,7 @@ def bench_batch1(model, prompt_len: int, steps: int) -> dict:
     for _ in range(8):  # graph capture + warm-up
         eng.step()
     step_s = time_steps(eng, steps)
+    profile_steps(eng, "batch1_dense")
     free_engine(eng)
     return {"batch": 1, "prompt": prompt_len, "step_ms": step_s * 1e3, "tokens_per_s": 1 / step_s}
 
@@ -170,6 +189,7 @@ def bench_raas_steady(model, budget: int, batch: int, prompt_len: int, steps: in
         eng.step()
     fill_s = time.perf_counter() - t0
     step_s = time_steps(eng, steps)
+    profile_steps(eng, f"raas_b{batch}")
     peak = int(eng.pool.fill.sum(dim=1).max().item())  # tokens held by the busiest (layer, head) pool-wide
     free_engine(eng)
     return {"policy": "raas", "budget": budget, "batch": batch, "step_ms": step_s * 1e3, "tokens_per_s": batch / step_s,
@@ -225,13 +245,19 @@ def main() -> None:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--budget", type=int, default=2048)
     ap.add_argument("--smoke", action="store_true", help="a tiny model on the CPU: checks the script runs")
+    ap.add_argument("--profile", action="store_true", help="write kernel-time tables of batch 1 and RaaS")
+    ap.add_argument("--only", nargs="*", default=None, help="sections: batch1 dense raas hf memory")
     args = ap.parse_args()
     if args.smoke:
         return smoke()
+    global PROFILE_DIR
     out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")
     os.makedirs(out_dir, exist_ok=True)
+    PROFILE_DIR = out_dir if args.profile else None
+    sections = set(args.only or ["batch1", "dense", "raas", "hf", "memory"])
+    stem = "bench_gpu_decode" + ("" if args.only is None else "_" + "_".join(sorted(sections)))
     steps = 8 if args.quick else 32
-    results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "sections": sorted(sections)}
     bw = copy_bandwidth()
     results["copy_bandwidth_Bps"] = bw
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
@@ -242,29 +268,33 @@ def main() -> None:
     wbytes, kvtok = weight_bytes(model), kv_bytes_per_token(spec)
     results.update(weight_bytes=wbytes, kv_bytes_per_token=kvtok, model_init_s=time.perf_counter() - t)
     print(f"model: {wbytes / GB:.1f} GB weights, {kvtok} KV bytes/token", flush=True)
+    lines = [f"# GPU decode ({results['device']}, copy {bw / 1e12:.2f} TB/s)", ""]
 
-    results["batch1"] = bench_batch1(model, 512, 64 if args.quick else 256)
-    print("batch 1:", results["batch1"], flush=True)
+    if "batch1" in sections:
+        b1 = results["batch1"] = bench_batch1(model, 512, 64 if args.quick else 256)
+        print("batch 1:", b1, flush=True)
+        lines += [(f"batch 1, dense, prompt 512: {b1['tokens_per_s']:.0f} tokens/s ({b1['step_ms']:.2f} ms/step; "
+                  f"weights-only floor {wbytes / bw * 1e3:.2f} ms)"), ""]
 
     free, _ = torch.cuda.mem_get_info()
     usable = free - 8 * 2**30  # activations, logits, graphs
     per_page = PagePool.bytes_per_page(spec.num_layers, spec.num_kv_heads, P, spec.head_dim, torch.bfloat16)
     rows = []
-    contexts = [4096, 16384, 32768]
-    for ctx in contexts:
-        batch = min(512, int(usable // (per_page * ((ctx + steps + 16) // P + 2))))
-        batch = max(1, batch)
-        r = bench_dense_context(model, ctx, batch, steps)
-        r["roofline_ms"] = (wbytes + batch * ctx * kvtok) / bw * 1e3
+    if "dense" in sections:
+        for ctx in (4096, 16384, 32768):
+            batch = max(1, min(512, int(usable // (per_page * ((ctx + steps + 16) // P + 2)))))
+            r = bench_dense_context(model, ctx, batch, steps)
+            r["roofline_ms"] = (wbytes + batch * ctx * kvtok) / bw * 1e3
+            rows.append(r)
+            print(r, flush=True)
+    if "raas" in sections:
+        raas_batch_size = min(512, int(usable // (per_page * (args.budget // P + 2))))
+        r = bench_raas_steady(model, args.budget, raas_batch_size, 128, steps)
+        flops = 2 * wbytes / 2 * raas_batch_size
+        r["roofline_ms"] = max((wbytes + raas_batch_size * args.budget * kvtok) / bw, flops / 770e12) * 1e3
         rows.append(r)
         print(r, flush=True)
-    raas_batch_size = min(512, int(usable // (per_page * (args.budget // P + 2))))
-    r = bench_raas_steady(model, args.budget, raas_batch_size, 128, steps)
-    flops = 2 * wbytes / 2 * raas_batch_size
-    r["roofline_ms"] = max((wbytes + raas_batch_size * args.budget * kvtok) / bw, flops / 770e12) * 1e3
-    rows.append(r)
-    print(r, flush=True)
-    if not args.skip_hf:
+    if "hf" in sections and not args.skip_hf:
         for ctx, batch in ((4096, 32), (16384, 8)):
             h = bench_hf(cfg, ctx, batch, 16 if args.quick else 32)
             ours = bench_dense_context(model, ctx, batch, steps)
@@ -273,26 +303,25 @@ def main() -> None:
             rows.append(h)
             print(h, flush=True)
     results["throughput"] = rows
-    results["memory"] = bench_memory(model, [1024, 2048, 4096, 8192, 16384, 32768], args.budget)
-    for m in results["memory"]:
-        print(m, flush=True)
-    with open(os.path.join(out_dir, "bench_gpu_decode.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    lines = [f"# GPU decode ({results['device']}, copy {bw / 1e12:.2f} TB/s)", "",
-             f"batch 1, dense, prompt 512: {results['batch1']['tokens_per_s']:.0f} tokens/s "
-             f"({results['batch1']['step_ms']:.2f} ms/step)", "",
-             "| path | context | batch | step ms | tokens/s | roofline ms | step / roofline |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    if rows:
+        lines += ["| path | context | batch | step ms | tokens/s | roofline ms | step / roofline |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         roof = r.get("roofline_ms")
         lines.append(f"| {r['policy']} | {r.get('context', 'any >= L')} | {r['batch']} | {r['step_ms']:.2f} | "
                      f"{r['tokens_per_s']:.0f} | {roof:.2f} | {r['step_ms'] / roof:.2f} |" if roof else
                      f"| {r['policy']} | {r['context']} | {r['batch']} | {r['step_ms']:.2f} | {r['tokens_per_s']:.0f} | "
                      f"ours dense {r['ours_dense_tokens_per_s']:.0f} tok/s = {r['ours_over_hf']:.1f}x | |")
-    lines += ["", "| policy | decode length | KV pool tokens | peak GB above weights |", "| --- | --- | --- | --- |"]
-    lines += [f"| {m['policy']} | {m['decode_len']} | {m['kv_pool_tokens']} | {m['peak_gb']:.3f} |" for m in results["memory"]]
+    if "memory" in sections:
+        results["memory"] = bench_memory(model, [1024, 2048, 4096, 8192, 16384, 32768], args.budget)
+        lines += ["", "| policy | decode length | KV pool tokens | peak GB above weights |", "| --- | --- | --- | --- |"]
+        lines += [f"| {m['policy']} | {m['decode_len']} | {m['kv_pool_tokens']} | {m['peak_gb']:.3f} |"
+                  for m in results["memory"]]
+    with open(os.path.join(out_dir, f"{stem}.json"), "w") as f:
+        json.dump(results, f, indent=2)
     text = "\n".join(lines) + "\n"
     print(text)
-    with open(os.path.join(out_dir, "bench_gpu_decode.md"), "w") as f:
+    with open(os.path.join(out_dir, f"{stem}.md"), "w") as f:
         f.write(text)
 
 
