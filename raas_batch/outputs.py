@@ -13,6 +13,12 @@ class CompletionOutput:
     the chat template opened the block), `answer` the rest. `finish_reason` is "stop" (EOS, a stop
     token or a stop string), "length" (max_new_tokens or the context end) or "error" (the prompt
     could not be run; `error` says why and nothing was generated).
+
+    KV accounting (raas_batch.policies): `peak_kv_tokens` is the largest number of tokens the sequence
+    held in any one (layer, KV head) over the whole generation; `evicted_pages` is the number of
+    pages evicted in the (layer, KV head) that evicted most (per-(layer, head) max, not a sum over
+    layers and heads); `kv_over_budget` is True when the prompt did not fit kv_budget, so the
+    sequence kept its prompt pages plus a small decode allowance instead (see docs/raas-algorithm.md).
     """
 
     index: int
@@ -27,6 +33,7 @@ class CompletionOutput:
     seed: int | None = None
     peak_kv_tokens: int = 0
     evicted_pages: int = 0
+    kv_over_budget: bool = False
     ttft_s: float = 0.0
     e2e_s: float = 0.0
 

@@ -2,16 +2,21 @@
 
 Every hook that runs inside a decode step works on device tensors only (no host synchronisation),
 so that the GPU path can capture decode steps in CUDA graphs. Host-side hooks (`quota_pages`,
-`on_admit`, `seq_stats`) run at admission and retirement.
+`on_admit`, `over_budget`, `seq_stats`) run at admission and retirement.
 
 Per decode step and layer the attention layer calls, in order:
   write_pages -> kv_append (kernel) -> read_pages -> paged_decode_attention (kernel) -> observe
+
+Per-sequence settings: a sequence may carry `kv_override` (the scheduler passes it to the host-side
+hooks): for a single policy it is that sequence's kv_budget in tokens (None = the policy's own); for a
+`PolicyMixture` it is `(member name, kv_budget or None)`. This lets one engine run carry several
+budgets (and, for benchmarks, several policies) at once.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -24,11 +29,19 @@ class DecodeContext:
     slot_ids: [B] int64, each sequence's row in per-sequence state tensors (< max_num_seqs).
     positions: [B] int64, absolute position of the token being appended.
     block_tables: [B, Q] int32, each sequence's quota pages in order, -1 padded.
+    host_slot_ids: the same slot ids as a host list (known before the step; lets a PolicyMixture
+    split the batch by member without a device sync).
     """
 
     slot_ids: torch.Tensor
     positions: torch.Tensor
     block_tables: torch.Tensor
+    host_slot_ids: list[int] = field(default_factory=list)
+
+    def select(self, rows: torch.Tensor, host_rows: list[int]) -> DecodeContext:
+        """The sub-batch of `rows` ([b] int64 device tensor; the same indices as a host list)."""
+        return DecodeContext(self.slot_ids[rows], self.positions[rows], self.block_tables[rows],
+                             [self.host_slot_ids[r] for r in host_rows])
 
 
 @dataclass
@@ -40,8 +53,9 @@ class KVPolicy:
 
     name: ClassVar[str] = ""
     needs_mass: ClassVar[bool] = False  # observe() wants the attention mass per page read
+    ops: ClassVar[object] = None  # kernel namespace (page_scores); set by the engine via use_ops
 
-    def quota_pages(self, num_prompt_tokens: int, max_new_tokens: int) -> int:
+    def quota_pages(self, num_prompt_tokens: int, max_new_tokens: int, override=None) -> int:
         """Pages reserved for a sequence at admission (never exceeded afterwards)."""
         raise NotImplementedError
 
@@ -50,12 +64,27 @@ class KVPolicy:
         self.pool = pool
         self.max_num_seqs = max_num_seqs
 
-    def pin_prompt_pages(self) -> bool:
-        """Whether prefill marks prompt pages pinned."""
+    def use_ops(self, ops) -> None:
+        """The engine's kernel namespace (torch reference or Triton); policies call ops.page_scores."""
+        self.ops = ops
+
+    def _ops(self):
+        if self.ops is None:
+            from raas_batch.kernels import reference
+
+            return reference
+        return self.ops
+
+    def pin_prompt_pages(self, slot: int | None = None) -> bool:
+        """Whether prefill marks the prompt pages of the sequence in `slot` pinned."""
         return False
 
-    def on_admit(self, slot: int, pages: list[int], num_prompt_tokens: int) -> None:
+    def on_admit(self, slot: int, pages: list[int], num_prompt_tokens: int, override=None) -> None:
         """Host-side: a sequence took `slot` with quota `pages`; its prompt fills the first pages."""
+
+    def over_budget(self, num_prompt_tokens: int, max_new_tokens: int, override=None) -> bool:
+        """Host-side: whether the sequence's quota exceeds its kv_budget (the prompt did not fit)."""
+        return False
 
     def write_pages(self, layer: int, ctx: DecodeContext) -> torch.Tensor:
         """-> [B, Hkv] int32: the page each (sequence, kv head) appends this step's token to. The page

@@ -17,7 +17,7 @@ from raas_batch.policies.base import DecodeContext, KVPolicy
 class DensePolicy(KVPolicy):
     name = "dense"
 
-    def quota_pages(self, num_prompt_tokens: int, max_new_tokens: int) -> int:
+    def quota_pages(self, num_prompt_tokens: int, max_new_tokens: int, override=None) -> int:
         return self.pages_for(num_prompt_tokens + max_new_tokens)
 
     def write_pages(self, layer: int, ctx: DecodeContext) -> torch.Tensor:

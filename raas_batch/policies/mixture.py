@@ -1,0 +1,102 @@
+"""Several policies in one engine, chosen per sequence: for benchmarks that compare policies.
+
+`PolicyMixture(members={"raas": RaasPolicy(...), "h2o": H2OPolicy(...), ...})`; a sequence selects
+its member with `kv_override=(member name, kv_budget or None)`. Every member binds to the same page
+pool and keeps its own per-slot state; each decode step splits the batch by member (from the host
+list DecodeContext.host_slot_ids, so no device sync) and calls the members' hooks on their rows.
+read_pages pads the members' page lists to a common width with -1.
+Invariant: a slot belongs to one member from admission to retirement.
+CPU / eager decode only: the split needs the host slot list, which CUDA-graph replays do not pass.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from raas_batch.policies.base import DecodeContext, KVPolicy
+
+
+class PolicyMixture(KVPolicy):
+    name = "mixture"
+
+    def __init__(self, members: dict[str, KVPolicy], page_size: int = 16):
+        super().__init__(kv_budget=None, page_size=page_size)
+        if any(m.page_size != page_size for m in members.values()):
+            raise ValueError("every member of a PolicyMixture needs the mixture's page_size.")
+        self.members = dict(members)
+        self._slot_member: dict[int, str] = {}
+        self._split_for = None
+
+    @property
+    def needs_mass(self) -> bool:  # type: ignore[override]
+        return any(m.needs_mass for m in self.members.values())
+
+    def _member(self, override) -> tuple[KVPolicy, object]:
+        if not isinstance(override, tuple) or len(override) != 2 or override[0] not in self.members:
+            raise ValueError(f"a PolicyMixture sequence needs kv_override=(member, kv_budget) with member one of "
+                             f"{', '.join(self.members)}; got {override!r}.")
+        return self.members[override[0]], override[1]
+
+    def quota_pages(self, num_prompt_tokens, max_new_tokens, override=None):
+        member, budget = self._member(override)
+        return member.quota_pages(num_prompt_tokens, max_new_tokens, budget)
+
+    def over_budget(self, num_prompt_tokens, max_new_tokens, override=None):
+        member, budget = self._member(override)
+        return member.over_budget(num_prompt_tokens, max_new_tokens, budget)
+
+    def bind(self, pool, max_num_seqs):
+        super().bind(pool, max_num_seqs)
+        for m in self.members.values():
+            m.bind(pool, max_num_seqs)
+
+    def use_ops(self, ops):
+        super().use_ops(ops)
+        for m in self.members.values():
+            m.use_ops(ops)
+
+    def on_admit(self, slot, pages, num_prompt_tokens, override=None):
+        if override is None:  # the engine's padding slot (CUDA-graph batches): give it to the first member
+            override = (next(iter(self.members)), None)
+        member, budget = self._member(override)
+        self._slot_member[slot] = override[0]
+        member.on_admit(slot, pages, num_prompt_tokens, budget)
+
+    def pin_prompt_pages(self, slot=None):
+        return self.members[self._slot_member[slot]].pin_prompt_pages(slot)
+
+    def seq_stats(self, slot, pages):
+        return self.members[self._slot_member.pop(slot)].seq_stats(slot, pages)
+
+    def _split(self, ctx: DecodeContext) -> list[tuple[KVPolicy, torch.Tensor, DecodeContext]]:
+        """Member, rows [b] and sub-context of each member present in the step (cached per step)."""
+        if self._split_for is not ctx:
+            groups: dict[str, list[int]] = {}
+            for row, slot in enumerate(ctx.host_slot_ids):
+                groups.setdefault(self._slot_member[slot], []).append(row)
+            dev = ctx.slot_ids.device
+            self._groups = []
+            for name, rows in groups.items():
+                idx = torch.tensor(rows, dtype=torch.int64, device=dev)
+                self._groups.append((self.members[name], idx, ctx.select(idx, rows)))
+            self._split_for = ctx
+        return self._groups
+
+    def write_pages(self, layer, ctx):
+        out = torch.empty(ctx.positions.shape[0], self.pool.num_kv_heads, dtype=torch.int32,
+                          device=ctx.positions.device)
+        for member, rows, sub in self._split(ctx):
+            out[rows] = member.write_pages(layer, sub)
+        return out
+
+    def read_pages(self, layer, q, ctx):
+        parts = [(rows, member.read_pages(layer, q[rows], sub)) for member, rows, sub in self._split(ctx)]
+        width = max(p.shape[-1] for _, p in parts)
+        out = torch.full((q.shape[0], self.pool.num_kv_heads, width), -1, dtype=torch.int32, device=q.device)
+        for rows, p in parts:
+            out[rows, :, : p.shape[-1]] = p
+        return out
+
+    def observe(self, layer, ctx, page_ids, mass):
+        for member, rows, sub in self._split(ctx):
+            member.observe(layer, sub, page_ids[rows], mass[rows] if mass is not None else None)

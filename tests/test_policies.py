@@ -1,0 +1,267 @@
+"""KV policy bookkeeping on a small PagePool, hooks driven directly (exact page ids), plus invariants
+over long random runs. Model-level tests (dense parity at full budget) are in test_policies_model.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from raas_batch.kernels import reference as ops
+
+from raas_batch.engine.page_pool import PagePool, PrefillPages
+from raas_batch.policies import POLICIES, DecodeContext, make_policy
+from raas_batch.policies.bounded import BoundedPolicy
+
+P, HKV, HQ, D = 4, 2, 4, 8
+BOUNDED = ["raas", "raas-mass", "raas-paper", "h2o", "streaming"]
+
+
+class Harness:
+    """A pool, a policy and sequences whose prefill and decode steps run through the real hooks."""
+
+    def __init__(self, policy, num_pages=64, num_layers=1, max_num_seqs=4):
+        self.pool = PagePool(num_layers, num_pages, HKV, P, D, torch.float32, torch.device("cpu"))
+        self.policy = policy
+        policy.bind(self.pool, max_num_seqs)
+        self.seqs: dict[int, dict] = {}
+        self.gen = torch.Generator().manual_seed(0)
+
+    def admit(self, slot: int, prompt_len: int, max_new: int = 1000, override=None) -> list[int]:
+        pages = self.pool.allocate(self.policy.quota_pages(prompt_len, max_new, override))
+        self.policy.on_admit(slot, pages, prompt_len, override)
+        n = prompt_len
+        k = torch.randn(n, HKV, D, generator=self.gen)
+        npg = -(-n // P)
+        meta = PrefillPages(
+            token_pages=torch.tensor([pages[i // P] for i in range(n)]), token_offsets=torch.tensor([i % P for i in range(n)]),
+            pages=torch.tensor(pages[:npg]), fills=torch.tensor([min(P, n - j * P) for j in range(npg)]),
+            logical=torch.tensor(list(range(npg))), stamps=torch.tensor([min(n, (j + 1) * P) - 1 for j in range(npg)]),
+            pinned=torch.full((npg,), self.policy.pin_prompt_pages(slot)))
+        for layer in range(self.pool.num_layers):
+            self.pool.write_prefill(layer, k, torch.randn_like(k), meta)
+        self.seqs[slot] = {"pages": pages, "pos": n}
+        return pages
+
+    def ctx(self, slots: list[int]) -> DecodeContext:
+        width = max(len(self.seqs[s]["pages"]) for s in slots)
+        table = [self.seqs[s]["pages"] + [-1] * (width - len(self.seqs[s]["pages"])) for s in slots]
+        return DecodeContext(slot_ids=torch.tensor(slots), positions=torch.tensor([self.seqs[s]["pos"] for s in slots]),
+                             block_tables=torch.tensor(table, dtype=torch.int32), host_slot_ids=list(slots))
+
+    def step(self, slots: list[int], q=None, k=None, layer: int = 0):
+        """One decode step of `slots` in `layer` -> (written pages [B, Hkv], read pages [B, Hkv, S])."""
+        ctx = self.ctx(slots)
+        B = len(slots)
+        q = torch.randn(B, HQ, D, generator=self.gen) if q is None else q
+        k = torch.randn(B, HKV, D, generator=self.gen) if k is None else k
+        pool = self.pool
+        write = self.policy.write_pages(layer, ctx)
+        ops.kv_append(k, torch.randn_like(k), pool.k_cache[layer], pool.v_cache[layer], pool.kmin[layer],
+                      pool.kmax[layer], pool.fill[layer], write)
+        read = self.policy.read_pages(layer, q, ctx)
+        res = ops.paged_decode_attention(q, pool.k_cache[layer], pool.v_cache[layer], read, pool.fill[layer], D**-0.5,
+                                         return_mass=self.policy.needs_mass)
+        mass = res[1] if self.policy.needs_mass else None
+        self.policy.observe(layer, ctx, read, mass)
+        if layer == self.pool.num_layers - 1:
+            for s in slots:
+                self.seqs[s]["pos"] += 1
+        return write, read
+
+    def held(self, slot: int, layer: int = 0, head: int = 0) -> dict[int, int]:
+        """logical page -> physical page held by (slot, layer, head)."""
+        out = {}
+        for p in self.seqs[slot]["pages"]:
+            if self.pool.fill[layer, p, head] > 0:
+                out[int(self.pool.logical[layer, p, head])] = p
+        return out
+
+
+def run_to(h: Harness, slot: int, pos: int) -> None:
+    while h.seqs[slot]["pos"] < pos:
+        h.step([slot])
+
+
+# ---- registry ----
+def test_registry_names_and_options():
+    assert set(POLICIES) == {"dense", "raas", "raas-mass", "raas-paper", "quest", "h2o", "streaming"}
+    for name in POLICIES:
+        pol = make_policy(name, None if name == "dense" else 128, 16)
+        assert pol.name == name
+    assert make_policy("raas", 256, refresh_pinned=True, pin_prompt=False).refresh_pinned
+    with pytest.raises(ValueError, match="no option bogus"):
+        make_policy("raas", 256, bogus=1)
+    with pytest.raises(ValueError, match="needs kv_budget"):
+        make_policy("h2o")
+    with pytest.raises(ValueError, match="unknown"):
+        make_policy("nope", 64)
+
+
+def test_quota_and_over_budget():
+    pol = make_policy("raas", 32, P)  # 8 pages
+    assert pol.quota_pages(10, 100) == 8 and not pol.over_budget(10, 100)
+    assert pol.quota_pages(30, 100) == 8 + 2 and pol.over_budget(30, 100)  # 8 prompt pages + 2
+    assert pol.quota_pages(10, 6) == 4 and not pol.over_budget(10, 6)  # never more than the sequence
+    assert pol.quota_pages(10, 100, 64) == 16  # per-sequence budget override
+    assert make_policy("quest", 32, P).quota_pages(10, 100) == 28  # keeps everything
+
+
+# ---- RaaS: exact victims ----
+def test_raas_evicts_oldest_stamp_per_head_and_never_pinned():
+    h = Harness(make_policy("raas", 4 * P, P))  # 4 slots; prompt 1 page (pinned), 3 decode pages
+    pages = h.admit(0, P)
+    run_to(h, 0, 4 * P)  # pages 1..3 filled with logical 1..3
+    assert h.held(0) == {0: pages[0], 1: pages[1], 2: pages[2], 3: pages[3]}
+    stamp = h.pool.stamp[0]
+    stamp[pages[0]] = torch.tensor([-5, -5])  # the pinned prompt page is the oldest: still kept
+    stamp[pages[1], 0], stamp[pages[2], 0], stamp[pages[3], 0] = 9, 7, 15  # head 0: page 2 oldest
+    stamp[pages[1], 1], stamp[pages[2], 1], stamp[pages[3], 1] = 6, 8, 15  # head 1: page 1 oldest
+    write, read = h.step([0])
+    assert write.tolist() == [[pages[2], pages[1]]]
+    assert h.pool.logical[0, pages[2], 0] == 4 and h.pool.fill[0, pages[2], 0] == 1
+    assert h.pool.logical[0, pages[1], 1] == 4 and h.pool.fill[0, pages[1], 1] == 1
+    assert h.held(0, head=0) == {0: pages[0], 1: pages[1], 3: pages[3], 4: pages[2]}
+    assert h.held(0, head=1) == {0: pages[0], 2: pages[2], 3: pages[3], 4: pages[1]}
+    assert sorted(read[0, 0].tolist()) == sorted(pages)  # everything held is read
+    assert h.policy.seq_stats(0, pages) == (4 * P, 1)
+
+
+def test_raas_tie_goes_to_older_page():
+    h = Harness(make_policy("raas", 4 * P, P))
+    pages = h.admit(0, P)
+    run_to(h, 0, 4 * P)
+    h.pool.stamp[0, pages[1]] = 20
+    h.pool.stamp[0, pages[2]] = 20
+    h.pool.stamp[0, pages[3]] = 20
+    write, _ = h.step([0])
+    assert write.tolist() == [[pages[1], pages[1]]]
+
+
+def test_raas_stamps_on_write_and_paper_on_open():
+    for name, expect_written in (("raas", True), ("raas-paper", False)):
+        h = Harness(make_policy(name, 8 * P, P))
+        pages = h.admit(0, P)
+        run_to(h, 0, P + 3)  # page 1 opened at position P, written up to P + 2
+        st = h.pool.stamp[0, pages[1]].tolist()
+        assert st == ([P + 2] * HKV if expect_written else [P] * HKV), name
+
+
+def test_raas_top_half_refresh_picks_largest_bounds():
+    # 8 slots, prompt of 1 page; decode pages 1..5 held, current page 6. Keys are hand-made so that the
+    # bound of page j for query q = e_0 is j's chosen value; top floor(8/2) = 4 unpinned pages refresh.
+    h = Harness(make_policy("raas", 8 * P, P))
+    pages = h.admit(0, P)
+    run_to(h, 0, 6 * P + 1)
+    bound = {1: 3.0, 2: -1.0, 3: 5.0, 4: 0.5, 5: 4.0}
+    for j, b in bound.items():
+        h.pool.kmax[0, pages[j]] = 0.0
+        h.pool.kmin[0, pages[j]] = 0.0
+        h.pool.kmax[0, pages[j], :, 0] = b
+        h.pool.kmin[0, pages[j], :, 0] = b
+        h.pool.stamp[0, pages[j]] = 0
+    h.pool.kmax[0, pages[0], :, 0] = 100.0  # pinned: never takes a refresh slot by default
+    q = torch.zeros(1, HQ, D)
+    q[..., 0] = 1.0
+    pos = h.seqs[0]["pos"]
+    h.step([0], q=q)
+    refreshed = {j for j in bound if int(h.pool.stamp[0, pages[j], 0]) == pos}
+    assert refreshed == {1, 3, 4, 5}  # the four largest bounds: 5, 4, 3, 0.5
+    assert int(h.pool.stamp[0, pages[0], 0]) != pos
+
+
+def test_raas_mass_refreshes_pages_above_alpha():
+    h = Harness(make_policy("raas-mass", 8 * P, P, alpha=0.2))
+    pages = h.admit(0, P)
+    run_to(h, 0, 3 * P + 1)
+    for j in (1, 2):
+        h.pool.stamp[0, pages[j]] = 0
+    # Page 1's keys align with the query, page 2's oppose it: page 1 takes almost all the mass.
+    h.pool.k_cache[0, pages[1]] = 0.0
+    h.pool.k_cache[0, pages[1], :, :, 0] = 10.0
+    h.pool.k_cache[0, pages[2]] = 0.0
+    h.pool.k_cache[0, pages[2], :, :, 0] = -10.0
+    q = torch.zeros(1, HQ, D)
+    q[..., 0] = 3.0
+    pos = h.seqs[0]["pos"]
+    h.step([0], q=q, k=torch.zeros(1, HKV, D))
+    assert h.pool.stamp[0, pages[1]].tolist() == [pos] * HKV
+    assert h.pool.stamp[0, pages[2]].tolist() == [0] * HKV
+
+
+# ---- baselines ----
+def test_streaming_keeps_first_and_most_recent_pages():
+    h = Harness(make_policy("streaming", 5 * P, P))
+    pages = h.admit(0, 2 * P + 1)
+    for _ in range(12 * P):
+        h.step([0])
+        last = (h.seqs[0]["pos"] - 1) // P
+        for head in range(HKV):
+            held = set(h.held(0, head=head))
+            expect = {0} | set(range(max(1, last - 3), last + 1))
+            assert held == expect
+    assert h.policy.seq_stats(0, pages)[1] > 0
+
+
+def test_h2o_evicts_smallest_mass_outside_recent_window():
+    h = Harness(make_policy("h2o", 6 * P, P))  # 6 slots: recent window 3 pages (incl. the new one)
+    pages = h.admit(0, P)
+    run_to(h, 0, 6 * P)  # logical 0..5 held; opening logical 6 evicts among logical <= 3
+    mass = h.pool.mass[0]
+    mass[pages[0]] = torch.tensor([5.0, 0.1])
+    mass[pages[1]] = torch.tensor([0.3, 2.0])
+    mass[pages[2]] = torch.tensor([0.2, 2.0])
+    mass[pages[3]] = torch.tensor([9.0, 2.0])
+    mass[pages[4]] = torch.tensor([0.0, 0.0])  # inside the recent window: protected
+    write, _ = h.step([0])
+    assert write.tolist() == [[pages[2], pages[0]]]
+    assert h.pool.mass[0, pages[2], 0] > 0  # the new page accumulates from its first step
+
+
+def test_quest_selects_largest_bounds():
+    pol = make_policy("quest", 4 * P, P, dense_layers=0)  # top 3 pages + the current one
+    h = Harness(pol)
+    pages = h.admit(0, 9 * P + 2, max_new=8)
+    q = torch.randn(1, HQ, D, generator=h.gen)
+    _, read = h.step([0], q=q)
+    assert read.shape == (1, HKV, 4)
+    full = torch.tensor(pages[:9], dtype=torch.int32).view(1, 1, -1).expand(1, HKV, -1)
+    scores = ops.page_scores(q, h.pool.kmin[0], h.pool.kmax[0], full)  # [1, Hkv, 9]
+    for head in range(HKV):
+        chosen = read[0, head, :3].tolist()
+        assert read[0, head, 3] == pages[9]  # the current page
+        got = sum(scores[0, head, pages.index(p)].item() for p in chosen)
+        assert got == pytest.approx(scores[0, head].topk(3).values.sum().item())
+    assert (h.pool.fill[0, pages[:10]] > 0).all()  # nothing evicted
+
+
+# ---- invariants over long random runs ----
+@pytest.mark.parametrize("name", BOUNDED)
+def test_bounded_invariants_long_run(name):
+    budget = 6 * P
+    h = Harness(make_policy(name, budget, P), num_layers=2)
+    prompts = {0: 2 * P + 3, 1: 5, 2: 7 * P}  # slot 2 is over budget: 7 prompt pages + 2
+    quota = {s: h.policy.quota_pages(n, 1000) for s, n in prompts.items()}
+    for s, n in prompts.items():
+        h.admit(s, n)
+    assert quota == {0: 6, 1: 6, 2: 9}
+    pinned_before = {s: (h.pool.pinned[:, h.seqs[s]["pages"]].clone(), h.pool.logical[:, h.seqs[s]["pages"]].clone())
+                     for s in prompts}
+    for _ in range(20 * P + 3):
+        for layer in range(2):
+            h.step(list(prompts), layer=layer)
+        for s in prompts:
+            fill = h.pool.fill[:, h.seqs[s]["pages"]]  # [Lyr, Q, Hkv]
+            assert ((fill > 0).sum(1) <= quota[s]).all()
+            assert (fill.sum(1) <= quota[s] * P).all()
+            pinned, logical = pinned_before[s]
+            kept = h.pool.logical[:, h.seqs[s]["pages"]]
+            assert (kept[pinned] == logical[pinned]).all(), "a pinned page was evicted"
+    for s in prompts:
+        peak, evicted = h.policy.seq_stats(s, h.seqs[s]["pages"])
+        assert peak <= quota[s] * P and evicted > 0
+        held = h.pool.fill[:, h.seqs[s]["pages"]].sum(1)  # [Lyr, Hkv]
+        assert (h.policy.held[:, s] == held).all()
+    assert h.policy.over_budget(7 * P, 1000) and not h.policy.over_budget(2 * P + 3, 1000)
+
+
+def test_isinstance_bounded():
+    assert all(isinstance(make_policy(n, 64), BoundedPolicy) for n in BOUNDED)

@@ -1,0 +1,114 @@
+"""KV policies inside the engine: a budget covering the whole sequence gives exactly the dense tokens
+(tiny random models and SmolLM2), held KV stays within the budget however long the generation,
+over-budget prompts are reported, and teacher-forced scoring replays a trajectory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from raas_batch import LLM, SamplingParams
+from raas_batch.engine.engine import Engine
+from raas_batch.engine.scoring import ScoreRequest, run_scored
+from raas_batch.policies import PolicyMixture, make_policy
+
+SPARSE = ["raas", "raas-mass", "raas-paper", "quest", "h2o", "streaming"]
+# quest keeps its first 2 layers dense by default, which is all of a tiny model: test its sparse path too.
+OPTIONS = {"quest": {"dense_layers": 0}}
+
+
+def prompts_for(vocab: int, lengths=(3, 17, 40, 70)) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(7)
+    return [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in lengths]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    path = tiny_model_dir("llama")  # 4 query heads, 2 KV heads
+    dense = LLM(model=path, device="cpu", dtype="fp32", max_num_seqs=4)
+    return path, dense
+
+
+@pytest.mark.parametrize("name", SPARSE)
+def test_full_budget_equals_dense_tiny(tiny, name):
+    path, dense = tiny
+    prompts = [{"prompt_token_ids": p} for p in prompts_for(dense.model.spec.vocab_size)]
+    params = SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True)
+    ref = [o.outputs[0].token_ids for o in dense.generate(prompts, params)]
+    llm = LLM(model=path, device="cpu", dtype="fp32", max_num_seqs=3, kv_policy=name, kv_budget=1024,
+              policy_options=OPTIONS.get(name))
+    outs = llm.generate(prompts, params)
+    assert [o.outputs[0].token_ids for o in outs] == ref
+    for o, p in zip(outs, prompts):
+        assert o.outputs[0].evicted_pages == 0 and not o.outputs[0].kv_over_budget
+        assert o.outputs[0].peak_kv_tokens == len(p["prompt_token_ids"]) + 40 - 1  # the last token is never fed
+
+
+@pytest.mark.parametrize("name", ["raas", "raas-mass", "h2o", "streaming", "raas-paper"])
+def test_peak_kv_within_budget_long_generation(tiny, name):
+    path, _ = tiny
+    budget = 48
+    llm = LLM(model=path, device="cpu", dtype="fp32", max_num_seqs=4, kv_policy=name, kv_budget=budget)
+    vocab = llm.model.spec.vocab_size
+    prompts = [{"prompt_token_ids": p} for p in prompts_for(vocab, (5, 20, 60))]
+    outs = llm.generate(prompts, SamplingParams(max_new_tokens=160, temperature=0, ignore_eos=True))
+    short, mid, long_ = (o.outputs[0] for o in outs)
+    for o in (short, mid):
+        assert o.peak_kv_tokens <= budget and o.evicted_pages > 0 and not o.kv_over_budget
+        assert o.num_tokens == 160
+    # 60 prompt tokens = 4 pages > 3: the prompt pages plus 2 decode pages, reported
+    assert long_.kv_over_budget and long_.peak_kv_tokens <= (4 + 2) * 16
+
+
+def test_quest_reads_at_most_budget_pages(tiny):
+    path, _ = tiny
+    llm = LLM(model=path, device="cpu", dtype="fp32", max_num_seqs=2, kv_policy="quest", kv_budget=48,
+              policy_options={"dense_layers": 0})
+    pol = llm.engine.policy
+    widths = []
+    orig = pol.read_pages
+
+    def spy(layer, q, ctx):
+        out = orig(layer, q, ctx)
+        widths.append(int((out >= 0).sum(-1).max()))
+        return out
+
+    pol.read_pages = spy
+    out = llm.generate({"prompt_token_ids": list(range(10, 60))}, SamplingParams(max_new_tokens=40, temperature=0))
+    assert max(widths) == 3  # top 2 pages + the current one
+    assert out[0].outputs[0].evicted_pages == 0  # quest keeps everything (memory O(N))
+
+
+def test_score_continuations_replays_dense(tiny):
+    _, dense = tiny
+    prompts = prompts_for(dense.model.spec.vocab_size, (9, 33))
+    params = SamplingParams(max_new_tokens=20, temperature=0, ignore_eos=True)
+    conts = [o.outputs[0].token_ids for o in dense.generate([{"prompt_token_ids": p} for p in prompts], params)]
+    seen = []
+    res = dense.score_continuations(prompts, conts, on_logprobs=lambda r, s, lp: seen.append((r, s, lp.shape)))
+    for r, c in zip(res, conts):
+        assert r.token_ids == c and r.greedy_token_ids == c  # greedy under teacher forcing = the trajectory
+        assert len(r.token_logprobs) == 20 and all(v <= 0 for v in r.token_logprobs)
+    assert sum(len(rows) for rows, _, _ in seen) == 40
+    # A forced continuation that is not the model's choice is still fed (and scored lower).
+    wrong = [[(t + 1) % dense.model.spec.vocab_size for t in c] for c in conts]
+    res2 = dense.score_continuations(prompts, wrong)
+    assert res2[0].token_ids == wrong[0]
+    assert sum(res2[0].token_logprobs) < sum(res[0].token_logprobs)
+
+
+def test_smollm2_full_budget_equals_dense(smollm):
+    """Every policy, one engine run through a PolicyMixture, on the real model."""
+    tok = smollm.tokenizer
+    prompt = tok.encode("Question: A farmer has 12 cows and buys 7 more, then sells 4. How many cows are left?\n"
+                        "Answer: Let's think step by step.")
+    params = SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True)
+    ref = smollm.generate({"prompt_token_ids": prompt}, params)[0].outputs[0].token_ids
+    members = {n: make_policy(n, 1024, 16, **OPTIONS.get(n, {})) for n in SPARSE}
+    mix = PolicyMixture(members, page_size=16)
+    engine = Engine(smollm.model, tok, smollm.eos_token_ids, mix, 16, len(SPARSE), 4096, smollm.device,
+                    smollm.dtype, "torch")
+    res = run_scored(engine, [ScoreRequest(prompt, max_new_tokens=24, ignore_eos=True, kv_override=(n, None))
+                              for n in SPARSE])
+    for name, r in zip(SPARSE, res):
+        assert r.token_ids == ref, name
