@@ -128,6 +128,10 @@ def main() -> int:
     if args.cpu_smoke:
         args.num_prompts, args.prompt_len, args.gen_len, args.shard_size, args.max_num_seqs = 16, 8, 8, 4, 8
         os.environ.update(RAAS_BENCH_TINY="1", RAAS_BENCH_WARM_TOKENS="2")
+        # A throwaway cluster on a shared development machine: loopback only, and no token written to
+        # ~/.ray (Ray's default for a new local cluster), which other clusters there would then require.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     counts = [int(x) for x in args.workers.split(",")]
     os.environ["RAAS_BATCH_ENGINE"] = "bench_ray_scaling:RandomQwen7B"
     os.environ.setdefault("RAAS_BENCH_KV_TOKENS", str(args.max_num_seqs * (args.prompt_len + args.gen_len + 32)))

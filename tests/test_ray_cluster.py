@@ -14,6 +14,7 @@ The fake engine (tests/fake_llm.py) stands in where the model adds nothing but t
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -108,6 +109,8 @@ def ray_head():
     gcs, dashboard, client, agent = _free_ports(4)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAAS_", "RAY_"))}
     env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",  # Ray's switch to keep every address on 127.0.0.1
+               # Token authentication with a token of this module's own (not ~/.ray/auth_token).
+               RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32),
                RAY_USAGE_STATS_ENABLED="0", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                PATH=os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")]),
                PYTHONPATH=os.pathsep.join([TESTS, ROOT, env.get("PYTHONPATH", "")]))

@@ -106,7 +106,8 @@ def _connect(cfg: JobConfig) -> bool:
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = cfg.ray_address or os.environ.get("RAY_ADDRESS") or "the default address"
         raise JobError(f"Could not connect to the Ray cluster at {where} ({exc}): start one with `ray start "
-                       "--head`, pass --ray-address, or --ray-address local for a one-machine cluster.") from None
+                       "--head`, pass --ray-address, or --ray-address local for a one-machine cluster (a cluster "
+                       "with token authentication also needs RAY_AUTH_MODE=token here).") from None
     return True
 
 
