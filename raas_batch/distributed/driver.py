@@ -25,6 +25,7 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -297,8 +298,19 @@ class _RayRun:
         for index in sorted(self.queue.inflight(slot.index)):
             self._shard_failed(slot, index, error)
         self.manifest.save(self.manifest_path)
+        self._remove_temp_files(slot.info.get("pid"))
         self.pool.replace(slot, error)
         self.progress.log(f"worker {slot.index} is replaced ({error})")
+
+    def _remove_temp_files(self, pid) -> None:
+        """A killed writer leaves `.part-*.tmp-PID` behind (never a partial part-* file: writes are renames)."""
+        if pid is None:
+            return
+        folder = os.path.join(self.job.out_dir, SHARDS)
+        for name in os.listdir(folder):
+            if name.startswith(".part-") and name.endswith(f".tmp-{pid}"):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(folder, name))
 
     # --- progress ------------------------------------------------------------------------------------
     def _poll(self, timeout_s: float) -> None:
