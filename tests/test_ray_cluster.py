@@ -203,6 +203,9 @@ def test_ray_run_matches_local_run_with_the_real_model(ray_head, tmp_path, smoll
     res = _cli(ray_head, *settings, "--output", ray_out, "--resume")
     assert res.returncode == 0, res.stderr[-3000:]
     assert _table(ray_out) == local_rows
+    # A Ray resume of a finished job has nothing to distribute: it needs no cluster at all.
+    res = _cli(ray_head, *settings, "--output", ray_out, "--resume", "--ray-address", "127.0.0.1:9")
+    assert res.returncode == 0, res.stderr[-3000:]
 
 
 def test_ray_job_submit_end_to_end(ray_head, tmp_path):

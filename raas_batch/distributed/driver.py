@@ -60,8 +60,11 @@ def run_job_ray(cfg: JobConfig, stream=None, wait_for_all_workers: bool = False)
     job = prepare_job(cfg)
     messages = _reopen_missing(job) if job.mode == "resume" else []
     todo = job.manifest.todo()
-    if todo:
-        check_engine_settings(cfg)
+    if not todo:  # a resume of a finished job: nothing to distribute, no cluster needed
+        from raas_batch.runner import run_job
+
+        return run_job(cfg, stream)
+    check_engine_settings(cfg)
     import ray
 
     from raas_batch.distributed.pool import WorkerPool
@@ -78,9 +81,8 @@ def run_job_ray(cfg: JobConfig, stream=None, wait_for_all_workers: bool = False)
                             "wait for GPUs to appear (autoscaling)")
         pool = WorkerPool(cfg, num_workers, use_gpu, DEPTH)
         t_load = time.monotonic()
-        if todo:
-            pool.start_all()
-            _wait_ready(pool, wait_for_all_workers)
+        pool.start_all()
+        _wait_ready(pool, wait_for_all_workers)
         load_s = time.monotonic() - t_load
         run_record, adopted = begin_run(job, messages.append)
         run_record["distributed"] = {"backend": "ray", "address": _address(), "num_workers": num_workers,
