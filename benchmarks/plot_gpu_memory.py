@@ -27,7 +27,6 @@ def main() -> None:
     for policy, style in (("dense", "o-"), ("raas", "s-")):
         pts = [(r["decode_len"], r["peak_gb"]) for r in rows if r["policy"] == policy]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=policy if policy == "dense" else "raas (L=2048)")
-    ax.set_xscale("log", base=2)
     ax.set_xlabel("decode length (tokens)")
     ax.set_ylabel("peak GPU memory above weights (GB)")
     ax.set_title("One sequence, Qwen2-7B shape, bf16, H200")
