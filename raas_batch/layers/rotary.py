@@ -73,6 +73,15 @@ class RotaryEmbedding(nn.Module):
         self.cos = emb.cos() * self.scaling
         self.sin = emb.sin() * self.scaling
 
+    def _tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, 1, D] at these positions; every layer of a forward passes the same positions
+        tensor, so the lookup is done once per forward."""
+        cached = getattr(self, "_last", None)
+        if cached is None or cached[0] is not positions:
+            cached = (positions, self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1))
+            self._last = cached
+        return cached[1], cached[2]
+
     @staticmethod
     def _rotate_half(x: torch.Tensor) -> torch.Tensor:
         half = x.shape[-1] // 2
@@ -85,8 +94,7 @@ class RotaryEmbedding(nn.Module):
             self.build(q.device)
         if self.kernels is not None and q.is_cuda:
             return self.kernels.apply_rotary(q, k, self.cos, self.sin, positions)
-        cos = self.cos[positions].unsqueeze(1)  # [T, 1, D]
-        sin = self.sin[positions].unsqueeze(1)
+        cos, sin = self._tables(positions)  # [T, 1, D]
         qf, kf = q.float(), k.float()
         q_out = qf * cos + self._rotate_half(qf) * sin
         k_out = kf * cos + self._rotate_half(kf) * sin
