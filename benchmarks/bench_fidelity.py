@@ -42,17 +42,22 @@ POLICIES = ["raas", "raas-mass", "raas-paper", "quest", "h2o", "streaming"]
 BUDGETS = [64, 128, 256, 512]
 # Option variants run for the evidence behind the defaults: name -> (policy, options, budgets)
 VARIANTS = {
-    "raas+refresh_pinned": ("raas", {"refresh_pinned": True}, [128, 256]),
-    "raas-nopin": ("raas", {"pin_prompt": False}, [64, 128, 256]),
-    "raas-mass-nopin": ("raas-mass", {"pin_prompt": False}, [64, 128, 256]),
-    "raas-mass+alpha=0.01": ("raas-mass", {"alpha": 0.01}, [128, 256]),
-    "raas+recent1": ("raas", {"recent_pages": 1}, [128, 256]),
+    "raas+refresh_pinned": ("raas", {"refresh_pinned": True}, [256]),
+    "raas-nopin": ("raas", {"pin_prompt": False}, [64, 256]),
+    "raas-mass+alpha=0.01": ("raas-mass", {"alpha": 0.01}, [256]),
+    "raas-mass+alpha=0.0001": ("raas-mass", {"alpha": 0.0001}, [256]),
+    "raas+recent1": ("raas", {"recent_pages": 1}, [256]),
+    # dense_layers=2 makes the quota dense-sized (the block table as wide as the sequence), which widens
+    # every row's page list in a mixed run: run it on its own (--variants raas+dense2) when time allows.
+    "raas+dense2": ("raas", {"dense_layers": 2}, [256]),
 }
+DEFAULT_VARIANTS = [v for v in VARIANTS if v != "raas+dense2"]
 
 
-def load_prompts(llm: LLM, path: str, num: int) -> list[list[int]]:
+def load_prompts(llm: LLM, path: str, num: int, indices: list[int] | None = None) -> list[list[int]]:
     with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()][:num]
+        rows = [json.loads(line) for line in f if line.strip()]
+    rows = [rows[i] for i in indices] if indices else rows[:num]
     out = []
     for row in rows:
         _, ids, err = llm._prepare(row["messages"])
@@ -75,11 +80,11 @@ def cached_reference(prompts: list[list[int]], max_new: int, topk: int, cache_di
         if not fname.startswith("dense_") or not fname.endswith(f"_n{max_new}_k{topk}.pt"):
             continue
         ref = torch.load(os.path.join(cache_dir, fname))
-        n = len(prompts)
-        if ref["prompts"][:n] == prompts:
-            print(f"dense reference: cached {fname}", flush=True)
-            return {**ref, "prompts": prompts, "tokens": ref["tokens"][:n], "top_lp": ref["top_lp"][:n],
-                    "top_id": ref["top_id"][:n], "eos_lengths": ref["eos_lengths"][:n]}
+        if all(p in ref["prompts"] for p in prompts):
+            idx = [ref["prompts"].index(p) for p in prompts]
+            print(f"dense reference: cached {fname}, rows {idx}", flush=True)
+            return {**ref, "prompts": prompts, "tokens": [ref["tokens"][i] for i in idx], "top_lp": ref["top_lp"][idx],
+                    "top_id": ref["top_id"][idx], "eos_lengths": [ref["eos_lengths"][i] for i in idx]}
     return None
 
 
@@ -92,6 +97,8 @@ def dense_reference(llm: LLM, prompts: list[list[int]], max_new: int, topk: int,
     top_id = torch.zeros(n, max_new, topk, dtype=torch.int64)
 
     def keep(rows, steps, logprobs):
+        if steps[0] % 100 == 0:
+            print(f"  dense step {steps[0]}: {time.time() - t0:.0f} s", flush=True)
         v, i = logprobs.topk(topk, dim=-1)
         for b, (r, t) in enumerate(zip(rows, steps)):
             top_lp[r, t], top_id[r, t] = v[b], i[b]
@@ -124,8 +131,9 @@ def run_cells(llm: LLM, ref: dict, cells, max_new: int) -> dict:
     prompts, tokens = ref["prompts"], ref["tokens"]
     members = {}
     for name, pol, opts, _ in cells:
-        if name not in members:
-            members[name] = make_policy(pol, 10**9, 16, **opts)
+        if name not in members:  # kv_budget = the member's largest (fixes quest's top-k width)
+            top = max(b for n, _, _, b in cells if n == name)
+            members[name] = make_policy(pol, top, 16, **opts)
     mixture = PolicyMixture(members, page_size=16)
     requests, meta = [], []
     for ci, (name, _, _, budget) in enumerate(cells):
@@ -251,10 +259,11 @@ def markdown(results: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--num-prompts", type=int, default=8)
+    ap.add_argument("--prompt-indices", default="", help="rows of --data to use (e.g. 2,3); default the first N")
     ap.add_argument("--max-new-tokens", type=int, default=1024)
     ap.add_argument("--policies", default=",".join(POLICIES))
     ap.add_argument("--budgets", default=",".join(map(str, BUDGETS)))
-    ap.add_argument("--variants", default=",".join(VARIANTS), help="option variants ('' for none)")
+    ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help="option variants ('' for none)")
     ap.add_argument("--max-cells-per-run", type=int, default=64, help="cells per engine run (saved after each)")
     ap.add_argument("--topk", type=int, default=256, help="dense tokens kept per step for the KL")
     ap.add_argument("--data", default=os.path.join(ROOT, "examples", "gsm8k_mini.jsonl"))
@@ -265,12 +274,14 @@ def main() -> None:
     torch.manual_seed(0)
 
     llm = LLM(device="cpu", dtype="fp32", max_num_seqs=1)
-    prompts = load_prompts(llm, args.data, args.num_prompts)
+    indices = [int(i) for i in args.prompt_indices.split(",") if i]
+    prompts = load_prompts(llm, args.data, args.num_prompts, indices)
     cache = os.path.join(args.cache_dir, f"dense_p{len(prompts)}_n{args.max_new_tokens}_k{args.topk}.pt")
     ref = dense_reference(llm, prompts, args.max_new_tokens, args.topk, cache)
     if args.dense_only:
         return
-    header = {"model": llm.model_name, "num_prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
+    header = {"model": llm.model_name, "num_prompts": len(prompts), "prompt_indices": indices or None,
+              "max_new_tokens": args.max_new_tokens,
               "prompt_tokens": [len(p) for p in prompts], "dense_eos_lengths": ref["eos_lengths"],
               "dense_tail_mass_mean": float((1 - ref["top_lp"].exp().sum(-1)).mean()), "page_size": 16,
               "command": " ".join(["benchmarks/bench_fidelity.py"] + sys.argv[1:])}
@@ -279,7 +290,7 @@ def main() -> None:
     if os.path.exists(path):
         with open(path) as f:
             old = json.load(f)
-        if old.get("num_prompts") == header["num_prompts"] and old.get("max_new_tokens") == header["max_new_tokens"]:
+        if all(old.get(k) == header[k] for k in ("num_prompts", "prompt_indices", "max_new_tokens")):
             results = old["cells"]
     variants = [v for v in args.variants.split(",") if v]
     cells = cell_plan([p for p in args.policies.split(",") if p], [int(b) for b in args.budgets.split(",")], variants)

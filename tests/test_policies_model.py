@@ -50,7 +50,7 @@ def test_peak_kv_within_budget_long_generation(tiny, name):
     budget = 48
     llm = LLM(model=path, device="cpu", dtype="fp32", max_num_seqs=4, kv_policy=name, kv_budget=budget)
     vocab = llm.model.spec.vocab_size
-    prompts = [{"prompt_token_ids": p} for p in prompts_for(vocab, (5, 20, 60))]
+    prompts = [{"prompt_token_ids": p} for p in prompts_for(vocab, (5, 16, 60))]
     outs = llm.generate(prompts, SamplingParams(max_new_tokens=160, temperature=0, ignore_eos=True))
     short, mid, long_ = (o.outputs[0] for o in outs)
     for o in (short, mid):

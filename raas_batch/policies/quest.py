@@ -29,7 +29,10 @@ class QuestPolicy(KVPolicy):
     def bind(self, pool, max_num_seqs: int) -> None:
         super().bind(pool, max_num_seqs)
         self.topk = torch.zeros(max_num_seqs, dtype=torch.int64, device=pool.fill.device)  # L/P - 1
-        self._k = 1  # host: the largest top-k among admitted sequences (fixes read_pages' shape)
+        # host: the largest top-k among admitted sequences (fixes read_pages' shape). Set from kv_budget
+        # up front so that a captured CUDA graph keeps its shape; only a per-sequence budget above
+        # kv_budget raises it later (eager decode only).
+        self._k = max(1, int(self.kv_budget) // self.page_size - 1) if self.kv_budget else 1
 
     def on_admit(self, slot: int, pages: list[int], num_prompt_tokens: int, override=None) -> None:
         budget = int(override) if override is not None else int(self.kv_budget)
