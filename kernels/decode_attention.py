@@ -39,20 +39,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ._jit import lazy_jit
+
 _LOG2E = 1.4426950408889634
-
-
-def _lazy_jit(fn):
-    """Apply triton.jit on first use, so TRITON_INTERPRET is read when the kernel is first launched
-    (tests set it before that), not when this module happens to be imported."""
-    holder: dict = {}
-
-    def get():
-        if "k" not in holder:
-            holder["k"] = triton.jit(fn)
-        return holder["k"]
-
-    return get
 
 
 def _decode_stage1(
@@ -218,8 +207,8 @@ def _decode_stage2(
             tl.store(mass_ptr + (b * HKV + kvh) * S + sidx, mass, mask=sidx < S)
 
 
-_stage1 = _lazy_jit(_decode_stage1)
-_stage2 = _lazy_jit(_decode_stage2)
+_stage1 = lazy_jit(_decode_stage1)
+_stage2 = lazy_jit(_decode_stage2)
 
 # Tuning knobs of the split heuristic (shapes only; see choose_num_splits). Measured on nothing yet:
 # benchmarks/bench_kernels.py sweeps num_splits on the GPU.

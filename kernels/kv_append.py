@@ -17,17 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-
-def _lazy_jit(fn):
-    """Apply triton.jit on first use, so TRITON_INTERPRET is read at first launch, not at import."""
-    holder: dict = {}
-
-    def get():
-        if "k" not in holder:
-            holder["k"] = triton.jit(fn)
-        return holder["k"]
-
-    return get
+from ._jit import lazy_jit
 
 
 def _kv_append_kernel(
@@ -73,7 +63,7 @@ def _kv_append_kernel(
     tl.store(fptr, off + 1)
 
 
-_kernel = _lazy_jit(_kv_append_kernel)
+_kernel = lazy_jit(_kv_append_kernel)
 
 
 def kv_append(

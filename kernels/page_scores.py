@@ -17,17 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-
-def _lazy_jit(fn):
-    """Apply triton.jit on first use, so TRITON_INTERPRET is read at first launch, not at import."""
-    holder: dict = {}
-
-    def get():
-        if "k" not in holder:
-            holder["k"] = triton.jit(fn)
-        return holder["k"]
-
-    return get
+from ._jit import lazy_jit
 
 
 def _page_scores_kernel(
@@ -66,7 +56,7 @@ def _page_scores_kernel(
     tl.store(out_ptr + (b * HKV + kvh) * S + ss, best, mask=s_ok)
 
 
-_kernel = _lazy_jit(_page_scores_kernel)
+_kernel = lazy_jit(_page_scores_kernel)
 
 
 def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, page_ids: torch.Tensor) -> torch.Tensor:

@@ -22,19 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ._jit import lazy_jit
+
 _LOG2E = 1.4426950408889634
-
-
-def _lazy_jit(fn):
-    """Apply triton.jit on first use, so TRITON_INTERPRET is read at first launch, not at import."""
-    holder: dict = {}
-
-    def get():
-        if "k" not in holder:
-            holder["k"] = triton.jit(fn)
-        return holder["k"]
-
-    return get
 
 
 def _prefill_kernel(
@@ -101,7 +91,7 @@ def _prefill_kernel(
              out.to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
 
-_kernel = _lazy_jit(_prefill_kernel)
+_kernel = lazy_jit(_prefill_kernel)
 
 
 def prefill_attention(

@@ -116,12 +116,11 @@ def prefill_attention(
     q: [T, Hq, D]; k, v: [T, Hkv, D]; cu_seqlens: [num_seqs + 1] int32 (start offsets, last = T).
     Returns [T, Hq, D] in q's dtype; fp32 softmax.
     """
-    T, Hq, D = q.shape
-    Hkv = k.shape[1]
+    Hq, Hkv = q.shape[1], k.shape[1]
     G = Hq // Hkv
     out = torch.empty_like(q)
     bounds = cu_seqlens.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:]):
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
         n = end - start
         qs = q[start:end].float().transpose(0, 1)  # [Hq, n, D]
         ks = k[start:end].float().transpose(0, 1).repeat_interleave(G, dim=0)  # [Hq, n, D]

@@ -12,16 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-
-def _lazy_jit(fn):
-    holder: dict = {}
-
-    def get():
-        if "k" not in holder:
-            holder["k"] = triton.jit(fn)
-        return holder["k"]
-
-    return get
+from ._jit import lazy_jit
 
 
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_o, N, eps,
@@ -43,7 +34,7 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_
     tl.store(out_ptr + row * stride_o + cols, out, mask=mask)
 
 
-_kernel = _lazy_jit(_rms_norm_kernel)
+_kernel = lazy_jit(_rms_norm_kernel)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):

@@ -11,16 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-
-def _lazy_jit(fn):
-    holder: dict = {}
-
-    def get():
-        if "k" not in holder:
-            holder["k"] = triton.jit(fn)
-        return holder["k"]
-
-    return get
+from ._jit import lazy_jit
 
 
 def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, pos_ptr, stride_qt, stride_qh, stride_kt, stride_kh,
@@ -44,7 +35,7 @@ def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, pos_ptr, stride_qt, stride_qh
     tl.store(base + HALF + offs, (b * c + a * s).to(dtype), mask=mask)
 
 
-_kernel = _lazy_jit(_rotary_kernel)
+_kernel = lazy_jit(_rotary_kernel)
 
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
