@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from raas_batch.kernels import reference as ref
 from raas_batch.kernels.rmsnorm import rms_norm
 from raas_batch.kernels.rotary import apply_rotary
+
 from raas_batch.layers.norm import RMSNorm
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

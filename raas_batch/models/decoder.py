@@ -38,7 +38,7 @@ class DecoderSpec:
     o_bias: bool = False
 
     @classmethod
-    def from_hf(cls, cfg, **family) -> "DecoderSpec":
+    def from_hf(cls, cfg, **family) -> DecoderSpec:
         num_heads = cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // num_heads
         return cls(

@@ -128,8 +128,7 @@ def _eos_ids(directory: str, gguf: str | None, hf_config, tokenizer) -> list[int
 def _hf_to_ours(name: str) -> tuple[str, int | None, str | None]:
     """Map a checkpoint tensor name to (our parameter name, part index, fused group) (part for fused
     q/k/v and gate/up projections)."""
-    if name.startswith("model."):
-        name = name[len("model."):]
+    name = name.removeprefix("model.")
     for i, part in enumerate(("q_proj", "k_proj", "v_proj")):
         if f".self_attn.{part}." in name:
             return name.replace(part, "qkv_proj"), i, "qkv"
