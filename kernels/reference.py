@@ -13,11 +13,9 @@ import torch
 
 
 def _gather_pages(cache: torch.Tensor, page_ids: torch.Tensor) -> torch.Tensor:
-    """cache: [N, Hkv, P, D]; page_ids: [B, Hkv, S] (-1 allowed) -> [B, Hkv, S, P, D]."""
-    num_kv_heads = cache.shape[1]
-    safe = page_ids.clamp(min=0).long()  # [B, Hkv, S]
-    heads = torch.arange(num_kv_heads, device=cache.device).view(1, -1, 1).expand_as(safe)
-    return cache[safe, heads]  # [B, Hkv, S, P, D]
+    """cache: [N, Hkv, P, D]; page_ids: [B, Hkv, S] (-1 allowed, read as page 0) -> [B, Hkv, S, P, D]."""
+    heads = torch.arange(cache.shape[1], device=cache.device).view(1, -1, 1)  # broadcasts over [B, Hkv, S]
+    return cache[page_ids.clamp(min=0).long(), heads]
 
 
 def paged_decode_attention(
@@ -43,9 +41,8 @@ def paged_decode_attention(
     G = Hq // Hkv
     k = _gather_pages(k_cache, page_ids).float().view(B, Hkv, S * P, D)
     v = _gather_pages(v_cache, page_ids).float().view(B, Hkv, S * P, D)
-    heads = torch.arange(Hkv, device=q.device).view(1, -1, 1).expand_as(page_ids)
-    page_fill = torch.where(page_ids >= 0, fill[page_ids.clamp(min=0).long(), heads], 0)  # [B, Hkv, S]
-    valid = torch.arange(P, device=q.device).view(1, 1, 1, P) < page_fill.unsqueeze(-1)  # [B, Hkv, S, P]
+    page_fill = torch.where(page_ids >= 0, _gather_pages(fill.unsqueeze(-1), page_ids).squeeze(-1), 0)  # [B, Hkv, S]
+    valid = torch.arange(P, device=q.device) < page_fill.unsqueeze(-1)  # [B, Hkv, S, P]
     valid = valid.view(B, Hkv, 1, S * P)
     v = torch.where(valid.view(B, Hkv, S * P, 1), v, 0.0)  # slots past fill may hold garbage (even NaN)
     qg = q.float().view(B, Hkv, G, D)

@@ -79,7 +79,7 @@ class ModelRunner:
         slots = [s.slot for s in seqs]
         token_ids = [s.last_token for s in seqs]
         positions = [s.num_tokens - 1 for s in seqs]
-        width = max(len(s.pages) for s in seqs)
+        width = max(self.policy.table_width(len(s.pages), s.num_tokens) for s in seqs)
         if self.graphs is not None:
             hidden = self.graphs.run(token_ids, positions, slots, width)
         else:

@@ -102,5 +102,10 @@ class KVPolicy:
         """Host-side, at retirement: (peak_kv_tokens, evicted_pages) of the sequence."""
         return self.pool.held_tokens(pages), 0
 
+    def table_width(self, num_quota_pages: int, num_tokens: int) -> int:
+        """Host-side, per decode step: how many of a sequence's quota pages the step's page table must
+        show (the table is cut to the batch's largest width). Bounded policies need the whole quota."""
+        return num_quota_pages
+
     def pages_for(self, num_tokens: int) -> int:
         return math.ceil(num_tokens / self.page_size)

@@ -20,12 +20,17 @@ class DensePolicy(KVPolicy):
     def quota_pages(self, num_prompt_tokens: int, max_new_tokens: int, override=None) -> int:
         return self.pages_for(num_prompt_tokens + max_new_tokens)
 
+    def table_width(self, num_quota_pages: int, num_tokens: int) -> int:
+        # only the pages written so far, including the one the step's token goes to
+        return min(num_quota_pages, self.pages_for(num_tokens))
+
     def write_pages(self, layer: int, ctx: DecodeContext) -> torch.Tensor:
         logical = (ctx.positions // self.page_size).unsqueeze(1)  # [B, 1]
         page = ctx.block_tables.gather(1, logical)  # [B, 1]
         return page.expand(-1, self.pool.num_kv_heads).to(torch.int32)
 
     def read_pages(self, layer: int, q: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
-        # Pages past the current one are empty (fill 0 since admission) and contribute nothing.
+        # The table holds the pages written so far (table_width); any later quota page in it is empty
+        # (fill 0 since admission) and contributes nothing.
         B = ctx.block_tables.shape[0]
         return ctx.block_tables.unsqueeze(1).expand(B, self.pool.num_kv_heads, -1)
