@@ -42,16 +42,15 @@ POLICIES = ["raas", "raas-mass", "raas-paper", "quest", "h2o", "streaming"]
 BUDGETS = [64, 128, 256, 512]
 # Option variants run for the evidence behind the defaults: name -> (policy, options, budgets)
 VARIANTS = {
-    "raas+refresh_pinned": ("raas", {"refresh_pinned": True}, [256]),
-    "raas-nopin": ("raas", {"pin_prompt": False}, [64, 256]),
-    "raas-mass+alpha=0.01": ("raas-mass", {"alpha": 0.01}, [256]),
-    "raas-mass+alpha=0.0001": ("raas-mass", {"alpha": 0.0001}, [256]),
+    "raas+refresh_pinned": ("raas", {"refresh_pinned": True}, [256, 512]),
+    "raas-nopin": ("raas", {"pin_prompt": False}, [64, 256, 512]),
+    "raas-mass-nopin": ("raas-mass", {"pin_prompt": False}, [256, 512]),
+    "raas-mass+alpha=0.01": ("raas-mass", {"alpha": 0.01}, [256, 512]),
+    "raas-mass+alpha=0.0001": ("raas-mass", {"alpha": 0.0001}, [256, 512]),
     "raas+recent1": ("raas", {"recent_pages": 1}, [256]),
-    # dense_layers=2 makes the quota dense-sized (the block table as wide as the sequence), which widens
-    # every row's page list in a mixed run: run it on its own (--variants raas+dense2) when time allows.
     "raas+dense2": ("raas", {"dense_layers": 2}, [256]),
 }
-DEFAULT_VARIANTS = [v for v in VARIANTS if v != "raas+dense2"]
+DEFAULT_VARIANTS = list(VARIANTS)
 
 
 def load_prompts(llm: LLM, path: str, num: int, indices: list[int] | None = None) -> list[list[int]]:
@@ -67,9 +66,45 @@ def load_prompts(llm: LLM, path: str, num: int, indices: list[int] | None = None
     return out
 
 
+def trimmed_ops():
+    """The torch reference ops, with decode attention run per group of rows of similar page-list width.
+
+    A mixed run pads every row's page list to the widest one (512-token budgets next to 64-token
+    ones); the reference gathers the padding too, which dominates CPU time. Rows are bucketed by
+    their last listed page and each bucket attends over its own width: the same softmax over the
+    same tokens per row (-1 entries contribute nothing), so results are those of the plain reference.
+    Benchmark-only (it syncs with the host)."""
+    from types import SimpleNamespace
+
+    from raas_batch.kernels import reference as ref
+
+    def attention(q, k_cache, v_cache, page_ids, fill, scale, return_mass=False):
+        B, Hkv, S = page_ids.shape
+        cols = torch.arange(1, S + 1).view(1, 1, S)
+        width = torch.where(page_ids >= 0, cols, 0).amax(dim=(1, 2))  # [B] columns in use
+        buckets = torch.clamp((width + 7) // 8 * 8, max=S)
+        out = torch.empty_like(q)
+        mass = torch.zeros(B, Hkv, S) if return_mass else None
+        for w in buckets.unique().tolist():
+            rows = (buckets == w).nonzero().squeeze(1)
+            res = ref.paged_decode_attention(q[rows], k_cache, v_cache, page_ids[rows, :, :w].contiguous(), fill, scale,
+                                             return_mass=return_mass)
+            if return_mass:
+                out[rows], mass[rows, :, :w] = res
+            else:
+                out[rows] = res
+        return (out, mass) if return_mass else out
+
+    return SimpleNamespace(backend="torch-trimmed", paged_decode_attention=attention, page_scores=ref.page_scores,
+                           kv_append=ref.kv_append, prefill_attention=ref.prefill_attention)
+
+
 def make_engine(llm: LLM, policy, max_num_seqs: int, num_kv_tokens: int) -> Engine:
-    return Engine(llm.model, llm.tokenizer, llm.eos_token_ids, policy, policy.page_size, max_num_seqs,
-                  num_kv_tokens, llm.device, llm.dtype, "torch")
+    engine = Engine(llm.model, llm.tokenizer, llm.eos_token_ids, policy, policy.page_size, max_num_seqs,
+                    num_kv_tokens, llm.device, llm.dtype, "torch")
+    engine.runner.ops = trimmed_ops()
+    policy.use_ops(engine.runner.ops)
+    return engine
 
 
 def cached_reference(prompts: list[list[int]], max_new: int, topk: int, cache_dir: str) -> dict | None:
@@ -126,8 +161,9 @@ def cell_plan(policies, budgets, variants) -> list[tuple[str, str, dict, int]]:
     return cells
 
 
-def run_cells(llm: LLM, ref: dict, cells, max_new: int) -> dict:
-    """One engine run for all `cells` (teacher-forced + free for every prompt) -> metrics per cell."""
+def run_cells(llm: LLM, ref: dict, cells, max_new: int, free_variants: bool = False, checkpoint=None) -> dict:
+    """One engine run for all `cells` -> metrics per cell. Every prompt is replayed teacher-forced;
+    it is also decoded freely for the main policies (and for option variants if free_variants)."""
     prompts, tokens = ref["prompts"], ref["tokens"]
     members = {}
     for name, pol, opts, _ in cells:
@@ -137,11 +173,13 @@ def run_cells(llm: LLM, ref: dict, cells, max_new: int) -> dict:
     mixture = PolicyMixture(members, page_size=16)
     requests, meta = [], []
     for ci, (name, _, _, budget) in enumerate(cells):
+        modes = ("tf", "free") if name not in VARIANTS or free_variants else ("tf",)
         for pi, prompt in enumerate(prompts):
             requests.append(ScoreRequest(prompt, continuation_ids=tokens[pi], kv_override=(name, budget)))
             meta.append((ci, pi, "tf"))
-            requests.append(ScoreRequest(prompt, max_new_tokens=max_new, kv_override=(name, budget)))
-            meta.append((ci, pi, "free"))
+            if "free" in modes:
+                requests.append(ScoreRequest(prompt, max_new_tokens=max_new, kv_override=(name, budget)))
+                meta.append((ci, pi, "free"))
     pages = sum(mixture.quota_pages(len(r.prompt_token_ids), max_new, r.kv_override) for r in requests)
     engine = make_engine(llm, mixture, len(requests), pages * 16)
     n = len(requests)
@@ -154,11 +192,22 @@ def run_cells(llm: LLM, ref: dict, cells, max_new: int) -> dict:
     t0 = time.time()
     count = [0]
 
+    free_tokens: dict[int, list[int]] = {i: [] for i, m in enumerate(meta) if m[2] == "free"}
+
     def on_step(rows, steps, logprobs):
         sel = [b for b, r in enumerate(rows) if r in tf_rows]
         count[0] += 1
-        if count[0] % 100 == 0:
+        greedy = logprobs.argmax(-1).tolist()
+        for b, r in enumerate(rows):
+            if r in free_tokens:
+                free_tokens[r].append(greedy[b])
+        if count[0] % 50 == 0:
             print(f"  step {count[0]}: batch {len(rows)}, {time.time() - t0:.0f} s", flush=True)
+            if checkpoint is not None:
+                try:
+                    checkpoint(summarize())
+                except Exception as exc:  # noqa: BLE001  (a failed partial save must not end a long run)
+                    print(f"  checkpoint failed: {exc!r}", flush=True)
         if not sel:
             return
         r_idx = torch.tensor([rows[b] for b in sel])
@@ -175,34 +224,44 @@ def run_cells(llm: LLM, ref: dict, cells, max_new: int) -> dict:
         kl[r_idx] += k.clamp(min=0)
         steps_seen[r_idx] += 1
 
+    def summarize(res=None) -> dict:
+        """Metrics per cell; while running (res None) over the steps done so far (marked partial)."""
+        out = {}
+        for ci, (name, pol, opts, budget) in enumerate(cells):
+            rows = [i for i, m in enumerate(meta) if m[0] == ci]
+            per_prompt = []
+            for pi in range(len(prompts)):
+                tf = next(i for i in rows if meta[i][1] == pi and meta[i][2] == "tf")
+                fr = next((i for i in rows if meta[i][1] == pi and meta[i][2] == "free"), None)
+                gen = None if fr is None else (res[fr].token_ids if res is not None else free_tokens[fr])
+                diverge = None if gen is None else next(
+                    (t for t, (a, b) in enumerate(zip(gen, tokens[pi])) if a != b), min(len(gen), max_new))
+                seen = max(float(steps_seen[tf]), 1.0)
+                per_prompt.append({
+                    "agreement": float(agree[tf]) / seen, "kl": float(kl[tf]) / seen, "tf_steps": int(steps_seen[tf]),
+                    "first_divergence": diverge, "free_length": None if gen is None else len(gen),
+                    "dense_length": ref["eos_lengths"][pi],
+                    "peak_kv_tokens": None if res is None else
+                    max(res[i].peak_kv_tokens for i in (tf, fr) if i is not None),
+                    "evicted_pages": None if res is None else res[tf].evicted_pages,
+                    "kv_over_budget": mixture.over_budget(len(prompts[pi]), max_new, (name, budget)),
+                })
+            mean = {k: None if per_prompt[0][k] is None else sum(p[k] for p in per_prompt) / len(per_prompt)
+                    for k in ("agreement", "kl", "first_divergence", "free_length", "dense_length", "peak_kv_tokens")}
+            out[f"{name}@{budget}"] = {
+                "variant": name, "policy": pol, "options": opts, "budget": budget, **mean,
+                "length_change": None if mean["free_length"] is None else mean["free_length"] - mean["dense_length"],
+                "max_peak_kv_tokens": None if res is None else max(p["peak_kv_tokens"] for p in per_prompt),
+                "over_budget_prompts": sum(p["kv_over_budget"] for p in per_prompt),
+                "partial_steps": None if res is not None else count[0],
+                "per_prompt": per_prompt,
+            }
+        return out
+
     res = run_scored(engine, requests, on_step)
     seconds = time.time() - t0
-    out = {}
-    for ci, (name, pol, opts, budget) in enumerate(cells):
-        rows = [i for i, m in enumerate(meta) if m[0] == ci]
-        per_prompt = []
-        for pi in range(len(prompts)):
-            tf = next(i for i in rows if meta[i][1] == pi and meta[i][2] == "tf")
-            fr = next(i for i in rows if meta[i][1] == pi and meta[i][2] == "free")
-            gen = res[fr].token_ids
-            diverge = next((t for t, (a, b) in enumerate(zip(gen, tokens[pi])) if a != b), min(len(gen), max_new))
-            per_prompt.append({
-                "agreement": float(agree[tf] / steps_seen[tf]), "kl": float(kl[tf] / steps_seen[tf]),
-                "first_divergence": diverge, "free_length": len(gen), "dense_length": ref["eos_lengths"][pi],
-                "peak_kv_tokens": max(res[tf].peak_kv_tokens, res[fr].peak_kv_tokens),
-                "evicted_pages": res[tf].evicted_pages, "kv_over_budget": res[tf].kv_over_budget,
-            })
-        mean = {k: sum(p[k] for p in per_prompt) / len(per_prompt)
-                for k in ("agreement", "kl", "first_divergence", "free_length", "dense_length", "peak_kv_tokens")}
-        out[f"{name}@{budget}"] = {
-            "variant": name, "policy": pol, "options": opts, "budget": budget, **mean,
-            "length_change": mean["free_length"] - mean["dense_length"],
-            "max_peak_kv_tokens": max(p["peak_kv_tokens"] for p in per_prompt),
-            "over_budget_prompts": sum(p["kv_over_budget"] for p in per_prompt),
-            "per_prompt": per_prompt,
-        }
     print(f"  {len(cells)} cells, {n} sequences: {seconds:.0f} s", flush=True)
-    return out
+    return summarize(res)
 
 
 def save(results: dict, header: dict, out_dir: str) -> None:
@@ -244,6 +303,7 @@ def plot(results: dict, header: dict, path: str) -> None:
                  "dense tokens, page 16", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def markdown(results: dict) -> str:
@@ -251,8 +311,11 @@ def markdown(results: dict) -> str:
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for c in sorted(results.values(), key=lambda c: (c["variant"] not in POLICIES, c["variant"], c["budget"])):
         over = " *" if c["over_budget_prompts"] else ""
+        peak = "-" if c["max_peak_kv_tokens"] is None else c["max_peak_kv_tokens"]
+        div = "-" if c["first_divergence"] is None else f"{c['first_divergence']:.0f}"
+        dlen = "-" if c["length_change"] is None else f"{c['length_change']:+.0f}"
         lines.append(f"| {c['variant']} | {c['budget']}{over} | {100 * c['agreement']:.1f} | {c['kl']:.4f} | "
-                     f"{c['first_divergence']:.0f} | {c['length_change']:+.0f} | {c['max_peak_kv_tokens']} |")
+                     f"{div} | {dlen} | {peak} |")
     return "\n".join(lines)
 
 
@@ -270,6 +333,7 @@ def main() -> None:
     ap.add_argument("--out-dir", default=os.path.join(ROOT, "benchmarks", "results"))
     ap.add_argument("--cache-dir", default=os.path.join(ROOT, "out", "fidelity_cache"))
     ap.add_argument("--dense-only", action="store_true", help="only build the dense reference")
+    ap.add_argument("--free-variants", action="store_true", help="also decode option variants freely")
     args = ap.parse_args()
     torch.manual_seed(0)
 
@@ -291,14 +355,16 @@ def main() -> None:
         with open(path) as f:
             old = json.load(f)
         if all(old.get(k) == header[k] for k in ("num_prompts", "prompt_indices", "max_new_tokens")):
-            results = old["cells"]
+            results = {k: c for k, c in old["cells"].items() if not c.get("partial_steps")}
     variants = [v for v in args.variants.split(",") if v]
     cells = cell_plan([p for p in args.policies.split(",") if p], [int(b) for b in args.budgets.split(",")], variants)
     todo = [c for c in cells if f"{c[0]}@{c[3]}" not in results]
     print(f"{len(cells)} cells, {len(todo)} to run", flush=True)
     for start in range(0, len(todo), args.max_cells_per_run):
         chunk = todo[start:start + args.max_cells_per_run]
-        results.update(run_cells(llm, ref, chunk, args.max_new_tokens))
+        done = dict(results)
+        results.update(run_cells(llm, ref, chunk, args.max_new_tokens, args.free_variants,
+                                 checkpoint=lambda partial, done=done: save({**done, **partial}, header, args.out_dir)))
         save(results, header, args.out_dir)
     save(results, header, args.out_dir)
     print(markdown(results))
