@@ -334,8 +334,12 @@ def main() -> None:
     ap.add_argument("--cache-dir", default=os.path.join(ROOT, "out", "fidelity_cache"))
     ap.add_argument("--dense-only", action="store_true", help="only build the dense reference")
     ap.add_argument("--free-variants", action="store_true", help="also decode option variants freely")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads (0 = torch's default); 1 is much faster on cores shared with other jobs")
     args = ap.parse_args()
     torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     llm = LLM(device="cpu", dtype="fp32", max_num_seqs=1)
     indices = [int(i) for i in args.prompt_indices.split(",") if i]
