@@ -44,18 +44,19 @@ def test_full_budget_equals_dense_tiny(tiny, name):
         assert o.outputs[0].peak_kv_tokens == len(p["prompt_token_ids"]) + 40 - 1  # the last token is never fed
 
 
-@pytest.mark.parametrize("name", ["raas", "raas-mass", "h2o", "streaming", "raas-paper"])
+# raas-mass and raas-paper share this code path; their bookkeeping is covered in test_policies.py.
+@pytest.mark.parametrize("name", ["raas", "h2o", "streaming"])
 def test_peak_kv_within_budget_long_generation(tiny, name):
     path, _ = tiny
     budget = 48
     llm = LLM(model=path, device="cpu", dtype="fp32", max_num_seqs=4, kv_policy=name, kv_budget=budget)
     vocab = llm.model.spec.vocab_size
     prompts = [{"prompt_token_ids": p} for p in prompts_for(vocab, (5, 16, 60))]
-    outs = llm.generate(prompts, SamplingParams(max_new_tokens=160, temperature=0, ignore_eos=True))
+    outs = llm.generate(prompts, SamplingParams(max_new_tokens=120, temperature=0, ignore_eos=True))
     short, mid, long_ = (o.outputs[0] for o in outs)
     for o in (short, mid):
         assert o.peak_kv_tokens <= budget and o.evicted_pages > 0 and not o.kv_over_budget
-        assert o.num_tokens == 160
+        assert o.num_tokens == 120
     # 60 prompt tokens = 4 pages > 3: the prompt pages plus 2 decode pages, reported
     assert long_.kv_over_budget and long_.peak_kv_tokens <= (4 + 2) * 16
 
