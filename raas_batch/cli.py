@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--dtype", help="model dtype, e.g. bfloat16, float16, float32 (default: engine's choice)")
     model.add_argument("--device", help="e.g. cuda, cuda:1, cpu (default: engine's choice)")
     model.add_argument("--kv-policy", metavar="NAME",
-                       help="KV cache policy: dense, raas, quest, h2o, streaming" + _d("kv_policy"))
+                       help="KV cache policy: dense, raas, raas-mass, raas-paper, quest, h2o, streaming" + _d("kv_policy"))
     model.add_argument("--kv-budget", type=int, metavar="TOKENS",
                        help="KV tokens kept per sequence by a sparse policy")
     model.add_argument("--page-size", type=int, metavar="TOKENS", help="tokens per KV page" + _d("page_size"))
