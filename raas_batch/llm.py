@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import random
 import time
 from collections.abc import Callable
 from collections.abc import Sequence as SequenceABC
@@ -11,12 +10,11 @@ from collections.abc import Sequence as SequenceABC
 import torch
 
 from raas_batch.engine.engine import Engine
-from raas_batch.engine.sampler import seed_key
 from raas_batch.engine.sequence import Sequence
 from raas_batch.models.loader import load_model
 from raas_batch.outputs import CompletionOutput, RequestOutput
 from raas_batch.policies import make_policy
-from raas_batch.reasoning import count_reasoning_tokens, prompt_opens_think, split_reasoning
+from raas_batch.reasoning import count_reasoning_tokens, split_reasoning
 from raas_batch.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -131,26 +129,13 @@ class LLM:
             raise ValueError(f"got {len(per_prompt)} SamplingParams for {len(prompts)} prompts; pass one or one per prompt.")
         results: list[RequestOutput] = []
         remaining: dict[int, int] = {}
+        from raas_batch.streaming import start_request
+
         for i, (prompt, p) in enumerate(zip(prompts, per_prompt)):
-            text, ids, error = self._prepare(prompt)
-            seed = p.seed if p.seed is not None else random.getrandbits(63)
-            outs = [CompletionOutput(index=j, seed=seed) for j in range(p.n)]
-            results.append(RequestOutput(index=i, prompt=text, prompt_token_ids=ids, outputs=outs))
-            if error:
-                for out in outs:
-                    out.finish_reason, out.error = "error", error
-                continue
-            opens_think = text is not None and prompt_opens_think(text)
-            for j in range(p.n):
-                seq = Sequence(request_idx=i, sample_idx=j, prompt_token_ids=ids, params=p, seed_key=seed_key(seed, j),
-                               seed=seed, max_new_tokens=min(p.max_new_tokens, self.max_model_len - len(ids)),
-                               starts_in_think=opens_think)
-                try:
-                    self.engine.add(seq)
-                except ValueError as exc:
-                    outs[j].finish_reason, outs[j].error = "error", str(exc)
-                    continue
-                remaining[i] = remaining.get(i, 0) + 1
+            result, added = start_request(self, i, prompt, p)  # error outputs already filled
+            results.append(result)
+            if added:
+                remaining[i] = added
         bar = None
         if use_tqdm:
             from tqdm.auto import tqdm
