@@ -1,6 +1,7 @@
-"""Kernel-op dispatcher: `get_ops("torch")` -> the references, `get_ops("triton")` -> the Triton kernels.
+"""Kernel-op dispatcher: `get_ops("torch")` -> the references, `get_ops("cpu")` -> the CPU decode path,
+`get_ops("triton")` -> the Triton kernels.
 
-Both namespaces carry the four ops of docs/architecture.md with the same signatures:
+All namespaces carry the four ops of docs/architecture.md with the same signatures:
 paged_decode_attention, page_scores, kv_append, prefill_attention. Triton modules are imported only
 when asked for, so the torch backend works where Triton cannot run.
 """
@@ -20,16 +21,22 @@ _TRITON_MODULES = {
 OP_NAMES = tuple(_TRITON_MODULES)
 
 
-def get_ops(backend: str) -> SimpleNamespace:
-    """Return a namespace with the four kernel ops of `backend` ("torch" or "triton")."""
-    if backend == "torch":
-        from . import reference
+BACKENDS = ("torch", "cpu", "triton")
 
-        return SimpleNamespace(backend="torch", **{n: getattr(reference, n) for n in OP_NAMES})
+
+def get_ops(backend: str) -> SimpleNamespace:
+    """Return a namespace with the four kernel ops of `backend`: "torch" (the references: plain, any
+    device), "cpu" (the references rewritten as fewer torch ops; may synchronise with the host, so not
+    for CUDA graphs) or "triton" (CUDA)."""
+    if backend in ("torch", "cpu"):
+        from . import cpu, reference
+
+        module = reference if backend == "torch" else cpu
+        return SimpleNamespace(backend=backend, **{n: getattr(module, n) for n in OP_NAMES})
     if backend == "triton":
         fns = {n: getattr(importlib.import_module(f".{m}", __package__), n) for n, m in _TRITON_MODULES.items()}
         return SimpleNamespace(backend="triton", **fns)
-    raise ValueError(f"unknown kernel backend {backend!r} (expected 'torch' or 'triton')")
+    raise ValueError(f"unknown kernel backend {backend!r} (expected one of {', '.join(BACKENDS)})")
 
 
 def get_layer_ops(backend: str) -> SimpleNamespace | None:

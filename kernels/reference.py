@@ -90,7 +90,8 @@ def kv_append(
     k, v: [B, Hkv, D]; k_cache, v_cache: [N, Hkv, P, D]; kmin, kmax: [N, Hkv, D]; fill: [N, Hkv] int32;
     write_page: [B, Hkv] int32. The token goes to offset fill[p, h] of page p = write_page[b, h]
     (the caller guarantees fill < P there); kmin/kmax become k at offset 0 and take the elementwise
-    min/max otherwise; fill increments. No two (b, h) may name the same (page, head).
+    min/max otherwise (kmin = kmax = None: bounds not kept); fill increments. No two (b, h) may name
+    the same (page, head).
     """
     B, Hkv, _ = k.shape
     pages = write_page.long()  # [B, Hkv]
@@ -98,10 +99,11 @@ def kv_append(
     offsets = fill[pages, heads].long()  # [B, Hkv]
     k_cache[pages, heads, offsets] = k.to(k_cache.dtype)
     v_cache[pages, heads, offsets] = v.to(v_cache.dtype)
-    first = (offsets == 0).unsqueeze(-1)  # [B, Hkv, 1]
-    kc = k.to(kmin.dtype)
-    kmin[pages, heads] = torch.where(first, kc, torch.minimum(kmin[pages, heads], kc))
-    kmax[pages, heads] = torch.where(first, kc, torch.maximum(kmax[pages, heads], kc))
+    if kmin is not None:
+        first = (offsets == 0).unsqueeze(-1)  # [B, Hkv, 1]
+        kc = k.to(kmin.dtype)
+        kmin[pages, heads] = torch.where(first, kc, torch.minimum(kmin[pages, heads], kc))
+        kmax[pages, heads] = torch.where(first, kc, torch.maximum(kmax[pages, heads], kc))
     fill[pages, heads] = (offsets + 1).to(fill.dtype)
 
 

@@ -62,7 +62,7 @@ class LLM:
         if num_kv_tokens is None:
             num_kv_tokens = self._default_kv_tokens(page_size, gpu_memory_utilization)
         if backend is None:
-            backend = "triton" if self.device.type == "cuda" else "torch"
+            backend = "triton" if self.device.type == "cuda" else "cpu"
         self.engine = Engine(self.model, self.tokenizer, self.eos_token_ids, policy, page_size, max_num_seqs,
                              num_kv_tokens, self.device, self.dtype, backend, max_prefill_tokens,
                              cuda_graphs=self.device.type == "cuda" and not enforce_eager)

@@ -18,16 +18,13 @@ from raas_batch.policies.base import KVPolicy
 
 
 def kernel_ops(backend: str):
-    """The kernel namespace for a backend: "torch" (reference, any device) or "triton" (CUDA)."""
-    if backend == "torch":
-        from raas_batch.kernels import reference
+    """The kernel namespace for a backend: "torch" (the plain references, any device), "cpu" (the
+    references as fewer torch ops, for CPU decode speed) or "triton" (CUDA)."""
+    from raas_batch.kernels.ops import BACKENDS, get_ops
 
-        return reference
-    if backend == "triton":
-        from raas_batch.kernels.ops import get_ops
-
-        return get_ops("triton")
-    raise ValueError(f"attention backend {backend!r} is unknown; choose 'torch' or 'triton'.")
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend {backend!r} is unknown; choose one of {', '.join(BACKENDS)}.")
+    return get_ops(backend)
 
 
 class Engine:
@@ -59,6 +56,9 @@ class Engine:
         if cuda_graphs is None:
             cuda_graphs = device.type == "cuda"
         if cuda_graphs:
+            if backend == "cpu":
+                raise ValueError("backend 'cpu' synchronises with the host, so it cannot run in CUDA graphs; "
+                                 "use backend 'triton' or 'torch', or turn CUDA graphs off (enforce_eager).")
             from raas_batch.engine.cuda_graph import DecodeGraphs
 
             self.runner.graphs = DecodeGraphs(self.runner, max_num_seqs, max_pages, max_num_seqs, scratch_page)

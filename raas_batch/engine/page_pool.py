@@ -2,7 +2,8 @@
 
 Layout (docs/architecture.md): k_cache / v_cache [layers, pages, kv_heads, page_size, head_dim], keys
 stored after RoPE. Metadata per (layer, page, kv head): kmin / kmax [.., head_dim] (Quest's channel-wise
-key bounds), fill (valid tokens), stamp (last decode position that wrote or refreshed the page),
+key bounds: kept up to date when the KV policy reads them, `uses_key_bounds`, and always on the Triton
+path, whose fused append keeps them at no cost), fill (valid tokens), stamp (last decode position that wrote or refreshed the page),
 pinned (never evicted), logical (which page of its sequence it holds, -1 when empty) and mass
 (accumulated attention mass, for H2O).
 
@@ -36,6 +37,10 @@ class PagePool:
         self.logical = torch.full(shape, -1, dtype=torch.int32, device=device)
         self.mass = torch.zeros(shape, dtype=torch.float32, device=device)
         self._free = deque(range(num_pages))
+        # per layer: (k_cache, v_cache, kmin, kmax, fill) views, sliced once (a decode step uses them
+        # in every layer, and on the CPU each slice is an op)
+        self.layer_views = [(self.k_cache[i], self.v_cache[i], self.kmin[i], self.kmax[i], self.fill[i])
+                            for i in range(num_layers)]
 
     @staticmethod
     def bytes_per_page(num_layers: int, num_kv_heads: int, page_size: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -70,8 +75,10 @@ class PagePool:
         self.mass[:, idx] = 0
 
     # ---- prefill writes ----
-    def write_prefill(self, layer: int, k: torch.Tensor, v: torch.Tensor, meta: PrefillPages) -> None:
-        """Write a prefill batch's keys and values and the metadata of the pages they fill.
+    def write_prefill(self, layer: int, k: torch.Tensor, v: torch.Tensor, meta: PrefillPages,
+                      bounds: bool = True) -> None:
+        """Write a prefill batch's keys and values and the metadata of the pages they fill (the key
+        bounds kmin / kmax only if `bounds`).
 
         k, v: [T, Hkv, D]; meta.token_pages / token_offsets: [T] (page and offset of every token);
         meta.pages / fills / logical / stamps / pinned: [M] for each page touched.
@@ -79,12 +86,13 @@ class PagePool:
         self.k_cache[layer][meta.token_pages, :, meta.token_offsets] = k.to(self.k_cache.dtype)
         self.v_cache[layer][meta.token_pages, :, meta.token_offsets] = v.to(self.v_cache.dtype)
         pages = meta.pages
-        keys = self.k_cache[layer, pages]  # [M, Hkv, P, D]
-        valid = (torch.arange(self.page_size, device=keys.device).view(1, -1) < meta.fills.view(-1, 1))
-        valid = valid.view(-1, 1, self.page_size, 1)  # [M, 1, P, 1]
-        big = torch.finfo(keys.dtype).max
-        self.kmin[layer, pages] = keys.masked_fill(~valid, big).amin(dim=2)
-        self.kmax[layer, pages] = keys.masked_fill(~valid, -big).amax(dim=2)
+        if bounds:
+            keys = self.k_cache[layer, pages]  # [M, Hkv, P, D]
+            valid = (torch.arange(self.page_size, device=keys.device).view(1, -1) < meta.fills.view(-1, 1))
+            valid = valid.view(-1, 1, self.page_size, 1)  # [M, 1, P, 1]
+            big = torch.finfo(keys.dtype).max
+            self.kmin[layer, pages] = keys.masked_fill(~valid, big).amin(dim=2)
+            self.kmax[layer, pages] = keys.masked_fill(~valid, -big).amax(dim=2)
         self.fill[layer, pages] = meta.fills.view(-1, 1).to(torch.int32)
         self.logical[layer, pages] = meta.logical.view(-1, 1).to(torch.int32)
         self.stamp[layer, pages] = meta.stamps.view(-1, 1)

@@ -27,8 +27,7 @@ class RMSNorm(nn.Module):
         if residual is not None:
             residual = x + residual
             x = residual
-        dtype = x.dtype
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        out = self.weight * xf.to(dtype)
+        out = self.weight * (xf if x.dtype == torch.float32 else xf.to(x.dtype))
         return out if residual is None else (out, residual)

@@ -72,30 +72,37 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat([freqs, freqs], dim=-1)  # [max_positions, D]
         self.cos = emb.cos() * self.scaling
         self.sin = emb.sin() * self.scaling
+        # rotate_half(x) * sin == swap_halves(x) * sin_signed, bit for bit (only a sign moves)
+        half = self.sin.shape[-1] // 2
+        self.sin_signed = torch.cat([-self.sin[:, :half], self.sin[:, half:]], dim=-1)
 
     def _tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [T, 1, D] at these positions; every layer of a forward passes the same positions
-        tensor, so the lookup is done once per forward."""
+        """cos, sin_signed [T, 1, D] at these positions; every layer of a forward passes the same
+        positions tensor, so the lookup is done once per forward."""
         cached = getattr(self, "_last", None)
         if cached is None or cached[0] is not positions:
-            cached = (positions, self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1))
+            cached = (positions, self.cos[positions].unsqueeze(1), self.sin_signed[positions].unsqueeze(1))
             self._last = cached
         return cached[1], cached[2]
 
-    @staticmethod
-    def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-
     kernels = None  # the Triton namespace on CUDA (kernels/rotary.py, in place, one kernel); set by the engine
 
+    def uses_kernel(self, x: torch.Tensor) -> bool:
+        return self.kernels is not None and x.is_cuda
+
+    def rotate(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The torch path: x [T, H, D] (any heads, e.g. q and k side by side) -> rotated copy, computed in
+        fp32 as transformers does (x * cos + rotate_half(x) * sin), in x's dtype."""
+        if self.cos is None or self.cos.device != x.device:
+            self.build(x.device)
+        cos, sin_signed = self._tables(positions)  # [T, 1, D]
+        xf = x.float()
+        out = xf * cos + xf.roll(x.shape[-1] // 2, dims=-1) * sin_signed
+        return out if out.dtype == x.dtype else out.to(x.dtype)
+
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        if self.cos is None or self.cos.device != q.device:
-            self.build(q.device)
-        if self.kernels is not None and q.is_cuda:
+        if self.uses_kernel(q):
+            if self.cos is None or self.cos.device != q.device:
+                self.build(q.device)
             return self.kernels.apply_rotary(q, k, self.cos, self.sin, positions)
-        cos, sin = self._tables(positions)  # [T, 1, D]
-        qf, kf = q.float(), k.float()
-        q_out = qf * cos + self._rotate_half(qf) * sin
-        k_out = kf * cos + self._rotate_half(kf) * sin
-        return q_out.to(q.dtype), k_out.to(k.dtype)
+        return self.rotate(positions, q), self.rotate(positions, k)

@@ -37,6 +37,8 @@ class DecodeContext:
     positions: torch.Tensor
     block_tables: torch.Tensor
     host_slot_ids: list[int] = field(default_factory=list)
+    # Per-step values a policy computes once and reuses in every layer (e.g. the dense page table).
+    memo: dict = field(default_factory=dict)
 
     def select(self, rows: torch.Tensor, host_rows: list[int]) -> DecodeContext:
         """The sub-batch of `rows` ([b] int64 device tensor; the same indices as a host list)."""
@@ -53,6 +55,9 @@ class KVPolicy:
 
     name: ClassVar[str] = ""
     needs_mass: ClassVar[bool] = False  # observe() wants the attention mass per page read
+    # reads the pages' key bounds (pool.kmin / kmax, via ops.page_scores); when False the CPU backends
+    # skip maintaining them
+    uses_key_bounds: ClassVar[bool] = True
     ops: ClassVar[object] = None  # kernel namespace (page_scores); set by the engine via use_ops
 
     def quota_pages(self, num_prompt_tokens: int, max_new_tokens: int, override=None) -> int:

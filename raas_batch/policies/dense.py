@@ -16,6 +16,7 @@ from raas_batch.policies.base import DecodeContext, KVPolicy
 @dataclass
 class DensePolicy(KVPolicy):
     name = "dense"
+    uses_key_bounds = False
 
     def quota_pages(self, num_prompt_tokens: int, max_new_tokens: int, override=None) -> int:
         return self.pages_for(num_prompt_tokens + max_new_tokens)
@@ -24,13 +25,20 @@ class DensePolicy(KVPolicy):
         # only the pages written so far, including the one the step's token goes to
         return min(num_quota_pages, self.pages_for(num_tokens))
 
+    # Every layer and head of a step writes and reads the same pages: computed once per step (ctx.memo).
     def write_pages(self, layer: int, ctx: DecodeContext) -> torch.Tensor:
-        logical = (ctx.positions // self.page_size).unsqueeze(1)  # [B, 1]
-        page = ctx.block_tables.gather(1, logical)  # [B, 1]
-        return page.expand(-1, self.pool.num_kv_heads).to(torch.int32)
+        page = ctx.memo.get("dense_write")
+        if page is None:
+            logical = (ctx.positions // self.page_size).unsqueeze(1)  # [B, 1]
+            page = ctx.block_tables.gather(1, logical)  # [B, 1]
+            page = ctx.memo["dense_write"] = page.expand(-1, self.pool.num_kv_heads).to(torch.int32)
+        return page
 
     def read_pages(self, layer: int, q: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
         # The table holds the pages written so far (table_width); any later quota page in it is empty
         # (fill 0 since admission) and contributes nothing.
-        B = ctx.block_tables.shape[0]
-        return ctx.block_tables.unsqueeze(1).expand(B, self.pool.num_kv_heads, -1)
+        pages = ctx.memo.get("dense_read")
+        if pages is None:
+            B = ctx.block_tables.shape[0]
+            pages = ctx.memo["dense_read"] = ctx.block_tables.unsqueeze(1).expand(B, self.pool.num_kv_heads, -1)
+        return pages

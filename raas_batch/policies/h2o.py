@@ -21,6 +21,7 @@ from raas_batch.policies.bounded import BoundedPolicy
 @dataclass
 class H2OPolicy(BoundedPolicy):
     name = "h2o"
+    uses_key_bounds = False
     needs_mass = True
 
     def _eviction_key(self, layer, ctx, table, logical, cand):

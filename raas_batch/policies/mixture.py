@@ -31,6 +31,10 @@ class PolicyMixture(KVPolicy):
     def needs_mass(self) -> bool:  # type: ignore[override]
         return any(m.needs_mass for m in self.members.values())
 
+    @property
+    def uses_key_bounds(self) -> bool:  # type: ignore[override]
+        return any(m.uses_key_bounds for m in self.members.values())
+
     def _member(self, override) -> tuple[KVPolicy, object]:
         if not isinstance(override, tuple) or len(override) != 2 or override[0] not in self.members:
             raise ValueError(f"a PolicyMixture sequence needs kv_override=(member, kv_budget) with member one of "

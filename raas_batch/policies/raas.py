@@ -51,6 +51,10 @@ class RaasPolicy(BoundedPolicy):
     def needs_mass(self) -> bool:  # type: ignore[override]
         return self.refresh_rule == "mass"
 
+    @property
+    def uses_key_bounds(self) -> bool:  # type: ignore[override]
+        return self.refresh_rule != "mass"
+
     def _eviction_key(self, layer, ctx, table, logical, cand):
         stamp = self._meta(self.pool.stamp[layer], table)  # [B, Hkv, W]
         if self.recent_pages > 0:

@@ -14,6 +14,7 @@ from raas_batch.policies.bounded import BoundedPolicy
 @dataclass
 class StreamingPolicy(BoundedPolicy):
     name = "streaming"
+    uses_key_bounds = False
 
     def _eviction_key(self, layer, ctx, table, logical, cand):
         return logical.float(), cand & (logical > 0)
