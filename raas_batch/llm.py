@@ -40,7 +40,8 @@ class LLM:
     kv_policy / kv_budget / page_size: the KV cache (`raas_batch.policies`); kv_budget in tokens.
     max_num_seqs: sequences decoded at once. num_kv_tokens: the page pool's size in tokens (default: on
     the GPU what gpu_memory_utilization leaves free, on the CPU 32K tokens). On CUDA, decode steps run
-    as captured CUDA graphs unless enforce_eager.
+    as captured CUDA graphs unless enforce_eager. backend: "triton" (default on CUDA), "cpu" (default
+    on the CPU: kernels/cpu.py) or "torch" (the plain references of kernels/reference.py, any device).
     """
 
     def __init__(self, model: str | None = None, kv_policy: str = "dense", kv_budget: int | None = None,

@@ -9,10 +9,14 @@ from raas_batch import LLM, SamplingParams
 
 
 def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """transformers' greedy tokens with EOS off (as ignore_eos): the EOS id is one outside the vocabulary
+    (eos_token_id=None would fall back to the model's EOS; min_new_tokens would mask EOS out of the
+    logits and change the greedy choice)."""
     ids = torch.tensor([prompt_ids])
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, eos_token_id=None, pad_token_id=0)
+                             do_sample=False, eos_token_id=model.config.vocab_size, pad_token_id=0)
+    assert out.shape[1] == len(prompt_ids) + max_new_tokens
     return out[0, len(prompt_ids):].tolist()
 
 
@@ -50,10 +54,11 @@ def test_smollm2_matches_transformers(smollm, smollm_hf):
     prompts = [tok.encode(t) for t in texts]
     prompts += [tok.encode(tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True),
                            add_special_tokens=False) for c in chats]
-    params = SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True)
+    # 64 tokens: past the point where the chat answer ends (EOS is then a greedy pick, ignored here)
+    params = SamplingParams(max_new_tokens=64, temperature=0, ignore_eos=True)
     outs = smollm.generate([{"prompt_token_ids": p} for p in prompts], params)
     for prompt, out in zip(prompts, outs):
-        assert out.outputs[0].token_ids == hf_greedy(smollm_hf, prompt, 24)
+        assert out.outputs[0].token_ids == hf_greedy(smollm_hf, prompt, 64)
 
 
 def test_chat_prompt_equals_its_token_ids(smollm):

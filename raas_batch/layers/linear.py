@@ -1,11 +1,11 @@
 """nn.Linear with a faster CPU form for the few rows of a decode step.
 
-On x86 CPUs with MKL (torch's CPU build), `F.linear(x, W)` for a handful of rows runs at 6-12 GB/s of
-weight traffic, while the same product written transposed, `(W @ x^T)^T`, runs at 16-35 GB/s: MKL picks
+On x86 CPUs with MKL (torch's CPU build), `F.linear(x, W)` for a handful of rows runs at 7-12 GB/s of
+weight traffic, while the same product written transposed, `(W @ x^T)^T`, runs at 13-31 GB/s: MKL picks
 a better kernel for a tall-skinny right-hand side. With one row the transposed form is fastest on a
 duplicated row (two columns). Decode on the CPU is bound by reading the weights, so this is most of
-its speed: SmolLM2's weight products per step at batch 1 go from ~43 ms to ~17 ms, at batch 8 from
-~55 ms to ~42 ms (`benchmarks/bench_cpu_gemm.py` measures the forms on this machine's shapes).
+its speed: SmolLM2's weight products per step at batch 1 go from 43 ms to 17 ms, at batch 8 from
+55 ms to 40 ms (`python benchmarks/bench_cpu_gemm.py` measures both forms on the model's weights).
 
 The two forms round differently (different accumulation order), as transformers' own batch-1 and
 batch-8 products do; greedy parity with transformers is checked by tests/test_parity.py.
