@@ -126,7 +126,6 @@ def test_cpu_backend_equals_reference_backend(smollm, name, budget, options):
     policy, with budgets that evict (so the key bounds and page choices of the sparse policies are
     exercised), ragged prompts and more prompts than slots."""
     from raas_batch.engine.engine import Engine
-    from raas_batch.llm import LLM
     from raas_batch.policies import make_policy
     from raas_batch.sampling_params import SamplingParams
 
@@ -135,13 +134,15 @@ def test_cpu_backend_equals_reference_backend(smollm, name, budget, options):
                                        "Question: Tom has 3 apples and buys 5 more. How many now?\nAnswer:")]
     params = SamplingParams(max_new_tokens=48, temperature=0, ignore_eos=True)
     tokens = {}
-    for backend in ("torch", "cpu"):
-        llm = object.__new__(LLM)  # the loaded model, a fresh engine per backend
-        llm.__dict__.update(smollm.__dict__)
-        llm.engine = Engine(smollm.model, tok, smollm.eos_token_ids, make_policy(name, budget, 16, **options), 16, 2,
-                            4096, smollm.device, smollm.dtype, backend)
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
-        tokens[backend] = [o.outputs[0].token_ids for o in outs]
-        if name not in ("dense", "quest"):  # quest keeps every page and selects among them
-            assert any(o.outputs[0].evicted_pages > 0 for o in outs), "the budget should force evictions"
+    own_engine = smollm.engine
+    try:
+        for backend in ("torch", "cpu"):  # the loaded model, a fresh engine per backend (2 slots, 3 prompts)
+            smollm.engine = Engine(smollm.model, tok, smollm.eos_token_ids, make_policy(name, budget, 16, **options),
+                                   16, 2, 4096, smollm.device, smollm.dtype, backend)
+            outs = smollm.generate([{"prompt_token_ids": p} for p in prompts], params)
+            tokens[backend] = [o.outputs[0].token_ids for o in outs]
+            if name not in ("dense", "quest"):  # quest keeps every page and selects among them
+                assert any(o.outputs[0].evicted_pages > 0 for o in outs), "the budget should force evictions"
+    finally:
+        smollm.engine = own_engine
     assert tokens["cpu"] == tokens["torch"]
