@@ -9,16 +9,21 @@ its speed: SmolLM2's weight products per step at batch 1 go from 43 ms to 17 ms,
 
 The two forms round differently (different accumulation order), as transformers' own batch-1 and
 batch-8 products do; greedy parity with transformers is checked by tests/test_parity.py.
-Used only for fp32 on the CPU with at most `SMALL_ROWS` rows; everything else is `F.linear`.
+Used only for fp32 on the CPU with at most `SMALL_ROWS` rows; everything else is `F.linear`. The gain is
+MKL's behaviour on this machine (x86, AVX-512); on another CPU run `benchmarks/bench_cpu_gemm.py` and set
+RAAS_BATCH_SMALL_ROWS (0 turns the form off) to what it shows.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-SMALL_ROWS = 8  # up to this many rows take the transposed form (measured: it loses from ~12 rows on)
+# up to this many rows take the transposed form (measured here: it loses at 12 rows)
+SMALL_ROWS = int(os.environ.get("RAAS_BATCH_SMALL_ROWS", "8"))
 
 
 def small_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -30,10 +35,8 @@ def small_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 
 
 class Linear(nn.Linear):
-    fast_cpu = True  # class switch (tests turn it off to compare the two forms)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.fast_cpu and x.dim() == 2 and x.shape[0] <= SMALL_ROWS and x.device.type == "cpu"
-                and x.dtype == torch.float32 and self.weight.dtype == torch.float32 and x.shape[0] > 0):
+        if (x.dim() == 2 and 0 < x.shape[0] <= SMALL_ROWS and x.device.type == "cpu"
+                and x.dtype == torch.float32 and self.weight.dtype == torch.float32):
             return small_rows_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
