@@ -5,8 +5,8 @@ dozens of them per layer, so op count, not arithmetic, sets the decode speed. Th
 the same values as the references (tests/test_kernels_cpu.py checks them against each other) with:
 - pages gathered by `index_select` on a flat (page, head) row index, computed once per page table
   (the dense policy hands every layer of a step the same table) instead of once per layer;
-- no masking of V: the pool is zero-filled at creation and pages only ever hold keys and values the
-  model wrote, so slots past `fill` are finite and their softmax weight is exactly 0;
+- no masking of V: the pool zeroes a sequence's pages at admission, so slots past `fill` hold zeros or
+  what the same sequence wrote there (finite), and their softmax weight is exactly 0;
 - K/V appends as `index_copy_` on flat rows, and the page bounds updated by one min/max each.
 They may synchronise with the host (free on a CPU), so they are not for CUDA-graph capture: the engine
 uses them on the CPU only. Prefill and Quest scores are the references' own.

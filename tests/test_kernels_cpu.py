@@ -146,3 +146,27 @@ def test_cpu_backend_equals_reference_backend(smollm, name, budget, options):
     finally:
         smollm.engine = own_engine
     assert tokens["cpu"] == tokens["torch"]
+
+
+def test_admission_clears_a_previous_owners_values():
+    """Backend cpu does not mask V past a page's fill: the pool must zero a page's keys and values when a
+    new sequence takes it, so a previous owner's non-finite values cannot reach it."""
+    from raas_batch.engine.page_pool import PagePool
+
+    pool = PagePool(num_layers=2, num_pages=6, num_kv_heads=2, page_size=4, head_dim=8, dtype=torch.float32,
+                    device=torch.device("cpu"))
+    first = pool.allocate(3)
+    pool.k_cache[:, first] = float("nan")
+    pool.v_cache[:, first] = float("inf")
+    pool.release(first)
+    pool.allocate(3)  # the three untouched pages
+    again = pool.allocate(3)  # the poisoned ones, for a new owner
+    assert sorted(again) == sorted(first)
+    assert torch.all(pool.k_cache[:, again] == 0) and torch.all(pool.v_cache[:, again] == 0)
+    q = torch.randn(1, 4, 8)
+    pool.fill[0, again[0]] = 1  # one valid token; the other slots are former garbage
+    pool.k_cache[0, again[0], :, 0] = 1.0
+    pool.v_cache[0, again[0], :, 0] = 2.0
+    ids = torch.tensor([[[again[0]], [again[0]]]], dtype=torch.int32)
+    out = cpu.paged_decode_attention(q, pool.k_cache[0], pool.v_cache[0], ids, pool.fill[0], 0.3)
+    assert torch.allclose(out, torch.full_like(out, 2.0))

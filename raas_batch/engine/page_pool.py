@@ -9,7 +9,9 @@ pinned (never evicted), logical (which page of its sequence it holds, -1 when em
 
 Invariants:
 - A physical page belongs to at most one sequence (its quota), from admission to retirement.
-- `reset(pages)` runs at admission, so a sequence never sees a previous owner's metadata.
+- `reset(pages)` runs at admission, so a sequence never sees a previous owner's metadata, keys or
+  values: slots past a page's fill hold zeros or what this sequence wrote there earlier (finite unless
+  the sequence itself produced non-finite values), which lets backend `cpu` skip masking V.
 - Within a (layer, kv head), a page's valid tokens are offsets [0, fill) and hold the positions
   [logical * page_size, logical * page_size + fill) of its sequence.
 """
@@ -68,6 +70,8 @@ class PagePool:
 
     def reset(self, pages: list[int]) -> None:
         idx = torch.tensor(pages, dtype=torch.long, device=self.fill.device)
+        self.k_cache[:, idx] = 0  # a previous owner's non-finite values must not reach this sequence
+        self.v_cache[:, idx] = 0
         self.fill[:, idx] = 0
         self.stamp[:, idx] = 0
         self.pinned[:, idx] = False
