@@ -8,8 +8,8 @@ the same values as the references (tests/test_kernels_cpu.py checks them against
 - no masking of V: the pool zeroes a sequence's pages at admission, so slots past `fill` hold zeros or
   what the same sequence wrote there (finite), and their softmax weight is exactly 0;
 - K/V appends as `index_copy_` on flat rows, and the page bounds updated by one min/max each.
-They may synchronise with the host (free on a CPU), so they are not for CUDA-graph capture: the engine
-uses them on the CPU only. Prefill and Quest scores are the references' own.
+They may synchronise with the host (free on a CPU), so they are not for CUDA-graph capture: they are the
+default on the CPU, and the engine refuses them with CUDA graphs. Prefill and Quest scores are the references' own.
 """
 
 from __future__ import annotations

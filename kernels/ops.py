@@ -36,7 +36,7 @@ def get_ops(backend: str) -> SimpleNamespace:
     if backend == "triton":
         fns = {n: getattr(importlib.import_module(f".{m}", __package__), n) for n, m in _TRITON_MODULES.items()}
         return SimpleNamespace(backend="triton", **fns)
-    raise ValueError(f"unknown kernel backend {backend!r} (expected one of {', '.join(BACKENDS)})")
+    raise ValueError(f"attention backend {backend!r} is unknown; choose one of {', '.join(BACKENDS)}.")
 
 
 def get_layer_ops(backend: str) -> SimpleNamespace | None:

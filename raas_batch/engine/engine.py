@@ -14,17 +14,8 @@ from raas_batch.engine.model_runner import ModelRunner
 from raas_batch.engine.page_pool import PagePool
 from raas_batch.engine.scheduler import Scheduler
 from raas_batch.engine.sequence import Sequence
+from raas_batch.kernels.ops import get_layer_ops, get_ops
 from raas_batch.policies.base import KVPolicy
-
-
-def kernel_ops(backend: str):
-    """The kernel namespace for a backend: "torch" (the plain references, any device), "cpu" (the
-    references as fewer torch ops, for CPU decode speed) or "triton" (CUDA)."""
-    from raas_batch.kernels.ops import BACKENDS, get_ops
-
-    if backend not in BACKENDS:
-        raise ValueError(f"attention backend {backend!r} is unknown; choose one of {', '.join(BACKENDS)}.")
-    return get_ops(backend)
 
 
 class Engine:
@@ -44,11 +35,9 @@ class Engine:
         policy.on_admit(max_num_seqs, [scratch_page], 1)
         self.scheduler = Scheduler(self.pool, policy, max_num_seqs, max_prefill_tokens)
         max_pages = -(-spec.max_positions // page_size) + 1
-        self.runner = ModelRunner(model, self.pool, policy, kernel_ops(backend), device, max_num_seqs + 1, max_pages)
+        self.runner = ModelRunner(model, self.pool, policy, get_ops(backend), device, max_num_seqs + 1, max_pages)
         self.runner.set_slot_pages(max_num_seqs, [scratch_page])
         policy.use_ops(self.runner.ops)
-        from raas_batch.kernels.ops import get_layer_ops
-
         layer_ops = get_layer_ops(backend)
         for module in model.modules():  # fused norm / rotary kernels on the Triton path
             if hasattr(type(module), "kernels"):

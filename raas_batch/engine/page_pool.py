@@ -3,8 +3,8 @@
 Layout (docs/architecture.md): k_cache / v_cache [layers, pages, kv_heads, page_size, head_dim], keys
 stored after RoPE. Metadata per (layer, page, kv head): kmin / kmax [.., head_dim] (Quest's channel-wise
 key bounds: kept up to date when the KV policy reads them, `uses_key_bounds`, and always on the Triton
-path, whose fused append keeps them at no cost), fill (valid tokens), stamp (last decode position that wrote or refreshed the page),
-pinned (never evicted), logical (which page of its sequence it holds, -1 when empty) and mass
+path, whose fused append keeps them at no cost), fill (valid tokens), stamp (last decode position that
+wrote or refreshed the page), pinned (never evicted), logical (which page of its sequence it holds, -1 when empty) and mass
 (accumulated attention mass, for H2O).
 
 Invariants:
