@@ -9,7 +9,8 @@ the same values as the references (tests/test_kernels_cpu.py checks them against
   what the same sequence wrote there (finite), and their softmax weight is exactly 0;
 - K/V appends as `index_copy_` on flat rows, and the page bounds updated by one min/max each.
 They may synchronise with the host (free on a CPU), so they are not for CUDA-graph capture: they are the
-default on the CPU, and the engine refuses them with CUDA graphs. Prefill and Quest scores are the references' own.
+default on the CPU, and the engine refuses them with CUDA graphs. Prefill, Quest scores and the bounded
+policies' bookkeeping (bounded_write, bounded_update) are the references' own.
 """
 
 from __future__ import annotations

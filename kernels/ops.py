@@ -1,8 +1,9 @@
 """Kernel-op dispatcher: `get_ops("torch")` -> the references, `get_ops("cpu")` -> the CPU decode path,
 `get_ops("triton")` -> the Triton kernels.
 
-All namespaces carry the four ops of docs/architecture.md with the same signatures:
-paged_decode_attention, page_scores, kv_append, prefill_attention. Triton modules are imported only
+All namespaces carry the ops of docs/architecture.md with the same signatures: paged_decode_attention,
+page_scores, kv_append, prefill_attention, and the bounded policies' bookkeeping, bounded_write and
+bounded_update. Triton modules are imported only
 when asked for, so the torch backend works where Triton cannot run.
 """
 
@@ -17,6 +18,8 @@ _TRITON_MODULES = {
     "page_scores": "page_scores",
     "kv_append": "kv_append",
     "prefill_attention": "prefill_attention",
+    "bounded_write": "bounded_write",
+    "bounded_update": "bounded_update",
 }
 OP_NAMES = tuple(_TRITON_MODULES)
 
@@ -25,14 +28,15 @@ BACKENDS = ("torch", "cpu", "triton")
 
 
 def get_ops(backend: str) -> SimpleNamespace:
-    """Return a namespace with the four kernel ops of `backend`: "torch" (the references: plain, any
+    """Return a namespace with the kernel ops of `backend`: "torch" (the references: plain, any
     device), "cpu" (the references rewritten as fewer torch ops; may synchronise with the host, so not
     for CUDA graphs) or "triton" (CUDA)."""
     if backend in ("torch", "cpu"):
         from . import cpu, reference
 
         module = reference if backend == "torch" else cpu
-        return SimpleNamespace(backend=backend, **{n: getattr(module, n) for n in OP_NAMES})
+        return SimpleNamespace(backend=backend, **{n: getattr(module, n, None) or getattr(reference, n)
+                                                   for n in OP_NAMES})
     if backend == "triton":
         fns = {n: getattr(importlib.import_module(f".{m}", __package__), n) for n, m in _TRITON_MODULES.items()}
         return SimpleNamespace(backend="triton", **fns)

@@ -159,3 +159,136 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
         return (xf * c + rotated * s).to(x.dtype)
 
     return rotate(q), rotate(k)
+
+
+# ---- KV policy bookkeeping (the bounded policies of raas_batch/policies/bounded.py) ----
+EVICTION_KEYS = ("stamp", "mass", "logical")
+UPDATE_RULES = ("top_half", "alpha", "mass", "accumulate")
+
+
+def _argmin_older(key: torch.Tensor, logical: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+    """key, logical: [..., W]; cand: [..., W] bool -> [...] index of the candidate with the lowest key,
+    ties broken towards the smaller logical page (the older one). Rows without candidates give 0."""
+    big = torch.finfo(torch.float64).max
+    k = torch.where(cand, key.double(), big)
+    best = k.amin(dim=-1, keepdim=True)
+    tied = cand & (k == best)
+    lg = torch.where(tied, logical.long(), torch.iinfo(torch.int64).max)
+    return lg.argmin(dim=-1)
+
+
+def bounded_write(table, slot_ids, positions, nslots, window, cur, held, peak, evicted,
+                  fill, logical, pinned, stamp, mass, page_size: int, key: str = "stamp",
+                  min_logical: int = 0, stamp_on_write: bool = True) -> torch.Tensor:
+    """Choose the page each (sequence, KV head) appends this step's token to, evicting where a page opens.
+
+    table: [B, W] int32 each sequence's quota pages (-1 padded); slot_ids, positions: [B] int64;
+    nslots, window: [num_slots] int64 (per sequence: usable quota columns, eviction window);
+    cur, held, peak, evicted: [num_slots, Hkv] int64, this layer's per-sequence state (in/out);
+    fill, logical: [N, Hkv] int32, pinned: [N, Hkv] bool, stamp: [N, Hkv] int64, mass: [N, Hkv] float32,
+    this layer's page metadata (in/out). Returns [B, Hkv] int32.
+
+    A page opens when positions % page_size == 0. Then the new page is the first empty usable column
+    (column < nslots, page >= 0, fill == 0) or, when none is empty, the victim: among held (fill > 0),
+    unpinned pages with logical <= positions // page_size - window and logical >= min_logical, the one
+    with the lowest key (stamp, mass or logical), ties to the smaller logical page. If that filter
+    leaves no page (the policies size their quotas so that it cannot), any held unpinned page may be
+    the victim. The opened page's fill, pinned and mass are reset and its logical set. Otherwise the
+    page is cur. Stamp = position on the written page (every step with stamp_on_write, else only when
+    it opens). held += 1 - (tokens of the evicted page); peak = max(peak, held); evicted += 1 on eviction.
+    """
+    P = page_size
+    B, W = table.shape
+    Hkv = fill.shape[1]
+    dev = table.device
+    heads = torch.arange(Hkv, device=dev).unsqueeze(0).expand(B, Hkv)  # [B, Hkv]
+    pos = positions.long()
+    cur_b = cur[slot_ids]  # [B, Hkv]
+    opening = (pos % P == 0).unsqueeze(1).expand(B, Hkv)
+    new_logical = (pos // P).view(-1, 1, 1)
+    cols = torch.arange(W, device=dev).unsqueeze(0)
+    tbl = torch.where(cols < nslots[slot_ids].unsqueeze(1), table.long(), -1)  # [B, W]
+    safe = tbl.clamp(min=0)
+
+    def meta(t: torch.Tensor) -> torch.Tensor:  # [N, Hkv] -> [B, Hkv, W]
+        return t[safe].transpose(1, 2)
+
+    usable = (tbl >= 0).unsqueeze(1)  # [B, 1, W]
+    f, lg, pin = meta(fill), meta(logical), meta(pinned)
+    empty = usable & (f == 0)
+    base = usable & (f > 0) & ~pin
+    cand = base & (lg <= new_logical - window[slot_ids].view(-1, 1, 1)) & (lg >= min_logical)
+    cand = torch.where(cand.any(-1, keepdim=True), cand, base)
+    keys = {"stamp": stamp, "mass": mass, "logical": logical}[key]
+    victim = _argmin_older(meta(keys), lg, cand)
+    has_empty = empty.any(-1)
+    col = torch.where(has_empty, empty.int().argmax(-1), victim)  # [B, Hkv]
+    new_page = tbl.unsqueeze(1).expand(B, Hkv, W).gather(2, col.unsqueeze(-1)).squeeze(-1)
+    evict = opening & ~has_empty
+    freed = torch.where(evict, f.gather(2, col.unsqueeze(-1)).squeeze(-1).long(), 0)
+    page = torch.where(opening, new_page, cur_b)  # [B, Hkv]
+
+    def put(t: torch.Tensor, mask: torch.Tensor, value) -> None:
+        # Pages are distinct per (b, head): no write conflicts. A Python scalar goes to torch.where as
+        # is (a device tensor made from it would be a host copy: a sync, not capturable in a graph).
+        t[page, heads] = torch.where(mask, value.to(t.dtype) if isinstance(value, torch.Tensor) else value,
+                                     t[page, heads])
+
+    put(fill, opening, 0)
+    put(logical, opening, (pos // P).unsqueeze(1))
+    put(pinned, opening, False)
+    put(mass, opening, 0.0)
+    put(stamp, torch.ones_like(opening) if stamp_on_write else opening, pos.unsqueeze(1))
+    cur[slot_ids] = page
+    held_now = held[slot_ids] + 1 - freed
+    held[slot_ids] = held_now
+    peak[slot_ids] = torch.maximum(peak[slot_ids], held_now)
+    evicted[slot_ids] += evict.long()
+    return page.to(torch.int32)
+
+
+def bounded_update(page_ids, values, cur, slot_ids, positions, top, fill, pinned, stamp, mass,
+                   rule: str, refresh_pinned: bool = False, alpha: float = 0.0, scale: float = 1.0) -> None:
+    """After attention: refresh page stamps (RaaS) or accumulate attention mass (H2O), in place.
+
+    page_ids: [B, Hkv, S] int32 the pages read (-1 = none, distinct per row); values: [B, Hkv, S]
+    float32 (Quest bounds for rules top_half / alpha, the attention mass for mass / accumulate);
+    cur: [num_slots, Hkv] int64 page being written; slot_ids, positions: [B] int64; top: [num_slots]
+    int64 refresh slots (top_half); fill [N, Hkv] int32, pinned [N, Hkv] bool, stamp [N, Hkv] int64,
+    mass [N, Hkv] float32: this layer's metadata.
+
+    Refreshable: listed, fill > 0, not the current page, unpinned unless refresh_pinned. Rules:
+    - top_half: the refreshable pages ranked by value (descending; ties to the earlier column) below
+      top[slot] get stamp = position;
+    - alpha: softmax over listed non-empty pages of (value * scale + log fill) > alpha -> stamp;
+    - mass: value > alpha -> stamp;
+    - accumulate: mass[page] += value for every listed page (no stamps).
+    """
+    safe = page_ids.clamp(min=0).long()
+    Hkv = page_ids.shape[1]
+    heads = torch.arange(Hkv, device=page_ids.device).view(1, -1, 1).expand_as(safe)
+    listed = page_ids >= 0
+    if rule == "accumulate":
+        # values are 0 for -1 entries' clamped index when masked: accumulating them is harmless
+        mass.index_put_((safe, heads), torch.where(listed, values, 0.0), accumulate=True)
+        return
+    f = fill[safe, heads]
+    ok = listed & (f > 0) & (safe != cur[slot_ids].unsqueeze(-1))
+    if not refresh_pinned:
+        ok &= ~pinned[safe, heads]
+    if rule == "top_half":
+        s = values.masked_fill(~ok, float("-inf"))
+        order = s.argsort(dim=-1, descending=True, stable=True)
+        rank = torch.empty_like(order)
+        rank.scatter_(-1, order, torch.arange(s.shape[-1], device=s.device).expand_as(order))
+        refresh = ok & (rank < top[slot_ids].view(-1, 1, 1))
+    elif rule == "alpha":
+        logit = values * scale + f.float().clamp(min=1).log()
+        logit = logit.masked_fill(~listed | (f == 0), float("-inf"))
+        refresh = ok & (torch.softmax(logit, dim=-1) > alpha)
+    elif rule == "mass":
+        refresh = ok & (values > alpha)
+    else:
+        raise ValueError(f"bounded_update rule {rule!r} is unknown; choose one of {', '.join(UPDATE_RULES)}.")
+    delta = torch.where(refresh, positions.view(-1, 1, 1) - stamp[safe, heads], 0)
+    stamp.index_put_((safe, heads), delta, accumulate=True)  # zero deltas make -1 padding harmless

@@ -8,7 +8,7 @@ import torch
 from raas_batch.kernels import reference as ops
 
 from raas_batch.engine.page_pool import PagePool, PrefillPages
-from raas_batch.policies import POLICIES, DecodeContext, make_policy
+from raas_batch.policies import POLICIES, DecodeContext, PolicyMixture, make_policy
 from raas_batch.policies.bounded import BoundedPolicy
 
 P, HKV, HQ, D = 4, 2, 4, 8
@@ -45,7 +45,7 @@ class Harness:
         width = max(len(self.seqs[s]["pages"]) for s in slots)
         table = [self.seqs[s]["pages"] + [-1] * (width - len(self.seqs[s]["pages"])) for s in slots]
         return DecodeContext(slot_ids=torch.tensor(slots), positions=torch.tensor([self.seqs[s]["pos"] for s in slots]),
-                             block_tables=torch.tensor(table, dtype=torch.int32), host_slot_ids=list(slots))
+                             page_tables=torch.tensor(table, dtype=torch.int32), host_slot_ids=list(slots))
 
     def step(self, slots: list[int], q=None, k=None, layer: int = 0):
         """One decode step of `slots` in `layer` -> (written pages [B, Hkv], read pages [B, Hkv, S])."""
@@ -61,7 +61,7 @@ class Harness:
         res = ops.paged_decode_attention(q, pool.k_cache[layer], pool.v_cache[layer], read, pool.fill[layer], D**-0.5,
                                          return_mass=self.policy.needs_mass)
         mass = res[1] if self.policy.needs_mass else None
-        self.policy.observe(layer, ctx, read, mass)
+        self.policy.after_attention(layer, q, ctx, read, mass)
         if layer == self.pool.num_layers - 1:
             for s in slots:
                 self.seqs[s]["pos"] += 1
@@ -234,6 +234,13 @@ def test_quest_selects_largest_bounds():
 
 
 # ---- invariants over long random runs ----
+def _page_state(pool, pages):
+    """Everything a write could change on `pages` (all layers and heads)."""
+    idx = torch.tensor(pages, dtype=torch.long)
+    return [t[:, idx].clone() for t in (pool.k_cache, pool.v_cache, pool.fill, pool.stamp, pool.logical,
+                                        pool.pinned, pool.mass)]
+
+
 @pytest.mark.parametrize("name", BOUNDED)
 def test_bounded_invariants_long_run(name):
     budget = 6 * P
@@ -243,24 +250,99 @@ def test_bounded_invariants_long_run(name):
     for s, n in prompts.items():
         h.admit(s, n)
     assert quota == {0: 6, 1: 6, 2: 9}
+    owned = [p for s in prompts for p in h.seqs[s]["pages"]]
+    others = [p for p in range(h.pool.num_pages) if p not in owned]  # free pages: nobody may write them
+    h.pool.k_cache[:, others] = float("nan")  # poisoned: a stray write or read would show
+    outside_before = _page_state(h.pool, others)
     pinned_before = {s: (h.pool.pinned[:, h.seqs[s]["pages"]].clone(), h.pool.logical[:, h.seqs[s]["pages"]].clone())
                      for s in prompts}
     for _ in range(20 * P + 3):
         for layer in range(2):
-            h.step(list(prompts), layer=layer)
+            write, read = h.step(list(prompts), layer=layer)
+            for row, s in enumerate(prompts):  # a sequence writes and reads only its own quota pages
+                mine = set(h.seqs[s]["pages"][:quota[s]]) | {-1}
+                assert set(write[row].tolist()) <= mine and set(read[row].flatten().tolist()) <= mine
         for s in prompts:
             fill = h.pool.fill[:, h.seqs[s]["pages"]]  # [Lyr, Q, Hkv]
-            assert ((fill > 0).sum(1) <= quota[s]).all()
             assert (fill.sum(1) <= quota[s] * P).all()
             pinned, logical = pinned_before[s]
             kept = h.pool.logical[:, h.seqs[s]["pages"]]
             assert (kept[pinned] == logical[pinned]).all(), "a pinned page was evicted"
+    after = _page_state(h.pool, others)
+    for before_t, after_t in zip(outside_before, after):
+        assert torch.equal(before_t.nan_to_num(), after_t.nan_to_num()), "a page outside every quota was written"
     for s in prompts:
         peak, evicted = h.policy.seq_stats(s, h.seqs[s]["pages"])
         assert peak <= quota[s] * P and evicted > 0
         held = h.pool.fill[:, h.seqs[s]["pages"]].sum(1)  # [Lyr, Hkv]
         assert (h.policy.held[:, s] == held).all()
     assert h.policy.over_budget(7 * P, 1000) and not h.policy.over_budget(2 * P + 3, 1000)
+
+
+FILTERS = [("raas", {"recent_pages": 1}), ("raas", {"recent_pages": 3}), ("raas", {"recent_pages": 2, "pin_prompt": False}),
+           ("h2o", {}), ("h2o", {"pin_prompt": True}), ("streaming", {}), ("streaming", {"pin_prompt": True})]
+
+
+@pytest.mark.parametrize("name,options", FILTERS)
+def test_eviction_filter_is_never_dropped(name, options):
+    """Every victim lies outside the policy's window (RaaS's recent pages, H2O's recent half) and is
+    not a sink (StreamingLLM), also for prompts that fill the budget: the quota grows to fit."""
+    h = Harness(make_policy(name, 5 * P, P, **options), num_layers=1)
+    prompts = {0: 3 * P + 1, 1: 6 * P + 2, 2: 2}  # slot 1 is over budget
+    for s, n in prompts.items():
+        h.admit(s, n)
+    evictions = 0
+    for _ in range(24 * P):
+        before = h.pool.logical[0].clone()  # [N, Hkv]
+        positions = {s: h.seqs[s]["pos"] for s in prompts}
+        write, _ = h.step(list(prompts))
+        for row, s in enumerate(prompts):
+            new_logical = positions[s] // P
+            for head in range(HKV):
+                page = int(write[row, head])
+                old = int(before[page, head])
+                if positions[s] % P or old < 0:
+                    continue  # no page opened, or an empty slot was taken
+                evictions += 1
+                window = int(h.policy.window[s])
+                assert old <= new_logical - window, (s, old, new_logical, window)
+                assert old >= h.policy.min_logical
+    assert evictions > 20
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_read_pages_is_pure(name):
+    h = Harness(make_policy(name, None if name == "dense" else 4 * P, P))
+    h.admit(0, 2 * P + 1, max_new=40)
+    h.admit(1, 3, max_new=40)
+    for _ in range(3 * P):
+        h.step([0, 1])
+    pool, ctx = h.pool, h.ctx([0, 1])
+    state = [t.clone() for t in (pool.fill, pool.stamp, pool.logical, pool.pinned, pool.mass)]
+    q = torch.randn(2, HQ, D, generator=h.gen)
+    first = h.policy.read_pages(0, q, ctx)
+    second = h.policy.read_pages(0, q, h.ctx([0, 1]))
+    assert torch.equal(first, second)
+    for before, now in zip(state, (pool.fill, pool.stamp, pool.logical, pool.pinned, pool.mass)):
+        assert torch.equal(before, now)
+
+
+def test_mixture_is_refused_with_cuda_graphs(tmp_path):
+    from raas_batch.engine.engine import Engine
+    from raas_batch.models.loader import load_model
+
+    mixture = PolicyMixture({"raas": make_policy("raas", 64, 16), "h2o": make_policy("h2o", 64, 16)}, 16)
+    loaded = load_model(None, torch.float32, torch.device("cpu"), hf_config=_tiny_config())
+    with pytest.raises(ValueError, match="cannot run in CUDA graphs"):
+        Engine(loaded.model, None, [], mixture, 16, 2, 1024, torch.device("cpu"), torch.float32, backend="torch",
+               cuda_graphs=True)
+
+
+def _tiny_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
 
 
 def test_isinstance_bounded():

@@ -45,6 +45,9 @@ class Engine:
         if cuda_graphs is None:
             cuda_graphs = device.type == "cuda"
         if cuda_graphs:
+            if not policy.supports_cuda_graphs:
+                raise ValueError(f"KV policy {policy.name!r} cannot run in CUDA graphs (it splits each step's "
+                                 "batch on the host); turn CUDA graphs off (LLM(enforce_eager=True)).")
             if backend == "cpu":
                 raise ValueError("backend 'cpu' synchronises with the host, so it cannot run in CUDA graphs; "
                                  "use backend 'triton' or 'torch', or turn CUDA graphs off (enforce_eager).")

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from raas_batch.engine.attention import StepContext, set_context
 from raas_batch.engine.page_pool import PagePool, PrefillPages
 from raas_batch.engine.sampler import SamplingBatch, sample
 from raas_batch.engine.sequence import Sequence
+from raas_batch.engine.step_context import StepContext, set_context
 from raas_batch.policies.base import DecodeContext, KVPolicy
 
 
@@ -92,7 +92,7 @@ class ModelRunner:
                        host_slot_ids: list[int] | None = None) -> torch.Tensor:
         """The decode forward on device tensors ([B] each) -> hidden [B, hidden]. Never synchronises
         with the host, so it can be captured in a CUDA graph."""
-        dec = DecodeContext(slot_ids=slot_ids, positions=positions, block_tables=self.slot_tables[slot_ids, :width],
+        dec = DecodeContext(slot_ids=slot_ids, positions=positions, page_tables=self.slot_tables[slot_ids, :width],
                             host_slot_ids=host_slot_ids or [])
         set_context(StepContext(is_prefill=False, pool=self.pool, policy=self.policy, ops=self.ops, decode=dec))
         try:

@@ -1,7 +1,7 @@
 """The decoder shared by the Llama, Mistral, Qwen2 and Qwen3 families, written as plain PyTorch.
 
 Tokens of all sequences in a step are flattened: input_ids [T], positions [T]. Attention goes
-through `raas_batch.engine.attention.attend`, which reads the step's metadata (prefill or decode)
+through `raas_batch.layers.attention.attend`, which reads the step's metadata (prefill or decode)
 and the paged KV cache. transformers supplies only the config and the weights.
 """
 
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raas_batch.engine.attention import attend
+from raas_batch.layers.attention import attend
 from raas_batch.layers.linear import Linear
 from raas_batch.layers.norm import RMSNorm
 from raas_batch.layers.rotary import RotaryEmbedding

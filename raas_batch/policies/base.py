@@ -5,7 +5,13 @@ so that the GPU path can capture decode steps in CUDA graphs. Host-side hooks (`
 `on_admit`, `over_budget`, `seq_stats`) run at admission and retirement.
 
 Per decode step and layer the attention layer calls, in order:
-  write_pages -> kv_append (kernel) -> read_pages -> paged_decode_attention (kernel) -> observe
+  write_pages -> kv_append (kernel) -> read_pages -> paged_decode_attention (kernel) -> after_attention
+Each hook does what its name says:
+- `write_pages` chooses the page each (sequence, KV head) writes and changes whatever that choice
+  changes (evicting a victim, resetting an opened page, stamping the written page);
+- `read_pages` is a pure read: it changes no state (calling it twice gives the same pages);
+- `after_attention` is the one hook that updates state from what attention saw (RaaS refreshes
+  stamps from the query's page bounds or the pages' attention mass; H2O accumulates mass).
 
 Per-sequence settings: a sequence may carry `kv_override` (the scheduler passes it to the host-side
 hooks): for a single policy it is that sequence's kv_budget in tokens (None = the policy's own); for a
@@ -26,23 +32,23 @@ import torch
 class DecodeContext:
     """Device tensors describing one decode step (B sequences).
 
-    slot_ids: [B] int64, each sequence's row in per-sequence state tensors (< max_num_seqs).
+    slot_ids: [B] int64, each sequence's slot: its row in every per-sequence tensor (< max_num_seqs).
     positions: [B] int64, absolute position of the token being appended.
-    block_tables: [B, Q] int32, each sequence's quota pages in order, -1 padded.
+    page_tables: [B, W] int32, each sequence's quota pages in order, -1 padded.
     host_slot_ids: the same slot ids as a host list (known before the step; lets a PolicyMixture
     split the batch by member without a device sync).
     """
 
     slot_ids: torch.Tensor
     positions: torch.Tensor
-    block_tables: torch.Tensor
+    page_tables: torch.Tensor
     host_slot_ids: list[int] = field(default_factory=list)
     # Per-step values a policy computes once and reuses in every layer (e.g. the dense page table).
     memo: dict = field(default_factory=dict)
 
     def select(self, rows: torch.Tensor, host_rows: list[int]) -> DecodeContext:
         """The sub-batch of `rows` ([b] int64 device tensor; the same indices as a host list)."""
-        return DecodeContext(self.slot_ids[rows], self.positions[rows], self.block_tables[rows],
+        return DecodeContext(self.slot_ids[rows], self.positions[rows], self.page_tables[rows],
                              [self.host_slot_ids[r] for r in host_rows])
 
 
@@ -54,11 +60,12 @@ class KVPolicy:
     page_size: int = 16
 
     name: ClassVar[str] = ""
-    needs_mass: ClassVar[bool] = False  # observe() wants the attention mass per page read
+    needs_mass: ClassVar[bool] = False  # after_attention() wants the attention mass per page read
     # reads the pages' key bounds (pool.kmin / kmax, via ops.page_scores); when False the CPU backends
     # skip maintaining them
     uses_key_bounds: ClassVar[bool] = True
     ops: ClassVar[object] = None  # kernel namespace (page_scores); set by the engine via use_ops
+    supports_cuda_graphs: ClassVar[bool] = True  # the decode hooks need nothing a graph replay lacks
 
     def quota_pages(self, num_prompt_tokens: int, max_new_tokens: int, override=None) -> int:
         """Pages reserved for a sequence at admission (never exceeded afterwards)."""
@@ -97,11 +104,14 @@ class KVPolicy:
         raise NotImplementedError
 
     def read_pages(self, layer: int, q: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
-        """q: [B, Hq, D] -> [B, Hkv, S] int32 pages to attend (-1 = none); includes the written page."""
+        """q: [B, Hq, D] -> [B, Hkv, S] int32 pages to attend (-1 = none); includes the written page.
+        Pure: changes no state."""
         raise NotImplementedError
 
-    def observe(self, layer: int, ctx: DecodeContext, page_ids: torch.Tensor, mass: torch.Tensor | None) -> None:
-        """After attention: page_ids [B, Hkv, S] as read, mass [B, Hkv, S] float32 (if needs_mass)."""
+    def after_attention(self, layer: int, q: torch.Tensor, ctx: DecodeContext, page_ids: torch.Tensor,
+                        mass: torch.Tensor | None) -> None:
+        """The state update from this step's attention: q [B, Hq, D]; page_ids [B, Hkv, S] as read;
+        mass [B, Hkv, S] float32 per page read (None unless needs_mass)."""
 
     def seq_stats(self, slot: int, pages: list[int]) -> tuple[int, int]:
         """Host-side, at retirement: (peak_kv_tokens, evicted_pages) of the sequence."""

@@ -2,17 +2,35 @@
 
 A sequence's quota is Q page slots (Q = kv_budget / page_size), reserved at admission. In every
 (layer, KV head) the sequence's tokens live in those Q slots only: when a new page is needed
-(the token's position starts a page) and no slot is empty, the policy picks a victim page among the
-held, unpinned pages (`_eviction_key`, lowest first, ties to the older page, i.e. the smaller logical
-index), resets its metadata and reuses its slot for the new page. Nothing is masked while held.
+(the token's position starts a page) and no slot is empty, the policy evicts a victim among the
+held, unpinned pages and reuses its slot for the new page. Nothing is masked while held.
 
     quota slots of one (layer, head):  [ prompt pages (pinned?) | decode pages ... | empty ]
                                          ^ never evicted if pinned    ^ victim = lowest key
 
+The victim is the candidate with the lowest key (`eviction_key`: stamp for RaaS, accumulated mass for
+H2O, logical index for StreamingLLM), ties to the older page (the smaller logical index). Candidates
+are the held, unpinned pages outside the sequence's eviction window: logical <= new page - window
+(`window_pages`: RaaS's `recent_pages` + 1, H2O's recent half) and logical >= `min_logical`
+(StreamingLLM's attention sink). Quotas are sized so that this filter always leaves a candidate
+(`decode_allowance`, H2O's window counted over unpinned slots), so it is never dropped; the kernel
+op `bounded_write` (kernels/reference.py is its specification) still falls back to any unpinned page
+rather than write outside the quota, and tests/test_policies.py checks over long runs that every
+victim satisfied the filter.
+
+Per decode step and layer (policies/base.py has the contract):
+- `write_pages` runs `ops.bounded_write`: picks the page (evicting where a page opens), resets an
+  opened page's metadata, stamps the written page, and keeps the per-sequence counters;
+- `read_pages` is a pure read: the sequence's first `nslots` quota pages, the same for every sparse
+  layer and head, built once per step (DecodeContext.memo);
+- `after_attention` (subclasses) refreshes stamps or accumulates mass with `ops.bounded_update`.
+On the Triton backend both ops are one small kernel each over (sequence, KV head), with no host sync.
+
 Invariants (tested in tests/test_policies.py):
 - pages held per (sequence, layer, head) never exceed the quota, so held tokens <= Q * page_size;
 - a pinned page is never evicted; the page being written is never the victim;
-- prompt too long: Q = prompt pages + 2 (the current page and one more), reported by `over_budget`;
+- prompt too long: Q = prompt pages + the decode allowance (the current page and one more, or what
+  the eviction window needs), reported by `over_budget`;
 - a budget covering the whole sequence never evicts (Q is capped at the sequence's own pages).
 
 Per-sequence state lives in tensors indexed by slot (DecodeContext.slot_ids): the page currently
@@ -34,31 +52,30 @@ from raas_batch.policies.base import DecodeContext, KVPolicy
 DECODE_ALLOWANCE = 2  # pages beyond the prompt when the prompt alone does not fit (current + one)
 
 
-def argmin_older(key: torch.Tensor, logical: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
-    """key, logical: [..., W]; cand: [..., W] bool -> [...] index of the candidate with the lowest key,
-    ties broken towards the smaller logical page (the older one). Rows without candidates give 0."""
-    big = torch.finfo(torch.float64).max
-    k = torch.where(cand, key.double(), big)
-    best = k.amin(dim=-1, keepdim=True)
-    tied = cand & (k == best)
-    lg = torch.where(tied, logical.long(), torch.iinfo(torch.int64).max)
-    return lg.argmin(dim=-1)
-
-
 @dataclass
 class BoundedPolicy(KVPolicy):
     pin_prompt: bool = False  # prefill pins the prompt pages (never evicted)
     dense_layers: int = 0  # the first k layers keep every token (memory then O(N))
 
     stamp_on_write: ClassVar[bool] = True  # the written page is stamped with the position every step
+    eviction_key: ClassVar[str] = "stamp"  # "stamp" | "mass" | "logical": the victim has the lowest
+    min_logical: ClassVar[int] = 0  # pages with a smaller logical index are never victims
 
     # ---- host side ----
+    def decode_allowance(self) -> int:
+        """Unpinned pages a quota needs beyond the prompt so that the eviction window leaves a candidate."""
+        return DECODE_ALLOWANCE
+
+    def window_pages(self, nslots: int, pinned_pages: int) -> int:
+        """Eviction window of a sequence: victims have logical <= (new page) - window. 1 = any older page."""
+        return 1
+
     def _budget(self, override) -> int:
         return int(override) if override is not None else int(self.kv_budget)
 
     def _sparse_slots(self, num_prompt_tokens: int, max_new_tokens: int, override=None) -> int:
         budget_pages = self._budget(override) // self.page_size
-        need = max(budget_pages, self.pages_for(num_prompt_tokens) + DECODE_ALLOWANCE)
+        need = max(budget_pages, self.pages_for(num_prompt_tokens) + self.decode_allowance())
         return min(need, self.pages_for(num_prompt_tokens + max_new_tokens))
 
     def quota_pages(self, num_prompt_tokens: int, max_new_tokens: int, override=None) -> int:
@@ -78,20 +95,26 @@ class BoundedPolicy(KVPolicy):
         super().bind(pool, max_num_seqs)
         dev = pool.fill.device
         shape = (pool.num_layers, max_num_seqs, pool.num_kv_heads)
-        self.nslots = torch.zeros(max_num_seqs, dtype=torch.int64, device=dev)  # slots sparse layers use
-        self.budget_pages = torch.zeros(max_num_seqs, dtype=torch.int64, device=dev)  # kv_budget / P
-        self.cur = torch.zeros(shape, dtype=torch.int64, device=dev)  # page being written
-        self.held = torch.zeros(shape, dtype=torch.int64, device=dev)  # tokens held now
-        self.peak = torch.zeros(shape, dtype=torch.int64, device=dev)
-        self.evicted = torch.zeros(shape, dtype=torch.int64, device=dev)
-        self._heads = torch.arange(pool.num_kv_heads, device=dev)
+        per_seq = {"dtype": torch.int64, "device": dev}
+        self.nslots = torch.zeros(max_num_seqs, **per_seq)  # quota columns the sparse layers use
+        self.budget_pages = torch.zeros(max_num_seqs, **per_seq)  # kv_budget / P
+        self.window = torch.ones(max_num_seqs, **per_seq)  # eviction window (window_pages)
+        self.top = torch.zeros(max_num_seqs, **per_seq)  # refresh slots per step (RaaS top-half)
+        self.cur = torch.zeros(shape, **per_seq)  # page being written
+        self.held = torch.zeros(shape, **per_seq)  # tokens held now
+        self.peak = torch.zeros(shape, **per_seq)
+        self.evicted = torch.zeros(shape, **per_seq)
 
     def on_admit(self, slot: int, pages: list[int], num_prompt_tokens: int, override=None) -> None:
         n = num_prompt_tokens
+        prompt_pages = self.pages_for(n)
+        budget_pages = self._budget(override) // self.page_size
         # max_new_tokens is not passed here: the quota already caps the slots at the sequence's pages.
-        self.nslots[slot] = min(len(pages), max(self._budget(override) // self.page_size,
-                                                self.pages_for(n) + DECODE_ALLOWANCE))
-        self.budget_pages[slot] = self._budget(override) // self.page_size
+        nslots = min(len(pages), max(budget_pages, prompt_pages + self.decode_allowance()))
+        self.nslots[slot] = nslots
+        self.budget_pages[slot] = budget_pages
+        self.window[slot] = self.window_pages(nslots, prompt_pages if self.pin_prompt else 0)
+        self.top[slot] = budget_pages // 2
         self.cur[:, slot] = pages[(n - 1) // self.page_size]
         self.held[:, slot] = n
         self.peak[:, slot] = n
@@ -101,88 +124,48 @@ class BoundedPolicy(KVPolicy):
         return int(self.peak[:, slot].max().item()), int(self.evicted[:, slot].max().item())
 
     # ---- device side ----
-    def _slot_table(self, layer: int, ctx: DecodeContext) -> torch.Tensor:
-        """-> [B, W] int64 the pages this layer may use (-1 = not usable)."""
-        table = ctx.block_tables.long()
-        if layer < self.dense_layers:
-            return table
-        cols = torch.arange(table.shape[1], device=table.device).unsqueeze(0)
-        return torch.where(cols < self.nslots[ctx.slot_ids].unsqueeze(1), table, -1)
-
-    def _meta(self, tensor_layer: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-        """tensor_layer: [N, Hkv]; table: [B, W] (-1 allowed) -> [B, Hkv, W]."""
-        return tensor_layer[table.clamp(min=0)].transpose(1, 2)
-
-    def _eviction_key(self, layer: int, ctx: DecodeContext, table: torch.Tensor, logical: torch.Tensor,
-                      cand: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (key [B, Hkv, W], candidates [B, Hkv, W]): the victim is the candidate with the lowest key."""
-        raise NotImplementedError
-
     def write_pages(self, layer: int, ctx: DecodeContext) -> torch.Tensor:
+        pool = self.pool
+        if layer < self.dense_layers:  # every token kept: the page of the token's logical index
+            page = ctx.page_tables.long().gather(1, (ctx.positions // self.page_size).unsqueeze(1))  # [B, 1]
+            page = page.expand(-1, pool.num_kv_heads)
+            self._dense_layer_write(layer, ctx, page)
+            return page.to(torch.int32)
+        return self._ops().bounded_write(
+            ctx.page_tables, ctx.slot_ids, ctx.positions, self.nslots, self.window,
+            self.cur[layer], self.held[layer], self.peak[layer], self.evicted[layer],
+            pool.fill[layer], pool.logical[layer], pool.pinned[layer], pool.stamp[layer], pool.mass[layer],
+            self.page_size, key=self.eviction_key, min_logical=self.min_logical,
+            stamp_on_write=self.stamp_on_write)
+
+    def _dense_layer_write(self, layer: int, ctx: DecodeContext, page: torch.Tensor) -> None:
+        """A dense layer's metadata and counters (no eviction): opened pages reset, written page stamped."""
         pool, P = self.pool, self.page_size
-        pos = ctx.positions  # [B]
-        B, Hkv = pos.shape[0], pool.num_kv_heads
-        heads = self._heads.unsqueeze(0).expand(B, Hkv)
-        cur = self.cur[layer, ctx.slot_ids]  # [B, Hkv]
-        opening = (pos % P == 0).unsqueeze(1).expand(B, Hkv)  # [B, Hkv] a new page is needed
-        if layer < self.dense_layers:
-            new_page = ctx.block_tables.long().gather(1, (pos // P).unsqueeze(1)).expand(B, Hkv)
-            evict = torch.zeros_like(opening)
-            freed = torch.zeros_like(cur)
-        else:
-            table = self._slot_table(layer, ctx)  # [B, W]
-            usable = (table >= 0).unsqueeze(1)  # [B, 1, W]
-            fill = self._meta(pool.fill[layer], table)  # [B, Hkv, W]
-            logical = self._meta(pool.logical[layer], table)
-            pinned = self._meta(pool.pinned[layer], table)
-            empty = usable & (fill == 0)
-            held = usable & (fill > 0)
-            base = held & ~pinned
-            key, cand = self._eviction_key(layer, ctx, table, logical, base)
-            cand = torch.where(cand.any(-1, keepdim=True), cand, base)  # a policy's extra rule never blocks
-            col = torch.where(empty.any(-1), empty.int().argmax(-1), argmin_older(key, logical, cand))  # [B, Hkv]
-            new_page = table.unsqueeze(1).expand(B, Hkv, -1).gather(2, col.unsqueeze(-1)).squeeze(-1)
-            evict = opening & ~empty.any(-1)
-            freed = torch.where(evict, fill.gather(2, col.unsqueeze(-1)).squeeze(-1).long(), 0)
-        page = torch.where(opening, new_page, cur)  # [B, Hkv]
-        # Reset an opened page's metadata (kv_append then writes at offset 0 and resets kmin/kmax).
-        self._put(pool.fill[layer], page, heads, opening, 0)
-        self._put(pool.logical[layer], page, heads, opening, (pos // P).unsqueeze(1))
-        self._put(pool.pinned[layer], page, heads, opening, False)
-        self._put(pool.mass[layer], page, heads, opening, 0.0)
+        B, Hkv = page.shape
+        heads = torch.arange(Hkv, device=page.device).unsqueeze(0).expand(B, Hkv)
+        opening = (ctx.positions % P == 0).unsqueeze(1).expand(B, Hkv)
+        for t, value in ((pool.fill[layer], 0), (pool.logical[layer], (ctx.positions // P).unsqueeze(1)),
+                         (pool.pinned[layer], False), (pool.mass[layer], 0.0)):
+            value = value.to(t.dtype) if isinstance(value, torch.Tensor) else value
+            t[page, heads] = torch.where(opening, value, t[page, heads])
         stamp_now = torch.ones_like(opening) if self.stamp_on_write else opening
-        self._put(pool.stamp[layer], page, heads, stamp_now, pos.unsqueeze(1))
+        stamp = pool.stamp[layer]
+        stamp[page, heads] = torch.where(stamp_now, ctx.positions.unsqueeze(1), stamp[page, heads])
         self.cur[layer, ctx.slot_ids] = page
-        held_now = self.held[layer, ctx.slot_ids] + 1 - freed
+        held_now = self.held[layer, ctx.slot_ids] + 1
         self.held[layer, ctx.slot_ids] = held_now
         self.peak[layer, ctx.slot_ids] = torch.maximum(self.peak[layer, ctx.slot_ids], held_now)
-        self.evicted[layer, ctx.slot_ids] += evict.long()
-        return page.to(torch.int32)
-
-    @staticmethod
-    def _put(t: torch.Tensor, page: torch.Tensor, heads: torch.Tensor, mask: torch.Tensor, value) -> None:
-        """t[page, head] = value where mask; pages are distinct per (b, head), so no write conflicts."""
-        old = t[page, heads]
-        if isinstance(value, torch.Tensor):
-            value = value.to(t.dtype)
-        # A Python scalar goes straight to torch.where: making it a device tensor would copy from the
-        # host, which synchronises and cannot be captured in a CUDA graph.
-        t[page, heads] = torch.where(mask, value, old)
 
     def read_pages(self, layer: int, q: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
-        table = self._slot_table(layer, ctx)  # [B, W]
-        page_ids = table.unsqueeze(1).expand(-1, self.pool.num_kv_heads, -1)  # [B, Hkv, W]
-        if layer >= self.dense_layers:
-            self._after_read(layer, q, ctx, page_ids)
-        return page_ids.to(torch.int32)
-
-    def _after_read(self, layer: int, q: torch.Tensor, ctx: DecodeContext, page_ids: torch.Tensor) -> None:
-        """Hook for policies that score pages with the query (RaaS's Quest-bound refresh)."""
-
-    def _stamp_where(self, layer: int, ctx: DecodeContext, page_ids: torch.Tensor, mask: torch.Tensor) -> None:
-        """stamp[page] = position where mask; page_ids [B, Hkv, S] may hold -1 (never masked in)."""
-        stamp = self.pool.stamp[layer]
-        safe = page_ids.clamp(min=0).long()
-        heads = self._heads.view(1, -1, 1).expand_as(safe)
-        delta = torch.where(mask, ctx.positions.view(-1, 1, 1) - stamp[safe, heads], 0)
-        stamp.index_put_((safe, heads), delta, accumulate=True)  # zero deltas make -1 padding harmless
+        """Pure: the sequence's usable quota pages, [B, Hkv, W] (a stride-0 view over heads)."""
+        dense = layer < self.dense_layers
+        key = "bounded_read_dense" if dense else "bounded_read"
+        pages = ctx.memo.get(key)
+        if pages is None:
+            table = ctx.page_tables
+            if not dense:
+                cols = torch.arange(table.shape[1], device=table.device).unsqueeze(0)
+                table = torch.where(cols < self.nslots[ctx.slot_ids].unsqueeze(1), table, -1)
+            pages = table.to(torch.int32).unsqueeze(1).expand(-1, self.pool.num_kv_heads, -1)
+            ctx.memo[key] = pages
+        return pages

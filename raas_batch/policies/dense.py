@@ -30,7 +30,7 @@ class DensePolicy(KVPolicy):
         page = ctx.memo.get("dense_write")
         if page is None:
             logical = (ctx.positions // self.page_size).unsqueeze(1)  # [B, 1]
-            page = ctx.block_tables.gather(1, logical)  # [B, 1]
+            page = ctx.page_tables.gather(1, logical)  # [B, 1]
             page = ctx.memo["dense_write"] = page.expand(-1, self.pool.num_kv_heads).to(torch.int32)
         return page
 
@@ -39,6 +39,6 @@ class DensePolicy(KVPolicy):
         # (fill 0 since admission) and contributes nothing.
         pages = ctx.memo.get("dense_read")
         if pages is None:
-            B = ctx.block_tables.shape[0]
-            pages = ctx.memo["dense_read"] = ctx.block_tables.unsqueeze(1).expand(B, self.pool.num_kv_heads, -1)
+            B = ctx.page_tables.shape[0]
+            pages = ctx.memo["dense_read"] = ctx.page_tables.unsqueeze(1).expand(B, self.pool.num_kv_heads, -1)
         return pages

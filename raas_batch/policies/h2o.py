@@ -2,7 +2,7 @@
 
 Half of the Q = kv_budget / P page slots go to the most recent pages (the page being written
 included), half to the pages with the largest attention mass accumulated since they entered the
-cache (the decode kernel emits each page's softmax mass, max over the query group; `observe` adds
+cache (the decode kernel emits each page's softmax mass, max over the query group; `after_attention` adds
 it up in PagePool.mass). When a new page is needed, the page outside the recent window with the
 smallest accumulated mass is evicted (ties to the older page). The prompt is not pinned, and its
 pages start at zero mass (the prefill kernel does not emit attention probabilities).
@@ -13,8 +13,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from raas_batch.policies.bounded import BoundedPolicy
 
 
@@ -23,17 +21,17 @@ class H2OPolicy(BoundedPolicy):
     name = "h2o"
     uses_key_bounds = False
     needs_mass = True
+    eviction_key = "mass"
 
-    def _eviction_key(self, layer, ctx, table, logical, cand):
-        mass = self._meta(self.pool.mass[layer], table)  # [B, Hkv, W]
-        recent = (self.nslots[ctx.slot_ids] // 2).view(-1, 1, 1)  # window incl. the new page
-        new_logical = (ctx.positions // self.page_size).view(-1, 1, 1)
-        return mass, cand & (logical <= new_logical - recent)
+    def window_pages(self, nslots: int, pinned_pages: int) -> int:
+        # Half of the unpinned slots (the page being opened included) are the recent window, so the
+        # other half always holds a candidate. Unpinned prompt (the default): half of all slots.
+        return max(1, (nslots - pinned_pages) // 2)
 
-    def observe(self, layer, ctx, page_ids, mass):
+    def after_attention(self, layer, q, ctx, page_ids, mass):
         if layer < self.dense_layers:
             return
-        safe = page_ids.clamp(min=0).long()
-        heads = self._heads.view(1, -1, 1).expand_as(safe)
-        # mass is 0 for -1 entries, so accumulating into the clamped index is harmless.
-        self.pool.mass[layer].index_put_((safe, heads), torch.where(page_ids >= 0, mass, 0.0), accumulate=True)
+        pool = self.pool
+        self._ops().bounded_update(page_ids, mass, self.cur[layer], ctx.slot_ids, ctx.positions, self.top,
+                                   pool.fill[layer], pool.pinned[layer], pool.stamp[layer], pool.mass[layer],
+                                   rule="accumulate")

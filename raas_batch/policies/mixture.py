@@ -6,7 +6,8 @@ pool and keeps its own per-slot state; each decode step splits the batch by memb
 list DecodeContext.host_slot_ids, so no device sync) and calls the members' hooks on their rows.
 read_pages pads the members' page lists to a common width with -1.
 Invariant: a slot belongs to one member from admission to retirement.
-CPU / eager decode only: the split needs the host slot list, which CUDA-graph replays do not pass.
+Eager decode only: the split needs the host slot list, which a CUDA-graph replay does not pass, so
+the engine refuses a mixture with CUDA graphs (`supports_cuda_graphs`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from raas_batch.policies.base import DecodeContext, KVPolicy
 
 class PolicyMixture(KVPolicy):
     name = "mixture"
+    supports_cuda_graphs = False
 
     def __init__(self, members: dict[str, KVPolicy], page_size: int = 16):
         super().__init__(kv_budget=None, page_size=page_size)
@@ -87,9 +89,12 @@ class PolicyMixture(KVPolicy):
         return self._groups
 
     def write_pages(self, layer, ctx):
-        out = torch.empty(ctx.positions.shape[0], self.pool.num_kv_heads, dtype=torch.int32,
-                          device=ctx.positions.device)
-        for member, rows, sub in self._split(ctx):
+        groups = self._split(ctx)
+        if sum(len(sub.host_slot_ids) for _, _, sub in groups) != ctx.positions.shape[0]:
+            raise RuntimeError("PolicyMixture needs DecodeContext.host_slot_ids for every row (eager decode).")
+        out = torch.full((ctx.positions.shape[0], self.pool.num_kv_heads), -1, dtype=torch.int32,
+                         device=ctx.positions.device)
+        for member, rows, sub in groups:
             out[rows] = member.write_pages(layer, sub)
         return out
 
@@ -101,6 +106,7 @@ class PolicyMixture(KVPolicy):
             out[rows, :, : p.shape[-1]] = p
         return out
 
-    def observe(self, layer, ctx, page_ids, mass):
+    def after_attention(self, layer, q, ctx, page_ids, mass):
+        # The members' pages were padded with -1 columns to a common width: no page, no update.
         for member, rows, sub in self._split(ctx):
-            member.observe(layer, sub, page_ids[rows], mass[rows] if mass is not None else None)
+            member.after_attention(layer, q[rows], sub, page_ids[rows], mass[rows] if mass is not None else None)

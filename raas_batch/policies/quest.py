@@ -42,11 +42,11 @@ class QuestPolicy(KVPolicy):
 
     def write_pages(self, layer: int, ctx: DecodeContext) -> torch.Tensor:
         logical = (ctx.positions // self.page_size).unsqueeze(1)  # [B, 1]
-        page = ctx.block_tables.gather(1, logical)  # [B, 1]
+        page = ctx.page_tables.gather(1, logical)  # [B, 1]
         return page.expand(-1, self.pool.num_kv_heads).to(torch.int32)
 
     def read_pages(self, layer: int, q: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
-        table = ctx.block_tables  # [B, W]
+        table = ctx.page_tables  # [B, W]
         B, W = table.shape
         Hkv = self.pool.num_kv_heads
         full = table.unsqueeze(1).expand(B, Hkv, W)

@@ -1,6 +1,6 @@
 """RaaS: Reasoning-Aware Attention Sparsity (Hu et al., ACL Findings 2025, arXiv 2502.11147), page-based.
 
-Spec: docs/raas-algorithm.md (shared/docs). Per decode step, layer and KV head:
+Spec: docs/kv-policies.md. Per decode step, layer and KV head:
 1. append the token to the current page and stamp it with the position (stamp on write);
 2. score every retained page but the current one with the Quest bound
    s = sum_i max(q_i * kmax_i, q_i * kmin_i), max over the query heads of the group;
@@ -8,7 +8,7 @@ Spec: docs/raas-algorithm.md (shared/docs). Per decode step, layer and KV head:
 4. refresh: the top floor((L/P)/2) scored pages get stamp = position (`refresh_rule="top_half"`), or
    those whose bound-estimated share of attention exceeds `alpha` (`refresh_rule="alpha"`).
 Eviction (when a new page is needed and all L/P slots are held): the unpinned page with the oldest
-stamp, ties to the older page. Prompt pages are pinned (`pin_prompt`). Memory is O(L), reused.
+stamp, ties to the older page, never one of the last `recent_pages` completed pages. Prompt pages are pinned (`pin_prompt`). Memory is O(L), reused.
 
 Variants registered here:
 - `raas`: the reading above (stamp on write, pinned pages kept out of the refresh by default).
@@ -27,9 +27,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
-
-from raas_batch.policies.base import DecodeContext
 from raas_batch.policies.bounded import BoundedPolicy
 
 
@@ -46,6 +43,8 @@ class RaasPolicy(BoundedPolicy):
     def __post_init__(self):
         if self.refresh_rule not in ("top_half", "alpha", "mass"):
             raise ValueError(f"refresh_rule {self.refresh_rule!r} is unknown; choose top_half, alpha or mass.")
+        if self.recent_pages < 0:
+            raise ValueError(f"recent_pages must be >= 0, got {self.recent_pages}.")
 
     @property
     def needs_mass(self) -> bool:  # type: ignore[override]
@@ -55,53 +54,28 @@ class RaasPolicy(BoundedPolicy):
     def uses_key_bounds(self) -> bool:  # type: ignore[override]
         return self.refresh_rule != "mass"
 
-    def _eviction_key(self, layer, ctx, table, logical, cand):
-        stamp = self._meta(self.pool.stamp[layer], table)  # [B, Hkv, W]
-        if self.recent_pages > 0:
-            newest_done = (ctx.positions // self.page_size - 1).view(-1, 1, 1)
-            cand = cand & (logical <= newest_done - self.recent_pages)
-        return stamp, cand
+    def decode_allowance(self) -> int:
+        # At an eviction the decode pages hold distinct logical indices below the new page's; the
+        # last `recent_pages` completed ones are protected, so one more than that must be held.
+        return max(super().decode_allowance(), self.recent_pages + 1)
 
-    def _refreshable(self, layer: int, ctx: DecodeContext, page_ids: torch.Tensor) -> torch.Tensor:
-        """[B, Hkv, S] bool: retained pages other than the current one (and unpinned, unless refresh_pinned)."""
-        pool = self.pool
-        safe = page_ids.clamp(min=0).long()
-        heads = self._heads.view(1, -1, 1).expand_as(safe)
-        ok = (page_ids >= 0) & (pool.fill[layer][safe, heads] > 0)
-        ok &= safe != self.cur[layer, ctx.slot_ids].unsqueeze(-1)
-        if not self.refresh_pinned:
-            ok &= ~pool.pinned[layer][safe, heads]
-        return ok
+    def window_pages(self, nslots: int, pinned_pages: int) -> int:
+        return self.recent_pages + 1  # victims: logical <= newest completed page - recent_pages
 
-    def _after_read(self, layer, q, ctx, page_ids):
+    def after_attention(self, layer, q, ctx, page_ids, mass):
+        """Refresh: the refreshable pages (held, not the current one, unpinned unless refresh_pinned)
+        chosen by the rule get stamp = position. RaaS's step 4; one `bounded_update` op per layer."""
+        if layer < self.dense_layers:
+            return
+        pool, ops = self.pool, self._ops()
         if self.refresh_rule == "mass":
-            return
-        pool = self.pool
-        scores = self._ops().page_scores(q, pool.kmin[layer], pool.kmax[layer], page_ids)  # [B, Hkv, S]
-        ok = self._refreshable(layer, ctx, page_ids)
-        if self.refresh_rule == "top_half":
-            s = scores.masked_fill(~ok, float("-inf"))
-            order = s.argsort(dim=-1, descending=True, stable=True)
-            rank = torch.empty_like(order)
-            rank.scatter_(-1, order, torch.arange(s.shape[-1], device=s.device).expand_as(order))
-            top = (self.budget_pages[ctx.slot_ids] // 2).view(-1, 1, 1)
-            refresh = ok & (rank < top)
+            values = mass
         else:
-            # Bound-based estimate of each page's attention share: softmax over retained pages of
-            # (scale * bound + log fill); an upper-bound proxy for the exact mass.
-            safe = page_ids.clamp(min=0).long()
-            heads = self._heads.view(1, -1, 1).expand_as(safe)
-            fill = pool.fill[layer][safe, heads].float()
-            logit = scores * self.pool.head_dim ** -0.5 + fill.clamp(min=1).log()
-            logit = logit.masked_fill((page_ids < 0) | (fill == 0), float("-inf"))
-            refresh = ok & (torch.softmax(logit, dim=-1) > self.alpha)
-        self._stamp_where(layer, ctx, page_ids, refresh)
-
-    def observe(self, layer, ctx, page_ids, mass):
-        if self.refresh_rule != "mass" or layer < self.dense_layers:
-            return
-        refresh = self._refreshable(layer, ctx, page_ids) & (mass > self.alpha)
-        self._stamp_where(layer, ctx, page_ids, refresh)
+            values = ops.page_scores(q, pool.kmin[layer], pool.kmax[layer], page_ids)  # [B, Hkv, S]
+        ops.bounded_update(page_ids, values, self.cur[layer], ctx.slot_ids, ctx.positions, self.top,
+                           pool.fill[layer], pool.pinned[layer], pool.stamp[layer], pool.mass[layer],
+                           rule=self.refresh_rule, refresh_pinned=self.refresh_pinned, alpha=self.alpha,
+                           scale=pool.head_dim ** -0.5)
 
 
 @dataclass

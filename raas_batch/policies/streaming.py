@@ -15,6 +15,5 @@ from raas_batch.policies.bounded import BoundedPolicy
 class StreamingPolicy(BoundedPolicy):
     name = "streaming"
     uses_key_bounds = False
-
-    def _eviction_key(self, layer, ctx, table, logical, cand):
-        return logical.float(), cand & (logical > 0)
+    eviction_key = "logical"  # the oldest page goes first
+    min_logical = 1  # ... but never the first one (the attention sinks)

@@ -1,0 +1,115 @@
+"""The bounded KV policies' update after attention in Triton: RaaS's stamp refresh and H2O's mass
+accumulation, one small kernel per layer.
+
+Same contract as `kernels.reference.bounded_update` (the specification; tests compare the two exactly):
+page_ids [B, Hkv, S] int32 (the pages read, -1 = none, any strides: the bounded policies pass a
+stride-0 view over heads); values [B, Hkv, S] float32 (Quest bounds or attention mass); cur
+[num_slots, Hkv] int64; slot_ids, positions [B] int64; top [num_slots] int64; fill [N, Hkv] int32,
+pinned [N, Hkv] bool, stamp [N, Hkv] int64, mass [N, Hkv] float32 (in/out).
+
+Grid (B, Hkv). A program loads its row of S pages and their metadata once and applies the rule:
+- top_half (RaaS, arXiv 2502.11147: "the top 50%" of pages by the Quest bound, arXiv 2406.10774):
+  a refreshable page's rank is the number of refreshable pages with a larger value, plus those with
+  an equal value in an earlier column (a stable descending sort's position, computed as pairwise
+  comparisons against BLOCK_J columns at a time); rank < top[slot] -> stamp = position;
+- alpha: softmax over the listed, non-empty pages of (value * scale + log fill) > alpha -> stamp;
+- mass (RaaS with exact attention mass, our extension): value > alpha -> stamp;
+- accumulate (H2O, arXiv 2306.14048): mass[page] += value (pages are distinct in a row, so no races).
+No host synchronisation; CUDA-graph capturable.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._jit import lazy_jit
+
+_RULES = {"top_half": 0, "alpha": 1, "mass": 2, "accumulate": 3}
+
+
+def _row_ok(ids_row, fill_ptr, pinned_ptr, h, cur, cols, S, stride_is, stride_mn, stride_mh,
+            REFRESH_PINNED: tl.constexpr):
+    """(listed, refreshable, page, fill) of the row's columns `cols`."""
+    pid = tl.load(ids_row + cols * stride_is, mask=cols < S, other=-1)
+    listed = pid >= 0
+    page = tl.where(listed, pid, 0).to(tl.int64)
+    meta = page * stride_mn + h * stride_mh
+    f = tl.load(fill_ptr + meta, mask=listed, other=0)
+    ok = listed & (f > 0) & (page != cur)
+    if not REFRESH_PINNED:
+        ok = ok & (tl.load(pinned_ptr + meta, mask=listed, other=1) == 0)
+    return listed, ok, page, f
+
+
+def _bounded_update_kernel(
+    ids_ptr, val_ptr, cur_ptr, slot_ptr, pos_ptr, top_ptr,
+    fill_ptr, pinned_ptr, stamp_ptr, mass_ptr,
+    stride_ib, stride_ih, stride_is, stride_vb, stride_vh, stride_vs,
+    stride_ss, stride_sh, stride_mn, stride_mh,
+    S, alpha, scale,
+    RULE: tl.constexpr, REFRESH_PINNED: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    ss = tl.arange(0, BLOCK_S)
+    ids_row = ids_ptr + b * stride_ib + h * stride_ih
+    val_row = val_ptr + b * stride_vb + h * stride_vh
+    v = tl.load(val_row + ss * stride_vs, mask=ss < S, other=0.0)
+    if RULE == 3:
+        pid = tl.load(ids_row + ss * stride_is, mask=ss < S, other=-1)
+        listed = pid >= 0
+        at = tl.where(listed, pid, 0).to(tl.int64) * stride_mn + h * stride_mh
+        tl.store(mass_ptr + at, tl.load(mass_ptr + at, mask=listed, other=0.0) + v, mask=listed)
+    else:
+        slot = tl.load(slot_ptr + b).to(tl.int64)
+        pos = tl.load(pos_ptr + b).to(tl.int64)
+        cur = tl.load(cur_ptr + slot * stride_ss + h * stride_sh)
+        listed, ok, page, f = _row_ok(ids_row, fill_ptr, pinned_ptr, h, cur, ss, S, stride_is,
+                                      stride_mn, stride_mh, REFRESH_PINNED)
+        if RULE == 0:
+            rank = tl.zeros([BLOCK_S], tl.int32)
+            for j0 in range(0, S, BLOCK_J):
+                jj = j0 + tl.arange(0, BLOCK_J)
+                _, ok_j, _, _ = _row_ok(ids_row, fill_ptr, pinned_ptr, h, cur, jj, S, stride_is,
+                                        stride_mn, stride_mh, REFRESH_PINNED)
+                v_j = tl.load(val_row + jj * stride_vs, mask=jj < S, other=0.0)
+                before = (v_j[None, :] > v[:, None]) | ((v_j[None, :] == v[:, None]) & (jj[None, :] < ss[:, None]))
+                rank += tl.sum((before & ok_j[None, :]).to(tl.int32), axis=1)
+            refresh = ok & (rank < tl.load(top_ptr + slot))
+        elif RULE == 1:
+            logit = v * scale + tl.log(tl.maximum(f, 1).to(tl.float32))
+            logit = tl.where(listed & (f > 0), logit, float("-inf"))
+            e = tl.exp(logit - tl.max(logit, axis=0))
+            refresh = ok & (e / tl.sum(e, axis=0) > alpha)
+        else:
+            refresh = ok & (v > alpha)
+        tl.store(stamp_ptr + page * stride_mn + h * stride_mh, tl.zeros([BLOCK_S], tl.int64) + pos, mask=refresh)
+
+
+_kernel = lazy_jit(_bounded_update_kernel, helpers=(_row_ok,))
+
+
+def bounded_update(page_ids, values, cur, slot_ids, positions, top, fill, pinned, stamp, mass,
+                   rule: str, refresh_pinned: bool = False, alpha: float = 0.0, scale: float = 1.0) -> None:
+    """Refresh stamps (RaaS) or accumulate attention mass (H2O) after attention, in place.
+    See `kernels.reference.bounded_update` for the contract."""
+    B, Hkv, S = page_ids.shape
+    assert values.shape == page_ids.shape and values.dtype == torch.float32
+    assert all(t.shape == fill.shape and t.stride() == fill.stride() for t in (pinned, stamp, mass))
+    if B == 0 or S == 0:
+        return
+    block_s = max(16, triton.next_power_of_2(S))
+    _kernel()[(B, Hkv)](
+        page_ids, values, cur, slot_ids, positions, top,
+        fill, pinned.view(torch.uint8), stamp, mass,
+        *page_ids.stride(), *values.stride(), cur.stride(0), cur.stride(1), fill.stride(0), fill.stride(1),
+        S, float(alpha), float(scale),
+        RULE=_RULES[rule], REFRESH_PINNED=refresh_pinned, BLOCK_S=block_s,
+        BLOCK_J=max(1, min(32, 4096 // block_s)),
+        num_warps=4 if block_s >= 128 else 1,
+    )
+
+
+__all__ = ["bounded_update"]

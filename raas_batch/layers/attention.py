@@ -1,0 +1,38 @@
+"""Attention over the paged KV cache, driven by the step's metadata (raas_batch.engine.step_context).
+
+In prefill the layer writes the prompt's keys and values into their pages and attends causally
+within each prompt; in decode the KV policy picks the page to write and the pages to read, and the
+kernel reads only those:
+
+    write_pages -> kv_append -> read_pages -> paged_decode_attention -> after_attention
+"""
+
+from __future__ import annotations
+
+import torch
+
+from raas_batch.engine.step_context import get_context
+
+
+def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """q: [T, Hq, D]; k, v: [T, Hkv, D] (after RoPE) -> [T, Hq, D]."""
+    ctx = get_context()
+    pool, ops = ctx.pool, ctx.ops
+    policy = ctx.policy
+    # Key bounds cost ~9 small ops per layer on the CPU and nothing in Triton's fused append: skipped on
+    # the torch backends when no policy reads them.
+    keep_bounds = policy.uses_key_bounds or getattr(ops, "backend", "torch") == "triton"
+    if ctx.is_prefill:
+        pool.write_prefill(layer, k, v, ctx.prefill, bounds=keep_bounds)
+        return ops.prefill_attention(q, k, v, ctx.cu_seqlens, scale)
+    dec = ctx.decode
+    k_cache, v_cache, kmin, kmax, fill = pool.layer_views[layer]
+    if not keep_bounds:
+        kmin = kmax = None
+    write_page = policy.write_pages(layer, dec)  # [B, Hkv]
+    ops.kv_append(k, v, k_cache, v_cache, kmin, kmax, fill, write_page)
+    page_ids = policy.read_pages(layer, q, dec)  # [B, Hkv, S]
+    result = ops.paged_decode_attention(q, k_cache, v_cache, page_ids, fill, scale, return_mass=policy.needs_mass)
+    out, mass = result if policy.needs_mass else (result, None)
+    policy.after_attention(layer, q, dec, page_ids, mass)
+    return out

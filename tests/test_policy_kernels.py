@@ -1,0 +1,140 @@
+"""The fused policy ops (kernels/bounded_write.py, kernels/bounded_update.py) against their torch
+specification (kernels/reference.py), exactly: the same written pages, victims, stamps, masses and
+per-sequence counters at every step of long random runs, for every bounded policy and option.
+
+Two identical pools run in lockstep, one policy on the reference ops and one on the Triton ops (the
+interpreter on a CPU). Only the policy's own ops differ: both pools append with the reference
+kv_append, and both policies get the same attention mass (the reference attention's, on pool A).
+Keys and queries are small integers, so Quest bounds are exact integers in fp32 whatever the order
+of the sums: the two paths must agree bit for bit, and ties (frequent with integers) exercise the
+tie rules (stable ranks, the older page).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from raas_batch.kernels import ops as kops
+from raas_batch.kernels import reference as ref
+
+from raas_batch.engine.page_pool import PagePool, PrefillPages
+from raas_batch.policies import DecodeContext, make_policy
+
+P, HKV, HQ, D, LAYERS = 4, 2, 6, 8, 2
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+CASES = [
+    ("raas", {}), ("raas", {"refresh_rule": "alpha"}), ("raas", {"recent_pages": 2}),
+    ("raas", {"pin_prompt": False, "refresh_pinned": True}), ("raas", {"dense_layers": 1}),
+    ("raas-mass", {}), ("raas-paper", {}), ("h2o", {}), ("h2o", {"pin_prompt": True}), ("streaming", {}),
+]
+
+
+class Lockstep:
+    def __init__(self, name, options, budget=6 * P, seed=0):
+        self.gen = torch.Generator().manual_seed(seed)
+        self.pools, self.policies = [], []
+        for ops in (kops.get_ops("torch"), kops.get_ops("triton")):
+            pool = PagePool(LAYERS, 300, HKV, P, D, torch.float32, DEVICE)
+            policy = make_policy(name, budget, P, **options)
+            policy.bind(pool, 5)
+            policy.use_ops(ops)
+            self.pools.append(pool)
+            self.policies.append(policy)
+        self.seqs: dict[int, list] = {}  # slot -> [pages, position]
+
+    def ints(self, *shape):
+        return torch.randint(-3, 4, shape, generator=self.gen).float().to(DEVICE)
+
+    def admit(self, slot: int, n: int) -> None:
+        k, v = self.ints(n, HKV, D), self.ints(n, HKV, D)
+        for pool, policy in zip(self.pools, self.policies):
+            pages = pool.allocate(policy.quota_pages(n, 200))
+            policy.on_admit(slot, pages, n)
+            npg = -(-n // P)
+            t = lambda x: torch.tensor(x, device=DEVICE)
+            meta = PrefillPages(
+                token_pages=t([pages[i // P] for i in range(n)]), token_offsets=t([i % P for i in range(n)]),
+                pages=t(pages[:npg]), fills=t([min(P, n - j * P) for j in range(npg)]), logical=t(list(range(npg))),
+                stamps=t([min(n, (j + 1) * P) - 1 for j in range(npg)]),
+                pinned=torch.full((npg,), policy.pin_prompt_pages(slot), device=DEVICE))
+            for layer in range(LAYERS):
+                pool.write_prefill(layer, k, v, meta)
+        self.seqs[slot] = [pages, n]
+
+    def step(self) -> None:
+        slots = list(self.seqs)
+        width = max(len(p) for p, _ in self.seqs.values())
+        table = torch.tensor([p + [-1] * (width - len(p)) for p, _ in self.seqs.values()], dtype=torch.int32,
+                             device=DEVICE)
+        ctxs = [DecodeContext(slot_ids=torch.tensor(slots, device=DEVICE),
+                              positions=torch.tensor([n for _, n in self.seqs.values()], device=DEVICE),
+                              page_tables=table, host_slot_ids=slots) for _ in self.pools]
+        for layer in range(LAYERS):
+            q, k, v = self.ints(len(slots), HQ, D), self.ints(len(slots), HKV, D), self.ints(len(slots), HKV, D)
+            writes = [pol.write_pages(layer, ctx) for pol, ctx in zip(self.policies, ctxs)]
+            assert torch.equal(writes[0], writes[1]), f"layer {layer}: written pages differ"
+            for pool, w in zip(self.pools, writes):
+                ref.kv_append(k, v, pool.k_cache[layer], pool.v_cache[layer], pool.kmin[layer], pool.kmax[layer],
+                              pool.fill[layer], w)
+            reads = [pol.read_pages(layer, q, ctx) for pol, ctx in zip(self.policies, ctxs)]
+            assert torch.equal(reads[0], reads[1])
+            mass = None
+            if self.policies[0].needs_mass:
+                pool = self.pools[0]
+                _, mass = ref.paged_decode_attention(q, pool.k_cache[layer], pool.v_cache[layer], reads[0],
+                                                     pool.fill[layer], D ** -0.5, return_mass=True)
+            for pol, ctx, r in zip(self.policies, ctxs, reads):
+                pol.after_attention(layer, q, ctx, r, mass)
+        for s in slots:
+            self.seqs[s][1] += 1
+        self.check()
+
+    def check(self) -> None:
+        a, b = self.pools
+        for name in ("fill", "logical", "pinned", "stamp", "mass", "kmin", "kmax", "k_cache"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), f"pool.{name} differs"
+        for name in ("cur", "held", "peak", "evicted"):
+            assert torch.equal(getattr(self.policies[0], name), getattr(self.policies[1], name)), f"{name} differs"
+
+
+@pytest.mark.parametrize("name,options", CASES, ids=[f"{n}-{'-'.join(map(str, o.values())) or 'default'}"
+                                                     for n, o in CASES])
+def test_fused_policy_ops_equal_reference(name, options):
+    run = Lockstep(name, options)
+    # slot 2's prompt does not fit the budget (prompt pages + decode allowance); slot 3 starts mid-page
+    for slot, n in {0: 2 * P + 3, 1: 5, 2: 7 * P, 3: 3 * P + 1}.items():
+        run.admit(slot, n)
+    for _ in range(10 * P):  # each sequence evicts several times (quota 6 pages, a page opens every P steps)
+        run.step()
+    assert int(run.policies[0].evicted.max()) > 0  # evictions happened, so victims were compared
+
+
+def test_fused_top_half_ranks_ties_like_a_stable_sort():
+    """Equal bounds everywhere: the refreshed pages are the first `top` refreshable columns."""
+    B, S, N = 2, 12, 40
+    page_ids = torch.stack([torch.randperm(20, generator=torch.Generator().manual_seed(b))[:S] + 20 * b for b in range(B)])
+    page_ids = page_ids.int().view(B, 1, S).expand(B, HKV, S).contiguous().to(DEVICE)
+    page_ids[0, :, 3] = -1
+    values = torch.full((B, HKV, S), 7.0, device=DEVICE)
+    outs = []
+    for ops in (ref, kops.get_ops("triton")):
+        fill = torch.full((N, HKV), P, dtype=torch.int32, device=DEVICE)
+        pinned = torch.zeros(N, HKV, dtype=torch.bool, device=DEVICE)
+        pinned[page_ids[1, 0, 0].long()] = True
+        stamp = torch.zeros(N, HKV, dtype=torch.int64, device=DEVICE)
+        cur = page_ids[:, :, 5].long().contiguous()  # the current page is never refreshed
+        ops.bounded_update(page_ids, values, cur, torch.arange(B, device=DEVICE), torch.tensor([50, 60], device=DEVICE),
+                           torch.tensor([4, 4], device=DEVICE), fill, pinned, stamp, torch.zeros(N, HKV, device=DEVICE),
+                           rule="top_half")
+        outs.append(stamp)
+    assert torch.equal(outs[0], outs[1])
+    got0 = [c for c in range(S) if outs[0][page_ids[0, 0, c].long(), 0] == 50 and page_ids[0, 0, c] >= 0]
+    got1 = [c for c in range(S) if outs[0][page_ids[1, 0, c].long(), 0] == 60]
+    assert got0 == [0, 1, 2, 4] and got1 == [1, 2, 3, 4]
