@@ -3,7 +3,7 @@
 
 All namespaces carry the ops of docs/architecture.md with the same signatures: paged_decode_attention,
 page_scores, kv_append, prefill_attention, and the bounded policies' bookkeeping, bounded_write and
-bounded_update. Triton modules are imported only
+bounded_update, and the sampler, sample_tokens. Triton modules are imported only
 when asked for, so the torch backend works where Triton cannot run.
 """
 
@@ -20,6 +20,7 @@ _TRITON_MODULES = {
     "prefill_attention": "prefill_attention",
     "bounded_write": "bounded_write",
     "bounded_update": "bounded_update",
+    "sample_tokens": "sample",
 }
 OP_NAMES = tuple(_TRITON_MODULES)
 

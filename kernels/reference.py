@@ -292,3 +292,59 @@ def bounded_update(page_ids, values, cur, slot_ids, positions, top, fill, pinned
         raise ValueError(f"bounded_update rule {rule!r} is unknown; choose one of {', '.join(UPDATE_RULES)}.")
     delta = torch.where(refresh, positions.view(-1, 1, 1) - stamp[safe, heads], 0)
     stamp.index_put_((safe, heads), delta, accumulate=True)  # zero deltas make -1 padding harmless
+
+
+# ---- sampling ----
+MASK32 = 0xFFFFFFFF
+
+
+def hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mixer on int64 tensors (values kept in [0, 2^32)); wrapping products keep
+    the low 32 bits exact."""
+    x = x & MASK32
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & MASK32
+    return x ^ (x >> 16)
+
+
+def uniform_noise(keys: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[B] keys and steps -> [B, vocab] float32 uniforms in (0, 1), a pure function of its inputs."""
+    base = hash32(keys ^ hash32(steps * 0x27D4EB2F + 0x165667B1))  # [B]
+    idx = torch.arange(vocab, device=keys.device, dtype=torch.int64)
+    h = hash32(base.unsqueeze(1) + idx.unsqueeze(0) * 0x9E3779B9)  # [B, V]
+    return ((h >> 8).float() + 0.5) * (1.0 / (1 << 24))
+
+
+def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
+                  keys: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """One token per row, with per-row settings and per-row counter-based randomness.
+
+    logits [B, V] float32; temperature, top_p [B] float32; top_k, keys, steps [B] int64 -> [B] int64.
+    temperature 0: the argmax (first index on ties). Otherwise, with s = logits * (1 / temperature)
+    and p = softmax(s), the kept set is every token with (mass of tokens with a strictly larger s)
+    < top_p and (count of them) < top_k (top_k 0 = off); the top token is always kept, tokens tied
+    with a kept one are kept. The token is argmax over the kept set of s - log(E) with
+    E = -log(uniform_noise(keys, steps)): the exponential race argmax p / E, which draws token i with
+    probability p_i renormalised over the kept set; ties to the first index.
+    """
+    V = logits.shape[1]
+    x = logits.float()
+    greedy = x.argmax(dim=-1)
+    inv_t = 1.0 / temperature.float().clamp(min=1e-5)
+    s = x * inv_t.unsqueeze(1)
+    race = s - torch.log(-torch.log(uniform_noise(keys, steps, V)))
+    filtered = (top_p < 1) | (top_k > 0)
+    if bool(filtered.any()):
+        sorted_s, order = s.sort(dim=-1, descending=True)
+        e = torch.exp(sorted_s - sorted_s[:, :1])
+        # the number of tokens with a strictly larger s: the first index of each token's tie group
+        above = torch.searchsorted(-sorted_s, -sorted_s, side="left")  # [B, V]
+        excl = torch.cat([torch.zeros_like(e[:, :1]), e.cumsum(dim=-1)], dim=1).gather(1, above)
+        k = torch.where(top_k > 0, top_k, V).unsqueeze(1)
+        keep_sorted = (excl / e.sum(-1, keepdim=True) < top_p.unsqueeze(1)) & (above < k)
+        keep = torch.zeros_like(keep_sorted).scatter_(1, order, keep_sorted)
+        race = race.masked_fill(~keep, float("-inf"))
+    sampled = race.argmax(dim=-1)
+    return torch.where(temperature > 0, sampled, greedy)

@@ -53,7 +53,6 @@ def test_decode_step_does_not_synchronise(policy, budget):
     for step in range(80):  # long enough for bounded policies to evict
         seqs = eng.scheduler.running
         runner = eng.runner
-        ids = torch.tensor([s.last_token for s in seqs], device="cuda")
         pos = torch.tensor([s.num_tokens - 1 for s in seqs], device="cuda")
         slots = torch.tensor([s.slot for s in seqs], device="cuda")
         width = max(len(s.pages) for s in seqs)
@@ -61,11 +60,13 @@ def test_decode_step_does_not_synchronise(policy, budget):
         # the first step compiles the Triton kernels (module loading may synchronise): check the rest
         torch.cuda.set_sync_debug_mode("error" if step > 0 else "default")
         try:
-            hidden = runner.decode_forward(ids, pos, slots, width)
+            hidden = runner.decode_forward(pos, slots, width)
+            with torch.inference_mode():
+                tokens = runner.model.compute_logits(hidden).argmax(-1)
+                runner.last_token[slots] = tokens
         finally:
             torch.cuda.set_sync_debug_mode("default")
-        with torch.inference_mode():
-            tokens = runner.model.compute_logits(hidden).argmax(-1).tolist()  # the step's one sync, outside
+        tokens = tokens.tolist()  # the step's one sync, outside
         for s, t in zip(seqs, tokens):
             s.append(t, set(), None)
 

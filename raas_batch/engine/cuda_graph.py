@@ -25,8 +25,11 @@ class DecodeGraphs:
         self.buckets = [b for b in BATCH_BUCKETS if b < max_batch] + [max_batch]
         n = self.buckets[-1]
         dev = runner.device
-        self.inputs = torch.zeros(3, n, dtype=torch.int64, device=dev)  # rows: token ids, positions, slots
-        self.staging = torch.zeros(3, n, dtype=torch.int64).pin_memory()
+        self.inputs = torch.zeros(2, n, dtype=torch.int64, device=dev)  # rows: positions, slots
+        # Two pinned staging buffers, used in turn: the one written for step t+2 was read by step t's
+        # copy, which has completed (the host recorded step t's tokens before launching t+2).
+        self.staging = [torch.zeros(2, n, dtype=torch.int64).pin_memory() for _ in range(2)]
+        self._turn = 0
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.outputs: dict[tuple[int, int], torch.Tensor] = {}
         self.mempool = torch.cuda.graph_pool_handle()
@@ -40,41 +43,38 @@ class DecodeGraphs:
     def _reset_scratch(self) -> None:
         self.runner.pool.fill[:, self.scratch_page] = 0
 
-    def _set_padding(self, start: int, end: int) -> None:
-        self.inputs[0, start:end] = 0
-        self.inputs[1, start:end] = 0
-        self.inputs[2, start:end] = self.pad_slot
-
     def _capture(self, bs: int, width: int) -> None:
-        self._set_padding(0, bs)
-        ids, pos, slots = self.inputs[0, :bs], self.inputs[1, :bs], self.inputs[2, :bs]
+        self.inputs[0, :bs] = 0
+        self.inputs[1, :bs] = self.pad_slot
+        pos, slots = self.inputs[0, :bs], self.inputs[1, :bs]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up: compiles Triton kernels, sizes the allocator
             for _ in range(2):
                 self._reset_scratch()
-                self.runner.decode_forward(ids, pos, slots, width)
+                self.runner.decode_forward(pos, slots, width)
         torch.cuda.current_stream().wait_stream(stream)
         self._reset_scratch()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.mempool):
-            out = self.runner.decode_forward(ids, pos, slots, width)
+            out = self.runner.decode_forward(pos, slots, width)
         self.graphs[(bs, width)], self.outputs[(bs, width)] = graph, out
 
-    def run(self, token_ids: list[int], positions: list[int], slots: list[int], width: int) -> torch.Tensor:
-        """-> hidden [B, hidden] for the B given sequences (a view into the graph's output)."""
-        B = len(token_ids)
+    def run(self, positions: list[int], slots: list[int], width: int):
+        """-> (hidden [B, hidden], positions [B], slots [B]): device views of the graph's output and
+        inputs for the B given sequences. Enqueues only (the inputs travel from pinned memory)."""
+        B = len(positions)
         bs = next(b for b in self.buckets if b >= B)
         key = (bs, self.width_bucket(width))
         if key not in self.graphs:
             self._capture(*key)
-        staging = self.staging  # the previous step's copy has completed: sampling synchronised
-        staging[0, :B] = torch.tensor(token_ids)
-        staging[1, :B] = torch.tensor(positions)
-        staging[2, :B] = torch.tensor(slots)
-        staging[0:2, B:bs] = 0
-        staging[2, B:bs] = self.pad_slot
+        staging = self.staging[self._turn]
+        self._turn ^= 1
+        staging[0, :B] = torch.tensor(positions)
+        staging[1, :B] = torch.tensor(slots)
+        staging[0, B:bs] = 0
+        staging[1, B:bs] = self.pad_slot
         self.inputs[:, :bs].copy_(staging[:, :bs], non_blocking=True)
         self._reset_scratch()
         self.graphs[key].replay()
-        return self.outputs[key][:B]
+        return self.outputs[key][:B], self.inputs[0, :B], self.inputs[1, :B]

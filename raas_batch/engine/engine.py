@@ -1,16 +1,30 @@
 """The engine: one device, one model, one page pool; knows nothing of Ray or files.
 
-    while engine.has_work(): finished = engine.step()
+    while engine.has_work(): finished, num_tokens = engine.step()
 
 Each step either prefills newly admitted sequences or decodes every running one, then retires the
 finished sequences and frees their quota.
+
+Overlapped decoding (`overlap`, on by default on CUDA; vLLM's async scheduling, SGLang's overlap
+scheduler): a decode step is launched before the host records the previous one's tokens, so the
+host's share of a step (appending tokens, stop checks, detokenisation, retirement, building the next
+step) runs while the device computes. The device does not wait for the host: each step reads its
+rows' last tokens from the device (raas_batch/engine/model_runner.py). The cost is that a sequence
+that stops (EOS, a stop token or string) is seen one step late: it decodes one more token, which is
+discarded (its KV pages are its own until it is retired, and its statistics are those of the step
+it stopped in). Steps run in lock step instead (record, then launch) whenever a running sequence
+may have its next token replaced by the host (thinking budget, teacher forcing) or the runner has a
+logits hook. Both orders give the same tokens (tests/test_engine_overlap.py).
+
+    host:   launch t+1 | record t      | launch t+2 | record t+1 | ...
+    device:    [ step t      ][ step t+1             ][ step t+2  ...
 """
 
 from __future__ import annotations
 
 import torch
 
-from raas_batch.engine.model_runner import ModelRunner
+from raas_batch.engine.model_runner import DecodeLaunch, ModelRunner
 from raas_batch.engine.page_pool import PagePool
 from raas_batch.engine.scheduler import Scheduler
 from raas_batch.engine.sequence import Sequence
@@ -21,7 +35,8 @@ from raas_batch.policies.base import KVPolicy
 class Engine:
     def __init__(self, model: torch.nn.Module, tokenizer, eos_token_ids: list[int], policy: KVPolicy,
                  page_size: int, max_num_seqs: int, num_kv_tokens: int, device: torch.device, dtype: torch.dtype,
-                 backend: str = "torch", max_prefill_tokens: int = 8192, cuda_graphs: bool | None = None):
+                 backend: str = "torch", max_prefill_tokens: int = 8192, cuda_graphs: bool | None = None,
+                 overlap: bool | None = None):
         spec = model.spec
         self.tokenizer = tokenizer
         self.eos_token_ids = set(eos_token_ids)
@@ -42,6 +57,8 @@ class Engine:
         for module in model.modules():  # fused norm / rotary kernels on the Triton path
             if hasattr(type(module), "kernels"):
                 module.kernels = layer_ops
+        self.overlap = device.type == "cuda" if overlap is None else overlap
+        self.in_flight: DecodeLaunch | None = None  # a decode step launched and not yet recorded
         if cuda_graphs is None:
             cuda_graphs = device.type == "cuda"
         if cuda_graphs:
@@ -60,16 +77,73 @@ class Engine:
         self.scheduler.add(seq)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self.in_flight is not None
 
     def step(self) -> tuple[list[Sequence], int]:
-        """One prefill or decode step -> (sequences finished in it, tokens generated in it)."""
+        """One prefill or decode step -> (sequences finished in it, tokens recorded in it)."""
         kind, seqs = self.scheduler.schedule()
-        tokens = self.runner.prefill(seqs) if kind == "prefill" else self.runner.decode(seqs)
-        for seq, token in zip(seqs, tokens):
-            seq.append(token, self.eos_token_ids, self.tokenizer)
+        num_tokens = 0
+        if kind == "prefill":
+            num_tokens += self._record_in_flight()
+            tokens = self.runner.prefill(seqs)
+            for seq, token in zip(seqs, tokens):
+                seq.append(token, self.eos_token_ids, self.tokenizer)
+            self._replaced(seqs, tokens)
+            num_tokens += len(seqs)
+        else:
+            rows = [s for s in seqs if s.can_decode]
+            overlap = self.overlap and self.runner.logits_hook is None and not any(s.host_picks_next for s in rows)
+            if not overlap:
+                num_tokens += self._record_in_flight()
+                rows = [s for s in rows if s.can_decode]
+            launch = None
+            if rows:
+                launch = self.runner.launch_decode(rows, [s.num_tokens - 1 + s.num_in_flight for s in rows])
+                for seq in rows:
+                    seq.num_in_flight += 1
+            num_tokens += self._record_in_flight()  # the previous step, while this one runs
+            self.in_flight = launch
+            if not overlap:
+                num_tokens += self._record_in_flight()
         finished = self.scheduler.retire_finished()
         for seq in finished:
-            seq.peak_kv_tokens, seq.evicted_pages = self.policy.seq_stats(seq.slot, seq.pages)
             self.scheduler.release(seq)
-        return finished, len(seqs)
+        return finished, num_tokens
+
+    def _record_in_flight(self) -> int:
+        """Wait for the in-flight decode step and record its tokens -> tokens recorded."""
+        launch, self.in_flight = self.in_flight, None
+        if launch is None:
+            return 0
+        tokens, stats = launch.wait()
+        recorded = []
+        for seq, token in zip(launch.seqs, tokens):
+            seq.num_in_flight -= 1
+            if seq.finished:  # it stopped in the step before: this token is discarded
+                continue
+            seq.append(token, self.eos_token_ids, self.tokenizer)
+            recorded.append((seq, token))
+            if seq.finished:
+                self._final_stats(seq, stats)
+        if recorded:
+            self._replaced([s for s, _ in recorded], [t for _, t in recorded])
+        return len(recorded)
+
+    def _replaced(self, seqs, tokens) -> None:
+        """Sequences whose recorded token is not the sampled one (a forced token): the device's copy of
+        their last token is overwritten before the next step reads it. Finished ones get their stats."""
+        changed = [s for s, t in zip(seqs, tokens) if s.last_token != t and not s.finished]
+        if changed:
+            self.runner.set_last_tokens(changed)
+        for seq in seqs:
+            if seq.finished and seq.num_in_flight == 0 and not seq.stats_set:
+                self._final_stats(seq, None)
+
+    def _final_stats(self, seq: Sequence, stats) -> None:
+        """peak_kv_tokens / evicted_pages as of the step the sequence stopped in: from the policy's
+        counters copied with that step's tokens, or (nothing evicted) every token written."""
+        if stats is not None:
+            seq.peak_kv_tokens, seq.evicted_pages = int(stats[0, seq.slot]), int(stats[1, seq.slot])
+        else:
+            seq.peak_kv_tokens, seq.evicted_pages = seq.num_tokens - 1, 0
+        seq.stats_set = True

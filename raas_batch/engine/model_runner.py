@@ -2,9 +2,18 @@
 
 Prefill: all admitted prompts concatenated ([T] tokens), causal attention within each; the logits of
 each prompt's last token give its first output token. Decode: one token per running sequence.
+
+Per-slot state lives on the device (written at admission, read by every decode step): the last token
+of each sequence (the sampler writes it, the next decode step reads it), its sampling settings and
+prompt length. A decode step therefore needs from the host only the slots and positions of its rows
+(one pinned buffer copied without a sync) and can be launched before the host has seen the previous
+step's tokens: `launch_decode` returns a `DecodeLaunch` whose tokens (and the policy's per-sequence
+counters after the step) arrive in pinned host memory; `DecodeLaunch.wait()` waits for that step only.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -13,6 +22,21 @@ from raas_batch.engine.sampler import SamplingBatch, sample
 from raas_batch.engine.sequence import Sequence
 from raas_batch.engine.step_context import StepContext, set_context
 from raas_batch.policies.base import DecodeContext, KVPolicy
+
+
+@dataclass
+class DecodeLaunch:
+    """A decode step in flight: its rows, and where its results land."""
+
+    seqs: list[Sequence]
+    tokens: torch.Tensor  # [B] int64, host (pinned on CUDA)
+    stats: torch.Tensor | None  # [2, num_slots] int64 host copy of the policy's counters after the step
+    event: torch.cuda.Event | None
+
+    def wait(self) -> tuple[list[int], torch.Tensor | None]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.tokens.tolist(), self.stats
 
 
 class ModelRunner:
@@ -24,6 +48,15 @@ class ModelRunner:
         # every decode step (no per-step host-side page table).
         self.slot_tables = torch.full((num_slots, max_pages), -1, dtype=torch.int32, device=device)
         self.graphs = None  # DecodeGraphs on CUDA (raas_batch/engine/cuda_graph.py)
+        # per-slot decode state (see the module docstring)
+        per_slot = {"size": (num_slots,), "device": device}
+        self.last_token = torch.zeros(**per_slot, dtype=torch.int64)
+        self.temperature = torch.zeros(**per_slot, dtype=torch.float32)
+        self.top_p = torch.ones(**per_slot, dtype=torch.float32)
+        self.top_k = torch.zeros(**per_slot, dtype=torch.int64)
+        self.seed_keys = torch.zeros(**per_slot, dtype=torch.int64)
+        self.prompt_len = torch.zeros(**per_slot, dtype=torch.int64)
+        self._pinned = device.type == "cuda"
         # Optional observer of every step's logits: logits_hook(seqs, logits [B, V]) before sampling
         # (teacher-forced scoring, raas_batch/engine/scoring.py).
         self.logits_hook = None
@@ -36,11 +69,22 @@ class ModelRunner:
         row[:len(pages)] = torch.tensor(pages, dtype=torch.int32)
         self.slot_tables[slot] = row.to(self.device)
 
+    def _admit(self, seqs: list[Sequence]) -> torch.Tensor:
+        """Write the admitted sequences' per-slot state; -> their slots [B] int64 on the device."""
+        for seq in seqs:
+            self.set_slot_pages(seq.slot, seq.pages)
+        slots = self._tensor([s.slot for s in seqs])
+        self.temperature[slots] = self._tensor([s.params.temperature for s in seqs], torch.float32)
+        self.top_p[slots] = self._tensor([s.params.top_p for s in seqs], torch.float32)
+        self.top_k[slots] = self._tensor([s.params.top_k for s in seqs])
+        self.seed_keys[slots] = self._tensor([s.seed_key for s in seqs])
+        self.prompt_len[slots] = self._tensor([len(s.prompt_token_ids) for s in seqs])
+        return slots
+
     @torch.inference_mode()
     def prefill(self, seqs: list[Sequence]) -> list[int]:
         P = self.page_size
-        for seq in seqs:
-            self.set_slot_pages(seq.slot, seq.pages)
+        slots = self._admit(seqs)
         input_ids, positions, token_pages, token_offsets = [], [], [], []
         pages, fills, logical, stamps, pinned = [], [], [], [], []
         cu = [0]
@@ -72,26 +116,51 @@ class ModelRunner:
             set_context(None)
         last = self._tensor([c - 1 for c in cu[1:]])
         logits = self.model.compute_logits(hidden[last])  # [B, V]
-        return self._sample(logits, seqs)
+        if self.logits_hook is not None:
+            self.logits_hook(seqs, logits)
+        tokens = self._sample(logits, seqs, slots, self.prompt_len[slots] - 1)
+        self.last_token[slots] = tokens
+        return tokens.tolist()
 
     @torch.inference_mode()
-    def decode(self, seqs: list[Sequence]) -> list[int]:
+    def launch_decode(self, seqs: list[Sequence], positions: list[int]) -> DecodeLaunch:
+        """Enqueue one decode step for `seqs` (their tokens at `positions` are their last tokens,
+        already in `last_token`): forward, sample, write `last_token`. Returns without waiting."""
         slots = [s.slot for s in seqs]
-        token_ids = [s.last_token for s in seqs]
-        positions = [s.num_tokens - 1 for s in seqs]
-        width = max(self.policy.table_width(len(s.pages), s.num_tokens) for s in seqs)
+        width = max(self.policy.table_width(len(s.pages), p + 1) for s, p in zip(seqs, positions))
         if self.graphs is not None:
-            hidden = self.graphs.run(token_ids, positions, slots, width)
+            hidden, pos_t, slot_t = self.graphs.run(positions, slots, width)
         else:
-            hidden = self.decode_forward(self._tensor(token_ids), self._tensor(positions), self._tensor(slots), width,
-                                         host_slot_ids=slots)
-        return self._sample(self.model.compute_logits(hidden), seqs)
+            pos_t, slot_t = self._tensor(positions), self._tensor(slots)
+            hidden = self.decode_forward(pos_t, slot_t, width, host_slot_ids=slots)
+        logits = self.model.compute_logits(hidden)  # [B, V] fp32
+        if self.logits_hook is not None:
+            self.logits_hook(seqs, logits)
+        tokens = self._sample(logits, seqs, slot_t, pos_t)
+        self.last_token[slot_t] = tokens
+        stats = self.policy.device_stats()
+        if not self._pinned:
+            return DecodeLaunch(seqs, tokens, stats, None)
+        host_tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host_tokens.copy_(tokens, non_blocking=True)
+        host_stats = None
+        if stats is not None:
+            host_stats = torch.empty(stats.shape, dtype=stats.dtype, pin_memory=True)
+            host_stats.copy_(stats, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return DecodeLaunch(seqs, host_tokens, host_stats, event)
+
+    def set_last_tokens(self, seqs: list[Sequence]) -> None:
+        """The host replaced these sequences' sampled tokens (forced tokens): the next step reads these."""
+        self.last_token[self._tensor([s.slot for s in seqs])] = self._tensor([s.last_token for s in seqs])
 
     @torch.inference_mode()
-    def decode_forward(self, token_ids: torch.Tensor, positions: torch.Tensor, slot_ids: torch.Tensor, width: int,
+    def decode_forward(self, positions: torch.Tensor, slot_ids: torch.Tensor, width: int,
                        host_slot_ids: list[int] | None = None) -> torch.Tensor:
-        """The decode forward on device tensors ([B] each) -> hidden [B, hidden]. Never synchronises
-        with the host, so it can be captured in a CUDA graph."""
+        """The decode forward on device tensors ([B] each) -> hidden [B, hidden]; each row's input is
+        its slot's last token. Never synchronises with the host, so it can be captured in a CUDA graph."""
+        token_ids = self.last_token[slot_ids]
         dec = DecodeContext(slot_ids=slot_ids, positions=positions, page_tables=self.slot_tables[slot_ids, :width],
                             host_slot_ids=host_slot_ids or [])
         set_context(StepContext(is_prefill=False, pool=self.pool, policy=self.policy, ops=self.ops, decode=dec))
@@ -100,19 +169,13 @@ class ModelRunner:
         finally:
             set_context(None)
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-        if self.logits_hook is not None:
-            self.logits_hook(seqs, logits)
-        ps = [s.params for s in seqs]
-        if all(p.greedy for p in ps):  # no per-row settings to ship to the device
-            return logits.argmax(dim=-1).tolist()
-        batch = SamplingBatch(
-            temperature=self._tensor([p.temperature for p in ps], torch.float32),
-            top_p=self._tensor([p.top_p for p in ps], torch.float32),
-            top_k=self._tensor([p.top_k for p in ps]),
-            keys=self._tensor([s.seed_key for s in seqs]),
-            steps=self._tensor([len(s.output_token_ids) for s in seqs]),
-            any_sampling=any(not p.greedy for p in ps),
-            any_filter=any(not p.greedy and (p.top_p < 1 or p.top_k > 0) for p in ps),
-        )
-        return sample(logits, batch).tolist()
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], slot_ids: torch.Tensor,
+                positions: torch.Tensor) -> torch.Tensor:
+        """-> [B] int64 on the device. Settings come from the per-slot state; a row's counter is the
+        number of tokens its sequence has generated (position - prompt length + 1)."""
+        if self.device.type != "cuda" and all(s.params.greedy for s in seqs):
+            return logits.argmax(dim=-1)  # the CPU reference would hash noise it does not use
+        batch = SamplingBatch(temperature=self.temperature[slot_ids], top_p=self.top_p[slot_ids],
+                              top_k=self.top_k[slot_ids], keys=self.seed_keys[slot_ids],
+                              steps=positions - self.prompt_len[slot_ids] + 1)
+        return sample(logits, batch, self.ops)

@@ -35,9 +35,12 @@ class Sequence:
     # per-sequence KV setting (kv_budget, or (member, kv_budget) for a PolicyMixture); see policies/base.py
     kv_override: object = None
     kv_over_budget: bool = False  # set at admission: the quota exceeds kv_budget (prompt too long)
-    # filled at retirement by the KV policy
+    # decode steps launched for this sequence whose tokens the host has not recorded yet (0 or 1)
+    num_in_flight: int = 0
+    # filled when the sequence finishes, from the KV policy's counters of that step
     peak_kv_tokens: int = 0
     evicted_pages: int = 0
+    stats_set: bool = False
     # timings (perf_counter seconds)
     t_arrival: float = field(default_factory=time.perf_counter)
     t_first_token: float | None = None
@@ -46,6 +49,17 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def can_decode(self) -> bool:
+        """Another decode step may be launched: not finished, and the steps in flight leave room."""
+        return not self.finished and len(self.output_token_ids) + self.num_in_flight < self.max_new_tokens
+
+    @property
+    def host_picks_next(self) -> bool:
+        """The host may replace the next token (forced tokens, or a thinking budget that can start them),
+        so the next step must wait for this one to be recorded."""
+        return bool(self.forced) or self.params.thinking_budget is not None
 
     @property
     def last_token(self) -> int:

@@ -114,8 +114,15 @@ class KVPolicy:
         mass [B, Hkv, S] float32 per page read (None unless needs_mass)."""
 
     def seq_stats(self, slot: int, pages: list[int]) -> tuple[int, int]:
-        """Host-side, at retirement: (peak_kv_tokens, evicted_pages) of the sequence."""
+        """Host-side (synchronises): (peak_kv_tokens, evicted_pages) of the sequence now. The engine
+        uses `device_stats` instead; this is for tests and tools."""
         return self.pool.held_tokens(pages), 0
+
+    def device_stats(self) -> torch.Tensor | None:
+        """[2, num_slots] int64 on the device: each slot's (peak_kv_tokens, evicted_pages) as of the
+        step just enqueued, copied to the host with its tokens (no sync). None when nothing is ever
+        evicted: then the peak is every token written, which the host knows."""
+        return None
 
     def table_width(self, num_quota_pages: int, num_tokens: int) -> int:
         """Host-side, per decode step: how many of a sequence's quota pages the step's page table must

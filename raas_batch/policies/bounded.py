@@ -123,6 +123,9 @@ class BoundedPolicy(KVPolicy):
     def seq_stats(self, slot: int, pages: list[int]) -> tuple[int, int]:
         return int(self.peak[:, slot].max().item()), int(self.evicted[:, slot].max().item())
 
+    def device_stats(self) -> torch.Tensor:
+        return torch.stack([self.peak.amax(dim=(0, 2)), self.evicted.amax(dim=(0, 2))])  # [2, num_slots]
+
     # ---- device side ----
     def write_pages(self, layer: int, ctx: DecodeContext) -> torch.Tensor:
         pool = self.pool
