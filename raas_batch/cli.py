@@ -40,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--prompt-column", metavar="NAME",
                       help="column of text prompts or of chat messages (lists of {role, content}); "
                            "'messages' is used when 'prompt' is absent" + _d("prompt_column"))
+    data.add_argument("--apply-chat-template", action=argparse.BooleanOptionalAction,
+                      help="send a text prompt as one user message through the model's chat template, when it "
+                           "has one (default: apply; --no-apply-chat-template sends the text as it is)")
+    data.add_argument("--system-prompt", metavar="TEXT",
+                      help="a system message put before every prompt that has none (needs the chat template)")
     data.add_argument("--id-column", metavar="NAME",
                       help="column of stable row ids; row numbers are used when it is absent" + _d("id_column"))
     data.add_argument("--limit", type=int, metavar="N", help="only the first N rows")
@@ -54,8 +59,20 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--kv-budget", type=int, metavar="TOKENS",
                        help="KV tokens kept per sequence by a sparse policy")
     model.add_argument("--page-size", type=int, metavar="TOKENS", help="tokens per KV page" + _d("page_size"))
-    model.add_argument("--max-num-seqs", type=int, metavar="N",
-                       help="sequences decoded together" + _d("max_num_seqs"))
+    model.add_argument("--kv-policy-options", metavar="JSON",
+                       help="options of the KV policy (its dataclass fields), e.g. '{\"pin_prompt\": false}'")
+    model.add_argument("--max-num-seqs", metavar="N|auto",
+                       help="sequences decoded together; auto: on a GPU, as many as the KV page pool holds at "
+                            "the policy's budget (at most 512) for a bounded policy, else 256; 8 on the CPU"
+                            + _d("max_num_seqs"))
+    model.add_argument("--max-model-len", type=int, metavar="TOKENS",
+                       help="context cap (prompt + generated tokens); longer prompts are error rows "
+                            "(default: the model's context)")
+    model.add_argument("--gpu-memory-utilization", type=float, metavar="FRACTION",
+                       help="share of the GPU's memory the engine may use (weights + KV pages)"
+                            + _d("gpu_memory_utilization"))
+    model.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction,
+                       help="run decode steps eagerly instead of as CUDA graphs")
     model.add_argument("--chat-template-kwargs", metavar="JSON",
                        help="extra arguments of the chat template, e.g. '{\"enable_thinking\": true}'")
     sampling = p.add_argument_group("sampling")
@@ -73,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="keep generating after EOS (--no-ignore-eos overrides a YAML true)")
     sampling.add_argument("--stop", action="append", metavar="TEXT",
                           help="stop string (repeat the flag for several)")
+    sampling.add_argument("--stop-token-ids", action="append", metavar="IDS",
+                          help="token ids that end a sample, comma-separated (e.g. 128001,128009; repeatable)")
     run = p.add_argument_group("run")
     run.add_argument("--config", metavar="FILE.yaml",
                      help="YAML file with the same keys as the long flags; flags given here win")
@@ -104,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     except TypeError as exc:  # an unexpected key type from YAML
         print(f"error: invalid configuration ({exc}); check --config.", file=sys.stderr)
         return 2
-    from raas_batch.runner import JobError, run_job
+    from raas_batch.job import JobError
+    from raas_batch.runner import run_job
 
     if cfg.ray or cfg.ray_address:
         from raas_batch.distributed.driver import run_job_ray as run_job

@@ -103,8 +103,8 @@ class Engine:
                     seq.num_in_flight += 1
             num_tokens += self._record_in_flight()  # the previous step, while this one runs
             self.in_flight = launch
-            if not overlap:
-                num_tokens += self._record_in_flight()
+            if not overlap or (launch is not None and all(s.finished for s in launch.seqs)):
+                num_tokens += self._record_in_flight()  # (nothing in it will be kept: clear it now)
         finished = self.scheduler.retire_finished()
         for seq in finished:
             self.scheduler.release(seq)
