@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One GPU-machine session: kernel and engine tests on the GPU, then the kernel and decode benchmarks.
-# Usage (device tool, repo root): bash benchmarks/gpu_session.sh [tests|kernels|decode ...]; results under $OUT.
+# Usage (device tool, repo root): bash benchmarks/gpu_session.sh [tests|kernels|decode|job-fixed|job-realistic|
+# job-others|ray ...]; results under $OUT. The job parts need a tokenizer in .gpu_assets/tok (carry it; see
+# benchmarks/bench_job.py).
 set -u
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
@@ -12,7 +14,17 @@ python -c "import torch, triton, transformers; print('torch', torch.__version__,
 for part in $parts; do
   start=$(date +%s)
   case $part in
-    tests)   timeout 240 python -m pytest -q -m gpu -p no:cacheprovider -rfE --tb=short tests/test_kernels.py tests/test_gpu_engine.py > "$OUT/pytest_gpu.log" 2>&1; tail -30 "$OUT/pytest_gpu.log" ;;
+    tests)   timeout 300 python -m pytest -q -p no:cacheprovider -rfE --tb=short tests/test_policy_kernels.py \
+               tests/test_sampling.py::test_sampler_kernel_equals_reference > "$OUT/pytest_gpu_policy.log" 2>&1
+             tail -5 "$OUT/pytest_gpu_policy.log"
+             timeout 300 python -m pytest -q -m gpu -p no:cacheprovider -rfE --tb=short tests/test_kernels.py tests/test_gpu_engine.py > "$OUT/pytest_gpu.log" 2>&1; tail -30 "$OUT/pytest_gpu.log" ;;
+    job-fixed) timeout 420 python benchmarks/bench_job.py --shape 1.5b --policies dense,raas --rows 512 \
+               --max-new-tokens 6144 --regime fixed --profile-at 3000 --tag 1p5b_fixed 2>&1 | grep -v Warning | tail -12 ;;
+    job-realistic) timeout 420 python benchmarks/bench_job.py --shape 1.5b --policies dense,raas --rows 512 \
+               --max-new-tokens 8192 --regime realistic --num-stop-ids 16 --shard-size 512,128 --profile-at 1500 \
+               --tag 1p5b_realistic 2>&1 | grep -v Warning | tail -12 ;;
+    job-others) timeout 420 python benchmarks/bench_job.py --shape 1.5b --policies raas-mass,raas-paper,h2o,streaming \
+               --rows 512 --max-new-tokens 2048 --regime fixed --profile-at 1500 --tag 1p5b_others 2>&1 | grep -v Warning | tail -12 ;;
     kernels) timeout 200 python benchmarks/bench_kernels.py 2>&1 | tail -60 ;;
     decode)  timeout 300 python benchmarks/bench_gpu_decode.py 2>&1 | tail -40 ;;
     ray)     timeout 300 python benchmarks/bench_ray_scaling.py 2>&1 | tail -30 ;;

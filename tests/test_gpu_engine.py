@@ -101,3 +101,21 @@ def test_triton_path_agrees_with_torch_path(policy, budget):
                                 "first_divergence_per_prompt": first}) + "\n")
     # bf16 allows rare near-tie flips; a wrong kernel or policy step disagrees far more often
     assert agreement >= 0.9, agreement
+
+
+@pytest.mark.parametrize("policy,budget", [("dense", None), ("raas", 64), ("h2o", 64)])
+def test_overlapped_decoding_equals_lock_step(policy, budget):
+    """On the GPU the overlap is real (the host records step t while step t+1 runs): same outputs as
+    lock step, with sampling, stop token ids that end rows early, and admission mid-run."""
+    llm = make_llm(policy, budget)
+    stop = list(range(100, 4000, 97))  # ~40 of 4096 ids: rows stop after ~100 tokens on average
+    params = [SamplingParams(max_new_tokens=160, temperature=0.8, top_p=0.95, seed=i, stop_token_ids=stop)
+              for i in range(24)]
+    prompts_24 = prompts(8) * 3
+    outs = {}
+    for overlap in (False, True):
+        llm.engine.overlap = overlap
+        outs[overlap] = [(o.outputs[0].token_ids, o.outputs[0].finish_reason, o.outputs[0].peak_kv_tokens,
+                          o.outputs[0].evicted_pages) for o in llm.generate(prompts_24, params)]
+    assert outs[True] == outs[False]
+    assert {r for _, r, _, _ in outs[True]} == {"stop", "length"}

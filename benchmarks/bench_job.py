@@ -1,0 +1,374 @@
+"""The job benchmark: the product path (`run_job`: reader, shards, manifest, the shard stream) on a local
+model directory, per KV policy: tokens/s, ms per decode step, the step's roofline and where a step's
+time goes.
+
+    python benchmarks/bench_job.py --shape 1.5b --policies dense,raas --rows 512 --max-new-tokens 6144
+    python benchmarks/bench_job.py --shape 1.5b --regime realistic --policies dense,raas --shard-size 512,128
+
+What it builds (under --work, default /tmp/raas_bench): a model directory of the shape with random bf16
+weights saved as safetensors beside a real tokenizer (--tokenizer, e.g. SmolLM2's saved with
+save_pretrained; the config's vocabulary is set to the tokenizer's), and a JSONL file of chat rows
+(GSM8K-style word problems from a fixed template). Then, for every policy, `run_job` on it exactly as
+`python -m raas_batch` would run it, with sampling as an R1 user would set it (temperature 0.6,
+top-p 0.95, seed 0). Two length regimes:
+- fixed: EOS ignored, every row writes --max-new-tokens tokens;
+- realistic: --num-stop-ids token ids stop a row (random weights sample near-uniform tokens, so lengths
+  are roughly geometric with mean vocab / num_stop_ids), capped at --max-new-tokens.
+
+Measured, through an `LLM` subclass that the job builds in place of `LLM` (RAAS_BATCH_ENGINE) and that
+only watches the engine:
+- job tokens/s (summary.json: completion tokens over the run's wall time) and decode tokens/s;
+- ms per decode step: the mean wall time of the engine's decode steps (with overlapped decoding a
+  step's wall time is the device's step period plus whatever the host could not hide);
+- roofline of each decode step: (weight bytes + KV bytes the policy reads) / copy bandwidth measured in
+  the same run. KV bytes read: every token held for dense; min(tokens, quota) for the bounded policies,
+  plus the pages' key bounds for those that score pages (raas, raas-paper). Logits and activations are
+  left out (small at these shapes);
+- a profile of a window of decode steps (torch.profiler, CUDA kernel time by category: attention,
+  GEMMs, policy, sampler, norm/rotary/append, other) and the host gap (window wall time minus kernel
+  time, per step).
+Writes bench_job[_<tag>].json / .md to $OUT (default benchmarks/results/). `--smoke` runs a tiny model
+on the CPU through the same path (numbers meaningless) to check the script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import shutil
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from raas_batch.llm import LLM  # noqa: E402
+
+SHAPES = {  # Qwen2 family (DeepSeek-R1-Distill-Qwen): hidden, layers, q heads, kv heads, intermediate
+    "1.5b": {"hidden_size": 1536, "num_hidden_layers": 28, "num_attention_heads": 12, "num_key_value_heads": 2,
+             "intermediate_size": 8960, "tie_word_embeddings": False},
+    "7b": {"hidden_size": 3584, "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
+           "intermediate_size": 18944, "tie_word_embeddings": False},
+    "tiny": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+             "intermediate_size": 128, "tie_word_embeddings": False},
+}
+CATEGORIES = [  # (category, regex on the kernel name), first match wins
+    ("attention", r"_decode_stage|_prefill|flash|fmha|attention"),
+    ("policy", r"_bounded_write|_bounded_update|_page_scores"),
+    ("sampler", r"_sample_kernel"),
+    ("norm_rotary_append", r"_rms|_rotary|_kv_append|norm"),
+    ("gemm", r"gemm|nvjet|sm90_xmma|cutlass|cublas|matmul|_gemv|splitK"),
+]
+
+
+# ------------------------------------------------------------------------------------------------
+# The watcher: an LLM whose engine records every step (the job builds it through RAAS_BATCH_ENGINE)
+# ------------------------------------------------------------------------------------------------
+class WatchedLLM(LLM):
+    """`LLM` plus a record of each engine step; the last one built is `WatchedLLM.last`."""
+
+    last: WatchedLLM | None = None
+    profile_at: int | None = None  # decode step at which a profiled window of `profile_steps` starts
+    profile_steps: int = 8
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        WatchedLLM.last = self
+        self.steps: list[dict] = []
+        self.profile: dict | None = None
+        engine, runner = self.engine, self.engine.runner
+        policy = engine.policy
+        quota_tokens = getattr(policy, "kv_budget", None)
+        self._bounded = hasattr(policy, "nslots")
+        self._bounds = policy.name in ("raas", "raas-paper") and getattr(policy, "refresh_rule", "") != "mass"
+        self._budget = quota_tokens
+        self._current: dict = {}
+        launch, prefill, step = runner.launch_decode, runner.prefill, engine.step
+
+        def watched_launch(seqs, positions):
+            held = [p + 1 for p in positions]  # tokens in the KV cache once this step appends
+            if self._bounded:
+                held = [min(h, max(self._budget, (len(s.prompt_token_ids) // policy.page_size + 2) * policy.page_size))
+                        for h, s in zip(held, seqs)]
+            self._current.update(kind="decode", rows=len(seqs), kv_tokens=sum(held))
+            return launch(seqs, positions)
+
+        def watched_prefill(seqs):
+            self._current.update(kind="prefill", rows=len(seqs), prompt_tokens=sum(len(s.prompt_token_ids) for s in seqs))
+            return prefill(seqs)
+
+        def watched_step():
+            decode_index = sum(1 for s in self.steps if s.get("kind") == "decode")
+            if (self.profile is None and WatchedLLM.profile_at is not None and decode_index >= WatchedLLM.profile_at
+                    and self.steps and self.steps[-1].get("kind") == "decode"):
+                finished = self._profile_window(step)  # these steps are not in self.steps
+                if finished:
+                    return finished, 0
+            self._current = {}
+            t0 = time.perf_counter()
+            out = step()
+            self._current.update(wall_s=time.perf_counter() - t0, recorded=out[1])
+            self.steps.append(self._current)
+            return out
+
+        engine.step = watched_step
+        runner.launch_decode = watched_launch
+        runner.prefill = watched_prefill
+
+    def _profile_window(self, step) -> list:
+        """Run `profile_steps` engine steps under torch.profiler; keep kernel time by category.
+        -> the sequences that finished in them (the caller hands them on as one step's)."""
+        from torch.profiler import ProfilerActivity, profile
+
+        cuda = self.device.type == "cuda"
+        sync = torch.cuda.synchronize if cuda else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        n = WatchedLLM.profile_steps
+        finished = []
+        with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+            for _ in range(n):
+                finished += step()[0]
+            sync()
+        wall = time.perf_counter() - t0
+        self._current = {}
+        cats: dict[str, float] = {c: 0.0 for c, _ in CATEGORIES}
+        cats["other"] = 0.0
+        kernels = []
+        for ev in prof.key_averages():
+            if cuda:
+                t_us = getattr(ev, "self_device_time_total", None)
+                if t_us is None:
+                    t_us = getattr(ev, "self_cuda_time_total", 0.0)
+            else:  # CPU (the smoke run): op time, to exercise this code
+                t_us = ev.self_cpu_time_total
+            if not t_us:
+                continue
+            name = ev.key
+            cat = next((c for c, rx in CATEGORIES if re.search(rx, name, re.IGNORECASE)), "other")
+            cats[cat] += t_us / 1e3
+            kernels.append((t_us / 1e3, name[:90], cat, ev.count))
+        kernel_ms = sum(cats.values())
+        kernels.sort(reverse=True)
+        self.profile = {
+            "steps": n, "wall_ms_per_step": wall * 1e3 / n, "kernel_ms_per_step": kernel_ms / n,
+            "host_gap_ms_per_step": (wall * 1e3 - kernel_ms) / n,
+            "by_category_ms_per_step": {c: v / n for c, v in cats.items()},
+            "top_kernels": [{"ms_per_step": t / n, "name": nm, "category": c, "calls": k} for t, nm, c, k in kernels[:25]],
+        }
+        return finished
+
+
+# ------------------------------------------------------------------------------------------------
+# Inputs: the model directory and the dataset
+# ------------------------------------------------------------------------------------------------
+def build_model_dir(shape: str, tokenizer_dir: str, work: str, device: str) -> str:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
+
+    path = os.path.join(work, f"model-{shape}")
+    if os.path.exists(os.path.join(path, "config.json")):
+        return path
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    cfg = Qwen2Config(vocab_size=len(tok), max_position_embeddings=32768, rope_theta=1e6, torch_dtype="bfloat16",
+                      initializer_range=0.02, **SHAPES[shape])
+    cfg.eos_token_id = tok.eos_token_id
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, path)
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return path
+
+
+NAMES = ["Ava", "Ben", "Chloe", "Dev", "Elena", "Farid", "Grace", "Hugo", "Iris", "Jon"]
+THINGS = ["apples", "marbles", "stickers", "books", "coins", "pencils", "shells", "cards"]
+
+
+def write_dataset(path: str, rows: int, seed: int = 0) -> None:
+    """GSM8K-style chat rows (id, messages, answer) from a fixed template: prompts of ~60-90 tokens."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for i in range(rows):
+            a, b, c = rng.randint(3, 90), rng.randint(2, 40), rng.randint(2, 9)
+            n1, n2 = rng.sample(NAMES, 2)
+            thing = rng.choice(THINGS)
+            q = (f"{n1} has {a} {thing}. {n2} gives {n1} {b} more, and then {n1} shares them equally among "
+                 f"{c} friends, keeping the remainder. How many {thing} does each friend get, and how many "
+                 f"does {n1} keep? Think step by step and give the final answer in a box.")
+            total = a + b
+            f.write(json.dumps({"id": f"q{i}", "messages": [{"role": "user", "content": q}],
+                                "answer": f"{total // c} each, {total % c} kept"}) + "\n")
+
+
+# ------------------------------------------------------------------------------------------------
+# One job
+# ------------------------------------------------------------------------------------------------
+def copy_bandwidth(device: str) -> float:
+    if device != "cuda":
+        return 1e10
+    x = torch.empty(2 * 2**30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    times = []
+    for _ in range(10):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        y.copy_(x)
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    del x, y
+    torch.cuda.empty_cache()
+    return 2 * 2 * 2**30 / sorted(times)[len(times) // 2]
+
+
+def run_one(args, model_dir: str, data: str, policy: str, shard_size: int, bw: float) -> dict:
+    from raas_batch.config import resolve
+    from raas_batch.runner import run_job
+
+    out = os.path.join(args.work, f"out-{policy}-{args.regime}-{shard_size}")
+    shutil.rmtree(out, ignore_errors=True)
+    flags = {"input": data, "output": out, "model": model_dir, "kv_policy": policy,
+             "max_num_seqs": int(args.max_num_seqs) if args.max_num_seqs.isdigit() else args.max_num_seqs, "shard_size": shard_size, "max_new_tokens": args.max_new_tokens,
+             "temperature": 0.6, "top_p": 0.95, "seed": 0, "quiet": True, "device": args.device}
+    if policy != "dense":
+        flags["kv_budget"] = args.budget
+    if args.regime == "fixed":
+        flags["ignore_eos"] = True
+    else:
+        rng = random.Random(1)
+        flags["stop_token_ids"] = rng.sample(range(1000, args.vocab), args.num_stop_ids)
+        flags["ignore_eos"] = True  # the model's own EOS is one more random id: keep the mean as set
+    cfg = resolve(flags)
+    WatchedLLM.profile_at = args.profile_at
+    os.environ["RAAS_BATCH_ENGINE"] = "bench_job:WatchedLLM"
+    t0 = time.perf_counter()
+    summary = run_job(cfg)
+    wall = time.perf_counter() - t0
+    llm = WatchedLLM.last
+    engine = llm.engine
+    spec = engine.runner.model.spec
+    weight_bytes = sum(p.numel() * p.element_size() for p in engine.runner.model.parameters())
+    kv_per_token = spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim * 2
+    bounds_per_token = spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim * 2 / engine.pool.page_size
+    decode = [s for s in llm.steps if s.get("kind") == "decode"]
+    prefill = [s for s in llm.steps if s.get("kind") == "prefill"]
+    kv_read = [s["kv_tokens"] * (kv_per_token + (bounds_per_token if llm._bounds else 0)) for s in decode]
+    roof = [(weight_bytes + b) / bw for b in kv_read]
+    dec_wall = sum(s["wall_s"] for s in decode)
+    dec_tokens = sum(s["rows"] for s in decode)
+    res = {
+        "policy": policy, "budget": args.budget if policy != "dense" else None, "regime": args.regime,
+        "shard_size": shard_size, "rows": args.rows, "max_new_tokens": args.max_new_tokens,
+        "max_num_seqs": engine.scheduler.max_num_seqs,
+        "completion_tokens": summary["completion_tokens"], "job_wall_s": wall,
+        "job_tokens_per_s": summary["tokens_per_s"], "summary_wall_s": summary["wall_time_s"],
+        "engine_load_s": summary.get("engine_load_s"),
+        "decode_steps": len(decode), "prefill_steps": len(prefill),
+        "prefill_s": sum(s["wall_s"] for s in prefill),
+        "decode_tokens_per_s": dec_tokens / dec_wall if dec_wall else 0.0,
+        "mean_rows_per_decode_step": dec_tokens / max(1, len(decode)),
+        "ms_per_decode_step": dec_wall / max(1, len(decode)) * 1e3,
+        "roofline_ms_per_decode_step": sum(roof) / max(1, len(roof)) * 1e3,
+        "step_over_roofline": dec_wall / sum(roof) if roof else None,
+        "weight_bytes": weight_bytes, "kv_bytes_per_token": kv_per_token, "copy_bandwidth_Bps": bw,
+        "finish_reasons": summary.get("finish_reasons"), "profile": llm.profile,
+    }
+    del llm, engine
+    WatchedLLM.last = None
+    import gc
+
+    gc.collect()
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+    shutil.rmtree(out, ignore_errors=True)
+    return res
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| policy | regime | shards of | batch | tokens | job tok/s | decode tok/s | ms/step | roofline ms | "
+             "step/roof | attn | gemm | policy | sampler | norm+rot+app | other | host gap |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | "
+             "---: | ---: |"]
+    for r in results:
+        name = r["policy"] + (f" L={r['budget']}" if r["budget"] else "")
+        p = r.get("profile") or {}
+        cat = p.get("by_category_ms_per_step", {})
+        prof = " | ".join(f"{cat.get(c, 0):.2f}" for c in ("attention", "gemm", "policy", "sampler",
+                                                          "norm_rotary_append", "other"))
+        gap = f"{p['host_gap_ms_per_step']:.2f}" if p else "-"
+        if not p:
+            prof = " | ".join(["-"] * 6)
+        lines.append(f"| {name} | {r['regime']} | {r['shard_size']} | {r['max_num_seqs']} | {r['completion_tokens']} | "
+                     f"{r['job_tokens_per_s']:.0f} | {r['decode_tokens_per_s']:.0f} | {r['ms_per_decode_step']:.2f} | "
+                     f"{r['roofline_ms_per_decode_step']:.2f} | {r['step_over_roofline']:.2f} | {prof} | {gap} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    sys.modules.setdefault("bench_job", sys.modules[__name__])  # RAAS_BATCH_ENGINE imports this very module
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", default="1.5b", choices=sorted(SHAPES))
+    ap.add_argument("--policies", default="dense,raas")
+    ap.add_argument("--budget", type=int, default=1024)
+    ap.add_argument("--rows", type=int, default=512)
+    ap.add_argument("--max-new-tokens", type=int, default=6144)
+    ap.add_argument("--regime", default="fixed", choices=["fixed", "realistic"])
+    ap.add_argument("--num-stop-ids", type=int, default=16)
+    ap.add_argument("--shard-size", default="512", help="comma list: one job per shard size")
+    ap.add_argument("--max-num-seqs", default="512")
+    ap.add_argument("--profile-at", type=int, default=600, help="decode step where the profiled window starts")
+    ap.add_argument("--tokenizer", default=".gpu_assets/tok")
+    ap.add_argument("--work", default="/tmp/raas_bench")
+    ap.add_argument("--tag", default="")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--smoke", action="store_true", help="tiny model, few rows, on the CPU")
+    args = ap.parse_args()
+    if args.smoke:
+        args.shape, args.rows, args.max_new_tokens, args.device = "tiny", 6, 24, "cpu"
+        args.budget, args.profile_at, args.work = 64, 3, args.work + "-smoke"
+        WatchedLLM.profile_steps = 3
+    os.makedirs(args.work, exist_ok=True)
+    out_dir = os.environ.get("OUT") or (args.work if args.smoke else
+                                        os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    os.makedirs(out_dir, exist_ok=True)
+    bw = copy_bandwidth(args.device)
+    model_dir = build_model_dir(args.shape, args.tokenizer, args.work, args.device)
+    from transformers import AutoConfig
+
+    args.vocab = AutoConfig.from_pretrained(model_dir).vocab_size
+    data = os.path.join(args.work, f"rows-{args.rows}.jsonl")
+    write_dataset(data, args.rows)
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s; model {model_dir}; {args.rows} rows", flush=True)
+    results = []
+    stem = "bench_job" + (f"_{args.tag}" if args.tag else "")
+    for policy in args.policies.split(","):
+        for shard_size in (int(s) for s in args.shard_size.split(",")):
+            r = run_one(args, model_dir, data, policy, shard_size, bw)
+            results.append(r)
+            print(json.dumps({k: v for k, v in r.items() if k != "profile"}), flush=True)
+            if r.get("profile"):
+                print(json.dumps(r["profile"]["by_category_ms_per_step"]), "host gap",
+                      round(r["profile"]["host_gap_ms_per_step"], 3), flush=True)
+            with open(os.path.join(out_dir, f"{stem}.json"), "w") as f:  # after every job: a cut run keeps some
+                json.dump({"shape": args.shape, "args": vars(args), "results": results}, f, indent=2)
+    text = (f"# Job benchmark: {args.shape} shape, {args.rows} rows, {args.regime} lengths (max {args.max_new_tokens}), "
+            f"copy bandwidth {bw / 1e12:.2f} TB/s\n\n" + table(results))
+    print(text)
+    with open(os.path.join(out_dir, f"{stem}.md"), "w") as f:
+        f.write(text)
+
+
+if __name__ == "__main__":
+    main()
