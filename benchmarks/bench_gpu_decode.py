@@ -244,6 +244,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer steps (a smoke run)")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--budget", type=int, default=2048)
+    ap.add_argument("--raas-batch", type=int, default=None, help="RaaS batch (default: the largest that fits)")
     ap.add_argument("--smoke", action="store_true", help="a tiny model on the CPU: checks the script runs")
     ap.add_argument("--profile", action="store_true", help="write kernel-time tables of batch 1 and RaaS")
     ap.add_argument("--only", nargs="*", default=None, help="sections: batch1 dense raas hf memory")
@@ -288,7 +289,9 @@ def main() -> None:
             rows.append(r)
             print(r, flush=True)
     if "raas" in sections:
-        raas_batch_size = min(512, int(usable // (per_page * (args.budget // P + 2))))
+        from raas_batch.engine.cuda_graph import BATCH_BUCKETS
+
+        raas_batch_size = min(args.raas_batch or BATCH_BUCKETS[-1], int(usable // (per_page * (args.budget // P + 2))))
         r = bench_raas_steady(model, args.budget, raas_batch_size, 128, steps)
         flops = 2 * wbytes / 2 * raas_batch_size
         r["roofline_ms"] = max((wbytes + raas_batch_size * args.budget * kvtok) / bw, flops / 770e12) * 1e3

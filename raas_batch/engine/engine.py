@@ -73,6 +73,8 @@ class Engine:
             self.runner.graphs = DecodeGraphs(self.runner, max_num_seqs, max_pages, max_num_seqs, scratch_page)
 
     def add(self, seq: Sequence) -> None:
+        if seq.params.unset():  # a caller below LLM (benchmarks, tests): fallback values for unset fields
+            seq.params = seq.params.with_defaults()
         seq.start_tracking(self.tokenizer)
         self.scheduler.add(seq)
 
