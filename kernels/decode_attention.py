@@ -22,6 +22,7 @@ arXiv 2406.10774):
   page's log2-sum-exp  lse_page = m_run + log2(sum_{tokens of page} 2^(s - m_run)), taken against
   the running max m_run at the time the page is read (m_run <= the global max, so nothing that
   matters underflows; an empty or -1 page gives -inf).
+* With one split and no mass, stage 1 divides by l and writes the output itself (no stage 2).
 * Stage 2, grid (B, Hkv): for each head, M = max_split m, L = sum_split 2^(m - M) l,
   out = sum_split 2^(m - M) acc / L. The page mass is 2^(lse_page - (M + log2 L)), i.e. the page's
   probability under the *global* softmax of that head, then max over the G heads of the group.
@@ -45,8 +46,8 @@ _LOG2E = 1.4426950408889634
 
 
 def _decode_stage1(
-    q_ptr, k_ptr, v_ptr, ids_ptr, fill_ptr,
-    acc_ptr, m_ptr, l_ptr, lse_ptr,
+    q_ptr, k_ptr, v_ptr, ids_ptr, fill_ptr, npages_ptr,
+    acc_ptr, m_ptr, l_ptr, lse_ptr, out_ptr, stride_ob, stride_oh, stride_od,
     stride_qb, stride_qh, stride_qd,
     stride_kn, stride_kh, stride_kp, stride_kd,
     stride_vn, stride_vh, stride_vp, stride_vd,
@@ -56,11 +57,15 @@ def _decode_stage1(
     S, pages_per_split, num_splits,
     HQ: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_P: tl.constexpr, PPI: tl.constexpr,
-    RETURN_MASS: tl.constexpr, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr,
+    RETURN_MASS: tl.constexpr, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr, HAS_NUM_PAGES: tl.constexpr,
+    DIRECT: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
+    num_listed = S
+    if HAS_NUM_PAGES:  # entries past the row's count are not read at all (no loop iterations)
+        num_listed = tl.minimum(tl.load(npages_ptr + b).to(tl.int32), S)
     BN: tl.constexpr = PPI * BLOCK_P
 
     rows = tl.arange(0, GP)  # query head within the group (padded)
@@ -81,7 +86,7 @@ def _decode_stage1(
     jj = tl.arange(0, PPI)
 
     split_start = split * pages_per_split
-    split_end = tl.minimum(split_start + pages_per_split, S)
+    split_end = tl.minimum(split_start + pages_per_split, num_listed)
     ids_base = ids_ptr + b * stride_ib + kvh * stride_ih
 
     m_i = tl.full([GP], float("-inf"), tl.float32)
@@ -141,22 +146,30 @@ def _decode_stage1(
                 mask=row_ok[:, None] & (pidx[None, :] < split_end),
             )
 
-    head_row = (b * HQ + qh) * num_splits + split  # [GP]
-    tl.store(m_ptr + head_row, m_i, mask=row_ok)
-    tl.store(l_ptr + head_row, l_i, mask=row_ok)
-    tl.store(acc_ptr + head_row[:, None] * D + dd[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
+    if DIRECT:  # one split and no mass: the program holds the whole softmax, so it writes the output
+        o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+        tl.store(out_ptr + b * stride_ob + qh[:, None] * stride_oh + dd[None, :] * stride_od,
+                 o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    else:
+        head_row = (b * HQ + qh) * num_splits + split  # [GP]
+        tl.store(m_ptr + head_row, m_i, mask=row_ok)
+        tl.store(l_ptr + head_row, l_i, mask=row_ok)
+        tl.store(acc_ptr + head_row[:, None] * D + dd[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
 
 
 def _decode_stage2(
-    acc_ptr, m_ptr, l_ptr, lse_ptr, out_ptr, mass_ptr,
+    acc_ptr, m_ptr, l_ptr, lse_ptr, out_ptr, mass_ptr, npages_ptr,
     stride_ob, stride_oh, stride_od,
     S, num_splits,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
     D: tl.constexpr, BLOCK_D: tl.constexpr, NSP: tl.constexpr,
-    BLOCK_S: tl.constexpr, RETURN_MASS: tl.constexpr,
+    BLOCK_S: tl.constexpr, RETURN_MASS: tl.constexpr, HAS_NUM_PAGES: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
+    num_listed = S
+    if HAS_NUM_PAGES:
+        num_listed = tl.minimum(tl.load(npages_ptr + b).to(tl.int32), S)
     sp = tl.arange(0, NSP)
     sp_ok = sp < num_splits
     dd = tl.arange(0, BLOCK_D)
@@ -201,7 +214,7 @@ def _decode_stage2(
             sidx = s0 + ss
             lse = tl.load(
                 lse_ptr + rows[:, None] * S + sidx[None, :],
-                mask=g_ok[:, None] & (sidx[None, :] < S), other=float("-inf"),
+                mask=g_ok[:, None] & (sidx[None, :] < num_listed), other=float("-inf"),
             )
             mass = tl.max(tl.exp2(lse - lse_tot[:, None]), axis=0)  # [BLOCK_S]
             tl.store(mass_ptr + (b * HKV + kvh) * S + sidx, mass, mask=sidx < S)
@@ -259,6 +272,7 @@ def paged_decode_attention_impl(
     fill: torch.Tensor,
     scale: float,
     return_mass: bool = False,
+    num_pages: torch.Tensor | None = None,
     *,
     num_splits: int | None = None,
     pages_per_iter: int | None = None,
@@ -289,9 +303,12 @@ def paged_decode_attention_impl(
 
     dev = q.device
     out = torch.empty((B, Hq, D), dtype=q.dtype, device=dev)
-    acc = torch.empty((B, Hq, num_splits, D), dtype=torch.float32, device=dev)
-    m = torch.empty((B, Hq, num_splits), dtype=torch.float32, device=dev)
-    l = torch.empty((B, Hq, num_splits), dtype=torch.float32, device=dev)
+    if num_splits == 1 and not return_mass:  # stage 1 writes the output: no partial results
+        acc = m = l = out
+    else:
+        acc = torch.empty((B, Hq, num_splits, D), dtype=torch.float32, device=dev)
+        m = torch.empty((B, Hq, num_splits), dtype=torch.float32, device=dev)
+        l = torch.empty((B, Hq, num_splits), dtype=torch.float32, device=dev)
     if return_mass:
         lse = torch.empty((B, Hq, S), dtype=torch.float32, device=dev)
         mass = torch.empty((B, Hkv, S), dtype=torch.float32, device=dev)
@@ -300,9 +317,11 @@ def paged_decode_attention_impl(
     if B == 0 or S == 0:
         return (out, mass.zero_()) if return_mass else out
 
+    npages = num_pages if num_pages is not None else fill  # (unused when None)
+    direct = num_splits == 1 and not return_mass
     _stage1()[(B, Hkv, num_splits)](
-        q, k_cache, v_cache, page_ids, fill,
-        acc, m, l, lse,
+        q, k_cache, v_cache, page_ids, fill, npages,
+        acc, m, l, lse, out, out.stride(0), out.stride(1), out.stride(2),
         q.stride(0), q.stride(1), q.stride(2),
         *k_cache.stride(), *v_cache.stride(),
         page_ids.stride(0), page_ids.stride(1), page_ids.stride(2),
@@ -310,17 +329,19 @@ def paged_decode_attention_impl(
         float(scale) * _LOG2E,
         S, pages_per_split, num_splits,
         HQ=Hq, G=G, GP=GP, D=D, BLOCK_D=BLOCK_D, BLOCK_P=BLOCK_P, PPI=pages_per_iter,
-        RETURN_MASS=return_mass, DOT_PREC=dot_prec, DOT_F32=dot_f32,
-        num_warps=num_warps, num_stages=num_stages,
+        RETURN_MASS=return_mass, DOT_PREC=dot_prec, DOT_F32=dot_f32, HAS_NUM_PAGES=num_pages is not None,
+        DIRECT=direct, num_warps=num_warps, num_stages=num_stages,
     )
+    if direct:
+        return out
     _stage2()[(B, Hkv)](
-        acc, m, l, lse, out, mass,
+        acc, m, l, lse, out, mass, npages,
         out.stride(0), out.stride(1), out.stride(2),
         S, num_splits,
         HQ=Hq, HKV=Hkv, G=G, GP=GP, D=D, BLOCK_D=BLOCK_D,
         NSP=max(2, triton.next_power_of_2(num_splits)),
         BLOCK_S=min(128, max(16, triton.next_power_of_2(S))), RETURN_MASS=return_mass,
-        num_warps=4,
+        HAS_NUM_PAGES=num_pages is not None, num_warps=4,
     )
     return (out, mass) if return_mass else out
 
@@ -333,15 +354,18 @@ def paged_decode_attention(
     fill: torch.Tensor,
     scale: float,
     return_mass: bool = False,
+    num_pages: torch.Tensor | None = None,
 ):
     """Exact softmax attention of one query token per sequence over the listed pages (Triton).
 
     q: [B, Hq, D]; k_cache, v_cache: [N, Hkv, P, D]; page_ids: [B, Hkv, S] int32 (-1 = none);
-    fill: [N, Hkv] int32. Returns out [B, Hq, D] in q's dtype and, if return_mass, mass [B, Hkv, S]
-    float32 (per listed page softmax mass, max over the group's query heads, 0 for -1 entries).
-    Split-KV (FlashDecoding); no host sync, CUDA-graph capturable. See the module docstring.
+    fill: [N, Hkv] int32; num_pages: [B] int32 or None: only the first num_pages[b] entries of row b
+    are read (the rest count as -1, and cost no loop iterations). Returns out [B, Hq, D] in q's dtype
+    and, if return_mass, mass [B, Hkv, S] float32 (per listed page softmax mass, max over the group's
+    query heads, 0 for -1 and unread entries). Split-KV (FlashDecoding); no host sync, CUDA-graph
+    capturable. See the module docstring.
     """
-    return paged_decode_attention_impl(q, k_cache, v_cache, page_ids, fill, scale, return_mass)
+    return paged_decode_attention_impl(q, k_cache, v_cache, page_ids, fill, scale, return_mass, num_pages)
 
 
 __all__ = ["choose_num_splits", "paged_decode_attention", "paged_decode_attention_impl"]

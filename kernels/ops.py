@@ -45,11 +45,12 @@ def get_ops(backend: str) -> SimpleNamespace:
 
 
 def get_layer_ops(backend: str) -> SimpleNamespace | None:
-    """Fused layer kernels (rms_norm with residual add, apply_rotary) for "triton"; None for "torch"
+    """Fused layer kernels (rms_norm with residual add, apply_rotary, silu_mul) for "triton"; None for "torch"
     (the model's own torch code is then the path, and the reference)."""
     if backend != "triton":
         return None
     from .rmsnorm import rms_norm
     from .rotary import apply_rotary
+    from .silu_mul import silu_mul
 
-    return SimpleNamespace(rms_norm=rms_norm, apply_rotary=apply_rotary)
+    return SimpleNamespace(rms_norm=rms_norm, apply_rotary=apply_rotary, silu_mul=silu_mul)

@@ -18,6 +18,14 @@ def _gather_pages(cache: torch.Tensor, page_ids: torch.Tensor) -> torch.Tensor:
     return cache[page_ids.clamp(min=0).long(), heads]
 
 
+def _limit_pages(page_ids: torch.Tensor, num_pages: torch.Tensor | None) -> torch.Tensor:
+    """page_ids [B, Hkv, S] with the entries from index num_pages[b] on replaced by -1."""
+    if num_pages is None:
+        return page_ids
+    cols = torch.arange(page_ids.shape[2], device=page_ids.device).view(1, 1, -1)
+    return torch.where(cols < num_pages.view(-1, 1, 1), page_ids, -1)
+
+
 def paged_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -26,11 +34,13 @@ def paged_decode_attention(
     fill: torch.Tensor,
     scale: float,
     return_mass: bool = False,
+    num_pages: torch.Tensor | None = None,
 ):
     """Exact softmax attention of one query token per sequence over the listed pages.
 
     q: [B, Hq, D]; k_cache, v_cache: [N, Hkv, P, D]; page_ids: [B, Hkv, S] int32 (-1 = none);
-    fill: [N, Hkv] int32 (valid tokens per page). Query head h reads KV head h // (Hq // Hkv).
+    fill: [N, Hkv] int32 (valid tokens per page); num_pages: [B] int or None: entries of row b from
+    index num_pages[b] on count as -1. Query head h reads KV head h // (Hq // Hkv).
     Returns out [B, Hq, D] in q's dtype and, if return_mass, mass [B, Hkv, S] float32: the softmax
     probability each listed page received (sum over its tokens), max over the query heads of the
     group; 0 for -1 entries. Every (sequence, KV head) must list at least one non-empty page.
@@ -39,6 +49,7 @@ def paged_decode_attention(
     Hkv, P = k_cache.shape[1], k_cache.shape[2]
     S = page_ids.shape[2]
     G = Hq // Hkv
+    page_ids = _limit_pages(page_ids, num_pages)
     k = _gather_pages(k_cache, page_ids).float().view(B, Hkv, S * P, D)
     v = _gather_pages(v_cache, page_ids).float().view(B, Hkv, S * P, D)
     page_fill = torch.where(page_ids >= 0, _gather_pages(fill.unsqueeze(-1), page_ids).squeeze(-1), 0)  # [B, Hkv, S]
@@ -145,6 +156,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     return out if residual is None else (out, residual)
 
 
+def silu_mul(x: torch.Tensor) -> torch.Tensor:
+    """The gated MLP's activation: x [T, 2I] (gate | up) -> silu(gate) * up, [T, I] in x's dtype."""
+    gate, up = x.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor):
     """Rotary embedding (rotate-half layout) at absolute positions, computed in fp32.
 
@@ -248,14 +265,16 @@ def bounded_write(table, slot_ids, positions, nslots, window, cur, held, peak, e
 
 
 def bounded_update(page_ids, values, cur, slot_ids, positions, top, fill, pinned, stamp, mass,
-                   rule: str, refresh_pinned: bool = False, alpha: float = 0.0, scale: float = 1.0) -> None:
+                   rule: str, refresh_pinned: bool = False, alpha: float = 0.0, scale: float = 1.0,
+                   q=None, kmin=None, kmax=None) -> None:
     """After attention: refresh page stamps (RaaS) or accumulate attention mass (H2O), in place.
 
     page_ids: [B, Hkv, S] int32 the pages read (-1 = none, distinct per row); values: [B, Hkv, S]
     float32 (Quest bounds for rules top_half / alpha, the attention mass for mass / accumulate);
     cur: [num_slots, Hkv] int64 page being written; slot_ids, positions: [B] int64; top: [num_slots]
     int64 refresh slots (top_half); fill [N, Hkv] int32, pinned [N, Hkv] bool, stamp [N, Hkv] int64,
-    mass [N, Hkv] float32: this layer's metadata.
+    mass [N, Hkv] float32: this layer's metadata. values None (top_half, alpha): the Quest bounds
+    page_scores(q, kmin, kmax, page_ids) (q [B, Hq, D], kmin / kmax [N, Hkv, D]).
 
     Refreshable: listed, fill > 0, not the current page, unpinned unless refresh_pinned. Rules:
     - top_half: the refreshable pages ranked by value (descending; ties to the earlier column) below
@@ -264,6 +283,8 @@ def bounded_update(page_ids, values, cur, slot_ids, positions, top, fill, pinned
     - mass: value > alpha -> stamp;
     - accumulate: mass[page] += value for every listed page (no stamps).
     """
+    if values is None:
+        values = page_scores(q, kmin, kmax, page_ids)
     safe = page_ids.clamp(min=0).long()
     Hkv = page_ids.shape[1]
     heads = torch.arange(Hkv, device=page_ids.device).view(1, -1, 1).expand_as(safe)

@@ -141,6 +141,8 @@ def _check_decode(q, k_cache, v_cache, ids, fill, scale, dtype, **launch):
     assert torch.all(tot > 1 - 1e-3) and torch.all(tot < q.shape[1] // ids.shape[1] + 1e-3)
     out2 = TRI.paged_decode_attention(q, k_cache, v_cache, ids, fill, scale)  # public entry, no mass
     assert _rel(out2, want) < tol["attn"]
+    out1 = dec_mod.paged_decode_attention_impl(q, k_cache, v_cache, ids, fill, scale, num_splits=1)  # stage 1 only
+    assert _rel(out1, want) < tol["attn"]
 
 
 DECODE_CASES = [
@@ -172,6 +174,26 @@ def test_decode_split_and_tile_layouts(ns, ppi):
     g = _gen("decode-splits", ns, ppi)
     args = make_decode_case(g, B=2, Hq=8, Hkv=2, D=64, P=16, S=9, budget="large", dtype=dtype)
     _check_decode(*args, scale=0.125, dtype=dtype, num_splits=ns, pages_per_iter=ppi)
+
+
+@pytest.mark.parametrize("ns", [1, 3])
+def test_decode_reads_only_the_first_num_pages(ns):
+    """num_pages[b]: entries from that index on are not read (as if -1), with and without mass; a row
+    may stop inside a split or before a whole split."""
+    dtype = torch.float32
+    g = _gen("decode-num-pages", ns)
+    q, k_cache, v_cache, ids, fill = make_decode_case(g, B=3, Hq=8, Hkv=2, D=32, P=16, S=9, budget="large",
+                                                      dtype=dtype)
+    ids = ids.sort(dim=-1, descending=True).values  # listed pages first, -1 last, as a dense table
+    num_pages = torch.tensor([9, 2, 5], dtype=torch.int32, device=DEVICE)
+    cut = torch.where(torch.arange(9, device=DEVICE).view(1, 1, -1) < num_pages.view(-1, 1, 1), ids, -1)
+    assert (cut >= 0).flatten(1).any(1).all()
+    want, want_mass = ref.paged_decode_attention(q, k_cache, v_cache, cut, fill, 0.2, return_mass=True)
+    for got_out, got_mass in (dec_mod.paged_decode_attention_impl(q, k_cache, v_cache, ids, fill, 0.2, True, num_pages,
+                                                                   num_splits=ns),
+                              ref.paged_decode_attention(q, k_cache, v_cache, ids, fill, 0.2, True, num_pages)):
+        assert _rel(got_out, want) < TOL[dtype]["attn"] and _rel(got_mass, want_mass) < TOL[dtype]["mass"]
+        assert torch.all(got_mass[cut < 0] == 0)
 
 
 def test_decode_ignores_garbage_and_strided_q():

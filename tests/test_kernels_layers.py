@@ -66,3 +66,14 @@ def test_model_norm_is_the_reference():
     out, new = norm(x, res)
     out_r, new_r = ref.rms_norm(x, norm.weight, 1e-5, res.clone())
     assert torch.equal(out, out_r) and torch.equal(new, new_r)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,inner", [(1, 64), (5, 1000), (3, 2304)])
+def test_silu_mul_matches_reference(dtype, rows, inner):
+    from raas_batch.kernels.silu_mul import silu_mul
+
+    gen = torch.Generator().manual_seed(rows + inner)
+    x = (torch.randn(rows, 2 * inner + 8, generator=gen) * 4).to(dtype).to(DEVICE)[:, :2 * inner]  # strided rows
+    got, want = silu_mul(x), ref.silu_mul(x)
+    assert got.shape == (rows, inner) and rel(got, want) <= TOL[dtype]

@@ -37,11 +37,11 @@ CASES = [
 
 
 class Lockstep:
-    def __init__(self, name, options, budget=6 * P, seed=0):
+    def __init__(self, name, options, budget=6 * P, seed=0, num_pages=300):
         self.gen = torch.Generator().manual_seed(seed)
         self.pools, self.policies = [], []
         for ops in (kops.get_ops("torch"), kops.get_ops("triton")):
-            pool = PagePool(LAYERS, 300, HKV, P, D, torch.float32, DEVICE)
+            pool = PagePool(LAYERS, num_pages, HKV, P, D, torch.float32, DEVICE)
             policy = make_policy(name, budget, P, **options)
             policy.bind(pool, 5)
             policy.use_ops(ops)
@@ -52,10 +52,10 @@ class Lockstep:
     def ints(self, *shape):
         return torch.randint(-3, 4, shape, generator=self.gen).float().to(DEVICE)
 
-    def admit(self, slot: int, n: int) -> None:
+    def admit(self, slot: int, n: int, max_new: int = 200) -> None:
         k, v = self.ints(n, HKV, D), self.ints(n, HKV, D)
         for pool, policy in zip(self.pools, self.policies):
-            pages = pool.allocate(policy.quota_pages(n, 200))
+            pages = pool.allocate(policy.quota_pages(n, max_new))
             policy.on_admit(slot, pages, n)
             npg = -(-n // P)
             t = lambda x: torch.tensor(x, device=DEVICE)
@@ -114,6 +114,17 @@ def test_fused_policy_ops_equal_reference(name, options):
     for _ in range(10 * P):  # each sequence evicts several times (quota 6 pages, a page opens every P steps)
         run.step()
     assert int(run.policies[0].evicted.max()) > 0  # evictions happened, so victims were compared
+
+
+def test_fused_refresh_with_more_pages_than_one_block():
+    """A budget of 140 pages: the bounds come from the page_scores kernel and the ranks from the
+    chunked comparison (kernels/bounded_update.py, FUSED_SCORES_MAX_PAGES)."""
+    run = Lockstep("raas", {}, budget=140 * P, num_pages=700)
+    for slot, n in {0: 2 * P + 3, 1: 5, 2: 3 * P + 1}.items():
+        run.admit(slot, n, max_new=4000)
+    assert run.policies[0].nslots[0] == 140
+    for _ in range(3 * P):
+        run.step()
 
 
 def test_fused_top_half_ranks_ties_like_a_stable_sort():

@@ -94,13 +94,21 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    # The engine sets this to the Triton namespace on CUDA (kernels/silu_mul.py: the activation and the
+    # product in one kernel); None runs the torch code, the reference.
+    kernels = None
+
     def __init__(self, spec: DecoderSpec):
         super().__init__()
         self.gate_up_proj = Linear(spec.hidden_size, 2 * spec.intermediate_size, bias=spec.mlp_bias)
         self.down_proj = Linear(spec.intermediate_size, spec.hidden_size, bias=spec.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        # x: [T, hidden] -> [T, hidden]
+        gate_up = self.gate_up_proj(x)  # [T, 2 * intermediate]
+        if self.kernels is not None and gate_up.is_cuda:
+            return self.down_proj(self.kernels.silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 

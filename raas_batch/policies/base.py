@@ -108,6 +108,11 @@ class KVPolicy:
         Pure: changes no state."""
         raise NotImplementedError
 
+    def read_limit(self, layer: int, ctx: DecodeContext) -> torch.Tensor | None:
+        """Pure, optional: [B] int32, how many leading entries of each row of `read_pages` can hold
+        tokens (the rest are empty). The Triton attention then skips the rest outright; None = all."""
+        return None
+
     def after_attention(self, layer: int, q: torch.Tensor, ctx: DecodeContext, page_ids: torch.Tensor,
                         mass: torch.Tensor | None) -> None:
         """The state update from this step's attention: q [B, Hq, D]; page_ids [B, Hkv, S] as read;

@@ -34,6 +34,13 @@ class DensePolicy(KVPolicy):
             page = ctx.memo["dense_write"] = page.expand(-1, self.pool.num_kv_heads).to(torch.int32)
         return page
 
+    def read_limit(self, layer: int, ctx: DecodeContext) -> torch.Tensor:
+        # pages written so far; the table (cut to a CUDA-graph width bucket) may list more, all empty
+        limit = ctx.memo.get("dense_limit")
+        if limit is None:
+            limit = ctx.memo["dense_limit"] = (ctx.positions // self.page_size + 1).to(torch.int32)
+        return limit
+
     def read_pages(self, layer: int, q: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
         # The table holds the pages written so far (table_width); any later quota page in it is empty
         # (fill 0 since admission) and contributes nothing.

@@ -67,15 +67,13 @@ class RaasPolicy(BoundedPolicy):
         chosen by the rule get stamp = position. RaaS's step 4; one `bounded_update` op per layer."""
         if layer < self.dense_layers:
             return
-        pool, ops = self.pool, self._ops()
-        if self.refresh_rule == "mass":
-            values = mass
-        else:
-            values = ops.page_scores(q, pool.kmin[layer], pool.kmax[layer], page_ids)  # [B, Hkv, S]
-        ops.bounded_update(page_ids, values, self.cur[layer], ctx.slot_ids, ctx.positions, self.top,
-                           pool.fill[layer], pool.pinned[layer], pool.stamp[layer], pool.mass[layer],
-                           rule=self.refresh_rule, refresh_pinned=self.refresh_pinned, alpha=self.alpha,
-                           scale=pool.head_dim ** -0.5)
+        pool = self.pool
+        # mass: the attention's; otherwise the op scores the pages itself (Quest bounds of q)
+        values = mass if self.refresh_rule == "mass" else None
+        self._ops().bounded_update(page_ids, values, self.cur[layer], ctx.slot_ids, ctx.positions, self.top,
+                                   pool.fill[layer], pool.pinned[layer], pool.stamp[layer], pool.mass[layer],
+                                   rule=self.refresh_rule, refresh_pinned=self.refresh_pinned, alpha=self.alpha,
+                                   scale=pool.head_dim ** -0.5, q=q, kmin=pool.kmin[layer], kmax=pool.kmax[layer])
 
 
 @dataclass
