@@ -175,25 +175,58 @@ def bench_dense_context(model, ctx: int, batch: int, steps: int) -> dict:
     return {"policy": "dense", "context": ctx, "batch": batch, "step_ms": step_s * 1e3, "tokens_per_s": batch / step_s}
 
 
+def fake_bounded_state(eng: Engine, budget: int, prompt_len: int) -> int:
+    """Admit the waiting sequences and give each the state of one that has decoded past its budget:
+    every quota slot holds a full page (prompt pages pinned, decode pages with the logical indices just
+    below the next position, stamped when written), the pool holds random keys/values, and the next
+    position opens a page, so the very first steps evict as in the steady state. -> that position."""
+    admitted = []
+    while eng.scheduler.waiting:
+        kind, new = eng.scheduler.schedule()
+        assert kind == "prefill", "pool too small for the batch"
+        admitted += new
+    pol, pool = eng.policy, eng.pool
+    pos0 = (budget // P + 4) * P
+    n_prompt = -(-prompt_len // P)
+    eng.runner._admit(admitted)
+    for seq in admitted:
+        q = int(pol.nslots[seq.slot])
+        logical = list(range(n_prompt)) + list(range(pos0 // P - (q - n_prompt), pos0 // P))
+        idx = torch.tensor(seq.pages[:q], device=DEVICE)
+        lg = torch.tensor(logical, device=DEVICE)
+        pool.fill[:, idx] = P
+        pool.logical[:, idx] = lg.view(1, -1, 1).to(torch.int32)
+        pool.stamp[:, idx] = (lg * P + P - 1).view(1, -1, 1)
+        pool.pinned[:, idx] = (lg < n_prompt).view(1, -1, 1) & pol.pin_prompt
+        pol.cur[:, seq.slot] = seq.pages[q - 1]
+        pol.held[:, seq.slot] = q * P
+        pol.peak[:, seq.slot] = q * P
+        seq.output_token_ids = [7] * (pos0 + 1 - len(seq.prompt_token_ids))
+    return pos0
+
+
 def bench_raas_steady(model, budget: int, batch: int, prompt_len: int, steps: int) -> dict:
-    gen = budget + 2 * steps + 64
+    gen = budget + 4 * P + 2 * steps + 64
     eng = make_engine(model, "raas", budget, batch, batch * (budget + 2 * P))
+    for k in (eng.pool.k_cache, eng.pool.v_cache, eng.pool.kmin, eng.pool.kmax):
+        k.normal_(0, 1)
+    eng.pool.kmax.abs_()
+    eng.pool.kmin.copy_(-eng.pool.kmax)
     for i in range(batch):
         eng.add(new_seq(random_prompt(model, prompt_len), gen, i))
-    eng.step()  # prefill (one batch up to max_prefill_tokens; repeat until all admitted)
-    while eng.scheduler.waiting:
-        eng.step()
-    warm = budget - prompt_len + steps  # past L: every step runs the full policy
+    pos0 = fake_bounded_state(eng, budget, prompt_len)
     t0 = time.perf_counter()
-    for _ in range(warm):
+    for _ in range(2 * P):  # graph capture, compile, two evictions per sequence
         eng.step()
     fill_s = time.perf_counter() - t0
     step_s = time_steps(eng, steps)
     profile_steps(eng, f"raas_b{batch}")
     peak = int(eng.pool.fill.sum(dim=1).max().item())  # tokens held by the busiest (layer, head) pool-wide
+    evicted = int(eng.policy.evicted.max().item())
     free_engine(eng)
     return {"policy": "raas", "budget": budget, "batch": batch, "step_ms": step_s * 1e3, "tokens_per_s": batch / step_s,
-            "position_at_timing": prompt_len + warm, "warm_up_s": fill_s, "pool_tokens_held_max": peak}
+            "position_at_timing": pos0 + 2 * P, "warm_up_s": fill_s, "pool_tokens_held_max": peak,
+            "evictions_per_seq_head": evicted}
 
 
 def bench_hf(cfg, ctx: int, batch: int, steps: int) -> dict:
@@ -244,7 +277,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer steps (a smoke run)")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--budget", type=int, default=2048)
-    ap.add_argument("--raas-batch", type=int, default=None, help="RaaS batch (default: the largest that fits)")
+    ap.add_argument("--raas-batch", type=int, default=None,
+                    help="RaaS batch besides 512 (default: the largest that fits)")
+    ap.add_argument("--dense-contexts", type=int, nargs="*", default=[4096, 16384, 32768])
     ap.add_argument("--smoke", action="store_true", help="a tiny model on the CPU: checks the script runs")
     ap.add_argument("--profile", action="store_true", help="write kernel-time tables of batch 1 and RaaS")
     ap.add_argument("--only", nargs="*", default=None, help="sections: batch1 dense raas hf memory")
@@ -282,7 +317,7 @@ def main() -> None:
     per_page = PagePool.bytes_per_page(spec.num_layers, spec.num_kv_heads, P, spec.head_dim, torch.bfloat16)
     rows = []
     if "dense" in sections:
-        for ctx in (4096, 16384, 32768):
+        for ctx in args.dense_contexts:
             batch = max(1, min(512, int(usable // (per_page * ((ctx + steps + 16) // P + 2)))))
             r = bench_dense_context(model, ctx, batch, steps)
             r["roofline_ms"] = (wbytes + batch * ctx * kvtok) / bw * 1e3
@@ -291,12 +326,14 @@ def main() -> None:
     if "raas" in sections:
         from raas_batch.engine.cuda_graph import BATCH_BUCKETS
 
-        raas_batch_size = min(args.raas_batch or BATCH_BUCKETS[-1], int(usable // (per_page * (args.budget // P + 2))))
-        r = bench_raas_steady(model, args.budget, raas_batch_size, 128, steps)
-        flops = 2 * wbytes / 2 * raas_batch_size
-        r["roofline_ms"] = max((wbytes + raas_batch_size * args.budget * kvtok) / bw, flops / 770e12) * 1e3
-        rows.append(r)
-        print(r, flush=True)
+        largest = min(BATCH_BUCKETS[-1], int(usable // (per_page * (args.budget // P + 2))))
+        for raas_batch_size in sorted({min(512, largest), args.raas_batch or largest}):
+            r = bench_raas_steady(model, args.budget, raas_batch_size, 128, steps)
+            flops = 2 * wbytes / 2 * raas_batch_size
+            r["roofline_ms"] = max((wbytes + raas_batch_size * args.budget * kvtok) / bw, flops / 770e12) * 1e3
+            r["bytes_roofline_ms"] = (wbytes + raas_batch_size * args.budget * kvtok) / bw * 1e3
+            rows.append(r)
+            print(r, flush=True)
     if "hf" in sections and not args.skip_hf:
         for ctx, batch in ((4096, 32), (16384, 8)):
             h = bench_hf(cfg, ctx, batch, 16 if args.quick else 32)
@@ -340,7 +377,7 @@ def smoke() -> None:
     print(bench_batch1(model, 32, 4))
     print(bench_dense_context(model, 256, 3, 2))
     r = bench_raas_steady(model, 64, 3, 16, 2)
-    assert r["pool_tokens_held_max"] <= 3 * (64 + 2 * P), r
+    assert r["pool_tokens_held_max"] <= 3 * (64 + 2 * P) and r["evictions_per_seq_head"] >= 2, r
     print(r)
     print(bench_hf(cfg, 64, 2, 2) if False else "hf skipped on cpu")
 

@@ -42,6 +42,7 @@ class Engine:
         self.eos_token_ids = set(eos_token_ids)
         num_pages = max(2, num_kv_tokens // page_size + 1)
         self.pool = PagePool(spec.num_layers, num_pages, spec.num_kv_heads, page_size, spec.head_dim, dtype, device)
+        self.pool.zero_on_admit = backend == "cpu"  # the only backend that reads V past a page's fill
         # One scratch page and one padding slot (index max_num_seqs) serve the padding rows of
         # CUDA-graph batches; the scheduler never hands either to a sequence.
         scratch_page = self.pool.allocate(1)[0]

@@ -9,9 +9,11 @@ wrote or refreshed the page), pinned (never evicted), logical (which page of its
 
 Invariants:
 - A physical page belongs to at most one sequence (its quota), from admission to retirement.
-- `reset(pages)` runs at admission, so a sequence never sees a previous owner's metadata, keys or
+- `reset(pages)` runs at admission, so a sequence never sees a previous owner's metadata; with
+  `zero_on_admit` (set by the engine for backend `cpu`, which skips masking V) also not its keys and
   values: slots past a page's fill hold zeros or what this sequence wrote there earlier (finite unless
-  the sequence itself produced non-finite values), which lets backend `cpu` skip masking V.
+  the sequence itself produced non-finite values). The other backends mask every slot past the fill,
+  so they skip the zeroing (for a dense sequence of 6K tokens it writes ~170 MB per admission).
 - Within a (layer, kv head), a page's valid tokens are offsets [0, fill) and hold the positions
   [logical * page_size, logical * page_size + fill) of its sequence.
 """
@@ -39,6 +41,7 @@ class PagePool:
         self.logical = torch.full(shape, -1, dtype=torch.int32, device=device)
         self.mass = torch.zeros(shape, dtype=torch.float32, device=device)
         self._free = deque(range(num_pages))
+        self.zero_on_admit = True  # the engine turns it off for backends that mask slots past the fill
         # per layer: (k_cache, v_cache, kmin, kmax, fill) views, sliced once (a decode step uses them
         # in every layer, and on the CPU each slice is an op)
         self.layer_views = [(self.k_cache[i], self.v_cache[i], self.kmin[i], self.kmax[i], self.fill[i])
@@ -70,8 +73,9 @@ class PagePool:
 
     def reset(self, pages: list[int]) -> None:
         idx = torch.tensor(pages, dtype=torch.long, device=self.fill.device)
-        self.k_cache[:, idx] = 0  # a previous owner's non-finite values must not reach this sequence
-        self.v_cache[:, idx] = 0
+        if self.zero_on_admit:  # a previous owner's non-finite values must not reach this sequence
+            self.k_cache[:, idx] = 0
+            self.v_cache[:, idx] = 0
         self.fill[:, idx] = 0
         self.stamp[:, idx] = 0
         self.pinned[:, idx] = False
