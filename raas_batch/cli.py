@@ -54,8 +54,20 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--kv-budget", type=int, metavar="TOKENS",
                        help="KV tokens kept per sequence by a sparse policy")
     model.add_argument("--page-size", type=int, metavar="TOKENS", help="tokens per KV page" + _d("page_size"))
-    model.add_argument("--max-num-seqs", type=int, metavar="N",
-                       help="sequences decoded together" + _d("max_num_seqs"))
+    model.add_argument("--kv-policy-options", metavar="JSON",
+                       help="options of the KV policy (its dataclass fields), e.g. '{\"pin_prompt\": false}'")
+    model.add_argument("--max-num-seqs", metavar="N|auto",
+                       help="sequences decoded together; auto: on a GPU, as many as the KV page pool holds at "
+                            "the policy's budget (at most 512) for a bounded policy, else 256; 8 on the CPU"
+                            + _d("max_num_seqs"))
+    model.add_argument("--max-model-len", type=int, metavar="TOKENS",
+                       help="context cap (prompt + generated tokens); longer prompts are error rows "
+                            "(default: the model's context)")
+    model.add_argument("--gpu-memory-utilization", type=float, metavar="FRACTION",
+                       help="share of the GPU's memory the engine may use (weights + KV pages)"
+                            + _d("gpu_memory_utilization"))
+    model.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction,
+                       help="run decode steps eagerly instead of as CUDA graphs")
     model.add_argument("--chat-template-kwargs", metavar="JSON",
                        help="extra arguments of the chat template, e.g. '{\"enable_thinking\": true}'")
     sampling = p.add_argument_group("sampling")
@@ -73,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="keep generating after EOS (--no-ignore-eos overrides a YAML true)")
     sampling.add_argument("--stop", action="append", metavar="TEXT",
                           help="stop string (repeat the flag for several)")
+    sampling.add_argument("--stop-token-ids", action="append", metavar="IDS",
+                          help="token ids that end a sample, comma-separated (e.g. 128001,128009; repeatable)")
     run = p.add_argument_group("run")
     run.add_argument("--config", metavar="FILE.yaml",
                      help="YAML file with the same keys as the long flags; flags given here win")

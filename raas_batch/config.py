@@ -50,7 +50,11 @@ class JobConfig:
     kv_policy: str = "dense"
     kv_budget: int | None = None  # KV tokens kept per sequence (sparse policies)
     page_size: int = 16
-    max_num_seqs: int = 64
+    kv_policy_options: dict[str, Any] | None = None  # fields of the policy, e.g. {"pin_prompt": false}
+    max_num_seqs: int | str = "auto"  # "auto": from the page pool and the policy (LLM's rule)
+    max_model_len: int | None = None  # context cap in tokens (prompt + generated); None: the model's
+    gpu_memory_utilization: float = 0.9  # share of the GPU the engine may use (weights + KV pages)
+    enforce_eager: bool = False  # no CUDA graphs
     chat_template_kwargs: dict[str, Any] | None = None
     # --- sampling (defaults are SamplingParams') ----------------------------------------------------
     max_new_tokens: int = _SP_DEFAULTS["max_new_tokens"]
@@ -62,6 +66,7 @@ class JobConfig:
     thinking_budget: int | None = None
     ignore_eos: bool = False
     stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
     # --- run ------------------------------------------------------------------------------------------
     config: str | None = None
     resume: bool = False
@@ -88,17 +93,23 @@ class JobConfig:
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite contradict each other: pass only one of them.")
         positive = {"shard_size": self.shard_size, "page_size": self.page_size,
-                    "max_num_seqs": self.max_num_seqs, "max_new_tokens": self.max_new_tokens, "n": self.n}
+                    "max_new_tokens": self.max_new_tokens, "n": self.n}
         for name, value in positive.items():
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not _is_int(value) or value < 1:
                 raise ConfigError(f"--{_flag(name)} must be a positive integer, got {value!r}.")
-        for name in ("num_workers", "max_attempts"):
+        if self.max_num_seqs != "auto" and (not _is_int(self.max_num_seqs) or self.max_num_seqs < 1):
+            raise ConfigError(f"--max-num-seqs must be a positive integer or auto, got {self.max_num_seqs!r}.")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}.")
+        if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
+            raise ConfigError(f"--stop-token-ids must be non-negative token ids, got {self.stop_token_ids!r}.")
+        for name in ("num_workers", "max_attempts", "max_model_len"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            if value is not None and (not _is_int(value) or value < 1):
                 raise ConfigError(f"--{_flag(name)} must be a positive integer, got {value!r}.")
         for name in ("limit", "kv_budget", "thinking_budget", "seed"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            if value is not None and (not _is_int(value) or value < 0):
                 raise ConfigError(f"--{_flag(name)} must be a non-negative integer, got {value!r}.")
         if self.temperature < 0:
             raise ConfigError(f"--temperature must be >= 0 (0 is greedy), got {self.temperature}.")
@@ -106,20 +117,23 @@ class JobConfig:
             raise ConfigError(f"--top-p must be in (0, 1], got {self.top_p}.")
         if self.top_k < 0:
             raise ConfigError(f"--top-k must be >= 0 (0 disables it), got {self.top_k}.")
-        if self.chat_template_kwargs is not None and not isinstance(self.chat_template_kwargs, dict):
-            raise ConfigError("--chat-template-kwargs must be a JSON object, e.g. '{\"enable_thinking\": true}'.")
+        for name in ("chat_template_kwargs", "kv_policy_options"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), dict):
+                raise ConfigError(f"--{_flag(name)} must be a JSON object, e.g. '{_JSON_EXAMPLES[name]}'.")
 
     def sampling_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for SamplingParams (without the per-row seed)."""
         return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p,
                 "top_k": self.top_k, "n": self.n, "thinking_budget": self.thinking_budget,
-                "ignore_eos": self.ignore_eos, "stop": list(self.stop)}
+                "ignore_eos": self.ignore_eos, "stop": list(self.stop), "stop_token_ids": list(self.stop_token_ids)}
 
     def engine_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for LLM(...)."""
         return {"model": self.model, "kv_policy": self.kv_policy, "kv_budget": self.kv_budget,
                 "page_size": self.page_size, "max_num_seqs": self.max_num_seqs, "dtype": self.dtype,
-                "device": self.device, "chat_template_kwargs": self.chat_template_kwargs}
+                "device": self.device, "chat_template_kwargs": self.chat_template_kwargs,
+                "policy_options": self.kv_policy_options, "max_model_len": self.max_model_len,
+                "gpu_memory_utilization": self.gpu_memory_utilization, "enforce_eager": self.enforce_eager}
 
     def output_settings(self) -> dict[str, Any]:
         """The settings that change the job's output, keyed by field name (fingerprinted by the manifest)."""
@@ -138,12 +152,20 @@ class JobConfig:
 # Fields that do not change the output and are not written to config.yaml.
 _RUN_CONTROL = ("config", "resume", "overwrite", "ray", "ray_address", "num_workers", "max_attempts")
 
-# Fields whose change changes the output (fingerprinted). Not here: output, device, max_num_seqs, quiet
-# and run control (they change where and how fast, not what). page_size is here because sparse
-# policies evict whole pages.
+# Fields whose change changes the output (fingerprinted). Not here: output, device, max_num_seqs,
+# gpu_memory_utilization, enforce_eager, quiet and run control (they change where and how fast, not
+# what). page_size is here because sparse policies evict whole pages; max_model_len because it clips
+# generation and turns long prompts into error rows.
 OUTPUT_FIELDS = ("prompt_column", "id_column", "limit", "shard_size", "model", "dtype", "kv_policy",
-                 "kv_budget", "page_size", "chat_template_kwargs", "max_new_tokens", "temperature",
-                 "top_p", "top_k", "n", "seed", "thinking_budget", "ignore_eos", "stop")
+                 "kv_budget", "page_size", "kv_policy_options", "max_model_len", "chat_template_kwargs",
+                 "max_new_tokens", "temperature", "top_p", "top_k", "n", "seed", "thinking_budget",
+                 "ignore_eos", "stop", "stop_token_ids")
+
+_JSON_EXAMPLES = {"chat_template_kwargs": '{"enable_thinking": true}', "kv_policy_options": '{"pin_prompt": false}'}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _flag(name: str) -> str:
@@ -156,18 +178,34 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def parse_json_object(text: str | dict | None, flag: str) -> dict | None:
-    """`--chat-template-kwargs` accepts a JSON object (or, from YAML, a mapping)."""
+def parse_json_object(text: str | dict | None, name: str) -> dict | None:
+    """`--chat-template-kwargs` / `--kv-policy-options` accept a JSON object (or, from YAML, a mapping)."""
     if text is None or isinstance(text, dict):
         return text
+    example = _JSON_EXAMPLES[name]
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"--{flag} is not valid JSON ({exc.msg}): pass a JSON object such as "
-                          "'{\"enable_thinking\": true}'.") from None
+        raise ConfigError(f"--{_flag(name)} is not valid JSON ({exc.msg}): pass a JSON object such as "
+                          f"'{example}'.") from None
     if not isinstance(value, dict):
-        raise ConfigError(f"--{flag} must be a JSON object such as '{{\"enable_thinking\": true}}'.")
+        raise ConfigError(f"--{_flag(name)} must be a JSON object such as '{example}'.")
     return value
+
+
+def parse_token_ids(value: Any) -> list[int]:
+    """`--stop-token-ids`: "1,2", [1, 2], repeated flags (["1,2", "3"]) or one int -> [1, 2, 3]."""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    out: list[int] = []
+    for item in items:
+        parts = item.replace(",", " ").split() if isinstance(item, str) else [item]
+        for part in parts:
+            if isinstance(part, str) and part.isdigit():
+                part = int(part)
+            if not _is_int(part) or part < 0:
+                raise ConfigError(f"--stop-token-ids must be token ids such as 128001,128009, got {part!r}.")
+            out.append(part)
+    return out
 
 
 def load_yaml(path: str) -> dict[str, Any]:
@@ -203,11 +241,13 @@ def resolve(cli_values: dict[str, Any]) -> JobConfig:
     if cli_values.get("config"):
         values.update(load_yaml(cli_values["config"]))
     values.update(cli_values)
-    if "chat_template_kwargs" in values:
-        values["chat_template_kwargs"] = parse_json_object(values["chat_template_kwargs"],
-                                                           "chat-template-kwargs")
+    for name in ("chat_template_kwargs", "kv_policy_options"):
+        if name in values:
+            values[name] = parse_json_object(values[name], name)
     if isinstance(values.get("stop"), str):
         values["stop"] = [values["stop"]]
+    if values.get("stop_token_ids") is not None:
+        values["stop_token_ids"] = parse_token_ids(values["stop_token_ids"])
     cfg = JobConfig(**values)
     _coerce_types(cfg)
     # Local paths are stored absolute so that config.yaml reruns the same job from any folder.
@@ -221,16 +261,18 @@ def resolve(cli_values: dict[str, Any]) -> JobConfig:
 
 def _coerce_types(cfg: JobConfig) -> None:
     """YAML may give '0.6' or 1 where a float is meant; coerce numbers, refuse what is not one."""
-    for name, kind in (("temperature", float), ("top_p", float)):
+    for name, kind in (("temperature", float), ("top_p", float), ("gpu_memory_utilization", float)):
         value = getattr(cfg, name)
+        if value is None:
+            continue
         try:
             setattr(cfg, name, kind(value))
         except (TypeError, ValueError):
             raise ConfigError(f"--{_flag(name)} must be a number, got {value!r}.") from None
     for name in ("shard_size", "page_size", "max_num_seqs", "max_new_tokens", "n", "top_k", "limit",
-                 "kv_budget", "thinking_budget", "seed", "num_workers", "max_attempts"):
+                 "kv_budget", "thinking_budget", "seed", "num_workers", "max_attempts", "max_model_len"):
         value = getattr(cfg, name)
-        if value is None or isinstance(value, bool):
+        if value is None or isinstance(value, bool) or (name == "max_num_seqs" and value == "auto"):
             continue
         if isinstance(value, float) and value.is_integer():
             setattr(cfg, name, int(value))
@@ -239,7 +281,7 @@ def _coerce_types(cfg: JobConfig) -> None:
                 setattr(cfg, name, int(value))
             except ValueError:
                 raise ConfigError(f"--{_flag(name)} must be an integer, got {value!r}.") from None
-    for name in ("ignore_eos", "quiet", "resume", "overwrite", "ray"):
+    for name in ("ignore_eos", "quiet", "resume", "overwrite", "ray", "enforce_eager"):
         value = getattr(cfg, name)
         if not isinstance(value, bool):
             raise ConfigError(f"{name.replace('_', '-')} must be true or false, got {value!r}.")

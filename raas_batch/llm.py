@@ -33,23 +33,50 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+CPU_MAX_NUM_SEQS = 8  # a CPU decodes a few sequences at a time: more only adds latency
+DENSE_MAX_NUM_SEQS = 256  # vLLM's default on a GPU, for policies whose memory grows with the sequence
+
+
+def auto_max_num_seqs(device: torch.device, policy, kv_budget: int | None, page_size: int,
+                      num_kv_tokens: int) -> int:
+    """`max_num_seqs="auto"`: the batch the page pool can hold.
+
+    On CUDA a bounded policy (RaaS, H2O, StreamingLLM: a sequence's quota is about kv_budget /
+    page_size pages whatever its length) gets as many sequences as the pool holds at that quota, capped
+    at the largest CUDA-graph batch bucket; dense and Quest (memory grows with the sequence) get
+    vLLM's 256 (as does a bounded policy with dense layers). The CPU gets 8.
+    """
+    if device.type != "cuda":
+        return CPU_MAX_NUM_SEQS
+    from raas_batch.policies.bounded import BoundedPolicy
+
+    if not isinstance(policy, BoundedPolicy) or not kv_budget or policy.dense_layers > 0:
+        return DENSE_MAX_NUM_SEQS
+    from raas_batch.engine.cuda_graph import BATCH_BUCKETS
+
+    pages_per_seq = max(1, kv_budget // page_size)
+    return max(1, min(BATCH_BUCKETS[-1], (num_kv_tokens // page_size) // pages_per_seq))
+
+
 class LLM:
     """Loads a model once and generates for batches of prompts.
 
     model: None (the embedded SmolLM2-135M-Instruct), a hub id, a local directory or a .gguf file.
     kv_policy / kv_budget / page_size: the KV cache (`raas_batch.policies`); kv_budget in tokens.
-    max_num_seqs: sequences decoded at once. num_kv_tokens: the page pool's size in tokens (default: on
-    the GPU what gpu_memory_utilization leaves free, on the CPU 32K tokens). On CUDA, decode steps run
-    as captured CUDA graphs unless enforce_eager. backend: "triton" (default on CUDA), "cpu" (default
-    on the CPU: kernels/cpu.py) or "torch" (the plain references of kernels/reference.py, any device).
+    max_num_seqs: sequences decoded at once, or "auto" (`auto_max_num_seqs`). num_kv_tokens: the page
+    pool's size in tokens (default: on the GPU what gpu_memory_utilization leaves free, on the CPU 32K
+    tokens). max_model_len: the context in tokens (prompt + generated; default and upper bound: the
+    model's). On CUDA, decode steps run as captured CUDA graphs unless enforce_eager. backend:
+    "triton" (default on CUDA), "cpu" (default on the CPU: kernels/cpu.py) or "torch" (the plain
+    references of kernels/reference.py, any device).
     """
 
     def __init__(self, model: str | None = None, kv_policy: str = "dense", kv_budget: int | None = None,
-                 page_size: int = 16, max_num_seqs: int = 64, dtype=None, device=None,
+                 page_size: int = 16, max_num_seqs: int | str = "auto", dtype=None, device=None,
                  chat_template_kwargs: dict | None = None, num_kv_tokens: int | None = None,
                  backend: str | None = None, policy_options: dict | None = None, load_format: str = "auto",
                  hf_config=None, max_prefill_tokens: int = 8192, gpu_memory_utilization: float = 0.9,
-                 enforce_eager: bool = False):
+                 enforce_eager: bool = False, max_model_len: int | None = None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = resolve_dtype(dtype, self.device)
         loaded = load_model(model, self.dtype, self.device, load_format=load_format, hf_config=hf_config)
@@ -59,12 +86,20 @@ class LLM:
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.kv_policy, self.kv_budget, self.page_size = kv_policy, kv_budget, page_size
         self.max_model_len = self.model.spec.max_positions
+        if max_model_len is not None:
+            if not 0 < max_model_len <= self.max_model_len:
+                raise ValueError(f"max_model_len {max_model_len} is outside the model's context of "
+                                 f"{self.max_model_len} tokens; pass at most {self.max_model_len}.")
+            self.max_model_len = max_model_len
         policy = make_policy(kv_policy, kv_budget, page_size, **(policy_options or {}))
         if num_kv_tokens is None:
             num_kv_tokens = self._default_kv_tokens(page_size, gpu_memory_utilization)
         if backend is None:
             backend = "triton" if self.device.type == "cuda" else "cpu"
-        self.engine = Engine(self.model, self.tokenizer, self.eos_token_ids, policy, page_size, max_num_seqs,
+        if max_num_seqs in (None, "auto"):
+            max_num_seqs = auto_max_num_seqs(self.device, policy, kv_budget, page_size, num_kv_tokens)
+        self.max_num_seqs = int(max_num_seqs)
+        self.engine = Engine(self.model, self.tokenizer, self.eos_token_ids, policy, page_size, self.max_num_seqs,
                              num_kv_tokens, self.device, self.dtype, backend, max_prefill_tokens,
                              cuda_graphs=self.device.type == "cuda" and not enforce_eager)
 

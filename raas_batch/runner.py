@@ -66,10 +66,11 @@ def check_engine_settings(cfg: JobConfig) -> None:
     from raas_batch.policies import make_policy
 
     try:
-        make_policy(cfg.kv_policy, cfg.kv_budget, cfg.page_size)
+        make_policy(cfg.kv_policy, cfg.kv_budget, cfg.page_size, **(cfg.kv_policy_options or {}))
     except (ValueError, TypeError) as exc:
-        raise JobError(f"--kv-policy {cfg.kv_policy} with --kv-budget {cfg.kv_budget} and --page-size "
-                       f"{cfg.page_size} cannot run: {exc}") from None
+        options = f", --kv-policy-options {json.dumps(cfg.kv_policy_options)}" if cfg.kv_policy_options else ""
+        raise JobError(f"--kv-policy {cfg.kv_policy} with --kv-budget {cfg.kv_budget}, --page-size "
+                       f"{cfg.page_size}{options} cannot run: {exc}") from None
 
 
 # ================================================================================================

@@ -290,11 +290,29 @@ class ShardWorker:
 
 
 def make_engine(cfg: JobConfig):
-    """LLM(...) from the config; `RAAS_BATCH_ENGINE=module:attr` substitutes a compatible class."""
+    """LLM(...) from the config; `RAAS_BATCH_ENGINE=module:attr` substitutes a compatible class.
+
+    A substitute whose constructor lacks a keyword (an older signature, e.g. a benchmark's engine) is
+    built without it while the job leaves that setting at its default; a setting it cannot take raises.
+    """
     target = os.environ.get(ENGINE_ENV)
     if target:
         module, _, attr = target.partition(":")
         cls = getattr(importlib.import_module(module), attr or "LLM")
     else:
         from raas_batch.llm import LLM as cls
-    return cls(**cfg.engine_kwargs())
+    kwargs = cfg.engine_kwargs()
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        return cls(**kwargs)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return cls(**kwargs)
+    defaults = JobConfig().engine_kwargs()
+    for name in [k for k in kwargs if k not in params]:
+        if kwargs[name] != defaults[name]:
+            flag = {"policy_options": "kv-policy-options"}.get(name, name.replace("_", "-"))
+            raise TypeError(f"{target} does not take {name}={kwargs[name]!r}; leave --{flag} at its default "
+                            "with this engine")
+        del kwargs[name]
+    return cls(**kwargs)

@@ -18,6 +18,7 @@ import hashlib
 import os
 import random
 import time
+from typing import ClassVar
 
 from raas_batch.outputs import CompletionOutput, RequestOutput
 from raas_batch.sampling_params import SamplingParams
@@ -26,10 +27,13 @@ from raas_batch.sampling_params import SamplingParams
 class FakeLLM:
     max_model_len = 128
 
-    def __init__(self, model=None, kv_policy="dense", kv_budget=None, page_size=16, max_num_seqs=64,
-                 dtype=None, device=None, chat_template_kwargs=None):
+    last_settings: ClassVar[dict] = {}  # the constructor's arguments of the last instance (tests read them)
+
+    def __init__(self, model=None, kv_policy="dense", kv_budget=None, page_size=16, max_num_seqs="auto",
+                 dtype=None, device=None, chat_template_kwargs=None, **settings):
         if kv_policy not in ("dense", "raas", "quest", "h2o", "streaming"):
             raise ValueError(f"unknown kv_policy {kv_policy!r}")
+        FakeLLM.last_settings = {"max_num_seqs": max_num_seqs, **settings}
         self.model_name = model or "fake/tiny"
         self.kv_policy, self.kv_budget, self.page_size = kv_policy, kv_budget, page_size
         self.calls: list[int] = []  # batch sizes seen by generate
@@ -60,6 +64,7 @@ class FakeLLM:
         params = params or SamplingParams()
         per = params if isinstance(params, list) else [params] * len(prompts)
         assert len(per) == len(prompts)
+        FakeLLM.last_params = per
         fail_on = os.environ.get("RAAS_FAKE_FAIL_ON")
         if fail_on and any(fail_on in str(p) for p in prompts):
             raise RuntimeError("fake engine crashed")

@@ -1,0 +1,138 @@
+"""The engine and sampling flags of a job (`--max-num-seqs auto`, `--max-model-len`,
+`--gpu-memory-utilization`, `--enforce-eager`, `--kv-policy-options`, `--stop-token-ids`): CLI and
+YAML spellings, what reaches the engine, what config.yaml records and what the fingerprint holds."""
+
+import json
+
+import pytest
+import torch
+import yaml
+from fake_llm import FakeLLM, sample_rows, write_input
+
+from raas_batch.cli import main
+from raas_batch.config import ConfigError, resolve
+from raas_batch.llm import CPU_MAX_NUM_SEQS, DENSE_MAX_NUM_SEQS, auto_max_num_seqs
+from raas_batch.policies import make_policy
+
+
+@pytest.fixture(autouse=True)
+def _fake_engine(monkeypatch):
+    monkeypatch.setenv("RAAS_BATCH_ENGINE", "fake_llm:FakeLLM")
+    monkeypatch.delenv("RAAS_FAKE_SLEEP_S", raising=False)
+    monkeypatch.delenv("RAAS_FAKE_FAIL_ON", raising=False)
+
+
+def run(capsys, *args):
+    rc = main([str(a) for a in args])
+    return rc, capsys.readouterr().err
+
+
+def test_engine_flags_reach_the_engine_and_config_yaml(tmp_path, capsys):
+    src = write_input(tmp_path / "in", "jsonl", sample_rows(3))
+    out = tmp_path / "out"
+    rc, err = run(capsys, "--input", src, "--output", out, "--kv-policy", "raas", "--kv-budget", 64,
+                  "--kv-policy-options", '{"pin_prompt": false}', "--max-num-seqs", 3, "--max-model-len", 96,
+                  "--gpu-memory-utilization", 0.5, "--enforce-eager", "--stop-token-ids", "5,6",
+                  "--stop-token-ids", 7)
+    assert rc == 0, err
+    settings = FakeLLM.last_settings
+    assert settings == {"max_num_seqs": 3, "policy_options": {"pin_prompt": False}, "max_model_len": 96,
+                        "gpu_memory_utilization": 0.5, "enforce_eager": True}
+    assert {tuple(p.stop_token_ids) for p in FakeLLM.last_params} == {(5, 6, 7)}
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["kv-policy-options"] == {"pin_prompt": False} and saved["stop-token-ids"] == [5, 6, 7]
+    assert (saved["max-num-seqs"], saved["max-model-len"], saved["gpu-memory-utilization"],
+            saved["enforce-eager"]) == (3, 96, 0.5, True)
+    # config.yaml reruns the same job: --resume finds it done (same fingerprint).
+    rc, err = run(capsys, "--config", out / "config.yaml", "--resume")
+    assert rc == 0, err
+
+
+def test_defaults_are_auto_and_yaml_spellings(tmp_path, capsys):
+    src = write_input(tmp_path / "in", "jsonl", sample_rows(2))
+    rc, err = run(capsys, "--input", src, "--output", tmp_path / "a")
+    assert rc == 0, err
+    assert FakeLLM.last_settings == {"max_num_seqs": "auto", "policy_options": None, "max_model_len": None,
+                                     "gpu_memory_utilization": 0.9, "enforce_eager": False}
+    y = tmp_path / "job.yaml"
+    y.write_text(f"input: {src}\noutput: {tmp_path / 'b'}\nkv-policy: raas\nkv-budget: 64\n"
+                 "kv-policy-options: {pin_prompt: false, recent_pages: 1}\nstop-token-ids: [3, 4]\n"
+                 "max-num-seqs: auto\nenforce-eager: true\n")
+    cfg = resolve({"config": str(y)})
+    assert cfg.kv_policy_options == {"pin_prompt": False, "recent_pages": 1}
+    assert cfg.stop_token_ids == [3, 4] and cfg.max_num_seqs == "auto" and cfg.enforce_eager is True
+    assert resolve({"config": str(y), "max_num_seqs": "12"}).max_num_seqs == 12
+
+
+@pytest.mark.parametrize("values, fragment", [
+    ({"max_num_seqs": "many"}, "--max-num-seqs must be an integer"),
+    ({"max_num_seqs": 0}, "--max-num-seqs must be a positive integer or auto"),
+    ({"gpu_memory_utilization": 1.5}, "--gpu-memory-utilization must be in (0, 1]"),
+    ({"max_model_len": 0}, "--max-model-len must be a positive integer"),
+    ({"stop_token_ids": "12,x"}, "--stop-token-ids must be token ids"),
+    ({"stop_token_ids": [-1]}, "--stop-token-ids must be token ids"),
+    ({"kv_policy_options": "[1]"}, "--kv-policy-options must be a JSON object"),
+    ({"kv_policy_options": "{bad"}, "--kv-policy-options is not valid JSON"),
+    ({"enforce_eager": "yes"}, "enforce-eager must be true or false"),
+])
+def test_bad_engine_flags_are_one_sentence(values, fragment):
+    with pytest.raises(ConfigError) as info:
+        resolve({"input": "x.jsonl", "output": "o", **values})
+    assert fragment in str(info.value)
+
+
+def test_fingerprint_holds_output_settings_only(tmp_path, capsys):
+    src = write_input(tmp_path / "in", "jsonl", sample_rows(4))
+    out = tmp_path / "out"
+    base = ["--input", src, "--output", out, "--shard-size", 2, "--stop-token-ids", 9]
+    assert run(capsys, *base)[0] == 0
+    # Speed settings may change between runs ...
+    rc, err = run(capsys, *base, "--max-num-seqs", 2, "--gpu-memory-utilization", 0.7, "--enforce-eager",
+                  "--resume")
+    assert rc == 0, err
+    # ... output settings may not.
+    for extra, named in ((["--stop-token-ids", 8], "--stop-token-ids was [9], now [9, 8]"),
+                         (["--max-model-len", 64], "--max-model-len was None, now 64")):
+        rc, err = run(capsys, *base, *extra, "--resume")
+        assert rc == 2 and named in err, err
+    settings = json.loads((out / "manifest.json").read_text())["fingerprint"]["settings"]
+    assert {"stop_token_ids", "kv_policy_options", "max_model_len"} <= set(settings)
+    assert not {"max_num_seqs", "gpu_memory_utilization", "enforce_eager"} & set(settings)
+
+
+def test_unknown_policy_option_is_refused_before_loading_the_model(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("RAAS_BATCH_ENGINE")  # the real registry is consulted; no model is loaded
+    src = write_input(tmp_path / "in", "jsonl", sample_rows(2))
+    out = tmp_path / "out"
+    rc, err = run(capsys, "--input", src, "--output", out, "--kv-policy", "raas", "--kv-budget", 64,
+                  "--kv-policy-options", '{"pin_promt": false}')
+    assert rc == 2 and "--kv-policy-options" in err and "no option pin_promt" in err, err
+    assert not out.exists()
+
+
+def test_auto_max_num_seqs_from_the_page_pool():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    raas = make_policy("raas", 2048, 16)  # 128 pages per sequence
+    assert auto_max_num_seqs(cpu, raas, 2048, 16, 10**9) == CPU_MAX_NUM_SEQS
+    assert auto_max_num_seqs(cuda, raas, 2048, 16, 100 * 128 * 16) == 100
+    assert auto_max_num_seqs(cuda, raas, 2048, 16, 10**9) == 512  # the largest CUDA-graph bucket
+    assert auto_max_num_seqs(cuda, raas, 2048, 16, 16) == 1
+    for name, budget in (("dense", None), ("quest", 2048)):
+        assert auto_max_num_seqs(cuda, make_policy(name, budget, 16), budget, 16, 10**9) == DENSE_MAX_NUM_SEQS
+    with_dense_layers = make_policy("raas", 2048, 16, dense_layers=2)
+    assert auto_max_num_seqs(cuda, with_dense_layers, 2048, 16, 10**9) == DENSE_MAX_NUM_SEQS
+
+
+def test_max_model_len_caps_the_context(tiny_model_dir):
+    from raas_batch import LLM, SamplingParams
+
+    path = tiny_model_dir("llama")
+    with pytest.raises(ValueError, match="outside the model's context of 512"):
+        LLM(model=path, device="cpu", max_model_len=513)
+    llm = LLM(model=path, device="cpu", max_model_len=40)
+    assert llm.max_num_seqs == CPU_MAX_NUM_SEQS and llm.engine.scheduler.max_num_seqs == CPU_MAX_NUM_SEQS
+    params = SamplingParams(max_new_tokens=20, temperature=0, ignore_eos=True)
+    long, short = llm.generate([{"prompt_token_ids": list(range(10, 50))},
+                                {"prompt_token_ids": list(range(10, 40))}], params)
+    assert long.outputs[0].finish_reason == "error" and "context is 40" in long.outputs[0].error
+    assert short.outputs[0].finish_reason == "length" and short.outputs[0].num_tokens == 10
