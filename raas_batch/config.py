@@ -5,8 +5,10 @@ Invariants:
   a key of the YAML file given to `--config`; YAML accepts either spelling (`max-new-tokens` or
   `max_new_tokens`), the resolved config is written with the flag spelling.
 - A flag given on the command line always wins over the YAML file, which wins over the defaults.
-- Sampling defaults are those of `SamplingParams`, so a job without sampling flags samples exactly as
-  `LLM.generate` would with `SamplingParams()`.
+- Sampling fields left unset (None: `max_new_tokens`, `temperature`, `top_p`, `top_k`) take the
+  model's generation_config values, else `FALLBACK_DEFAULTS`, exactly as `LLM.generate` fills an
+  unset `SamplingParams`; `with_sampling_defaults` resolves them before the job is fingerprinted, and
+  config.yaml records the values used (so a rerun from it is the same job even if the model changes).
 - `JobConfig.to_yaml()` of a resolved config, read back with `--config`, reproduces the same job
   (run-control fields `config`, `resume`, `overwrite` are not written).
 - Fields that change what the job produces are listed in `OUTPUT_FIELDS`; the manifest fingerprints
@@ -23,9 +25,8 @@ from typing import Any
 
 import yaml
 
-from raas_batch.sampling_params import SamplingParams
+from raas_batch.sampling_params import FALLBACK_DEFAULTS, SamplingParams
 
-_SP_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SamplingParams)}
 
 
 class ConfigError(ValueError):
@@ -56,12 +57,12 @@ class JobConfig:
     gpu_memory_utilization: float = 0.9  # share of the GPU the engine may use (weights + KV pages)
     enforce_eager: bool = False  # no CUDA graphs
     chat_template_kwargs: dict[str, Any] | None = None
-    # --- sampling (defaults are SamplingParams') ----------------------------------------------------
-    max_new_tokens: int = _SP_DEFAULTS["max_new_tokens"]
-    temperature: float = _SP_DEFAULTS["temperature"]
-    top_p: float = _SP_DEFAULTS["top_p"]
-    top_k: int = _SP_DEFAULTS["top_k"]
-    n: int = _SP_DEFAULTS["n"]
+    # --- sampling (None: the model's generation_config, else FALLBACK_DEFAULTS; see SamplingParams) --
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    n: int = 1
     seed: int | None = None  # base seed; each row gets a stable seed derived from it and the row id
     thinking_budget: int | None = None
     ignore_eos: bool = False
@@ -95,7 +96,7 @@ class JobConfig:
         positive = {"shard_size": self.shard_size, "page_size": self.page_size,
                     "max_new_tokens": self.max_new_tokens, "n": self.n}
         for name, value in positive.items():
-            if not _is_int(value) or value < 1:
+            if (value is not None or name != "max_new_tokens") and (not _is_int(value) or value < 1):
                 raise ConfigError(f"--{_flag(name)} must be a positive integer, got {value!r}.")
         if self.max_num_seqs != "auto" and (not _is_int(self.max_num_seqs) or self.max_num_seqs < 1):
             raise ConfigError(f"--max-num-seqs must be a positive integer or auto, got {self.max_num_seqs!r}.")
@@ -111,11 +112,11 @@ class JobConfig:
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or value < 0):
                 raise ConfigError(f"--{_flag(name)} must be a non-negative integer, got {value!r}.")
-        if self.temperature < 0:
+        if self.temperature is not None and self.temperature < 0:
             raise ConfigError(f"--temperature must be >= 0 (0 is greedy), got {self.temperature}.")
-        if not 0 < self.top_p <= 1:
+        if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ConfigError(f"--top-p must be in (0, 1], got {self.top_p}.")
-        if self.top_k < 0:
+        if self.top_k is not None and self.top_k < 0:
             raise ConfigError(f"--top-k must be >= 0 (0 disables it), got {self.top_k}.")
         for name in ("chat_template_kwargs", "kv_policy_options"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), dict):
@@ -126,6 +127,13 @@ class JobConfig:
         return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p,
                 "top_k": self.top_k, "n": self.n, "thinking_budget": self.thinking_budget,
                 "ignore_eos": self.ignore_eos, "stop": list(self.stop), "stop_token_ids": list(self.stop_token_ids)}
+
+    def with_sampling_defaults(self, generation_defaults: dict) -> JobConfig:
+        """A copy whose unset sampling fields hold the values the job will use: the model's
+        generation_config (`generation_defaults`), else FALLBACK_DEFAULTS."""
+        given = {name: getattr(self, name) for name in FALLBACK_DEFAULTS}
+        resolved = SamplingParams(**given).with_defaults(generation_defaults)
+        return dataclasses.replace(self, **{name: getattr(resolved, name) for name in FALLBACK_DEFAULTS})
 
     def engine_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for LLM(...)."""

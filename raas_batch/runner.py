@@ -118,8 +118,14 @@ def _resolve_prompt_column(cfg: JobConfig, reader, shown: str) -> str:
 
 
 def prepare_job(cfg: JobConfig) -> Job:
-    """Check everything a user can get wrong at job level; write nothing. Raises JobError."""
+    """Check everything a user can get wrong at job level; write nothing. Raises JobError.
+
+    The job's config (`Job.cfg`) has its unset sampling fields resolved from the model's
+    generation_config: those values are fingerprinted and written to config.yaml."""
     from raas_batch.data.manifest import Manifest
+    from raas_batch.generation_config import read_generation_defaults
+
+    cfg = cfg.with_sampling_defaults(read_generation_defaults(cfg.model))
 
     try:
         spec = detect_input(cfg.input)

@@ -2,45 +2,54 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import copy
+from dataclasses import InitVar, dataclass, field
+
+# What an unset field becomes when the model's generation_config does not say either.
+FALLBACK_DEFAULTS = {"max_new_tokens": 256, "temperature": 1.0, "top_p": 1.0, "top_k": 0}
 
 
 @dataclass
 class SamplingParams:
     """How to sample one request.
 
-    temperature 0 means greedy. `seed` makes sampling reproducible per request: the same request with
-    the same seed gives the same tokens whatever else is in the batch and in whatever order requests
-    arrive (sample j of a request uses the stream derived from (seed, j)). `max_tokens` is accepted as
-    vLLM's alias of `max_new_tokens`. `thinking_budget` caps the tokens generated inside a
-    `<think>...</think>` block: when it is reached the engine closes the block itself.
+    `max_new_tokens`, `temperature`, `top_p` and `top_k` may be left unset (None): the engine then takes
+    the model's `generation_config` values (`LLM.get_default_sampling_params()`, as vLLM does), else
+    256, 1.0, 1.0 and 0; `with_defaults` makes that copy. temperature 0 means greedy, top_k 0 turns it
+    off. `seed` makes sampling reproducible per request: the same request with the same seed gives the
+    same tokens whatever else is in the batch and in whatever order requests arrive (sample j of a
+    request uses the stream derived from (seed, j)). `max_tokens` is vLLM's name of `max_new_tokens`
+    (either may be given; both read back the same value). `thinking_budget` caps the tokens generated
+    inside a `<think>...</think>` block: when it is reached the engine closes the block itself.
     """
 
-    max_new_tokens: int = 256
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
     n: int = 1
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     thinking_budget: int | None = None
-    max_tokens: int | None = None  # vLLM alias; wins over max_new_tokens when given
+    max_tokens: InitVar[int | None] = None  # vLLM's spelling of max_new_tokens
 
-    def __post_init__(self):
-        if self.max_tokens is not None:
-            self.max_new_tokens = self.max_tokens
-            self.max_tokens = None
+    def __post_init__(self, max_tokens: int | None):
+        if max_tokens is not None:
+            if self.max_new_tokens is not None and self.max_new_tokens != max_tokens:
+                raise ValueError(f"SamplingParams: max_tokens={max_tokens} and max_new_tokens={self.max_new_tokens} "
+                                 "disagree; give one of them.")
+            self.max_new_tokens = max_tokens
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = [int(t) for t in (self.stop_token_ids or [])]
         checks = [
-            (self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
-            (self.temperature >= 0, "temperature must be >= 0 (0 is greedy)"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (self.top_k >= 0, "top_k must be >= 0 (0 disables it)"),
+            (self.max_new_tokens is None or self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
+            (self.temperature is None or self.temperature >= 0, "temperature must be >= 0 (0 is greedy)"),
+            (self.top_p is None or 0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (self.top_k is None or self.top_k >= 0, "top_k must be >= 0 (0 disables it)"),
             (self.n >= 1, "n must be >= 1"),
             (self.thinking_budget is None or self.thinking_budget >= 0, "thinking_budget must be >= 0"),
             (all(s for s in self.stop), "stop strings must be non-empty"),
@@ -49,6 +58,25 @@ class SamplingParams:
             if not ok:
                 raise ValueError(f"SamplingParams: {message}.")
 
+    def unset(self) -> list[str]:
+        """The fields left to the model's generation_config (None here)."""
+        return [name for name in FALLBACK_DEFAULTS if getattr(self, name) is None]
+
+    def with_defaults(self, defaults: dict | None = None) -> SamplingParams:
+        """A copy with every unset field taken from `defaults` (a model's generation_config), else
+        from FALLBACK_DEFAULTS. Given fields are kept."""
+        out = copy.copy(self)
+        out.stop, out.stop_token_ids = list(self.stop), list(self.stop_token_ids)
+        for name in self.unset():
+            value = (defaults or {}).get(name)
+            setattr(out, name, value if value is not None else FALLBACK_DEFAULTS[name])
+        return out
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+# max_tokens reads and writes max_new_tokens (an InitVar keeps it out of fields(), repr and equality).
+SamplingParams.max_tokens = property(lambda self: self.max_new_tokens,
+                                     lambda self, value: setattr(self, "max_new_tokens", value))

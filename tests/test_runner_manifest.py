@@ -110,6 +110,9 @@ def test_sampling_defaults_are_sampling_params_defaults():
     cfg, sp = JobConfig(), SamplingParams()
     for name in ("max_new_tokens", "temperature", "top_p", "top_k", "n", "ignore_eos"):
         assert getattr(cfg, name) == getattr(sp, name)
+    # Unset fields resolve as SamplingParams.with_defaults does: the model's values, then the fallbacks.
+    resolved = JobConfig(top_k=5).with_sampling_defaults({"temperature": 0.6, "top_p": 0.95, "top_k": 20})
+    assert (resolved.max_new_tokens, resolved.temperature, resolved.top_p, resolved.top_k) == (256, 0.6, 0.95, 5)
 
 
 def test_layering_defaults_yaml_flags(tmp_path):
@@ -120,7 +123,7 @@ def test_layering_defaults_yaml_flags(tmp_path):
     assert cfg.max_new_tokens == 32  # from YAML
     assert cfg.temperature == 0.0  # the flag wins
     assert cfg.kv_policy == "raas"  # underscore spelling accepted
-    assert cfg.top_p == 1.0  # default
+    assert cfg.top_p is None  # not given: the model's generation_config decides when the job starts
     assert cfg.chat_template_kwargs == {"enable_thinking": True}
     assert os.path.isabs(cfg.input) and cfg.output == str(tmp_path / "o2")
 

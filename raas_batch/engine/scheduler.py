@@ -10,6 +10,7 @@ Invariants:
 
 from __future__ import annotations
 
+import time
 from collections import deque
 
 from raas_batch.engine.page_pool import PagePool
@@ -54,6 +55,7 @@ class Scheduler:
                 break
             self.waiting.popleft()
             seq.pages, seq.slot = pages, self._free_slots.pop()
+            seq.t_admitted = time.perf_counter()
             self.policy.on_admit(seq.slot, pages, n, seq.kv_override)
             seq.kv_over_budget = self.policy.over_budget(n, seq.max_new_tokens, seq.kv_override)
             admitted.append(seq)

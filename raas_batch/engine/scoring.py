@@ -44,14 +44,18 @@ class ScoreResult:
 
 def run_scored(engine, requests: list[ScoreRequest],
                on_logprobs: Callable[[list[int], list[int], torch.Tensor], None] | None = None) -> list[ScoreResult]:
-    """Run every request to completion on `engine` (which must be idle) -> one ScoreResult each.
+    """Run every request to completion -> one ScoreResult each, through the request core.
 
-    on_logprobs(request_indices, steps, logprobs [B, V] float32) is called at every engine step.
+    engine: an `LLMEngine` (what `LLM.score_continuations` passes) or a bare `Engine` (benchmarks
+    build their own); either must be idle. on_logprobs(request_indices, steps, logprobs [B, V]
+    float32) is called at every engine step.
     """
-    if engine.has_work():
+    from raas_batch.llm_engine import LLMEngine
+
+    core = engine if isinstance(engine, LLMEngine) else LLMEngine(engine, engine.tokenizer)
+    if core.has_unfinished_requests() or core.engine.has_work():
         raise RuntimeError("run_scored needs an idle engine (generate() is still running).")
     results = [ScoreResult() for _ in requests]
-    index: dict[int, int] = {}
     for i, req in enumerate(requests):
         forced = req.continuation_ids
         if forced is not None and not forced:
@@ -59,13 +63,10 @@ def run_scored(engine, requests: list[ScoreRequest],
         n_new = len(forced) if forced is not None else req.max_new_tokens
         if n_new < 1:
             raise ValueError(f"request {i}: max_new_tokens must be >= 1 for free decoding.")
-        params = SamplingParams(max_new_tokens=n_new, temperature=0.0,
+        params = SamplingParams(max_new_tokens=n_new, temperature=0.0, top_p=1.0, top_k=0, seed=0,
                                 ignore_eos=True if forced is not None else req.ignore_eos)
-        seq = Sequence(request_idx=i, sample_idx=0, prompt_token_ids=list(req.prompt_token_ids), params=params,
-                       seed_key=0, seed=0, max_new_tokens=n_new, forced=list(forced or []),
-                       kv_override=req.kv_override)
-        index[id(seq)] = i
-        engine.add(seq)
+        core.add_request(i, {"prompt_token_ids": list(req.prompt_token_ids)}, params, forced=forced,
+                         kv_override=req.kv_override)
 
     def hook(seqs: list[Sequence], logits: torch.Tensor) -> None:
         logprobs = torch.log_softmax(logits.float(), dim=-1)  # [B, V]
@@ -74,24 +75,28 @@ def run_scored(engine, requests: list[ScoreRequest],
         fed_t = torch.tensor([f if f is not None else -1 for f in fed], device=logits.device)
         fed_t = torch.where(fed_t >= 0, fed_t, greedy)
         lp = logprobs.gather(1, fed_t.unsqueeze(1)).squeeze(1)
-        rows = [index[id(s)] for s in seqs]
-        for r, g, f, v in zip(rows, greedy.tolist(), fed_t.tolist(), lp.tolist()):
+        rows = [core.key_of(s) for s in seqs]
+        for r, g, v in zip(rows, greedy.tolist(), lp.tolist()):
             results[r].greedy_token_ids.append(g)
             results[r].token_logprobs.append(v)
         if on_logprobs is not None:
             on_logprobs(rows, [len(s.output_token_ids) for s in seqs], logprobs)
 
-    runner = engine.runner
+    runner = core.engine.runner
     runner.logits_hook = hook
     try:
-        while engine.has_work():
-            finished, _ = engine.step()
-            for seq in finished:
-                res = results[index[id(seq)]]
-                res.token_ids = list(seq.output_token_ids)
-                res.finish_reason = seq.finish_reason or "length"
-                res.peak_kv_tokens, res.evicted_pages = seq.peak_kv_tokens, seq.evicted_pages
-                res.kv_over_budget = seq.kv_over_budget
+        while core.has_unfinished_requests():
+            finished, _ = core.step()
+            for i, out in finished:
+                c = out.outputs[0]
+                if c.finish_reason == "error":
+                    raise ValueError(f"request {i}: {c.error}")
+                res = results[i]
+                res.token_ids, res.finish_reason = list(c.token_ids), c.finish_reason
+                res.peak_kv_tokens, res.evicted_pages, res.kv_over_budget = (c.peak_kv_tokens, c.evicted_pages,
+                                                                            c.kv_over_budget)
     finally:
         runner.logits_hook = None
+        if core.has_unfinished_requests():
+            core.abort_all()
     return results

@@ -43,6 +43,7 @@ class Sequence:
     stats_set: bool = False
     # timings (perf_counter seconds)
     t_arrival: float = field(default_factory=time.perf_counter)
+    t_admitted: float | None = None  # set by the scheduler when the sequence joins the running batch
     t_first_token: float | None = None
     t_finish: float | None = None
 

@@ -1,0 +1,179 @@
+"""One request lifecycle, in the shape of nano-vllm's / vLLM's `LLMEngine`:
+
+    core = LLMEngine(engine, tokenizer, max_model_len)
+    core.add_request(key, prompt, params)        # checked, tokenized, n sequences added to the engine
+    while core.has_unfinished_requests():
+        finished, num_tokens = core.step()       # [(key, RequestOutput)]: requests whose samples all ended
+
+Every caller goes through it: `LLM.generate` (collects a stream), `LLM.generate_stream`, the shard
+stream of batch jobs and Ray actors (`raas_batch.shard_stream`), and teacher-forced scoring
+(`raas_batch.engine.scoring`). The prompt validator is `raas_batch.prompts.check_prompt`, the output
+builder `fill_completion` below: each exists once.
+
+Invariants:
+- Every request added comes out of `step` exactly once, with all its `n` samples finished. A prompt
+  that cannot run (`check_prompt`, tokenizer failure, longer than the context, larger than the KV
+  cache) comes out of the next `step` with error outputs (finish_reason "error", `error` says why).
+- A request's output depends only on its prompt and params: sequences are built the same way
+  whenever they are added, and seeded sampling is batch-invariant (`raas_batch.engine.sampler`).
+- Sampling fields a request leaves unset take the model's generation_config values
+  (`generation_defaults`), then `FALLBACK_DEFAULTS`.
+- `ttft_s` and `e2e_s` are measured from the sequence's admission into the running batch.
+- `abort_all` releases every sequence (their pages and slots) and forgets every request: the engine
+  is idle and reusable afterwards. The engine never sees keys: they are opaque here too.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Any
+
+from raas_batch.engine.sequence import Sequence
+from raas_batch.outputs import CompletionOutput, RequestOutput
+from raas_batch.prompts import check_prompt, tokenize
+from raas_batch.reasoning import count_reasoning_tokens, prompt_opens_think, split_reasoning
+from raas_batch.sampling_params import SamplingParams
+
+
+@dataclass
+class _Request:
+    key: Hashable
+    output: RequestOutput
+    num_unfinished: int = 0  # sequences still in the engine
+
+
+class LLMEngine:
+    """The request layer over an `Engine` (add / has_work / step / scheduler).
+
+    seed_key(seed, sample_idx) -> the sampler's stream key; default `raas_batch.engine.sampler.seed_key`
+    (a test double passes its own to stay free of torch).
+    """
+
+    def __init__(self, engine, tokenizer, max_model_len: int | None = None, chat_template_kwargs: dict | None = None,
+                 generation_defaults: dict | None = None, seed_key: Callable[[int, int], int] | None = None):
+        if seed_key is None:
+            from raas_batch.engine.sampler import seed_key
+        if max_model_len is None:
+            max_model_len = engine.runner.model.spec.max_positions
+        self.engine, self.tokenizer, self.max_model_len = engine, tokenizer, max_model_len
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
+        self.generation_defaults = dict(generation_defaults or {})
+        self.seed_key = seed_key
+        self._ids = itertools.count()
+        self._running: dict[int, _Request] = {}  # request id -> request with sequences in the engine
+        self._done: list[_Request] = []  # finished before reaching the engine (errors), out at next step
+
+    # ---- requests in ----
+    def prepare(self, prompt: Any) -> tuple[str | None, list[int], str | None]:
+        """-> (prompt text as the model sees it, token ids, error or None). Never raises."""
+        normal, error = check_prompt(prompt)
+        if error:
+            return None, [], error
+        try:
+            text, ids = tokenize(self.tokenizer, normal, self.chat_template_kwargs)
+        except Exception as exc:  # noqa: BLE001 - a tokenizer or template failure is this prompt's problem only
+            return None, [], f"the prompt could not be tokenized ({type(exc).__name__}: {exc})"
+        if not ids:
+            return text, ids, "the prompt has no tokens"
+        if len(ids) >= self.max_model_len:
+            return text, ids, (f"the prompt has {len(ids)} tokens but the model's context is {self.max_model_len}; "
+                               "shorten it")
+        return text, ids, None
+
+    def add_request(self, key: Hashable, prompt: Any, params: SamplingParams | None = None, *,
+                    forced: list[int] | None = None, kv_override: object = None) -> None:
+        """Queue one request. forced: tokens fed instead of sampled ones (teacher forcing);
+        kv_override: a per-sequence KV budget (see raas_batch.policies.base)."""
+        params = (params or SamplingParams()).with_defaults(self.generation_defaults)
+        text, ids, error = self.prepare(prompt)
+        request_id = next(self._ids)
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        outs = [CompletionOutput(index=j, seed=seed) for j in range(params.n)]
+        request = _Request(key, RequestOutput(index=request_id, prompt=text, prompt_token_ids=ids, outputs=outs))
+        if error:
+            for out in outs:
+                out.finish_reason, out.error = "error", error
+        else:
+            opens_think = text is not None and prompt_opens_think(text)
+            for j, out in enumerate(outs):
+                seq = Sequence(request_idx=request_id, sample_idx=j, prompt_token_ids=ids, params=params,
+                               seed_key=self.seed_key(seed, j), seed=seed,
+                               max_new_tokens=min(params.max_new_tokens, self.max_model_len - len(ids)),
+                               starts_in_think=opens_think, forced=list(forced or []), kv_override=kv_override)
+                try:
+                    self.engine.add(seq)
+                except ValueError as exc:  # the sequence can never fit the cache: this request's error
+                    out.finish_reason, out.error = "error", str(exc)
+                    continue
+                request.num_unfinished += 1
+        if request.num_unfinished:
+            self._running[request_id] = request
+        else:
+            self._done.append(request)
+
+    # ---- the loop ----
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._running or self._done)
+
+    def num_waiting(self) -> int:
+        """Sequences added and not yet admitted into the running batch."""
+        return len(self.engine.scheduler.waiting)
+
+    def step(self) -> tuple[list[tuple[Hashable, RequestOutput]], int]:
+        """One engine step (when it has work) -> (requests finished by it, tokens generated in it)."""
+        done, self._done = self._done, []
+        num_tokens = 0
+        if self.engine.has_work():
+            finished, num_tokens = self.engine.step()
+            for seq in finished:
+                request = self._running[seq.request_idx]
+                fill_completion(request.output.outputs[seq.sample_idx], seq, self.tokenizer)
+                request.num_unfinished -= 1
+                if request.num_unfinished == 0:
+                    del self._running[seq.request_idx]
+                    done.append(request)
+        return [(r.key, r.output) for r in done], num_tokens
+
+    def key_of(self, seq: Sequence) -> Hashable:
+        """The key of the request a running sequence belongs to (for step observers, e.g. scoring)."""
+        return self._running[seq.request_idx].key
+
+    def abort_all(self) -> None:
+        """Drop every request and release every sequence (after an engine error, or a stream closed early)."""
+        scheduler = self.engine.scheduler
+        for seq in list(scheduler.running):
+            scheduler.release(seq)
+        scheduler.running.clear()
+        scheduler.waiting.clear()
+        self._running.clear()
+        self._done.clear()
+
+
+def fill_completion(out: CompletionOutput, seq: Sequence, tokenizer) -> None:
+    """The output builder: a finished sequence -> its CompletionOutput (text, reasoning split, counts,
+    KV figures, timings from admission)."""
+    out.token_ids = list(seq.output_token_ids)
+    if seq.detok is not None:
+        text = seq.detok.text if seq.stop_text_end is None else seq.detok.text[:seq.stop_text_end]
+    elif tokenizer is None:  # random weights from a config (benchmarks): tokens only
+        text = ""
+    else:
+        text = tokenizer.decode(out.token_ids, skip_special_tokens=True)
+    out.text = text
+    out.reasoning, out.answer = split_reasoning(text, seq.starts_in_think)
+    if seq.params.thinking_budget is not None:
+        out.num_reasoning_tokens = seq.num_reasoning_tokens
+    elif seq.starts_in_think or "<think>" in text:
+        out.num_reasoning_tokens = count_reasoning_tokens(tokenizer, out.token_ids, seq.starts_in_think)
+    out.thinking_budget_hit = seq.thinking_budget_hit
+    out.finish_reason = seq.finish_reason or "length"
+    out.peak_kv_tokens, out.evicted_pages = seq.peak_kv_tokens, seq.evicted_pages
+    out.kv_over_budget = seq.kv_over_budget
+    now = time.perf_counter()
+    start = seq.t_admitted if seq.t_admitted is not None else seq.t_arrival
+    out.ttft_s = (seq.t_first_token or now) - start
+    out.e2e_s = (seq.t_finish or now) - start

@@ -1,0 +1,117 @@
+"""The request core (`raas_batch.llm_engine.LLMEngine`): every request out exactly once, errors out
+at the next step, abort leaves the engine reusable, timings from admission, generation_config
+defaults for unset sampling fields, and the one prompt validator."""
+
+import json
+import shutil
+
+import pytest
+
+from raas_batch import LLM, SamplingParams
+from raas_batch.engine.sequence import Sequence
+from raas_batch.llm_engine import fill_completion
+from raas_batch.outputs import CompletionOutput
+from raas_batch.prompts import check_prompt, text_as_chat
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir, tmp_path_factory):
+    """A tiny Llama whose generation_config.json asks for temperature 0.6 and top_p 0.95."""
+    path = tmp_path_factory.mktemp("tiny-gen") / "model"
+    shutil.copytree(tiny_model_dir("llama"), path)
+    config = json.loads((path / "generation_config.json").read_text())
+    config.update(temperature=0.6, top_p=0.95)
+    (path / "generation_config.json").write_text(json.dumps(config))
+    return LLM(model=str(path), device="cpu", dtype="fp32", max_num_seqs=3)
+
+
+def test_every_request_comes_out_once_errors_at_the_next_step(tiny):
+    core = tiny.llm_engine
+    params = SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
+    core.add_request("bad", "   ", params)
+    core.add_request("a", {"prompt_token_ids": [5, 6, 7]}, params)
+    finished, tokens = core.step()
+    assert [k for k, _ in finished] == ["bad"] and tokens == 1  # the prefill of "a" ran too
+    assert finished[0][1].outputs[0].error == "the prompt is empty"
+    seen = []
+    for i in range(5):  # more requests arrive while "a" decodes (3 slots: some wait)
+        core.add_request(i, {"prompt_token_ids": [8 + i, 9]}, SamplingParams(max_new_tokens=2 + i, temperature=0,
+                                                                            ignore_eos=True, n=2))
+    while core.has_unfinished_requests():
+        seen += [k for k, _ in core.step()[0]]
+    assert sorted(seen, key=str) == [0, 1, 2, 3, 4, "a"] and not tiny.engine.has_work()
+
+
+def test_abort_leaves_the_engine_idle_and_reusable(tiny):
+    params = SamplingParams(max_new_tokens=30, temperature=0, ignore_eos=True)
+    ref = tiny.generate([{"prompt_token_ids": [11, 12, 13]}], params)[0].outputs[0].token_ids
+    stream = tiny.generate_stream((i, {"prompt_token_ids": [20 + i, 21]}, params) for i in range(6))
+    next(stream)  # the first request done; others mid-decode, some waiting
+    stream.close()
+    engine = tiny.engine
+    assert not engine.has_work() and not tiny.llm_engine.has_unfinished_requests()
+    assert engine.pool.num_free == engine.pool.num_pages - 1  # only the engine's scratch page is held
+    assert sorted(engine.scheduler._free_slots) == list(range(engine.scheduler.max_num_seqs))
+    assert tiny.generate([{"prompt_token_ids": [11, 12, 13]}], params)[0].outputs[0].token_ids == ref
+
+
+def test_generation_config_fills_unset_sampling_fields(tiny):
+    defaults = tiny.get_default_sampling_params()
+    assert (defaults.temperature, defaults.top_p, defaults.top_k, defaults.max_new_tokens) == (0.6, 0.95, 0, 256)
+    prompt = {"prompt_token_ids": [30, 31, 32]}
+    unset = tiny.generate(prompt, SamplingParams(max_tokens=12, seed=5, ignore_eos=True))[0].outputs[0]
+    given = tiny.generate(prompt, SamplingParams(max_tokens=12, seed=5, ignore_eos=True, temperature=0.6,
+                                                 top_p=0.95))[0].outputs[0]
+    hot = tiny.generate(prompt, SamplingParams(max_tokens=12, seed=5, ignore_eos=True, temperature=1.0,
+                                               top_p=1.0))[0].outputs[0]
+    assert unset.token_ids == given.token_ids != hot.token_ids
+    greedy = SamplingParams(max_tokens=12, ignore_eos=True, temperature=0)
+    assert tiny.generate(prompt, greedy)[0].outputs[0].token_ids == tiny.generate(prompt, greedy)[0].outputs[0].token_ids
+
+
+def test_sampling_params_read_back_what_was_set():
+    p = SamplingParams(max_tokens=7)
+    assert p.max_tokens == p.max_new_tokens == 7 and p.unset() == ["temperature", "top_p", "top_k"]
+    assert SamplingParams(max_new_tokens=9).max_tokens == 9 and SamplingParams().max_tokens is None
+    with pytest.raises(ValueError, match="disagree"):
+        SamplingParams(max_tokens=7, max_new_tokens=8)
+    full = p.with_defaults({"temperature": 0.6, "top_k": 20})
+    assert (full.max_new_tokens, full.temperature, full.top_p, full.top_k) == (7, 0.6, 1.0, 20)
+    assert p.temperature is None  # with_defaults copies
+
+
+def test_timings_are_measured_from_admission():
+    seq = Sequence(request_idx=0, sample_idx=0, prompt_token_ids=[1], params=SamplingParams(max_new_tokens=2),
+                   seed_key=0, seed=0, max_new_tokens=2, t_arrival=100.0)
+    seq.output_token_ids, seq.finish_reason = [5, 6], "length"
+    seq.t_admitted, seq.t_first_token, seq.t_finish = 160.0, 161.5, 164.0
+    out = CompletionOutput(index=0)
+    fill_completion(out, seq, None)
+    assert (out.ttft_s, out.e2e_s) == (1.5, 4.0)
+
+
+@pytest.mark.parametrize("value, fragment", [
+    (None, "null"), ("  ", "empty"), ([], "empty list"), (3.5, "is a float"), ({"x": 1}, "prompt_token_ids"),
+    ({"prompt_token_ids": [1, -2]}, "non-negative"), ({"prompt_token_ids": []}, "no tokens"),
+    ([{"content": "x"}], "'role' and 'content'"), (["hi"], "message 0 is a str"),
+    ([{"role": "user", "content": 3}], "content of type int"), ([{"role": " ", "content": "x"}], "role ' '"),
+    ([{"role": "user", "content": " "}], "every message has empty content"),
+])
+def test_one_validator_names_the_problem(value, fragment):
+    normal, error = check_prompt(value)
+    assert normal is None and fragment in error
+
+
+def test_valid_prompts_in_normal_form_and_text_as_chat():
+    assert check_prompt("hi") == ("hi", None)
+    assert check_prompt([3, 4]) == ([3, 4], None) == check_prompt({"prompt_token_ids": (3, 4)})
+    messages = [{"role": "user", "content": "hi", "extra": 1}]
+    assert check_prompt(messages) == ([{"role": "user", "content": "hi"}], None)
+    assert text_as_chat("hi") == [{"role": "user", "content": "hi"}]
+    assert text_as_chat("hi", "be brief") == [{"role": "system", "content": "be brief"},
+                                             {"role": "user", "content": "hi"}]
+    assert text_as_chat(messages, "be brief")[0] == {"role": "system", "content": "be brief"}
+    system = [{"role": "system", "content": "mine"}, {"role": "user", "content": "hi"}]
+    assert text_as_chat(system, "be brief") == system
+    for unchanged in ("  ", [1, 2], None, [{"role": "user"}, "junk"]):
+        assert text_as_chat(unchanged, "be brief") == unchanged
