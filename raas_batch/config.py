@@ -28,7 +28,6 @@ import yaml
 from raas_batch.sampling_params import FALLBACK_DEFAULTS, SamplingParams
 
 
-
 class ConfigError(ValueError):
     """A setting the user gave is invalid; the message is one sentence naming the setting and the fix."""
 
