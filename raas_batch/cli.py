@@ -40,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--prompt-column", metavar="NAME",
                       help="column of text prompts or of chat messages (lists of {role, content}); "
                            "'messages' is used when 'prompt' is absent" + _d("prompt_column"))
+    data.add_argument("--apply-chat-template", action=argparse.BooleanOptionalAction,
+                      help="send a text prompt as one user message through the model's chat template, when it "
+                           "has one (default: apply; --no-apply-chat-template sends the text as it is)")
+    data.add_argument("--system-prompt", metavar="TEXT",
+                      help="a system message put before every prompt that has none (needs the chat template)")
     data.add_argument("--id-column", metavar="NAME",
                       help="column of stable row ids; row numbers are used when it is absent" + _d("id_column"))
     data.add_argument("--limit", type=int, metavar="N", help="only the first N rows")
@@ -118,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     except TypeError as exc:  # an unexpected key type from YAML
         print(f"error: invalid configuration ({exc}); check --config.", file=sys.stderr)
         return 2
-    from raas_batch.runner import JobError, run_job
+    from raas_batch.job import JobError
+    from raas_batch.runner import run_job
 
     if cfg.ray or cfg.ray_address:
         from raas_batch.distributed.driver import run_job_ray as run_job

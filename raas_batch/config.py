@@ -40,6 +40,8 @@ class JobConfig:
     input: str | None = None  # .parquet file/folder, .arrow/.feather, save_to_disk folder, .jsonl, hf:NAME[:SPLIT]
     output: str | None = None  # output folder
     prompt_column: str = "prompt"  # text prompts; a "messages" column of chat turns is used if "prompt" is absent
+    apply_chat_template: bool = True  # a text prompt is sent as one user message through the chat template
+    system_prompt: str | None = None  # a system message before every prompt that has none (chat template)
     id_column: str = "id"  # stable row ids; the row number is used when the column is absent
     limit: int | None = None  # only the first N rows
     shard_size: int = 256  # input rows per output shard file
@@ -92,6 +94,11 @@ class JobConfig:
             raise ConfigError("No output folder given: pass --output DIR.")
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite contradict each other: pass only one of them.")
+        if self.system_prompt is not None and not isinstance(self.system_prompt, str):
+            raise ConfigError(f"--system-prompt must be text, got {self.system_prompt!r}.")
+        if self.system_prompt and not self.apply_chat_template:
+            raise ConfigError("--system-prompt goes through the chat template: drop --no-apply-chat-template "
+                              "or --system-prompt.")
         positive = {"shard_size": self.shard_size, "page_size": self.page_size,
                     "max_new_tokens": self.max_new_tokens, "n": self.n}
         for name, value in positive.items():
@@ -163,10 +170,10 @@ _RUN_CONTROL = ("config", "resume", "overwrite", "ray", "ray_address", "num_work
 # gpu_memory_utilization, enforce_eager, quiet and run control (they change where and how fast, not
 # what). page_size is here because sparse policies evict whole pages; max_model_len because it clips
 # generation and turns long prompts into error rows.
-OUTPUT_FIELDS = ("prompt_column", "id_column", "limit", "shard_size", "model", "dtype", "kv_policy",
-                 "kv_budget", "page_size", "kv_policy_options", "max_model_len", "chat_template_kwargs",
-                 "max_new_tokens", "temperature", "top_p", "top_k", "n", "seed", "thinking_budget",
-                 "ignore_eos", "stop", "stop_token_ids")
+OUTPUT_FIELDS = ("prompt_column", "apply_chat_template", "system_prompt", "id_column", "limit", "shard_size",
+                 "model", "dtype", "kv_policy", "kv_budget", "page_size", "kv_policy_options", "max_model_len",
+                 "chat_template_kwargs", "max_new_tokens", "temperature", "top_p", "top_k", "n", "seed",
+                 "thinking_budget", "ignore_eos", "stop", "stop_token_ids")
 
 _JSON_EXAMPLES = {"chat_template_kwargs": '{"enable_thinking": true}', "kv_policy_options": '{"pin_prompt": false}'}
 
@@ -288,7 +295,7 @@ def _coerce_types(cfg: JobConfig) -> None:
                 setattr(cfg, name, int(value))
             except ValueError:
                 raise ConfigError(f"--{_flag(name)} must be an integer, got {value!r}.") from None
-    for name in ("ignore_eos", "quiet", "resume", "overwrite", "ray", "enforce_eager"):
+    for name in ("ignore_eos", "quiet", "resume", "overwrite", "ray", "enforce_eager", "apply_chat_template"):
         value = getattr(cfg, name)
         if not isinstance(value, bool):
             raise ConfigError(f"{name.replace('_', '-')} must be true or false, got {value!r}.")

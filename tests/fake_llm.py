@@ -1,31 +1,136 @@
-"""A fake `LLM` with the real one's constructor and `generate` contract, for fast runner tests.
+"""A fake `LLM` for fast runner tests: the real request core (`raas_batch.llm_engine.LLMEngine`) and
+stream over a toy engine and a word-level tokenizer, so a job through it runs the real prompt
+validator, stream loop and output builder; only the model is fake. It never imports torch.
 
 Select it in a subprocess with RAAS_BATCH_ENGINE=fake_llm:FakeLLM (and tests/ on PYTHONPATH).
 Behaviour, all deterministic:
-- "tokens" are whitespace-separated words; the context is `max_model_len` (128) words; a longer prompt,
-  an empty one or malformed messages give finish_reason="error" with a reason, as the real engine does.
-- the completion is `<think>w1 ... wk</think> answer-<hash>` where the words depend on the prompt,
-  the sample index and the seed only (not on the batch), cut to max_new_tokens words ("length"),
-  otherwise "stop".
-- RAAS_FAKE_SLEEP_S (float) sleeps that long per prompt, calling progress_callback in between, so a
-  test can kill a job mid-shard. RAAS_FAKE_FAIL_ON (text) raises RuntimeError for a batch holding a
-  prompt containing that text (an engine crash).
+- tokens are whitespace-separated words (ids from a hash of the word); the context is 128 tokens;
+  the chat template writes one `<|role|> content` line per message, then `<|assistant|>`.
+- the toy model's completion of a sequence is `<think> w.. w.. </think> answer-xxxx <eos>` with 3-8
+  reasoning words; it depends on the prompt and, when temperature > 0, on the sample's seed key only
+  (not on the batch). Stop strings, stop token ids, max tokens, EOS and the thinking budget are the
+  real `Sequence`'s.
+- a step admits waiting sequences in arrival order up to max_num_seqs ("auto": 8) and gives every
+  running sequence one token, so rows finish out of order and shards complete out of order.
+- RAAS_FAKE_SLEEP_S (float) sleeps that long per step, so a test can kill a job mid-run.
+  RAAS_FAKE_FAIL_ON (text) makes a step raise RuntimeError when it admits a sequence whose prompt
+  contains that text (an engine crash).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import random
 import time
+from collections import deque
 from typing import ClassVar
 
-from raas_batch.outputs import CompletionOutput, RequestOutput
+from raas_batch.generation_config import read_generation_defaults
+from raas_batch.llm_engine import LLMEngine
 from raas_batch.sampling_params import SamplingParams
+from raas_batch.streaming import collect, generate_stream
+
+EOS = 0
+
+
+def _hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def fake_seed_key(seed: int, sample_idx: int) -> int:
+    return int(_hash(f"{seed}:{sample_idx}")[:8], 16)
+
+
+class FakeTokenizer:
+    chat_template = "<|role|> content lines"
+    eos_token_id = EOS
+
+    def __init__(self):
+        self._words = {EOS: "<eos>"}
+
+    def token(self, word: str) -> int:
+        tid = int(_hash(word)[:6], 16) + 1
+        self._words[tid] = word
+        return tid
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return [self.token(w) for w in text.split()]
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return " ".join(self._words.get(i, f"t{i}") for i in ids if not (skip_special_tokens and i == EOS))
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True, **kwargs) -> str:
+        text = "\n".join(f"<|{m['role']}|> {m['content']}" for m in messages)
+        return text + ("\n<|assistant|>" if add_generation_prompt else "")
+
+
+class _Scheduler:
+    def __init__(self, max_num_seqs: int):
+        self.max_num_seqs = max_num_seqs
+        self.waiting: deque = deque()
+        self.running: list = []
+        self._free_slots = list(range(max_num_seqs - 1, -1, -1))
+
+    def release(self, seq) -> None:
+        self._free_slots.append(seq.slot)
+        seq.slot = -1
+
+
+class FakeEngine:
+    """`Engine`'s interface (add / has_work / step / scheduler) with a toy model."""
+
+    def __init__(self, tokenizer: FakeTokenizer, max_num_seqs: int, kv_budget: int | None):
+        self.tokenizer, self.kv_budget = tokenizer, kv_budget
+        self.scheduler = _Scheduler(max_num_seqs)
+        self.num_steps = 0
+
+    def add(self, seq) -> None:
+        seq.start_tracking(self.tokenizer)
+        self.scheduler.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.scheduler.waiting or self.scheduler.running)
+
+    def _admit(self) -> None:
+        s, fail_on = self.scheduler, os.environ.get("RAAS_FAKE_FAIL_ON")
+        while s.waiting and s._free_slots:
+            seq = s.waiting.popleft()
+            seq.slot, seq.t_admitted = s._free_slots.pop(), time.perf_counter()
+            seq.kv_over_budget = self.kv_budget is not None and len(seq.prompt_token_ids) > self.kv_budget
+            s.running.append(seq)
+            if fail_on and fail_on in self.tokenizer.decode(seq.prompt_token_ids):
+                raise RuntimeError("fake engine crashed")
+
+    def _token(self, seq) -> int:
+        sampled = seq.params.temperature > 0
+        h = _hash(f"{seq.prompt_token_ids}|{seq.seed_key if sampled else 0}")
+        words = [f"w{h[k:k + 3]}" for k in range(0, 3 * (3 + int(h[:2], 16) % 6), 3)]
+        plan = ["<think>", *words, "</think>", f"answer-{h[-4:]}"]
+        k = len(seq.output_token_ids)
+        if k < len(plan):
+            return self.tokenizer.token(plan[k])
+        return EOS if k == len(plan) else self.tokenizer.token(f"more-{k}")
+
+    def step(self):
+        self._admit()
+        sleep_s = float(os.environ.get("RAAS_FAKE_SLEEP_S", "0"))
+        if sleep_s:
+            time.sleep(sleep_s)
+        s = self.scheduler
+        stepped = list(s.running)
+        for seq in stepped:
+            seq.append(self._token(seq), {EOS}, self.tokenizer)
+        finished = [seq for seq in stepped if seq.finished]
+        s.running = [seq for seq in stepped if not seq.finished]
+        for seq in finished:
+            seq.peak_kv_tokens = min(seq.num_tokens, self.kv_budget or 10**9)
+            s.release(seq)
+        self.num_steps += 1
+        return finished, len(stepped)
 
 
 class FakeLLM:
-    max_model_len = 128
+    """`LLM`'s job-facing surface (constructor keywords, generate, generate_stream, tokenizer)."""
 
     last_settings: ClassVar[dict] = {}  # the constructor's arguments of the last instance (tests read them)
 
@@ -36,76 +141,22 @@ class FakeLLM:
         FakeLLM.last_settings = {"max_num_seqs": max_num_seqs, **settings}
         self.model_name = model or "fake/tiny"
         self.kv_policy, self.kv_budget, self.page_size = kv_policy, kv_budget, page_size
-        self.calls: list[int] = []  # batch sizes seen by generate
+        self.max_num_seqs = 8 if max_num_seqs in (None, "auto") else int(max_num_seqs)
+        self.tokenizer = FakeTokenizer()
+        self.engine = FakeEngine(self.tokenizer, self.max_num_seqs, kv_budget)
+        self.llm_engine = LLMEngine(self.engine, self.tokenizer, settings.get("max_model_len") or 128,
+                                    chat_template_kwargs, read_generation_defaults(model), seed_key=fake_seed_key)
 
-    def _prepare(self, prompt):
-        if isinstance(prompt, dict):
-            ids = list(prompt.get("prompt_token_ids", []))
-            return " ".join(f"t{i}" for i in ids), ids, None if ids else "the prompt has no tokens"
-        if isinstance(prompt, str):
-            text = prompt
-        elif isinstance(prompt, list):
-            if not prompt or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in prompt):
-                return None, [], "malformed chat messages"
-            text = "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
-        else:
-            return None, [], f"bad prompt type {type(prompt).__name__}"
-        words = text.split()
-        ids = [int(hashlib.md5(w.encode()).hexdigest()[:6], 16) for w in words]
-        if not ids:
-            return text, ids, "the prompt is empty"
-        if len(ids) >= self.max_model_len:
-            return text, ids, (f"the prompt has {len(ids)} tokens but the model's context is "
-                               f"{self.max_model_len}; shorten it")
-        return text, ids, None
+    def get_default_sampling_params(self) -> SamplingParams:
+        return SamplingParams().with_defaults(self.llm_engine.generation_defaults)
 
     def generate(self, prompts, params=None, use_tqdm=False, progress_callback=None):
         prompts = list(prompts)
-        params = params or SamplingParams()
         per = params if isinstance(params, list) else [params] * len(prompts)
-        assert len(per) == len(prompts)
-        FakeLLM.last_params = per
-        fail_on = os.environ.get("RAAS_FAKE_FAIL_ON")
-        if fail_on and any(fail_on in str(p) for p in prompts):
-            raise RuntimeError("fake engine crashed")
-        sleep_s = float(os.environ.get("RAAS_FAKE_SLEEP_S", "0"))
-        self.calls.append(len(prompts))
-        results = []
-        for i, (prompt, p) in enumerate(zip(prompts, per)):
-            text, ids, error = self._prepare(prompt)
-            seed = p.seed if p.seed is not None else random.getrandbits(63)
-            outs = []
-            for j in range(p.n):
-                out = CompletionOutput(index=j, seed=seed)
-                if error:
-                    out.finish_reason, out.error = "error", error
-                else:
-                    self._fill(out, text, j, seed, p)
-                outs.append(out)
-            results.append(RequestOutput(index=i, prompt=text, prompt_token_ids=ids, outputs=outs))
-            if sleep_s:
-                time.sleep(sleep_s)
-            if progress_callback is not None:
-                progress_callback(sum(o.num_tokens for o in outs), 1)
-        return results
+        return collect(self.llm_engine, prompts, per, use_tqdm, progress_callback)
 
-    def _fill(self, out, text, j, seed, p):
-        h = hashlib.sha256(f"{text}|{j}|{seed if p.temperature > 0 else 0}".encode()).hexdigest()
-        num_think = 3 + int(h[:2], 16) % 6
-        words = [f"w{h[k:k + 3]}" for k in range(0, 3 * num_think, 3)]
-        answer = f"answer-{h[-4:]}"
-        tokens = ["<think>", *words, "</think>", answer]
-        cut = tokens[:p.max_new_tokens]
-        out.token_ids = list(range(len(cut)))
-        out.text = " ".join(cut)
-        out.finish_reason = "length" if len(tokens) > p.max_new_tokens else "stop"
-        inner = cut[1:-2] if out.finish_reason == "stop" else cut[1:]
-        out.reasoning = " ".join(w for w in inner if w != "</think>")
-        out.answer = answer if out.finish_reason == "stop" else ""
-        out.num_reasoning_tokens = min(len(cut), num_think + 2)
-        out.peak_kv_tokens = min(len(text.split()) + len(cut), self.kv_budget or 10**9)
-        out.evicted_pages = 0
-        out.ttft_s, out.e2e_s = 0.001, 0.002
+    def generate_stream(self, requests, progress_callback=None, max_waiting=None):
+        return generate_stream(self.llm_engine, requests, progress_callback, max_waiting)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The pieces of a distributed run that need no cluster: shard dispatch bookkeeping (exact), the
 engine's streaming API, and GenerationWorker in-process (real engine and fake engine)."""
 
+import dataclasses
 import os
 import random
 import threading
@@ -12,8 +13,8 @@ from fake_llm import sample_rows, write_input
 from raas_batch import SamplingParams
 from raas_batch.config import resolve
 from raas_batch.distributed.dispatch import ShardQueue
-from raas_batch.distributed.worker import GenerationWorker
-from raas_batch.runner import begin_run, prepare_job
+from raas_batch.distributed.actor import GenerationWorker
+from raas_batch.job import begin_run, prepare_job
 
 TIMING = ("ttft_s", "e2e_s")
 
@@ -36,8 +37,8 @@ def test_queue_keeps_two_shards_per_worker_in_order():
     assert [q.take(1), q.take(1)] == [2, 3]
     q.finish(0, 0)
     assert q.take(0) == 4 and q.take(0) is None and q.take(1) is None
-    for slot, index in ((0, 1), (0, 4), (1, 2), (1, 3)):
-        q.finish(slot, index)
+    for seat, index in ((0, 1), (0, 4), (1, 2), (1, 3)):
+        q.finish(seat, index)
     assert not q.has_work() and sorted(q.done) == [0, 1, 2, 3, 4] and q.given_up == []
 
 
@@ -64,13 +65,13 @@ def test_failed_shard_is_retried_isolated_and_another_worker_drains_for_it():
     assert not q.has_work() and sorted(q.done) == [0, 2, 3, 4, 5]
 
 
-def test_closed_slots_and_giving_up_the_rest():
+def test_closed_seats_and_giving_up_the_rest():
     q = ShardQueue(range(3), max_attempts=3)
     assert q.take(0) == 0
     q.fail(0, 0, "died")
     with pytest.raises(KeyError):
         q.finish(0, 0)  # not in flight any more
-    q.remove_slot(0)
+    q.remove_seat(0)
     assert sorted(q.give_up_waiting("no worker left")) == [0, 1, 2]
     assert not q.has_work() and q.errors[2] == "no worker left"
 
@@ -78,19 +79,19 @@ def test_closed_slots_and_giving_up_the_rest():
 @pytest.mark.parametrize("seed", range(5))
 def test_random_failures_end_with_every_shard_exactly_once(seed):
     rng = random.Random(seed)
-    num_shards, slots = 40, (0, 1, 2)
+    num_shards, seats = 40, (0, 1, 2)
     q = ShardQueue(range(num_shards), max_attempts=3, depth=2)
     for _ in range(10_000):
         if not q.has_work():
             break
-        for s in slots:
+        for s in seats:
             while q.take(s) is not None:
                 pass
-        held = [(s, i) for s in slots for i in q.inflight(s)]
+        held = [(s, i) for s in seats for i in q.inflight(s)]
         owners = [i for _, i in held]
         assert len(owners) == len(set(owners)), "a shard is in flight twice"
-        assert all(len(q.inflight(s)) <= 2 for s in slots)
-        assert all(len(q.inflight(s)) == 1 for s in slots if q.slots[s].isolated)
+        assert all(len(q.inflight(s)) <= 2 for s in seats)
+        assert all(len(q.inflight(s)) == 1 for s in seats if q.seats[s].isolated)
         if not held:
             continue
         s, i = rng.choice(held)
@@ -176,15 +177,14 @@ def test_worker_overlaps_shards_in_one_batch_and_writes_local_files(tmp_path, sm
     assert all(r["ok"] for r in results.values()), results
     assert max(sizes) > 2, "shards of 2 rows never shared a batch"
     assert worker.progress()["tokens"] == sum(r["result"].stats["completion_tokens"] for r in results.values())
-    # The same shards through the local runner's path (one generate call per shard) are identical.
-    from raas_batch.worker import ShardWorker
+    # The same job through the local runner gives the same rows.
+    from raas_batch.runner import run_job
 
-    local = ShardWorker(smollm)
+    local_cfg = dataclasses.replace(cfg, output=str(tmp_path / "local"))
+    assert run_job(local_cfg, engine=smollm)["complete"]
     for i in range(3):
-        spec = job.shard_spec(i)
-        ray_rows = _rows(spec.path)
-        local.run(spec)
-        assert _rows(spec.path) == ray_rows
+        name = os.path.basename(job.shard_spec(i).path)
+        assert _rows(tmp_path / "local" / "shards" / name) == _rows(job.shard_spec(i).path)
 
 
 def test_worker_reports_broken_engine_and_shard_errors(tmp_path, monkeypatch):

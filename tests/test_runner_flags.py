@@ -4,10 +4,11 @@ YAML spellings, what reaches the engine, what config.yaml records and what the f
 
 import json
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-from fake_llm import FakeLLM, sample_rows, write_input
+from fake_llm import FakeLLM, FakeTokenizer, sample_rows, write_input
 
 from raas_batch.cli import main
 from raas_batch.config import ConfigError, resolve
@@ -30,17 +31,19 @@ def run(capsys, *args):
 def test_engine_flags_reach_the_engine_and_config_yaml(tmp_path, capsys):
     src = write_input(tmp_path / "in", "jsonl", sample_rows(3))
     out = tmp_path / "out"
+    think = FakeTokenizer().token("<think>")  # the fake model's first token of every completion
     rc, err = run(capsys, "--input", src, "--output", out, "--kv-policy", "raas", "--kv-budget", 64,
                   "--kv-policy-options", '{"pin_prompt": false}', "--max-num-seqs", 3, "--max-model-len", 96,
-                  "--gpu-memory-utilization", 0.5, "--enforce-eager", "--stop-token-ids", "5,6",
+                  "--gpu-memory-utilization", 0.5, "--enforce-eager", "--stop-token-ids", f"5,{think}",
                   "--stop-token-ids", 7)
     assert rc == 0, err
     settings = FakeLLM.last_settings
     assert settings == {"max_num_seqs": 3, "policy_options": {"pin_prompt": False}, "max_model_len": 96,
                         "gpu_memory_utilization": 0.5, "enforce_eager": True}
-    assert {tuple(p.stop_token_ids) for p in FakeLLM.last_params} == {(5, 6, 7)}
+    rows = pq.read_table(out / "shards").to_pylist()
+    assert {(r["finish_reason"], r["num_completion_tokens"]) for r in rows} == {("stop", 1)}
     saved = yaml.safe_load((out / "config.yaml").read_text())
-    assert saved["kv-policy-options"] == {"pin_prompt": False} and saved["stop-token-ids"] == [5, 6, 7]
+    assert saved["kv-policy-options"] == {"pin_prompt": False} and saved["stop-token-ids"] == [5, think, 7]
     assert (saved["max-num-seqs"], saved["max-model-len"], saved["gpu-memory-utilization"],
             saved["enforce-eager"]) == (3, 96, 0.5, True)
     # config.yaml reruns the same job: --resume finds it done (same fingerprint).

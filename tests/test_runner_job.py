@@ -3,12 +3,13 @@
 import json
 import os
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
 from fake_llm import INPUT_FORMATS, FakeLLM, sample_rows, write_input
 
-from raas_batch import runner
+from raas_batch import job, runner
 from raas_batch.cli import main
 from raas_batch.data.manifest import Manifest
 from raas_batch.data.writer import OUTPUT_SCHEMA
@@ -31,8 +32,9 @@ def run(capsys, *args):
 def read_out(out):
     files = sorted(os.listdir(os.path.join(out, "shards")))
     tables = [pq.read_table(os.path.join(out, "shards", f)) for f in files]
-    for t in tables:
-        assert t.schema.remove_metadata() == OUTPUT_SCHEMA
+    for t in tables:  # the fixed columns first, then the carried input columns; one schema per job
+        assert pa.schema(list(t.schema)[:len(OUTPUT_SCHEMA)]) == OUTPUT_SCHEMA
+        assert t.schema.remove_metadata() == tables[0].schema.remove_metadata()
     return files, [row for t in tables for row in t.to_pylist()]
 
 
@@ -55,6 +57,9 @@ def test_every_input_format_end_to_end(tmp_path, capsys, fmt):
     assert sorted((r["id"], r["sample_idx"]) for r in got) == sorted(
         (r["id"], s) for r in rows for s in range(2))
     assert all(r["finish_reason"] == "length" and r["num_completion_tokens"] == 5 for r in got)
+    # The input's `answer` column is carried, renamed clear of the output's own `answer`.
+    assert {(r["id"], r["input_answer"]) for r in got} == {(r["id"], r["answer"]) for r in rows}
+    assert "prompt" not in got[0] or got[0]["prompt"] == next(r["prompt"] for r in rows if r["id"] == got[0]["id"])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["complete"] and summary["rows"] == 7 and summary["samples"] == 14 and summary["errors"] == 0
     manifest = json.loads((out / "manifest.json").read_text())
@@ -77,7 +82,8 @@ def test_schema_same_for_every_policy_and_error_rows(tmp_path, capsys):
         schemas.append(pq.read_schema(out / "shards" / "part-00000.parquet").remove_metadata())
         assert {r["kv_policy"] for r in got} == {policy}
         assert {r["kv_budget"] for r in got} == {budget}
-    assert all(s == OUTPUT_SCHEMA for s in schemas)
+    assert all(s == schemas[0] for s in schemas)
+    assert schemas[0] == pa.schema(list(OUTPUT_SCHEMA) + [pa.field("input_answer", pa.string())])
 
 
 def test_row_level_errors_do_not_stop_the_job(tmp_path, capsys):
@@ -223,20 +229,23 @@ def test_resume_skips_done_shards_and_config_yaml_reruns(tmp_path, capsys):
     assert rc == 0 and (tmp_path / "fresh" / "summary.json").exists()
 
 
-def test_engine_crash_fails_the_shard_and_resume_retries(tmp_path, capsys, monkeypatch):
+def test_engine_crash_fails_the_shards_in_flight_and_resume_retries(tmp_path, capsys, monkeypatch):
     rows = sample_rows(6)
     src = write_input(tmp_path / "in", "jsonl", rows)
     out = tmp_path / "out"
     monkeypatch.setenv("RAAS_FAKE_FAIL_ON", rows[3]["prompt"])
-    rc, err = run(capsys, "--input", src, "--output", out, "--shard-size", 2)
-    assert rc == 1 and "shard 1 failed" in err and "--resume" in err
+    # A batch of 2 and rows of 3 tokens: shard 0 runs while shard 1 waits; row 3's admission crashes the
+    # engine with only shard 1 in flight (shard 0 done). The job goes on with shard 2 on the emptied engine.
+    rc, err = run(capsys, "--input", src, "--output", out, "--shard-size", 2, "--max-num-seqs", 2,
+                  "--max-new-tokens", 3)
+    assert rc == 1 and "shard 1 failed" in err and "--resume" in err and "in flight" in err
     m = Manifest.load(str(out / "manifest.json"))
     assert [(s.state, s.attempts) for s in m.shards] == [("done", 1), ("failed", 1), ("done", 1)]
     assert "fake engine crashed" in m.shards[1].error
     assert not json.loads((out / "summary.json").read_text())["complete"]
     before = snapshot(out)
     monkeypatch.delenv("RAAS_FAKE_FAIL_ON")
-    rc, err = run(capsys, "--input", src, "--output", out, "--shard-size", 2, "--resume")
+    rc, err = run(capsys, "--input", src, "--output", out, "--shard-size", 2, "--max-new-tokens", 3, "--resume")
     assert rc == 0, err
     after = snapshot(out)
     assert {k: after[k] for k in before} == before  # done shards untouched
@@ -275,25 +284,44 @@ def test_progress_lines_and_quiet(tmp_path, capsys):
     src = write_input(tmp_path / "in", "jsonl", sample_rows(4))
     rc, err = run(capsys, "--input", src, "--output", tmp_path / "a", "--shard-size", 2)
     assert rc == 0
-    assert "[raas_batch] shard 1/2 done" in err and "4/4 rows (100.0%)" in err and "tok/s" in err
+    assert "done (1/2 shards)" in err and "done (2/2 shards)" in err
+    assert "4/4 rows (100.0%)" in err and "tok/s" in err
     rc, err = run(capsys, "--input", src, "--output", tmp_path / "b", "--quiet")
     assert rc == 0 and err == ""
 
 
-def test_progress_callback_and_per_row_params_reach_the_engine(tmp_path):
-    seen = []
+def test_one_stream_per_row_params_and_progress_reach_the_engine(tmp_path):
+    calls, requests, steps = [], [], []
 
     class Recording(FakeLLM):
-        def generate(self, prompts, params=None, use_tqdm=False, progress_callback=None):
-            seen.append((len(prompts), isinstance(params, list), progress_callback is not None))
-            return super().generate(prompts, params, use_tqdm=use_tqdm, progress_callback=progress_callback)
+        def generate_stream(self, source, progress_callback=None, max_waiting=None):
+            calls.append(progress_callback is not None)
+
+            def recorded():
+                for item in source:
+                    requests.append(item)
+                    yield item
+
+            def on_step(num_tokens, num_rows):
+                steps.append((num_tokens, num_rows))
+                progress_callback(num_tokens, num_rows)
+
+            return super().generate_stream(recorded(), on_step, max_waiting)
 
     from raas_batch.config import resolve
+    from raas_batch.shards import derive_row_seed
 
-    src = write_input(tmp_path / "in", "jsonl", sample_rows(5))
-    cfg = resolve({"input": src, "output": str(tmp_path / "o"), "shard_size": 3, "seed": 2, "quiet": True})
+    rows = sample_rows(5)
+    src = write_input(tmp_path / "in", "jsonl", rows)
+    cfg = resolve({"input": src, "output": str(tmp_path / "o"), "shard_size": 3, "seed": 2, "quiet": True,
+                   "max_new_tokens": 4})
     summary = runner.run_job(cfg, engine=Recording())
-    assert summary["complete"] and seen == [(3, True, True), (2, True, True)]
+    assert summary["complete"] and calls == [True]  # one stream over both shards
+    real = [r for r in requests if r is not None]
+    assert [key for key, _, _ in real] == [(0, 0), (0, 1), (0, 2), (1, 3), (1, 4)]
+    assert [p.seed for _, _, p in real] == [derive_row_seed(2, r["id"]) for r in rows]
+    assert all(p.max_new_tokens == 4 and p.temperature == 1.0 for _, _, p in real)
+    assert sum(r for _, r in steps) == 5 and sum(t for t, _ in steps) == summary["completion_tokens"] == 20
 
 
 def test_done_shard_whose_file_vanished_is_regenerated(tmp_path, capsys):
@@ -322,7 +350,7 @@ def test_overwrite_forgets_the_old_job_before_deleting_files(tmp_path, capsys, m
     def die(_out_dir):
         raise KeyboardInterrupt  # stands in for a kill at the worst moment
 
-    monkeypatch.setattr(runner, "_clear_outputs", die)
+    monkeypatch.setattr(job, "_clear_outputs", die)
     assert run(capsys, *base, "--temperature", 0.9, "--overwrite")[0] == 130
     m = Manifest.load(str(out / "manifest.json"))
     assert m.fingerprint["settings"]["temperature"] == 0.9 and all(s.state == "pending" for s in m.shards)

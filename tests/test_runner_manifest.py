@@ -4,12 +4,22 @@ import dataclasses
 import json
 import os
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from raas_batch.config import OUTPUT_FIELDS, ConfigError, JobConfig, load_yaml, resolve
 from raas_batch.data.manifest import Manifest
-from raas_batch.data.writer import OUTPUT_SCHEMA, read_shard_meta, rows_to_table, verify_shard, write_shard
+from raas_batch.data.writer import (
+    OUTPUT_SCHEMA,
+    carried_columns,
+    carried_value,
+    job_schema,
+    read_shard_meta,
+    rows_to_table,
+    verify_shard,
+    write_shard,
+)
 from raas_batch.sampling_params import SamplingParams
 
 FP = {"input": {"format": "jsonl", "num_rows": 10}, "settings": {"temperature": 1.0, "seed": 1}}
@@ -66,7 +76,8 @@ def test_diff_names_each_setting():
 def _row(i, s=0, **kw):
     row = {"id": f"r{i}", "row_idx": i, "sample_idx": s, "prompt": "p", "completion": "c", "finish_reason": "stop",
            "num_prompt_tokens": 1, "num_completion_tokens": 1, "num_reasoning_tokens": 0,
-           "thinking_budget_hit": False, "kv_policy": "dense", "peak_kv_tokens": 2, "evicted_pages": 0}
+           "thinking_budget_hit": False, "kv_policy": "dense", "peak_kv_tokens": 2, "evicted_pages": 0,
+           "kv_over_budget": False}
     row.update(kw)
     return row
 
@@ -74,10 +85,32 @@ def _row(i, s=0, **kw):
 def test_schema_is_fixed_and_has_required_columns():
     required = ["id", "sample_idx", "prompt", "completion", "reasoning", "answer", "finish_reason", "error",
                 "num_prompt_tokens", "num_completion_tokens", "num_reasoning_tokens", "kv_policy", "kv_budget",
-                "peak_kv_tokens", "evicted_pages", "ttft_s", "e2e_s", "seed", "model"]
+                "peak_kv_tokens", "evicted_pages", "kv_over_budget", "ttft_s", "e2e_s", "seed", "model"]
     assert set(required) <= set(OUTPUT_SCHEMA.names)
     assert rows_to_table([]).schema == OUTPUT_SCHEMA  # even an empty shard has the schema
     assert rows_to_table([_row(0, kv_budget=256, seed=3)]).schema == OUTPUT_SCHEMA
+
+
+def test_every_input_column_is_carried_clear_of_output_names(tmp_path):
+    columns = ["id", "prompt", "answer", "input_answer", "level", "model"]
+    assert carried_columns(columns, "prompt", "id") == (
+        ("answer", "input_input_answer"), ("input_answer", "input_answer"), ("level", "level"),
+        ("model", "input_model"))
+    # A prompt or id column with another name is carried too (the output's prompt/id hold strings).
+    assert carried_columns(["question", "key"], "question", "key") == (("question", "question"), ("key", "key"))
+    schema = job_schema(pa.schema([("level", pa.int64()), ("answer", pa.list_(pa.int32()))]),
+                        (("level", "level"), ("answer", "input_answer")))
+    assert schema.names == OUTPUT_SCHEMA.names + ["level", "input_answer"]
+    assert schema.field("input_answer").type == pa.list_(pa.int32())
+    # A JSONL column of mixed types is a string column: non-strings stored as JSON text.
+    assert carried_value({"a": [1]}, pa.string()) == '{"a": [1]}' and carried_value("x", pa.string()) == "x"
+    assert carried_value([1, 2], pa.list_(pa.int64())) == [1, 2]
+    path = str(tmp_path / "part-00000.parquet")
+    meta = {"index": 0, "start": 0, "end": 1, "n": 1, "fingerprint": "f"}
+    write_shard(path, [_row(0, level=3)], meta, schema)
+    assert verify_shard(path, meta, schema) and not verify_shard(path, meta)  # another job's schema
+    with pytest.raises(ValueError, match="column 'level' holds a value that is not int64"):
+        write_shard(path, [_row(0, level="three")], meta, schema)
 
 
 def test_write_shard_atomic_and_verifiable(tmp_path):

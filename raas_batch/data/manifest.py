@@ -7,6 +7,8 @@ Shard lifecycle (`attempts` counts entries into `running`):
                           +----fail-----> failed --start--> running ...   (next run, or --resume)
     running (found on load: the run that set it died) is treated like failed: redone on --resume.
 
+Several shards may be running at once (a streaming run), and they finish in any order.
+
 Invariants:
 - The plan covers rows [0, num_rows) with consecutive, non-overlapping ranges of `shard_size` rows
   (the last may be shorter); shard i holds rows [i*shard_size, min((i+1)*shard_size, num_rows)).
@@ -29,8 +31,13 @@ from typing import Any
 
 from raas_batch.data.writer import fsync_dir
 
-MANIFEST_VERSION = 1
+# 2: shard files carry the input columns and kv_over_budget; runs record generate_s.
+MANIFEST_VERSION = 2
 STATES = ("pending", "running", "done", "failed")
+
+
+class ManifestVersionError(ValueError):
+    """The manifest was written by another version of raas_batch, whose shard files differ."""
 
 
 @dataclass
@@ -84,7 +91,9 @@ class Manifest:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
         if data.get("version") != MANIFEST_VERSION:
-            raise ValueError(f"manifest version {data.get('version')!r}, expected {MANIFEST_VERSION}")
+            raise ManifestVersionError(f"its manifest is version {data.get('version')!r}, written by another "
+                                       f"raas_batch (this one writes version {MANIFEST_VERSION}, whose shard "
+                                       "files differ)")
         shards = [ShardRecord(**s) for s in data.pop("shards")]
         data.pop("fingerprint_hash", None)
         return cls(shards=shards, **data)

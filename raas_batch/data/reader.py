@@ -6,6 +6,7 @@ columns), so a worker on another machine can open the same source itself and rea
     spec = detect_input("data/train.parquet")          # job-level errors raise InputError here
     reader = open_reader(spec)                         # cheap: metadata only
     reader.num_rows                                    # rows in the source
+    reader.schema                                      # pa.Schema of every column (types of the output)
     rows = reader.read(start, end)                     # list[dict], only spec.columns
 
 Invariants:
@@ -15,6 +16,9 @@ Invariants:
   batches, a memory-mapped `datasets` table, the JSONL lines between two byte offsets.
 - A JSONL line that is not a JSON object does not stop the job: its row carries the key
   `ROW_ERROR` with a sentence naming the line, and the runner turns it into an error row.
+- `schema` gives every column an Arrow type: the file's own, or for JSONL the type pyarrow infers
+  from the first 1000 lines; a JSONL column with no single type there (or only nulls) is a string
+  column. Values are always returned as they are in the source (never converted to that type).
 - `identity()` changes when the content changes (size, row count, hashes of the first and last
   bytes or the `datasets` fingerprint) and does not depend on the path, so a moved file still resumes.
 """
@@ -120,6 +124,7 @@ class _Reader:
     spec: ReaderSpec
     num_rows: int
     column_names: list[str]
+    schema: pa.Schema
 
     def read(self, start: int, end: int) -> list[dict[str, Any]]:
         if not 0 <= start <= end <= self.num_rows:
@@ -185,7 +190,8 @@ class ParquetReader(_Reader):
                 self._groups.append((fi, gi))
                 self._offsets.append(self._offsets[-1] + meta.row_group(gi).num_rows)
         self.num_rows = self._offsets[-1]
-        self.column_names = list(schema.names) if schema is not None else []
+        self.schema = schema if schema is not None else pa.schema([])
+        self.column_names = list(self.schema.names)
 
     def _file(self, fi: int) -> pq.ParquetFile:
         if fi not in self._pf:
@@ -240,6 +246,7 @@ class ArrowReader(_Reader):
         for c in counts:
             self._offsets.append(self._offsets[-1] + c)
         self.num_rows = self._offsets[-1]
+        self.schema = schema
         self.column_names = list(schema.names)
 
     def _read(self, start, end):
@@ -284,6 +291,7 @@ class DatasetsReader(_Reader):
         self._ds = ds
         self.num_rows = ds.num_rows
         self.column_names = list(ds.column_names)
+        self.schema = ds.features.arrow_schema
         self._view = None
 
     def _read(self, start, end):
@@ -309,6 +317,7 @@ class JsonlReader(_Reader):
         self._offsets = array("q")  # byte offset of each non-blank line
         self._line_numbers = array("q")  # 1-based line number, for error messages
         names: dict[str, None] = {}
+        probe: list[dict] = []
         try:
             with open(spec.path, "rb") as f:
                 pos = 0
@@ -321,6 +330,7 @@ class JsonlReader(_Reader):
                                 obj = json.loads(line)
                                 if isinstance(obj, dict):
                                     names.update(dict.fromkeys(obj))
+                                    probe.append(obj)
                             except ValueError:
                                 pass
                     pos += len(line)
@@ -331,6 +341,7 @@ class JsonlReader(_Reader):
                              "object per line, e.g. {\"prompt\": \"...\"}.")
         self.num_rows = len(self._offsets)
         self.column_names = list(names)
+        self.schema = _infer_schema(self.column_names, probe)
 
     def _read(self, start, end):
         rows = []
@@ -362,6 +373,19 @@ class JsonlReader(_Reader):
 
     def identity(self):
         return {"format": "jsonl", "num_rows": self.num_rows, **_file_digest([self.spec.path])}
+
+
+def _infer_schema(names: list[str], probe: list[dict]) -> pa.Schema:
+    """JSONL column types from the probed lines; a column of no single type (or only nulls) is a string
+    column (a writer stores its non-string values as JSON text)."""
+    fields = []
+    for name in names:
+        try:
+            kind = pa.array([obj.get(name) for obj in probe]).type
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError):
+            kind = pa.null()
+        fields.append(pa.field(name, pa.string() if pa.types.is_null(kind) else kind))
+    return pa.schema(fields)
 
 
 def _hf_name(spec: ReaderSpec) -> str:

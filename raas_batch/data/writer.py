@@ -1,8 +1,9 @@
-"""Output shard files: one fixed schema, written whole or not at all.
+"""Output shard files: one schema per job, written whole or not at all.
 
 Invariants:
-- Every shard file of every job, whatever the policy, has exactly `OUTPUT_SCHEMA` (same names, types,
-  order); the README's "Output schema" table documents it column by column.
+- Every shard file of a job has exactly that job's schema: `OUTPUT_SCHEMA` (same names, types,
+  order, whatever the policy; the README's "Output schema" table documents it column by column),
+  then the input columns the job carries (`carried_columns`, `job_schema`).
 - `write_shard` writes `<dir>/.<name>.tmp-<pid>`, flushes and fsyncs it, renames it over `<name>`
   and fsyncs the folder: a reader (or a crash at any instant) sees either no file or the whole file.
 - Each file carries key-value metadata (`raas_batch.shard`: shard index, row range, fingerprint,
@@ -37,6 +38,7 @@ OUTPUT_SCHEMA = pa.schema([
     pa.field("kv_budget", pa.int64()),
     pa.field("peak_kv_tokens", pa.int64(), nullable=False),
     pa.field("evicted_pages", pa.int64(), nullable=False),
+    pa.field("kv_over_budget", pa.bool_(), nullable=False),
     pa.field("ttft_s", pa.float64()),
     pa.field("e2e_s", pa.float64()),
     pa.field("seed", pa.int64()),
@@ -51,18 +53,64 @@ def shard_file_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
 
 
-def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
-    """Build a table with exactly OUTPUT_SCHEMA from row dicts (missing keys are null)."""
-    columns = {f.name: [row.get(f.name) for row in rows] for f in OUTPUT_SCHEMA}
-    return pa.Table.from_pydict(columns, schema=OUTPUT_SCHEMA)
+def carried_columns(input_columns, prompt_column: str, id_column: str | None) -> tuple[tuple[str, str], ...]:
+    """(input column, output column) of every input column a job carries into its output rows.
+
+    Every input column is carried, except the prompt column named `prompt` and the id column named
+    `id` (the output's `prompt` and `id` already hold them); a name taken by an output column (or by
+    an earlier renamed one) gets `input_` in front until it is free, e.g. `answer` -> `input_answer`.
+    """
+    taken = set(OUTPUT_SCHEMA.names) | set(input_columns)
+    out = []
+    for name in input_columns:
+        if (name == prompt_column == "prompt") or (name == id_column == "id"):
+            continue
+        new = name
+        if name in OUTPUT_SCHEMA.names:
+            new = f"input_{name}"
+            while new in taken:
+                new = f"input_{new}"
+            taken.add(new)
+        out.append((name, new))
+    return tuple(out)
 
 
-def write_shard(path: str, rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
-    """Atomically write `rows` to the Parquet file `path`; return the file's sha256.
+def job_schema(input_schema: pa.Schema, carried: tuple[tuple[str, str], ...]) -> pa.Schema:
+    """OUTPUT_SCHEMA followed by the carried input columns (their input types, nullable)."""
+    fields = [pa.field(out, input_schema.field(name).type) for name, out in carried]
+    return pa.schema(list(OUTPUT_SCHEMA) + fields)
+
+
+def carried_value(value: Any, kind: pa.DataType) -> Any:
+    """An input value for its output column: a non-string value of a string column (a JSONL column
+    of mixed types) is stored as JSON text; anything else as it is."""
+    if value is not None and pa.types.is_string(kind) and not isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False, default=str)
+    return value
+
+
+def rows_to_table(rows: list[dict[str, Any]], schema: pa.Schema = OUTPUT_SCHEMA) -> pa.Table:
+    """Build a table with exactly `schema` from row dicts (missing keys are null). A value that does not
+    fit its column's type (a JSONL column whose later lines change type) raises ValueError naming it."""
+    columns = {}
+    for f in schema:
+        values = [row.get(f.name) for row in rows]
+        try:
+            columns[f.name] = pa.array(values, type=f.type)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError) as exc:
+            if f.name in OUTPUT_SCHEMA.names:
+                raise
+            raise ValueError(f"column {f.name!r} holds a value that is not {f.type} ({exc}); the type was taken "
+                             "from the input's first rows: give the column one type in every row") from None
+    return pa.Table.from_pydict(columns, schema=schema)
+
+
+def write_shard(path: str, rows: list[dict[str, Any]], meta: dict[str, Any], schema: pa.Schema = OUTPUT_SCHEMA) -> str:
+    """Atomically write `rows` (with `schema`) to the Parquet file `path`; return the file's sha256.
 
     `meta` (JSON-able) is stored in the file's schema metadata under SHARD_META_KEY.
     """
-    table = rows_to_table(rows)
+    table = rows_to_table(rows, schema)
     table = table.replace_schema_metadata({SHARD_META_KEY: json.dumps(meta, sort_keys=True).encode()})
     folder, name = os.path.split(path)
     tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")
@@ -81,14 +129,15 @@ def write_shard(path: str, rows: list[dict[str, Any]], meta: dict[str, Any]) -> 
     return digest
 
 
-def read_shard_meta(path: str) -> dict[str, Any] | None:
-    """The metadata stored by write_shard, or None if the file is not a readable shard file."""
+def read_shard_meta(path: str, expected_schema: pa.Schema = OUTPUT_SCHEMA) -> dict[str, Any] | None:
+    """The metadata stored by write_shard, or None if the file is not a readable shard file of
+    `expected_schema`."""
     try:
         schema = pq.read_schema(path)
     except (pa.ArrowInvalid, OSError):
         return None
     raw = (schema.metadata or {}).get(SHARD_META_KEY)
-    if raw is None or schema.remove_metadata() != OUTPUT_SCHEMA.remove_metadata():
+    if raw is None or schema.remove_metadata() != expected_schema.remove_metadata():
         return None
     try:
         return json.loads(raw)
@@ -96,10 +145,10 @@ def read_shard_meta(path: str) -> dict[str, Any] | None:
         return None
 
 
-def verify_shard(path: str, expected: dict[str, Any]) -> bool:
-    """True iff `path` is a complete shard file whose metadata matches `expected` and whose rows are
-    exactly the (row_idx, sample_idx) pairs the metadata promises, each once."""
-    meta = read_shard_meta(path)
+def verify_shard(path: str, expected: dict[str, Any], schema: pa.Schema = OUTPUT_SCHEMA) -> bool:
+    """True iff `path` is a complete shard file with `schema`, whose metadata matches `expected` and
+    whose rows are exactly the (row_idx, sample_idx) pairs the metadata promises, each once."""
+    meta = read_shard_meta(path, schema)
     if meta is None or any(meta.get(k) != v for k, v in expected.items()):
         return False
     try:

@@ -5,9 +5,11 @@
     same checks as a local run (prepare_job), then start       load the engine once
     the actors; the first one ready -> begin_run (manifest,
     config.yaml, recovery: the local run's layout)
-    loop: each ready worker takes up to 2 shards   --spec-->   read rows from the source itself,
-          (ShardQueue), manifest: running (saved)              stream them through one engine batch,
-          result: done (saved) / failed -> retry   <--------   write the shard file itself
+    loop: each ready worker gets shards while its   --spec-->  read rows from the source itself,
+          unfinished rows are fewer than it wants              stream every shard it holds through
+          (2 x its batch; ShardQueue), manifest:               one engine batch, write each shard
+          running (saved)                                      file itself as soon as it is done
+          result: done (saved) / failed -> retry   <--------  (in any order)
           actor died -> replace it, retry its shards
           poll counters -> one progress bar
     summary.json (+ per-worker figures), exit 1 naming shards given up
@@ -33,19 +35,21 @@ from typing import Any
 
 from raas_batch.config import JobConfig
 from raas_batch.data.progress import JobProgress
-from raas_batch.runner import (
+from raas_batch.job import (
     MANIFEST,
     SHARDS,
     Job,
     JobError,
-    _reopen_missing,
     begin_run,
     check_engine_settings,
     prepare_job,
-    write_summary,
+    reopen_missing,
 )
+from raas_batch.summary import write_summary
 
-DEPTH = 2  # shards in flight per worker: the next one is queued in the engine before the current drains
+# Most shards one worker holds at once (each waits in a thread of the actor); the rows it is sent are
+# bounded first by what it asks for (2 x its batch), so this only matters for very small shards.
+MAX_SHARDS_PER_WORKER = 64
 POLL_S = 0.5  # progress poll interval
 START_TIMEOUT_ENV = "RAAS_BATCH_WORKER_START_TIMEOUT_S"  # give up if no worker is ready after this long
 
@@ -58,7 +62,7 @@ def run_job_ray(cfg: JobConfig, stream=None, wait_for_all_workers: bool = False)
     stream = stream if stream is not None else sys.stderr
     t_start = time.monotonic()
     job = prepare_job(cfg)
-    messages = _reopen_missing(job) if job.mode == "resume" else []
+    messages = reopen_missing(job) if job.mode == "resume" else []
     todo = job.manifest.todo()
     if not todo:  # a resume of a finished job: nothing to distribute, no cluster needed
         from raas_batch.runner import run_job
@@ -79,15 +83,16 @@ def run_job_ray(cfg: JobConfig, stream=None, wait_for_all_workers: bool = False)
         if use_gpu and num_workers > num_gpus:
             messages.append(f"{num_workers} workers asked for, the cluster has {num_gpus} GPUs: the others "
                             "wait for GPUs to appear (autoscaling)")
-        pool = WorkerPool(cfg, num_workers, use_gpu, DEPTH)
+        pool = WorkerPool(cfg, num_workers, use_gpu, MAX_SHARDS_PER_WORKER)
         t_load = time.monotonic()
         pool.start_all()
         _wait_ready(pool, wait_for_all_workers)
         load_s = time.monotonic() - t_load
         run_record, adopted = begin_run(job, messages.append)
         run_record["distributed"] = {"backend": "ray", "address": _address(), "num_workers": num_workers,
-                                     "gpu": use_gpu, "depth": DEPTH, "max_attempts": cfg.max_attempts}
-        run_record["workers"] = [dict(s.info, worker=s.index) for s in pool.ready_slots()]
+                                     "gpu": use_gpu, "max_shards_per_worker": MAX_SHARDS_PER_WORKER,
+                                     "max_attempts": cfg.max_attempts}
+        run_record["workers"] = [dict(s.info, worker=s.index) for s in pool.ready_seats()]
         return _RayRun(job, pool, run_record, adopted, stream, messages).run(t_start, load_s)
     finally:
         if pool is not None:
@@ -124,19 +129,19 @@ def _address() -> str | None:
 
 
 def _wait_ready(pool, wait_for_all: bool) -> None:
-    """Block until one worker is ready (or every slot has settled, wait_for_all); JobError when every
-    slot failed to start or on timeout."""
+    """Block until one worker is ready (or every seat has settled, wait_for_all); JobError when every
+    seat failed to start or on timeout."""
     import ray
 
     timeout = float(os.environ.get(START_TIMEOUT_ENV, "1800"))
     t0 = time.monotonic()
-    while not pool.ready_slots() or (wait_for_all and pool.starting()):
+    while not pool.ready_seats() or (wait_for_all and pool.starting()):
         starting = pool.starting()
-        if not starting and not pool.ready_slots():
+        if not starting and not pool.ready_seats():
             raise JobError(f"Could not start the engine on any Ray worker ({pool.last_error()}): check --model, "
                            "--kv-policy, --kv-budget, --dtype and --device.")
         if time.monotonic() - t0 > timeout:
-            if pool.ready_slots():
+            if pool.ready_seats():
                 return  # the late ones join when (if) they start
             raise JobError(f"No Ray worker started within {timeout:.0f} s (the cluster may lack the GPUs or CPUs "
                            f"asked for): check `ray status`, --num-workers, or set {START_TIMEOUT_ENV}.")
@@ -154,14 +159,15 @@ class _RayRun:
         self.job, self.pool, self.run_record, self.adopted = job, pool, run_record, adopted
         self.manifest = job.manifest
         self.manifest_path = os.path.join(job.out_dir, MANIFEST)
-        self.queue = ShardQueue([rec.index for rec in self.manifest.todo()], job.cfg.max_attempts, DEPTH)
-        self.inflight: dict[Any, tuple[Any, int]] = {}  # run_shard ref -> (slot, shard index)
+        self.queue = ShardQueue([rec.index for rec in self.manifest.todo()], job.cfg.max_attempts,
+                                MAX_SHARDS_PER_WORKER)
+        self.inflight: dict[Any, tuple[Any, int]] = {}  # run_shard ref -> (seat, shard index)
         self.progress = JobProgress(total_rows=self.manifest.num_rows, initial_rows=self.manifest.rows_done(),
                                     quiet=job.cfg.quiet, stream=stream)
         for message in messages:
             self.progress.log(message)
-        for slot in pool.ready_slots():
-            self._log_ready(slot)
+        for seat in pool.ready_seats():
+            self._log_ready(seat)
         self.rows_now = self.tokens_now = 0
         self._last_poll = 0.0
 
@@ -178,14 +184,15 @@ class _RayRun:
             run_s = time.monotonic() - t_run
             self._poll(0.5)
             q = self.queue
-            restarts = sum(max(0, s.generation - 1) for s in self.pool.slots)
+            restarts = sum(max(0, s.generation - 1) for s in self.pool.seats)
             self.run_record.update(finished_at=time.time(), wall_s=time.monotonic() - t_start,
                                    shards_done=len(q.done), shards_adopted=self.adopted,
                                    shards_failed=len(q.given_up), completion_tokens=self.tokens_now,
+                                   generate_s=run_s,
                                    retries=q.num_retries, worker_restarts=restarts)
             self.manifest.save(self.manifest_path)
             self.progress.close()
-            workers = [s.figures() for s in self.pool.slots]
+            workers = [s.figures() for s in self.pool.seats]
             extra = {"distributed": self.run_record["distributed"], "workers": workers,
                      "this_run": {"retries": q.num_retries, "worker_restarts": restarts}}
             summary = write_summary(self.job, self.run_record, None, self.rows_now, self.tokens_now, run_s, load_s,
@@ -204,7 +211,7 @@ class _RayRun:
                 for index in self.queue.give_up_waiting(error):
                     self.manifest.fail(index, error)
                 self.manifest.save(self.manifest_path)
-                self.progress.log(f"every worker slot is closed: {error}")
+                self.progress.log(f"every worker seat is closed: {error}")
                 break
             starting = self.pool.starting()
             refs = list(self.inflight) + list(starting)
@@ -222,12 +229,14 @@ class _RayRun:
 
     def _dispatch(self) -> None:
         changed = False
-        for slot in self.pool.ready_slots():
-            while (index := self.queue.take(slot.index)) is not None:
+        for seat in self.pool.ready_seats():
+            while seat.rows_wanted() > 0 and (index := self.queue.take(seat.index)) is not None:
                 self.manifest.start(index)
                 changed = True
-                ref = slot.actor.run_shard.remote(self.job.shard_spec(index))
-                self.inflight[ref] = (slot, index)
+                spec = self.job.shard_spec(index)
+                ref = seat.actor.run_shard.remote(spec)
+                seat.sent_rows.append(spec.num_rows)
+                self.inflight[ref] = (seat, index)
         if changed:
             self.manifest.save(self.manifest_path)
 
@@ -236,73 +245,73 @@ class _RayRun:
 
         from raas_batch.distributed.pool import short_error
 
-        slot, index = self.inflight.pop(ref)
+        seat, index = self.inflight.pop(ref)
         try:
             res = ray.get(ref)
         except ray.exceptions.RayError as exc:  # the actor died: killed, out of memory, node lost
-            who = f"pid {slot.info.get('pid')} on {slot.info.get('host')}"
-            self._worker_lost(slot, f"worker {slot.index} ({who}): {short_error(exc)}")
+            who = f"pid {seat.info.get('pid')} on {seat.info.get('host')}"
+            self._worker_lost(seat, f"worker {seat.index} ({who}): {short_error(exc)}")
             return
         if res["ok"]:
-            self._shard_done(slot, index, res["result"])
+            self._shard_done(seat, index, res["result"])
         elif res["broken"]:
-            self._worker_lost(slot, res["error"])
+            self._worker_lost(seat, res["error"])
         else:
-            self._shard_failed(slot, index, res["error"])
+            self._shard_failed(seat, index, res["error"])
             self.manifest.save(self.manifest_path)
 
-    def _on_started(self, slot) -> None:
-        info = self.pool.on_ready(slot)
+    def _on_started(self, seat) -> None:
+        info = self.pool.on_ready(seat)
         if info is not None:
-            self.run_record.setdefault("workers", []).append(dict(info, worker=slot.index))
-            self._log_ready(slot)
-        elif slot.state == "closed":
-            self.queue.remove_slot(slot.index)
-            self.progress.log(f"worker {slot.index} could not start and is given up: {slot.last_error}")
+            self.run_record.setdefault("workers", []).append(dict(info, worker=seat.index))
+            self._log_ready(seat)
+        elif seat.state == "closed":
+            self.queue.remove_seat(seat.index)
+            self.progress.log(f"worker {seat.index} could not start and is given up: {seat.last_error}")
         else:
-            self.progress.log(f"worker {slot.index} failed to start ({slot.last_error}); starting another")
+            self.progress.log(f"worker {seat.index} failed to start ({seat.last_error}); starting another")
 
-    def _shard_done(self, slot, index: int, result) -> None:
+    def _shard_done(self, seat, index: int, result) -> None:
         rec = self.manifest.shards[index]
-        self.queue.finish(slot.index, index)
+        self.queue.finish(seat.index, index)
         self.manifest.finish(index, os.path.join(SHARDS, os.path.basename(result.path)), result.num_output_rows,
-                             result.sha256, dict(result.stats, worker=slot.index))
+                             result.sha256, dict(result.stats, worker=seat.index))
         self.manifest.save(self.manifest_path)
         tokens = result.stats["completion_tokens"]
-        slot.shards_done += 1
-        slot.rows += rec.num_rows
-        slot.completion_tokens += tokens
+        seat.shards_done += 1
+        seat.rows += rec.num_rows
+        seat.completion_tokens += tokens
         self.rows_now += rec.num_rows
         self.tokens_now += tokens
         self.progress.advance_to(self._rows_shown({}))
         if not self.progress.is_bar:
             counts = self.manifest.counts()
-            self.progress.log(f"shard {index} done on worker {slot.index} ({counts['done']}/{len(self.manifest.shards)} "
+            self.progress.log(f"shard {index} done on worker {seat.index} ({counts['done']}/{len(self.manifest.shards)} "
                               f"shards): {rec.num_rows} rows, {tokens} tokens, {result.stats['num_errors']} errors, "
                               f"{result.stats['wall_s']:.1f}s")
 
-    def _shard_failed(self, slot, index: int, error: str) -> None:
-        retried = self.queue.fail(slot.index, index, error)
+    def _shard_failed(self, seat, index: int, error: str) -> None:
+        retried = self.queue.fail(seat.index, index, error)
         attempts = self.queue.attempts[index]
         self.manifest.fail(index, error)
         if retried:
-            self.progress.log(f"shard {index} failed on worker {slot.index} (try {attempts} of "
+            self.progress.log(f"shard {index} failed on worker {seat.index} (try {attempts} of "
                               f"{self.queue.max_attempts}): {error}; retrying it")
         else:
             self.progress.log(f"shard {index} failed {attempts} times and is given up: {error}; rerun with "
                               "--resume to retry it")
 
-    def _worker_lost(self, slot, error: str) -> None:
-        """Every shard the slot held failed; its actor is replaced."""
+    def _worker_lost(self, seat, error: str) -> None:
+        """Every shard the seat held failed; its actor is replaced."""
         for ref, (s, _) in list(self.inflight.items()):
-            if s is slot:
+            if s is seat:
                 del self.inflight[ref]
-        for index in sorted(self.queue.inflight(slot.index)):
-            self._shard_failed(slot, index, error)
+        for index in sorted(self.queue.inflight(seat.index)):
+            self._shard_failed(seat, index, error)
         self.manifest.save(self.manifest_path)
-        self._remove_temp_files(slot.info.get("pid"))
-        self.pool.replace(slot, error)
-        self.progress.log(f"worker {slot.index} is replaced ({error})")
+        self._remove_temp_files(seat.info.get("pid"))
+        self.pool.replace(seat, error)
+        self.progress.log(f"worker {seat.index} is replaced ({error})")
 
     def _remove_temp_files(self, pid) -> None:
         """A killed writer leaves `.part-*.tmp-PID` behind (never a partial part-* file: writes are renames)."""
@@ -324,16 +333,16 @@ class _RayRun:
     def _rows_shown(self, rows: dict[int, dict[int, int]]) -> int:
         """Rows of done shards plus rows finished in shards still in flight (never above a shard's size)."""
         shown = self.manifest.rows_done()
-        for slot_index, per_shard in rows.items():
-            held = self.queue.inflight(slot_index)
+        for seat_index, per_shard in rows.items():
+            held = self.queue.inflight(seat_index)
             for index, num in per_shard.items():
                 if index in held:
                     shown += min(num, self.manifest.shards[index].num_rows)
         return shown
 
-    def _log_ready(self, slot) -> None:
-        i = slot.info
-        self.progress.log(f"worker {slot.index} ready: pid {i.get('pid')} on {i.get('host')}, "
+    def _log_ready(self, seat) -> None:
+        i = seat.info
+        self.progress.log(f"worker {seat.index} ready: pid {i.get('pid')} on {i.get('host')}, "
                           f"{i.get('gpu') or i.get('device')}, engine loaded in {i.get('load_s')} s")
 
     def _print_workers(self, workers: list[dict[str, Any]]) -> None:

@@ -1,0 +1,42 @@
+"""The engine a job runs on: `LLM(...)` from the job's config, or a substitute for tests and benchmarks.
+
+`RAAS_BATCH_ENGINE=module:attr` builds that class instead (tests use `tests/fake_llm.py:FakeLLM`,
+the Ray benchmark a random-weight model). A substitute whose constructor lacks a keyword (an older
+signature) is built without it while the job leaves that setting at its default; a setting it cannot
+take raises TypeError naming the flag.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+
+from raas_batch.config import JobConfig
+
+ENGINE_ENV = "RAAS_BATCH_ENGINE"  # "module:attr" of an LLM-compatible class (tests use a fake)
+
+
+def make_engine(cfg: JobConfig):
+    """Build the job's engine (see the module doc)."""
+    target = os.environ.get(ENGINE_ENV)
+    if target:
+        module, _, attr = target.partition(":")
+        cls = getattr(importlib.import_module(module), attr or "LLM")
+    else:
+        from raas_batch.llm import LLM as cls
+    kwargs = cfg.engine_kwargs()
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        return cls(**kwargs)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return cls(**kwargs)
+    defaults = JobConfig().engine_kwargs()
+    for name in [k for k in kwargs if k not in params]:
+        if kwargs[name] != defaults[name]:
+            flag = {"policy_options": "kv-policy-options"}.get(name, name.replace("_", "-"))
+            raise TypeError(f"{target} does not take {name}={kwargs[name]!r}; leave --{flag} at its default "
+                            "with this engine")
+        del kwargs[name]
+    return cls(**kwargs)

@@ -1,0 +1,249 @@
+"""A batch job before and around its run: job-level checks, the shard plan, and the output folder's
+lifecycle (shared by the local runner, `raas_batch.runner`, and the Ray driver, `raas_batch.distributed`).
+
+    prepare_job(cfg)    detect + open the input, check the output folder, resolve sampling defaults from
+                        the model's generation_config, fingerprint, plan or load + compare the manifest
+                        (writes nothing; every user error raises JobError)
+    begin_run(job)      manifest first, config.yaml, then recovery of what a killed run left
+
+Invariants (exactly-once):
+- Shard i's file holds exactly the samples of input rows [start, end): (end - start) * n rows, one per
+  (row_idx, sample_idx), whatever happened to the rows (a row that cannot run gives n error rows).
+- A done shard's file is never rewritten; a shard becomes done only after its file is in place, so
+  after a kill at any instant, `--resume` redoes exactly the shards not recorded done, in whatever
+  order they had completed.
+- A shard file found on disk but not recorded done (killed between the rename and the manifest
+  update) is adopted only if `verify_shard` proves it complete and from this very job (same schema,
+  fingerprint, range and n); otherwise it is deleted and regenerated.
+- With --seed S, row r's seed depends only on (S, id of r): output does not depend on shard size or order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from raas_batch.config import JobConfig
+from raas_batch.data.reader import InputError, ReaderSpec, detect_input, open_reader
+from raas_batch.data.writer import carried_columns, fsync_dir, job_schema, shard_file_name, verify_shard
+from raas_batch.engine_factory import ENGINE_ENV
+from raas_batch.shards import ShardSpec, shard_stats
+
+
+class JobError(Exception):
+    """Job-level failure a user can fix: one sentence naming what and how; exit status 2."""
+
+
+def check_engine_settings(cfg: JobConfig) -> None:
+    """Refuse an unknown policy or an impossible budget in a second, before a model load of minutes.
+
+    Only for the real engine: a substitute engine (RAAS_BATCH_ENGINE) validates its own settings.
+    """
+    if os.environ.get(ENGINE_ENV):
+        return
+    from raas_batch.policies import make_policy
+
+    try:
+        make_policy(cfg.kv_policy, cfg.kv_budget, cfg.page_size, **(cfg.kv_policy_options or {}))
+    except (ValueError, TypeError) as exc:
+        options = f", --kv-policy-options {json.dumps(cfg.kv_policy_options)}" if cfg.kv_policy_options else ""
+        raise JobError(f"--kv-policy {cfg.kv_policy} with --kv-budget {cfg.kv_budget}, --page-size "
+                       f"{cfg.page_size}{options} cannot run: {exc}") from None
+
+
+MANIFEST = "manifest.json"
+SUMMARY = "summary.json"
+CONFIG = "config.yaml"
+SHARDS = "shards"
+
+
+@dataclass
+class Job:
+    """A checked job: every job-level error has been raised before one of these exists."""
+
+    cfg: JobConfig
+    out_dir: str
+    reader_spec: ReaderSpec
+    prompt_column: str
+    id_column: str | None
+    num_rows: int
+    fingerprint: dict[str, Any]
+    manifest: Any  # Manifest: the loaded one (resume) or a fresh plan
+    mode: str  # "fresh" | "resume" | "overwrite"
+    schema: pa.Schema  # every shard file's: OUTPUT_SCHEMA + the carried input columns
+    carried: tuple[tuple[str, str], ...]  # (input column, output column)
+
+    def shard_spec(self, index: int) -> ShardSpec:
+        rec = self.manifest.shards[index]
+        cfg = self.cfg
+        return ShardSpec(index=rec.index, start=rec.start, end=rec.end, reader=self.reader_spec,
+                         prompt_column=self.prompt_column, id_column=self.id_column,
+                         shards_dir=os.path.join(self.out_dir, SHARDS),
+                         fingerprint_hash=self.manifest.fingerprint_hash, sampling=cfg.sampling_kwargs(),
+                         base_seed=cfg.seed, kv_policy=cfg.kv_policy, kv_budget=cfg.kv_budget, schema=self.schema,
+                         carried=self.carried, apply_chat_template=cfg.apply_chat_template,
+                         system_prompt=cfg.system_prompt)
+
+
+def _resolve_prompt_column(cfg: JobConfig, reader, shown: str) -> str:
+    names = reader.column_names
+    if cfg.prompt_column in names:
+        return cfg.prompt_column
+    if cfg.prompt_column == "prompt" and "messages" in names:
+        return "messages"
+    listed = ", ".join(names) if names else "none"
+    raise JobError(f"Input {shown} has no column {cfg.prompt_column!r} (columns: {listed}): pass "
+                   "--prompt-column NAME with the column holding the prompts.")
+
+
+def prepare_job(cfg: JobConfig) -> Job:
+    """Check everything a user can get wrong at job level; write nothing. Raises JobError.
+
+    The job's config (`Job.cfg`) has its unset sampling fields resolved from the model's
+    generation_config: those values are fingerprinted and written to config.yaml."""
+    from raas_batch.data.manifest import Manifest, ManifestVersionError
+    from raas_batch.generation_config import read_generation_defaults
+
+    cfg = cfg.with_sampling_defaults(read_generation_defaults(cfg.model))
+
+    try:
+        spec = detect_input(cfg.input)
+        reader = open_reader(spec)
+    except InputError as exc:
+        raise JobError(str(exc)) from None
+    prompt_column = _resolve_prompt_column(cfg, reader, cfg.input)
+    id_column = cfg.id_column if cfg.id_column in reader.column_names else None
+    carried = carried_columns(reader.column_names, prompt_column, id_column)
+    spec = spec.with_columns(reader.column_names)
+    num_rows = reader.num_rows if cfg.limit is None else min(cfg.limit, reader.num_rows)
+    fingerprint = {"input": reader.identity(), "settings": cfg.output_settings()}
+
+    out_dir = os.path.abspath(os.path.expanduser(cfg.output))
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise JobError(f"Output {cfg.output} is a file, not a folder: choose a folder for --output.")
+    entries = os.listdir(out_dir) if os.path.isdir(out_dir) else []
+    # Temp files and an empty shards/ are what a run killed before its first manifest save leaves.
+    entries = [e for e in entries if ".tmp-" not in e
+               and not (e == SHARDS and not os.listdir(os.path.join(out_dir, SHARDS)))]
+    manifest_path = os.path.join(out_dir, MANIFEST)
+    mode = "fresh"
+    manifest = None
+    if entries:
+        ours = os.path.exists(manifest_path)
+        if not (cfg.resume or cfg.overwrite):
+            raise JobError(f"Output folder {cfg.output} is not empty: pass --resume to continue the job "
+                           "in it, --overwrite to start it over, or choose another --output.")
+        if not ours:
+            raise JobError(f"Output folder {cfg.output} is not empty and holds no {MANIFEST} of a raas_batch "
+                           "job, so it is neither resumed nor overwritten: choose another --output or empty it.")
+        if cfg.overwrite:
+            mode = "overwrite"
+        else:
+            mode = "resume"
+            try:
+                manifest = Manifest.load(manifest_path)
+            except ManifestVersionError as exc:
+                raise JobError(f"Cannot resume {cfg.output}: {exc}; pass --overwrite to start the job over.") from None
+            except (OSError, ValueError, TypeError, KeyError) as exc:
+                raise JobError(f"{manifest_path} is unreadable ({exc}): pass --overwrite to start the job "
+                               "over.") from None
+            diffs = manifest.diff(fingerprint)
+            if diffs:
+                parts = "; ".join(f"{name} was {old!r}, now {new!r}" for name, old, new in diffs)
+                raise JobError(f"Cannot resume {cfg.output}: the job there differs ({parts}). Rerun with the "
+                               "same settings, or pass --overwrite to start over.")
+    if manifest is None:
+        manifest = Manifest.plan(num_rows, cfg.shard_size, fingerprint)
+    return Job(cfg=cfg, out_dir=out_dir, reader_spec=spec, prompt_column=prompt_column,
+               id_column=id_column, num_rows=num_rows, fingerprint=fingerprint, manifest=manifest, mode=mode,
+               schema=job_schema(reader.schema, carried), carried=carried)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(path))
+
+
+def _clear_outputs(out_dir: str) -> None:
+    """--overwrite: remove what a raas_batch job wrote (and only that), except manifest.json, which
+    the caller has already replaced by the new plan (so no old shard is ever seen as done)."""
+    shards = os.path.join(out_dir, SHARDS)
+    if os.path.isdir(shards):
+        for name in os.listdir(shards):
+            if name.startswith(("part-", ".part-")):
+                os.unlink(os.path.join(shards, name))
+    for name in os.listdir(out_dir):
+        if name in (SUMMARY, CONFIG) or ".tmp-" in name:
+            os.unlink(os.path.join(out_dir, name))
+
+
+def reopen_missing(job: Job) -> list[str]:
+    """Done shards whose file has vanished (deleted by hand) become pending again (in memory only)."""
+    messages = []
+    for rec in job.manifest.shards:
+        if rec.state == "done" and not os.path.exists(os.path.join(job.out_dir, rec.file)):
+            rec.state, rec.file, rec.sha256, rec.num_output_rows = "pending", None, None, None
+            messages.append(f"shard {rec.index}: {shard_file_name(rec.index)} is missing; it will be regenerated")
+    return messages
+
+
+def recover(job: Job, log) -> int:
+    """Before running: drop temp files of killed writes, and adopt or delete shard files that exist
+    but are not recorded done. Returns the number of adopted shards."""
+    import pyarrow.parquet as pq
+
+    shards_dir = os.path.join(job.out_dir, SHARDS)
+    for folder in (job.out_dir, shards_dir):
+        for name in os.listdir(folder):
+            if ".tmp-" in name:
+                os.unlink(os.path.join(folder, name))
+    adopted = 0
+    for rec in job.manifest.todo():
+        spec = job.shard_spec(rec.index)
+        if not os.path.exists(spec.path):
+            continue
+        if verify_shard(spec.path, spec.file_meta(), spec.schema):
+            from raas_batch.data.writer import file_sha256
+
+            rows = pq.read_table(spec.path).to_pylist()
+            job.manifest.finish(rec.index, os.path.join(SHARDS, spec.file_name), len(rows),
+                                file_sha256(spec.path), {**shard_stats(rows), "adopted": True})
+            adopted += 1
+            log(f"shard {rec.index}: adopted {spec.file_name} (complete on disk, not yet recorded done)")
+        else:
+            os.unlink(spec.path)
+            log(f"shard {rec.index}: removed incomplete or foreign {spec.file_name}; it will be regenerated")
+    return adopted
+
+
+
+def begin_run(job: Job, log) -> tuple[dict[str, Any], int]:
+    """Start writing the output folder (after every job-level check passed and the engine loaded).
+
+    The new manifest goes first: with --overwrite it atomically forgets the old job, so a kill while
+    old files are deleted leaves only pending shards. Then config.yaml, then recovery of what a
+    killed run left (`recover`). Returns this run's record (in manifest.runs) and the number of
+    adopted shards. Shared by the local and the Ray driver, so both leave the same layout."""
+    manifest_path = os.path.join(job.out_dir, MANIFEST)
+    os.makedirs(job.out_dir, exist_ok=True)
+    run_record = {"started_at": time.time(), "pid": os.getpid(), "mode": job.mode}
+    job.manifest.runs.append(run_record)
+    job.manifest.save(manifest_path)
+    if job.mode == "overwrite":
+        _clear_outputs(job.out_dir)
+    os.makedirs(os.path.join(job.out_dir, SHARDS), exist_ok=True)
+    atomic_write_text(os.path.join(job.out_dir, CONFIG), job.cfg.to_yaml())
+    adopted = recover(job, log)
+    if adopted:
+        job.manifest.save(manifest_path)
+    return run_record, adopted
