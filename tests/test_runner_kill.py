@@ -1,7 +1,9 @@
 """kill -9 of a running job, then --resume: every row's samples exactly once, done files untouched.
 
-The job runs in a subprocess (`python -m raas_batch`) on the fake engine, slowed down per prompt so
-that the kill lands mid-run; the real engine's end-to-end run is covered by test_runner_real_engine.
+The job runs in a subprocess (`python -m raas_batch`) on the fake engine (the real request core and
+streaming runner over a toy model), slowed down per engine step so that the kill lands mid-run.
+Shards stream through one batch and complete out of order; the kills land with later shards done
+and earlier ones still running. The real engine's end-to-end run is covered by test_runner_real_engine.
 """
 
 import hashlib
@@ -70,6 +72,19 @@ def _wait_for(pred, proc, timeout=60.0):
     return False
 
 
+def _table(d):
+    t = pq.read_table(os.path.join(d, "shards"), columns=["id", "sample_idx", "completion", "seed"])
+    return sorted(map(tuple, (r.values() for r in t.to_pylist())))
+
+
+def _run_to_end(args, out_flag_value=None):
+    if out_flag_value is not None:
+        args = [out_flag_value if a == "OUT" else a for a in args]
+    res = subprocess.run([sys.executable, "-m", "raas_batch", *map(str, args)], cwd=ROOT, env=_env(0.0),
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert res.returncode == 0, res.stderr
+
+
 def _check_exactly_once(out, rows, n):
     files = sorted(os.listdir(os.path.join(out, "shards")))
     assert all(f.startswith("part-") and ".tmp-" not in f for f in files), files
@@ -114,25 +129,53 @@ def test_kill_9_after_first_shard_then_resume(tmp_path):
     assert all(s["attempts"] == 1 for s in m["shards"] if s["index"] in done)
     # A second identical job (no kill) gives the same samples: the kill changed nothing in the output.
     ref = str(tmp_path / "ref")
-    res = subprocess.run([sys.executable, "-m", "raas_batch", *map(str, args[:3]), ref, *map(str, args[4:])],
-                         cwd=ROOT, env=_env(0.0), capture_output=True, text=True, timeout=120, check=False)
-    assert res.returncode == 0, res.stderr
+    _run_to_end([*args[:3], ref, *args[4:]])
+    assert _table(out) == _table(ref)
 
-    def table(d):
-        t = pq.read_table(os.path.join(d, "shards"), columns=["id", "sample_idx", "completion", "seed"])
-        return sorted(map(tuple, (r.values() for r in t.to_pylist())))
 
-    assert table(out) == table(ref)
+def test_kill_9_with_later_shards_done_before_earlier_ones(tmp_path):
+    """One-row shards all in one batch finish in the order of their rows' lengths, not their indices;
+    kill when a later shard is done and an earlier one is not, then resume."""
+    rows = sample_rows(8)
+    src = write_input(tmp_path / "in", "jsonl", rows)
+    out, ref = str(tmp_path / "out"), str(tmp_path / "ref")
+    args = ["--input", src, "--output", "OUT", "--shard-size", 1, "--seed", 3, "--temperature", 0.9]
+    _run_to_end(args, ref)
+    finished = sorted(_load_json(ref, "manifest.json")["shards"], key=lambda s: s["finished_at"])
+    assert [s["index"] for s in finished] != list(range(8)), "the shards finished in index order"
+
+    def gap():  # a done shard above a shard that is not done
+        done = _done_shards(out)
+        return bool(done) and any(i not in done for i in range(max(done)))
+
+    proc = _start([out if a == "OUT" else a for a in args], sleep_s=0.05)
+    try:
+        assert _wait_for(gap, proc), proc.stderr.read().decode()
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    done = _done_shards(out)
+    assert any(i not in done for i in range(max(done))) and len(done) < 8
+    states = {s["state"] for s in _load_json(out, "manifest.json")["shards"] if s["index"] not in done}
+    assert "running" in states  # several shards were in the batch together
+    before = _fingerprint_files(out, done)
+    _run_to_end([*args, "--resume"], out)
+    assert _fingerprint_files(out, {i: s for i, s in _done_shards(out).items() if i in done}) == before
+    _check_exactly_once(out, rows, n=1)
+    assert _table(out) == _table(ref)
 
 
 @pytest.mark.slow
 def test_repeated_random_kills_converge_exactly_once(tmp_path):
-    """Kill at random instants (during start-up, generation, a write or a manifest save) until done."""
+    """Kill at random instants (during start-up, generation, a write or a manifest save) until done;
+    rows of different lengths make shards finish out of order. The end result is an unkilled run's."""
     rng = random.Random(1234)
     rows = sample_rows(30)
     src = write_input(tmp_path / "in", "jsonl", rows)
     out = str(tmp_path / "out")
-    args = ["--input", src, "--output", out, "--shard-size", 3, "--max-new-tokens", 6, "--resume"]
+    args = ["--input", src, "--output", out, "--shard-size", 3, "--max-new-tokens", 12, "--seed", 5, "--resume"]
     seen: dict = {}  # shard index -> file fingerprint when first seen done
     for _ in range(8):
         proc = _start(args, sleep_s=0.03)
@@ -150,3 +193,6 @@ def test_repeated_random_kills_converge_exactly_once(tmp_path):
     final = _fingerprint_files(out, _done_shards(out))
     assert {i: final[i] for i in seen} == seen
     _check_exactly_once(out, rows, n=1)
+    ref = str(tmp_path / "ref")
+    _run_to_end([ref if a == out else a for a in args])
+    assert _table(out) == _table(ref)
