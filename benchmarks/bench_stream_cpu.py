@@ -25,10 +25,10 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from raas_batch import LLM, SamplingParams  # noqa: E402
-from raas_batch.config import resolve  # noqa: E402
-from raas_batch.runner import run_job  # noqa: E402
-from raas_batch.shards import derive_row_seed  # noqa: E402
+from raas_batch import LLM, SamplingParams
+from raas_batch.config import resolve
+from raas_batch.runner import run_job
+from raas_batch.shards import derive_row_seed
 
 INPUT = os.path.join(ROOT, "examples", "gsm8k_mini.jsonl")
 
@@ -84,11 +84,12 @@ def main() -> int:
                 runs[name].append(fn(tmp))
                 print(f"repeat {r}: {name}: {runs[name][-1]}", flush=True)
     base = statistics.median(x["tokens_per_s"] for x in runs["job, one shard of all rows"])
-    lines = [f"Same job, {args.rows} rows of `examples/gsm8k_mini.jsonl`, `--max-num-seqs {args.max_num_seqs}`, "
-             f"`--max-new-tokens {args.max_new_tokens}`, temperature 0.6, top-p 0.95, `--seed 0` (EOS honoured), "
-             f"embedded SmolLM2-135M-Instruct fp32 on the CPU ({platform.processor() or platform.machine()}, "
-             f"{torch.get_num_threads()} torch threads), median of {args.repeats} alternating runs.", "",
-             "| configuration | tokens | tokens/s (median) | runs | vs one shard |", "| --- | ---: | ---: | --- | ---: |"]
+    header = (f"Same job, {args.rows} rows of `examples/gsm8k_mini.jsonl`, `--max-num-seqs {args.max_num_seqs}`, "
+              f"`--max-new-tokens {args.max_new_tokens}`, temperature 0.6, top-p 0.95, `--seed 0` (EOS honoured), "
+              f"embedded SmolLM2-135M-Instruct fp32 on the CPU ({platform.processor() or platform.machine()}, "
+              f"{torch.get_num_threads()} torch threads), median of {args.repeats} alternating runs.")
+    lines = [header, "", "| configuration | tokens | tokens/s (median) | runs | vs one shard |",
+             "| --- | ---: | ---: | --- | ---: |"]
     for name, xs in runs.items():
         med = statistics.median(x["tokens_per_s"] for x in xs)
         every = ", ".join(f"{x['tokens_per_s']:.1f}" for x in xs)
