@@ -7,7 +7,9 @@ way for reference: one `LLM.generate` call per shard, each waiting for its slowe
 Every configuration runs the same rows with the same per-row seeds (temperature 0.6, EOS honoured,
 so lengths differ as a reasoning job's do) and so generates the same tokens; tokens/s is the job's
 completion tokens over its wall time (`summary.json`'s `tokens_per_s`). Runs alternate between the
-configurations and the table gives the median of `--repeats` runs of each (the CPU is shared).
+configurations and the table gives the median of `--repeats` runs of each. On a shared CPU wall time
+moves with the neighbours' load, so the table also gives the engine steps (exact: the same tokens in
+fewer steps means fuller batches) and tokens per CPU-second of this process.
 Prints a markdown table and saves it (and JSON) as benchmarks/results/bench_stream_cpu.{md,json}.
 """
 
@@ -33,20 +35,35 @@ from raas_batch.shards import derive_row_seed
 INPUT = os.path.join(ROOT, "examples", "gsm8k_mini.jsonl")
 
 
+class StepCounter:
+    """Counts the engine's steps (a figure the shared CPU cannot blur: same tokens in fewer steps means
+    fuller batches)."""
+
+    def __init__(self, llm):
+        self.steps, self._step = 0, llm.engine.step
+        llm.engine.step = self
+
+    def __call__(self):
+        self.steps += 1
+        return self._step()
+
+
 def job(llm, args, shard_size: int, out: str) -> dict:
     cfg = resolve({"input": INPUT, "output": out, "limit": args.rows, "shard_size": shard_size,
                    "max_num_seqs": args.max_num_seqs, "max_new_tokens": args.max_new_tokens, "temperature": 0.6,
                    "top_p": 0.95, "seed": 0, "device": "cpu", "quiet": True, "overwrite": True})
+    steps0, cpu0 = llm.engine.step.steps, time.process_time()
     s = run_job(cfg, engine=llm)
     return {"tokens": s["completion_tokens"], "tokens_per_s": s["tokens_per_s"],
-            "wall_s": s["completion_tokens"] / s["tokens_per_s"]}
+            "wall_s": s["completion_tokens"] / s["tokens_per_s"], "cpu_s": time.process_time() - cpu0,
+            "steps": llm.engine.step.steps - steps0}
 
 
 def generate_per_shard(llm, args, shard_size: int) -> dict:
     """The runner before streaming: one generate call per shard, waiting for its last row."""
     with open(INPUT, encoding="utf-8") as f:
         rows = [json.loads(line) for line in f][:args.rows]
-    t0, tokens = time.perf_counter(), 0
+    t0, cpu0, steps0, tokens = time.perf_counter(), time.process_time(), llm.engine.step.steps, 0
     for start in range(0, len(rows), shard_size):
         shard = rows[start:start + shard_size]
         params = [SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.6, top_p=0.95,
@@ -54,7 +71,8 @@ def generate_per_shard(llm, args, shard_size: int) -> dict:
         outs = llm.generate([r["messages"] for r in shard], params)
         tokens += sum(o.outputs[0].num_tokens for o in outs)
     wall = time.perf_counter() - t0
-    return {"tokens": tokens, "tokens_per_s": tokens / wall, "wall_s": wall}
+    return {"tokens": tokens, "tokens_per_s": tokens / wall, "wall_s": wall, "cpu_s": time.process_time() - cpu0,
+            "steps": llm.engine.step.steps - steps0}
 
 
 def main() -> int:
@@ -71,6 +89,7 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     llm = LLM(device="cpu", dtype="fp32", max_num_seqs=args.max_num_seqs)
+    StepCounter(llm)
     configs = {
         "job, one shard of all rows": lambda d: job(llm, args, args.rows, os.path.join(d, "one")),
         "job, one-row shards (streaming runner)": lambda d: job(llm, args, 1, os.path.join(d, "rows")),
@@ -88,12 +107,16 @@ def main() -> int:
               f"`--max-new-tokens {args.max_new_tokens}`, temperature 0.6, top-p 0.95, `--seed 0` (EOS honoured), "
               f"embedded SmolLM2-135M-Instruct fp32 on the CPU ({platform.processor() or platform.machine()}, "
               f"{torch.get_num_threads()} torch threads), median of {args.repeats} alternating runs.")
-    lines = [header, "", "| configuration | tokens | tokens/s (median) | runs | vs one shard |",
-             "| --- | ---: | ---: | --- | ---: |"]
+    base_cpu = statistics.median(x["tokens"] / x["cpu_s"] for x in runs["job, one shard of all rows"])
+    columns = ("| configuration | tokens | engine steps | tokens/s (median) | runs | vs one shard "
+               "| tokens per CPU-s (median) | vs one shard |")
+    lines = [header, "", columns, "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]
     for name, xs in runs.items():
         med = statistics.median(x["tokens_per_s"] for x in xs)
+        med_cpu = statistics.median(x["tokens"] / x["cpu_s"] for x in xs)
         every = ", ".join(f"{x['tokens_per_s']:.1f}" for x in xs)
-        lines.append(f"| {name} | {xs[0]['tokens']} | {med:.1f} | {every} | {med / base:.2f}x |")
+        lines.append(f"| {name} | {xs[0]['tokens']} | {xs[0]['steps']} | {med:.1f} | {every} | {med / base:.2f}x "
+                     f"| {med_cpu:.1f} | {med_cpu / base_cpu:.2f}x |")
     table = "\n".join(lines)
     print(table)
     os.makedirs(args.out_dir, exist_ok=True)
