@@ -166,3 +166,15 @@ def test_unset_sampling_flags_take_the_models_generation_config(tmp_path, capsys
 def test_system_prompt_needs_the_chat_template():
     with pytest.raises(ConfigError, match="--system-prompt goes through the chat template"):
         resolve({"input": "x.jsonl", "output": "o", "system_prompt": "Be brief.", "apply_chat_template": False})
+
+
+def test_generation_defaults_read_only_what_the_file_says(tmp_path):
+    from raas_batch.generation_config import read_generation_defaults
+
+    assert read_generation_defaults(None) == {} and read_generation_defaults(str(tmp_path / "m.gguf")) == {}
+    assert read_generation_defaults(str(tmp_path)) == {}  # a model folder without the file
+    (tmp_path / "generation_config.json").write_text(json.dumps(
+        {"temperature": 0.7, "top_k": 20, "do_sample": True, "eos_token_id": [1, 2], "top_p": None}))
+    assert read_generation_defaults(str(tmp_path)) == {"temperature": 0.7, "top_k": 20}
+    (tmp_path / "generation_config.json").write_text("{broken")
+    assert read_generation_defaults(str(tmp_path)) == {}
