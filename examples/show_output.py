@@ -3,8 +3,9 @@
     python examples/show_output.py demo_out [--rows 4] [--chars 240]
 
 For a few rows: the question, an excerpt of the reasoning, the answer, the finish reason and token
-counts; when the job's input has an `answer` column (as examples/gsm8k_mini.jsonl does), the
-reference answer and whether the last number of the completion matches it. Then the job summary.
+counts; when the job's input has an `answer` column (as examples/gsm8k_mini.jsonl does; the output
+carries it as `input_answer`), the reference answer and whether the last number of the completion
+matches it. Then the job summary.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import sys
 import textwrap
 
 import pyarrow.parquet as pq
-import yaml
 
 _NUMBER = re.compile(r"(?<!\w)-?\d[\d,]*(?:\.\d+)?")
 
@@ -49,25 +49,11 @@ def _last_number(text: str | None) -> str | None:
     return found[-1].replace(",", "").rstrip(".") if found else None
 
 
-def _reference_answers(out_dir: str) -> dict[str, str]:
-    """id -> reference answer, read from the job's input when it has an `answer` column."""
-    try:
-        with open(os.path.join(out_dir, "config.yaml"), encoding="utf-8") as f:
-            cfg = yaml.safe_load(f)
-        from raas_batch.data.reader import detect_input, open_reader
-
-        spec = detect_input(cfg["input"])
-        reader = open_reader(spec)
-        id_col = cfg.get("id-column", "id")
-        if "answer" not in reader.column_names:
-            return {}
-        cols = ["answer"] + ([id_col] if id_col in reader.column_names else [])
-        reader = open_reader(spec.with_columns(cols))
-        rows = reader.read(0, reader.num_rows)
-        return {str(r.get(id_col) if r.get(id_col) is not None else i): str(r["answer"])
-                for i, r in enumerate(rows)}
-    except Exception:  # noqa: BLE001 - the reference answers are a nicety; show the rest without them
-        return {}
+def _reference(row: dict) -> str | None:
+    """The input's reference answer, carried into the output as `input_answer` (the job renames an
+    input `answer` column, which the output's own `answer` would shadow)."""
+    ref = row.get("input_answer")
+    return None if ref is None else str(ref)
 
 
 def show(out_dir: str, num_rows: int, chars: int, stream=sys.stdout) -> None:
@@ -79,12 +65,11 @@ def show(out_dir: str, num_rows: int, chars: int, stream=sys.stdout) -> None:
     rows = []
     for name in files:
         rows.extend(pq.read_table(os.path.join(shards, name)).to_pylist())
-    refs = _reference_answers(out_dir)
     width = 100
     bar = "=" * width
     num_correct = num_graded = 0
     for r in rows:
-        ref = refs.get(r["id"])
+        ref = _reference(r)
         if ref is not None and r["finish_reason"] != "error":
             num_graded += 1
             num_correct += _last_number(r["completion"]) == _last_number(ref)
@@ -104,7 +89,7 @@ def show(out_dir: str, num_rows: int, chars: int, stream=sys.stdout) -> None:
             if r["reasoning"]:
                 fields.append(("reasoning", _excerpt(r["reasoning"], chars)))
             fields.append(("answer", _excerpt(r["answer"] or r["completion"], chars)))
-            ref = refs.get(r["id"])
+            ref = _reference(r)
             if ref is not None:
                 got = _last_number(r["completion"])
                 mark = "correct" if got is not None and got == _last_number(ref) else "wrong"

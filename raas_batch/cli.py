@@ -15,6 +15,7 @@ import json
 import sys
 
 from raas_batch.config import ConfigError, JobConfig, resolve
+from raas_batch.sampling_params import FALLBACK_DEFAULTS
 
 _DEFAULTS = JobConfig()
 
@@ -24,11 +25,17 @@ def _d(name: str) -> str:
     return f" (default: {value})" if value not in (None, [], False) else ""
 
 
+def _fallback(name: str) -> str:
+    return f" (default: the model's generation_config, else {FALLBACK_DEFAULTS[name]})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m raas_batch", argument_default=argparse.SUPPRESS,
         description="Generate completions for every row of a dataset into resumable Parquet shards.",
-        epilog="Outputs: DIR/shards/part-*.parquet, DIR/manifest.json, DIR/config.yaml, DIR/summary.json. "
+        epilog="Outputs: DIR/shards/part-*.parquet (one row per sample; every input column is carried, a "
+               "name taken by an output column as input_<name>, e.g. input_answer), DIR/manifest.json, "
+               "DIR/config.yaml, DIR/summary.json. "
                "Exit status: 0 complete, 1 some shard failed (rerun with --resume), 2 bad input or "
                "settings (nothing written), 130 interrupted.")
     data = p.add_argument_group("data")
@@ -75,12 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run decode steps eagerly instead of as CUDA graphs")
     model.add_argument("--chat-template-kwargs", metavar="JSON",
                        help="extra arguments of the chat template, e.g. '{\"enable_thinking\": true}'")
-    sampling = p.add_argument_group("sampling")
+    sampling = p.add_argument_group(
+        "sampling", "--max-new-tokens, --temperature, --top-p and --top-k not given take the model's "
+                    "generation_config.json values (as vLLM does), else the defaults shown; config.yaml "
+                    "records the values used")
     sampling.add_argument("--max-new-tokens", "--max-tokens", dest="max_new_tokens", type=int, metavar="N",
-                          help="tokens generated per sample" + _d("max_new_tokens"))
-    sampling.add_argument("--temperature", type=float, help="0 is greedy" + _d("temperature"))
-    sampling.add_argument("--top-p", type=float, help="nucleus sampling mass" + _d("top_p"))
-    sampling.add_argument("--top-k", type=int, help="sample among the k likeliest tokens; 0 disables it")
+                          help="tokens generated per sample" + _fallback("max_new_tokens"))
+    sampling.add_argument("--temperature", type=float, help="0 is greedy" + _fallback("temperature"))
+    sampling.add_argument("--top-p", type=float, help="nucleus sampling mass" + _fallback("top_p"))
+    sampling.add_argument("--top-k", type=int,
+                          help="sample among the k likeliest tokens; 0 disables it" + _fallback("top_k"))
     sampling.add_argument("--n", type=int, help="samples per row" + _d("n"))
     sampling.add_argument("--seed", type=int,
                           help="base seed: each row samples with a seed derived from it and the row id")

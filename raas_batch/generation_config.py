@@ -46,12 +46,16 @@ def _find(model: str | None) -> str | None:
     if os.path.exists(model) or model.startswith((".", "/")):
         return None  # not a hub id; the model loader names the problem
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.errors import EntryNotFoundError
 
     cached = try_to_load_from_cache(model, FILE_NAME)
     if cached is not None:  # a path, or the cache's note that the repo has no such file
         return cached if isinstance(cached, str) else None
     try:
         return hf_hub_download(model, FILE_NAME)
-    except Exception as exc:  # noqa: BLE001 - no such file, offline, gated: the model load says more
-        log.info("no %s for %s (%s)", FILE_NAME, model, type(exc).__name__)
+    except EntryNotFoundError:  # the model ships none
+        return None
+    except Exception as exc:  # noqa: BLE001 - offline, gated, unknown repo: the model load says more
+        log.warning("could not read %s of %s (%s: %s); sampling settings not given use raas_batch's defaults",
+                    FILE_NAME, model, type(exc).__name__, exc)
         return None

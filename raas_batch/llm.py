@@ -95,12 +95,22 @@ class LLM:
         if max_num_seqs in (None, "auto"):
             max_num_seqs = auto_max_num_seqs(self.device, policy, kv_budget, page_size, num_kv_tokens)
         self.max_num_seqs = int(max_num_seqs)
-        self.engine = Engine(self.model, self.tokenizer, self.eos_token_ids, policy, page_size, self.max_num_seqs,
-                             num_kv_tokens, self.device, self.dtype, backend, max_prefill_tokens,
-                             cuda_graphs=self.device.type == "cuda" and not enforce_eager)
+        engine = Engine(self.model, self.tokenizer, self.eos_token_ids, policy, page_size, self.max_num_seqs,
+                        num_kv_tokens, self.device, self.dtype, backend, max_prefill_tokens,
+                        cuda_graphs=self.device.type == "cuda" and not enforce_eager)
         defaults = {} if hf_config is not None else read_generation_defaults(model)
-        self.llm_engine = LLMEngine(self.engine, self.tokenizer, self.max_model_len, self.chat_template_kwargs,
-                                    defaults)
+        self.llm_engine = LLMEngine(engine, self.tokenizer, self.max_model_len, self.chat_template_kwargs, defaults)
+
+    @property
+    def engine(self) -> Engine:
+        """The engine the request core runs on (tests and benchmarks may swap in another one while idle)."""
+        return self.llm_engine.engine
+
+    @engine.setter
+    def engine(self, engine: Engine) -> None:
+        if self.llm_engine.has_unfinished_requests():
+            raise RuntimeError("cannot swap the engine while requests are running")
+        self.llm_engine.engine = engine
 
     def _default_kv_tokens(self, page_size: int, utilization: float) -> int:
         if self.device.type != "cuda":

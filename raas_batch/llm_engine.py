@@ -19,6 +19,8 @@ Invariants:
 - Sampling fields a request leaves unset take the model's generation_config values
   (`generation_defaults`), then `FALLBACK_DEFAULTS`.
 - `ttft_s` and `e2e_s` are measured from the sequence's admission into the running batch.
+- When no request is left unfinished the engine is idle too (a decode step still in flight for
+  sequences that had stopped, engine/engine.py's overlap, is drained).
 - `abort_all` releases every sequence (their pages and slots) and forgets every request: the engine
   is idle and reusable afterwards. The engine never sees keys: they are opaque here too.
 """
@@ -136,6 +138,8 @@ class LLMEngine:
                 if request.num_unfinished == 0:
                     del self._running[seq.request_idx]
                     done.append(request)
+            while not self._running and self.engine.has_work():
+                self.engine.step()  # an overlapped decode step of sequences that had already stopped
         return [(r.key, r.output) for r in done], num_tokens
 
     def key_of(self, seq: Sequence) -> Hashable:
@@ -144,6 +148,13 @@ class LLMEngine:
 
     def abort_all(self) -> None:
         """Drop every request and release every sequence (after an engine error, or a stream closed early)."""
+        launch = getattr(self.engine, "in_flight", None)  # an overlapped decode step (engine/engine.py)
+        if launch is not None:
+            self.engine.in_flight = None
+            try:
+                launch.wait()  # its buffers are reused by the next step
+            except Exception:  # noqa: BLE001, S110 - the engine failed: its tokens are of no use
+                pass
         scheduler = self.engine.scheduler
         for seq in list(scheduler.running):
             scheduler.release(seq)

@@ -86,7 +86,8 @@ class ShardStream:
             entry.outputs[row_idx] = out
             if entry.complete:
                 self._hand_back(index)
-        on_step(0, 0)
+        if self._rejected_rows:  # rows of plans pulled after the last step
+            on_step(0, 0)
 
     def _requests(self, plans: Iterable[ShardPlan | None]) -> Iterator[tuple | None]:
         for plan in plans:

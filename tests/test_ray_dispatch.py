@@ -108,6 +108,21 @@ def test_random_failures_end_with_every_shard_exactly_once(seed):
     assert all(q.attempts[i] == 3 for i in q.given_up)
 
 
+def test_a_worker_is_sent_rows_until_it_holds_twice_its_batch():
+    from raas_batch.distributed.pool import Seat
+
+    seat = Seat(0, info={"wanted_rows": 16})  # max_num_seqs 8
+    assert seat.rows_wanted() == 16
+    seat.sent_rows += [4, 4, 4]  # sent; the actor has not reported them yet: counted as unfinished
+    assert seat.rows_wanted() == 4
+    seat.sent_rows.append(4)
+    assert seat.rows_wanted() == 0
+    seat.received, seat.unfinished_rows = 4, 5  # its report: all four received, 5 of their rows left
+    assert seat.rows_wanted() == 11
+    seat.sent_rows.append(1)
+    assert seat.rows_wanted() == 10
+
+
 # --- LLM.generate_stream --------------------------------------------------------------------------------
 def test_generate_stream_matches_generate(smollm):
     prompts = [[{"role": "user", "content": f"What is {i} times {i + 1}?"}] for i in range(5)] + [""]
@@ -194,6 +209,8 @@ def test_worker_reports_broken_engine_and_shard_errors(tmp_path, monkeypatch):
     assert worker.ready()["error"] is None and worker.ready()["pid"] == os.getpid()
     ok = _run_concurrently(worker, [job.shard_spec(0), job.shard_spec(1)])
     assert ok[0]["ok"] and ok[1]["ok"]
+    report = worker.progress()
+    assert (report["received"], report["unfinished_rows"], report["rows"]) == (2, 0, {})
     # A shard whose file cannot be written fails alone; the engine is fine.
     os.makedirs(os.path.join(job.shard_spec(2).path, "in-the-way"))
     res = worker.run_shard(job.shard_spec(2))

@@ -99,7 +99,7 @@ def test_fingerprint_holds_output_settings_only(tmp_path, capsys):
         rc, err = run(capsys, *base, *extra, "--resume")
         assert rc == 2 and named in err, err
     settings = json.loads((out / "manifest.json").read_text())["fingerprint"]["settings"]
-    assert {"stop_token_ids", "kv_policy_options", "max_model_len"} <= set(settings)
+    assert {"stop_token_ids", "kv_policy_options", "max_model_len", "apply_chat_template", "system_prompt"} <= set(settings)
     assert not {"max_num_seqs", "gpu_memory_utilization", "enforce_eager"} & set(settings)
 
 
@@ -139,3 +139,42 @@ def test_max_model_len_caps_the_context(tiny_model_dir):
                                 {"prompt_token_ids": list(range(10, 40))}], params)
     assert long.outputs[0].finish_reason == "error" and "context is 40" in long.outputs[0].error
     assert short.outputs[0].finish_reason == "length" and short.outputs[0].num_tokens == 10
+
+
+def test_unset_sampling_flags_take_the_models_generation_config(tmp_path, capsys):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "generation_config.json").write_text(json.dumps({"temperature": 0.6, "top_p": 0.95, "do_sample": True}))
+    src = write_input(tmp_path / "in", "jsonl", sample_rows(3))
+    out = tmp_path / "out"
+    base = ["--input", src, "--output", out, "--model", model, "--seed", 1]
+    rc, err = run(capsys, *base, "--top-k", 20)
+    assert rc == 0, err
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert (saved["temperature"], saved["top-p"], saved["top-k"], saved["max-new-tokens"]) == (0.6, 0.95, 20, 256)
+    settings = json.loads((out / "manifest.json").read_text())["fingerprint"]["settings"]
+    assert (settings["temperature"], settings["top_p"]) == (0.6, 0.95)
+    # The values used are what is fingerprinted: the same values given as flags resume, others do not.
+    rc, err = run(capsys, *base, "--top-k", 20, "--temperature", 0.6, "--top-p", 0.95, "--resume")
+    assert rc == 0, err
+    rc, err = run(capsys, *base, "--top-k", 20, "--temperature", 1.0, "--resume")
+    assert rc == 2 and "--temperature was 0.6, now 1.0" in err
+    rc, err = run(capsys, "--config", out / "config.yaml", "--resume")
+    assert rc == 0, err
+
+
+def test_system_prompt_needs_the_chat_template():
+    with pytest.raises(ConfigError, match="--system-prompt goes through the chat template"):
+        resolve({"input": "x.jsonl", "output": "o", "system_prompt": "Be brief.", "apply_chat_template": False})
+
+
+def test_generation_defaults_read_only_what_the_file_says(tmp_path):
+    from raas_batch.generation_config import read_generation_defaults
+
+    assert read_generation_defaults(None) == {} and read_generation_defaults(str(tmp_path / "m.gguf")) == {}
+    assert read_generation_defaults(str(tmp_path)) == {}  # a model folder without the file
+    (tmp_path / "generation_config.json").write_text(json.dumps(
+        {"temperature": 0.7, "top_k": 20, "do_sample": True, "eos_token_id": [1, 2], "top_p": None}))
+    assert read_generation_defaults(str(tmp_path)) == {"temperature": 0.7, "top_k": 20}
+    (tmp_path / "generation_config.json").write_text("{broken")
+    assert read_generation_defaults(str(tmp_path)) == {}

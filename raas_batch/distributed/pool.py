@@ -59,7 +59,8 @@ class Seat:
         busy = self.busy_done_s + self.busy_now_s
         return {"worker": self.index, "state": self.state, "pid": self.info.get("pid"),
                 "host": self.info.get("host"), "device": self.info.get("device"), "gpu": self.info.get("gpu"),
-                "load_s": self.info.get("load_s"), "actors_started": self.generation,
+                "load_s": self.info.get("load_s"), "max_num_seqs": self.info.get("max_num_seqs"),
+                "actors_started": self.generation,
                 "restarts": max(0, self.generation - 1), "shards_done": self.shards_done, "rows": self.rows,
                 "completion_tokens": self.completion_tokens, "failures": self.failures,
                 "busy_s": round(busy, 3),

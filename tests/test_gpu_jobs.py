@@ -1,0 +1,64 @@
+"""Jobs' engine settings and the request core on a CUDA device (run on the GPU machine; skipped
+elsewhere): `max_num_seqs="auto"` from the page pool, a stream closed early leaves the engine reusable
+with CUDA graphs, and a streaming job with shards of 1, 3 and 10 rows."""
+
+from __future__ import annotations
+
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from raas_batch import LLM, SamplingParams
+from raas_batch.config import resolve
+from raas_batch.engine.cuda_graph import BATCH_BUCKETS
+from raas_batch.llm import DENSE_MAX_NUM_SEQS
+from raas_batch.runner import run_job
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+def small_llm(policy: str, budget: int | None, **kw) -> LLM:
+    from transformers import Qwen2Config
+
+    cfg = Qwen2Config(vocab_size=4096, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
+                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096,
+                      initializer_range=0.2)
+    return LLM(hf_config=cfg, load_format="random", kv_policy=policy, kv_budget=budget, dtype="bf16",
+               device="cuda", **kw)
+
+
+def test_auto_max_num_seqs_fills_the_page_pool():
+    llm = small_llm("raas", 256, num_kv_tokens=100 * 256)
+    assert llm.max_num_seqs == 100 == llm.engine.scheduler.max_num_seqs
+    assert small_llm("raas", 256, num_kv_tokens=10**7).max_num_seqs == BATCH_BUCKETS[-1]
+    assert small_llm("dense", None, num_kv_tokens=64 * 1024).max_num_seqs == DENSE_MAX_NUM_SEQS
+
+
+def test_stream_closed_early_leaves_the_engine_reusable_with_graphs():
+    llm = small_llm("raas", 64, num_kv_tokens=64 * 1024, max_num_seqs=4)
+    params = SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True)
+    prompt = {"prompt_token_ids": list(range(100, 137))}
+    ref = llm.generate(prompt, params)[0].outputs[0].token_ids
+    stream = llm.generate_stream((i, {"prompt_token_ids": list(range(200 + i, 230 + i))}, params) for i in range(9))
+    next(stream)
+    stream.close()
+    assert not llm.engine.has_work()
+    assert llm.generate(prompt, params)[0].outputs[0].token_ids == ref
+
+
+def test_streaming_job_on_the_gpu(tmp_path):
+    llm = small_llm("raas", 64, num_kv_tokens=64 * 1024, max_num_seqs=8)
+    gen = torch.Generator().manual_seed(0)
+    ids = [torch.randint(10, 4000, (int(n),), generator=gen).tolist() for n in (5, 40, 17, 90, 3, 64, 33, 8, 21, 50)]
+    src = str(tmp_path / "in.parquet")
+    pq.write_table(pa.table({"id": [f"r{i}" for i in range(len(ids))], "prompt": ids}), src)
+    for size in (1, 3, 10):
+        cfg = resolve({"input": src, "output": str(tmp_path / f"out{size}"), "shard_size": size, "seed": 1,
+                       "temperature": 0.8, "max_new_tokens": 24, "ignore_eos": True, "quiet": True})
+        summary = run_job(cfg, engine=llm)
+        assert summary["complete"] and summary["completion_tokens"] == 240 and summary["max_num_seqs"] == 8
+        rows = pq.read_table(os.path.join(tmp_path, f"out{size}", "shards")).to_pylist()
+        assert sorted(r["row_idx"] for r in rows) == list(range(10)) and all(r["e2e_s"] > 0 for r in rows)
