@@ -37,20 +37,21 @@ CASES = [
 
 
 class Lockstep:
-    def __init__(self, name, options, budget=6 * P, seed=0, num_pages=300):
+    def __init__(self, name, options, budget=6 * P, seed=0, num_pages=300, dtype=torch.float32):
         self.gen = torch.Generator().manual_seed(seed)
         self.pools, self.policies = [], []
         for ops in (kops.get_ops("torch"), kops.get_ops("triton")):
-            pool = PagePool(LAYERS, num_pages, HKV, P, D, torch.float32, DEVICE)
+            pool = PagePool(LAYERS, num_pages, HKV, P, D, dtype, DEVICE)
             policy = make_policy(name, budget, P, **options)
             policy.bind(pool, 5)
             policy.use_ops(ops)
             self.pools.append(pool)
             self.policies.append(policy)
         self.seqs: dict[int, list] = {}  # slot -> [pages, position]
+        self.dtype = dtype
 
     def ints(self, *shape):
-        return torch.randint(-3, 4, shape, generator=self.gen).float().to(DEVICE)
+        return torch.randint(-3, 4, shape, generator=self.gen).to(self.dtype).to(DEVICE)
 
     def admit(self, slot: int, n: int, max_new: int = 200) -> None:
         k, v = self.ints(n, HKV, D), self.ints(n, HKV, D)
@@ -114,6 +115,17 @@ def test_fused_policy_ops_equal_reference(name, options):
     for _ in range(10 * P):  # each sequence evicts several times (quota 6 pages, a page opens every P steps)
         run.step()
     assert int(run.policies[0].evicted.max()) > 0  # evictions happened, so victims were compared
+
+
+def test_fused_refresh_in_bf16():
+    """A bf16 pool and query: on the GPU the bounds take the tensor-core path (bf16 operands, exact
+    products of these small integers, fp32 sums); the interpreter upcasts."""
+    run = Lockstep("raas", {}, dtype=torch.bfloat16)
+    for slot, n in {0: 2 * P + 3, 1: 5, 2: 7 * P}.items():
+        run.admit(slot, n)
+    for _ in range(6 * P):
+        run.step()
+    assert int(run.policies[0].evicted.max()) > 0
 
 
 def test_fused_refresh_with_more_pages_than_one_block():
