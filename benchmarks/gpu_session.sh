@@ -23,7 +23,9 @@ for part in $parts; do
                --max-new-tokens 8192 --regime realistic --num-stop-ids 16 --shard-size 512,128 --profile-at 1500 \
                --tag 1p5b_realistic 2>&1 | grep -v Warning | tail -12 ;;
     job-others) timeout 420 python benchmarks/bench_job.py --shape 1.5b --policies raas-mass,raas-paper,h2o,streaming \
-               --rows 512 --max-new-tokens 2048 --regime fixed --profile-at 1500 --tag 1p5b_others 2>&1 | grep -v Warning | tail -12 ;;
+               --rows 512 --max-new-tokens ${OTHERS_TOKENS:-2048} --regime fixed --profile-at 600 --tag 1p5b_others 2>&1 \
+               | grep -v Warning | tail -12 ;;
+    decode7b) timeout 300 python benchmarks/bench_gpu_decode.py --only batch1 dense raas --profile 2>&1 | tail -20 ;;
     kernels) timeout 200 python benchmarks/bench_kernels.py 2>&1 | tail -60 ;;
     decode)  timeout 300 python benchmarks/bench_gpu_decode.py 2>&1 | tail -40 ;;
     ray)     timeout 300 python benchmarks/bench_ray_scaling.py 2>&1 | tail -30 ;;
