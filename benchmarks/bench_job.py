@@ -15,7 +15,9 @@ top-p 0.95, seed 0). Two length regimes:
 - realistic: --num-stop-ids token ids stop a row (random weights sample near-uniform tokens, so lengths
   are roughly geometric with mean vocab / num_stop_ids), capped at --max-new-tokens.
 
-Measured, through an `LLM` subclass that the job builds in place of `LLM` (RAAS_BATCH_ENGINE) and that
+Before each measured job a short warm-up job (the same settings, rows stopping after ~12 tokens)
+compiles the Triton kernels, as a machine's first job does once (kernels are cached on disk after);
+`--no-warmup` measures a cold start. Measured, through an `LLM` subclass that the job builds in place of `LLM` (RAAS_BATCH_ENGINE) and that
 only watches the engine:
 - job tokens/s (summary.json: completion tokens over the run's wall time) and decode tokens/s;
 - ms per decode step: the mean wall time of the engine's decode steps (with overlapped decoding a
@@ -237,25 +239,30 @@ def copy_bandwidth(device: str) -> float:
     return 2 * 2 * 2**30 / sorted(times)[len(times) // 2]
 
 
-def run_one(args, model_dir: str, data: str, policy: str, shard_size: int, bw: float) -> dict:
+def run_one(args, model_dir: str, data: str, policy: str, shard_size: int, bw: float, warmup: bool = False) -> dict:
+    """One job; warmup: the same job with rows stopping after ~12 tokens, so that Triton compiles the
+    kernels (same batch, same table widths) before the measured job, which then times decoding only."""
     from raas_batch.config import resolve
     from raas_batch.runner import run_job
 
-    out = os.path.join(args.work, f"out-{policy}-{args.regime}-{shard_size}")
+    out = os.path.join(args.work, f"out-{policy}-{args.regime}-{shard_size}" + ("-warmup" if warmup else ""))
     shutil.rmtree(out, ignore_errors=True)
     flags = {"input": data, "output": out, "model": model_dir, "kv_policy": policy,
              "max_num_seqs": int(args.max_num_seqs) if args.max_num_seqs.isdigit() else args.max_num_seqs, "shard_size": shard_size, "max_new_tokens": args.max_new_tokens,
              "temperature": 0.6, "top_p": 0.95, "seed": 0, "quiet": True, "device": args.device}
     if policy != "dense":
         flags["kv_budget"] = args.budget
-    if args.regime == "fixed":
+    if warmup:
+        flags["ignore_eos"] = True
+        flags["stop_token_ids"] = random.Random(2).sample(range(1000, args.vocab), args.vocab // 12)
+    elif args.regime == "fixed":
         flags["ignore_eos"] = True
     else:
         rng = random.Random(1)
         flags["stop_token_ids"] = rng.sample(range(1000, args.vocab), args.num_stop_ids)
         flags["ignore_eos"] = True  # the model's own EOS is one more random id: keep the mean as set
     cfg = resolve(flags)
-    WatchedLLM.profile_at = args.profile_at
+    WatchedLLM.profile_at = None if warmup else args.profile_at
     os.environ["RAAS_BATCH_ENGINE"] = "bench_job:WatchedLLM"
     t0 = time.perf_counter()
     summary = run_job(cfg)
@@ -311,6 +318,10 @@ def run_one(args, model_dir: str, data: str, policy: str, shard_size: int, bw: f
     return res
 
 
+def _f(value, fmt: str = ".2f") -> str:
+    return "-" if value is None else format(value, fmt)
+
+
 def table(results: list[dict]) -> str:
     lines = ["| policy | regime | shards of | batch | tokens | job tok/s | decode tok/s | ms/step (median) | "
              "roofline ms | step/roof | serial floor ms | step/floor | attn | gemm | policy | sampler | "
@@ -330,8 +341,8 @@ def table(results: list[dict]) -> str:
         lines.append(f"| {name} | {r['regime']} | {r['shard_size']} | {r['max_num_seqs']} | {r['completion_tokens']} | "
                      f"{r['job_tokens_per_s']:.0f} | {r['decode_tokens_per_s']:.0f} | {r['ms_per_decode_step']:.2f} "
                      f"({r['median_ms_per_decode_step']:.2f}) | {r['roofline_ms_per_decode_step']:.2f} | "
-                     f"{r['step_over_roofline']:.2f} | {r['serial_floor_ms_per_decode_step']:.2f} | "
-                     f"{r['step_over_serial_floor']:.2f} | {prof} | {gap} |")
+                     f"{_f(r['step_over_roofline'])} | {r['serial_floor_ms_per_decode_step']:.2f} | "
+                     f"{_f(r['step_over_serial_floor'])} | {prof} | {gap} |")
     return "\n".join(lines) + "\n"
 
 
@@ -353,6 +364,8 @@ def main() -> None:
     ap.add_argument("--tag", default="")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--smoke", action="store_true", help="tiny model, few rows, on the CPU")
+    ap.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                    help="before each measured job, a short one that compiles the Triton kernels")
     args = ap.parse_args()
     if args.smoke:
         args.shape, args.rows, args.max_new_tokens, args.device = "tiny", 6, 24, "cpu"
@@ -374,6 +387,10 @@ def main() -> None:
     stem = "bench_job" + (f"_{args.tag}" if args.tag else "")
     for policy in args.policies.split(","):
         for shard_size in (int(s) for s in args.shard_size.split(",")):
+            if args.warmup:
+                t = time.perf_counter()
+                run_one(args, model_dir, data, policy, shard_size, bw, warmup=True)
+                print(f"warm-up job ({policy}): {time.perf_counter() - t:.1f} s", flush=True)
             r = run_one(args, model_dir, data, policy, shard_size, bw)
             results.append(r)
             print(json.dumps({k: v for k, v in r.items() if k != "profile"}), flush=True)

@@ -16,8 +16,8 @@ for part in $parts; do
   case $part in
     tests)   timeout ${TESTS_TIMEOUT:-300} python -m pytest -q -p no:cacheprovider -rfE --tb=short tests/test_policy_kernels.py \
                tests/test_sampling.py::test_sampler_kernel_equals_reference tests/test_kernels.py tests/test_gpu_engine.py \
-               -m "gpu or not gpu" > "$OUT/pytest_gpu.log" 2>&1; tail -30 "$OUT/pytest_gpu.log" ;;
-    job-fixed) timeout 420 python benchmarks/bench_job.py --shape 1.5b --policies dense,raas --rows 512 \
+               -m "gpu or not gpu" ${TESTS_K:+-k "$TESTS_K"} > "$OUT/pytest_gpu.log" 2>&1; tail -30 "$OUT/pytest_gpu.log" ;;
+    job-fixed) timeout ${JOB_TIMEOUT:-420} python benchmarks/bench_job.py --shape 1.5b --policies dense,raas --rows 512 \
                --max-new-tokens 6144 --regime fixed --profile-at 3000 --tag 1p5b_fixed 2>&1 | grep -v Warning | tail -12 ;;
     job-realistic) timeout 420 python benchmarks/bench_job.py --shape 1.5b --policies dense,raas --rows 512 \
                --max-new-tokens 8192 --regime realistic --num-stop-ids 16 --shard-size 512,128 --profile-at 1500 \
@@ -25,7 +25,8 @@ for part in $parts; do
     job-others) timeout 420 python benchmarks/bench_job.py --shape 1.5b --policies raas-mass,raas-paper,h2o,streaming \
                --rows 512 --max-new-tokens ${OTHERS_TOKENS:-2048} --regime fixed --profile-at 600 --tag 1p5b_others 2>&1 \
                | grep -v Warning | tail -12 ;;
-    decode7b) timeout 300 python benchmarks/bench_gpu_decode.py --only batch1 dense raas --profile 2>&1 | tail -20 ;;
+    decode7b) timeout ${DECODE_TIMEOUT:-300} python benchmarks/bench_gpu_decode.py --only ${DECODE_ONLY:-batch1 dense raas} \
+               --profile 2>&1 | tail -20 ;;
     kernels) timeout 200 python benchmarks/bench_kernels.py 2>&1 | tail -60 ;;
     decode)  timeout 300 python benchmarks/bench_gpu_decode.py 2>&1 | tail -40 ;;
     ray)     timeout 300 python benchmarks/bench_ray_scaling.py 2>&1 | tail -30 ;;

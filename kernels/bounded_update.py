@@ -27,7 +27,6 @@ import triton
 import triton.language as tl
 
 from ._jit import lazy_jit
-from .decode_attention import _interpreting
 
 _RULES = {"top_half": 0, "alpha": 1, "mass": 2, "accumulate": 3}
 
@@ -47,34 +46,23 @@ def _row_ok(ids_row, fill_ptr, pinned_ptr, h, cur, cols, S, stride_is, stride_mn
 
 
 def _quest_bounds(q_ptr, kmin_ptr, kmax_ptr, page, listed, b, h, stride_qb, stride_qh, stride_kn, stride_kh,
-                  G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_DC: tl.constexpr, BLOCK_S: tl.constexpr,
-                  DOT_F32: tl.constexpr):
+                  G: tl.constexpr, D: tl.constexpr, BLOCK_DC: tl.constexpr, BLOCK_S: tl.constexpr):
     """[BLOCK_S] fp32 Quest bounds of the row's pages, max over the G query heads of KV head h:
-    sum_d max(q_d kmax_d, q_d kmin_d) = q+ . kmax + q- . kmin (q+ = max(q, 0), q- = min(q, 0), kmax >= kmin),
-    as two matrix products per chunk of head dims. Operands stay in the pool's dtype (q+ and q- of a
-    bf16 q are exact in bf16), so the tensor cores form exact products, summed in fp32; an fp32 pool
-    (and the interpreter, which cannot multiply bf16) uses fp32 products."""
-    gg = tl.arange(0, GP)
-    acc = tl.zeros([GP, BLOCK_S], tl.float32)
-    for d0 in range(0, D, BLOCK_DC):
-        dd = d0 + tl.arange(0, BLOCK_DC)
-        qv = tl.load(q_ptr + b * stride_qb + (h * G + gg[:, None]) * stride_qh + dd[None, :],
-                     mask=(gg[:, None] < G) & (dd[None, :] < D), other=0.0)  # [GP, DC]
-        at = page[:, None] * stride_kn + h * stride_kh + dd[None, :]
-        m2 = listed[:, None] & (dd[None, :] < D)
-        hi = tl.load(kmax_ptr + at, mask=m2, other=0.0)  # [BLOCK_S, DC]
-        lo = tl.load(kmin_ptr + at, mask=m2, other=0.0)
-        if DOT_F32:
-            qf = qv.to(tl.float32)
-            acc += tl.dot(tl.maximum(qf, 0.0), tl.trans(hi.to(tl.float32)), input_precision="ieee")
-            acc += tl.dot(tl.minimum(qf, 0.0), tl.trans(lo.to(tl.float32)), input_precision="ieee")
-        else:
-            qk = qv.to(hi.dtype)
-            zero = tl.zeros_like(qk)
-            acc += tl.dot(tl.maximum(qk, zero), tl.trans(hi))
-            acc += tl.dot(tl.minimum(qk, zero), tl.trans(lo))
-    acc = tl.where(gg[:, None] < G, acc, float("-inf"))
-    return tl.max(acc, axis=0)
+    sum_d max(q_d kmax_d, q_d kmin_d), in fp32, a chunk of head dims at a time (as kernels/page_scores.py)."""
+    best = tl.full([BLOCK_S], float("-inf"), tl.float32)
+    for g in range(G):
+        bound = tl.zeros([BLOCK_S], tl.float32)
+        for d0 in range(0, D, BLOCK_DC):
+            dd = d0 + tl.arange(0, BLOCK_DC)
+            d_ok = dd < D
+            qv = tl.load(q_ptr + b * stride_qb + (h * G + g) * stride_qh + dd, mask=d_ok, other=0.0).to(tl.float32)
+            at = page[:, None] * stride_kn + h * stride_kh + dd[None, :]
+            m2 = listed[:, None] & d_ok[None, :]
+            hi = tl.load(kmax_ptr + at, mask=m2, other=0.0).to(tl.float32)  # [BLOCK_S, DC]
+            lo = tl.load(kmin_ptr + at, mask=m2, other=0.0).to(tl.float32)
+            bound += tl.sum(tl.maximum(qv[None, :] * hi, qv[None, :] * lo), axis=1)
+        best = tl.maximum(best, bound)
+    return best
 
 
 def _bounded_update_kernel(
@@ -84,8 +72,7 @@ def _bounded_update_kernel(
     stride_ss, stride_sh, stride_mn, stride_mh, stride_qb, stride_qh, stride_kn, stride_kh,
     S, alpha, scale,
     RULE: tl.constexpr, REFRESH_PINNED: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_J: tl.constexpr,
-    SCORES: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_DC: tl.constexpr,
-    DOT_F32: tl.constexpr,
+    SCORES: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_DC: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -107,7 +94,7 @@ def _bounded_update_kernel(
                                       stride_mn, stride_mh, REFRESH_PINNED)
         if SCORES:  # the Quest bounds, computed here (the row's pages fit one block)
             v = _quest_bounds(q_ptr, kmin_ptr, kmax_ptr, page, listed, b, h, stride_qb, stride_qh, stride_kn,
-                              stride_kh, G, GP, D, BLOCK_DC, BLOCK_S, DOT_F32)
+                              stride_kh, G, D, BLOCK_DC, BLOCK_S)
         if RULE == 0 and SCORES:  # every pair at once: v and ok are in registers
             before = (v[None, :] > v[:, None]) | ((v[None, :] == v[:, None]) & (ss[None, :] < ss[:, None]))
             rank = tl.sum((before & ok[None, :]).to(tl.int32), axis=1)
@@ -168,9 +155,8 @@ def bounded_update(page_ids, values, cur, slot_ids, positions, top, fill, pinned
         lo.stride(0) if scores else 0, lo.stride(1) if scores else 0,
         S, float(alpha), float(scale),
         RULE=_RULES[rule], REFRESH_PINNED=refresh_pinned, BLOCK_S=block_s,
-        BLOCK_J=max(1, min(32, 4096 // block_s)), SCORES=scores, G=G, GP=max(16, triton.next_power_of_2(G)),
-        D=D, BLOCK_DC=min(64, triton.next_power_of_2(D)), DOT_F32=(not scores) or lo.dtype == torch.float32
-        or _interpreting() or q.dtype != lo.dtype,
+        BLOCK_J=max(1, min(32, 4096 // block_s)), SCORES=scores, G=G,
+        D=D, BLOCK_DC=min(32, triton.next_power_of_2(D)),
         num_warps=4 if block_s >= 64 or scores else 1,
     )
 
