@@ -120,7 +120,7 @@ def _bounded_update_kernel(
 
 
 _kernel = lazy_jit(_bounded_update_kernel, helpers=(_row_ok, _quest_bounds))
-FUSED_SCORES_MAX_PAGES = 128  # up to this many listed pages the bounds are computed in the kernel
+FUSED_SCORES_MAX_PAGES = 0  # measured (docs/gpu-notes.md run 12): bounds in their own kernel are faster
 
 
 def bounded_update(page_ids, values, cur, slot_ids, positions, top, fill, pinned, stamp, mass,
