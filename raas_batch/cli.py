@@ -70,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="options of the KV policy (its dataclass fields), e.g. '{\"pin_prompt\": false}'")
     model.add_argument("--max-num-seqs", metavar="N|auto",
                        help="sequences decoded together; auto: on a GPU, as many as the KV page pool holds at "
-                            "the policy's budget (at most 512) for a bounded policy, else 256; 8 on the CPU"
-                            + _d("max_num_seqs"))
+                            "the policy's budget (at most the largest CUDA-graph batch, 1024) for a bounded "
+                            "policy, else 256; 8 on the CPU" + _d("max_num_seqs"))
     model.add_argument("--max-model-len", type=int, metavar="TOKENS",
                        help="context cap (prompt + generated tokens); longer prompts are error rows "
                             "(default: the model's context)")

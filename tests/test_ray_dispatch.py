@@ -12,8 +12,8 @@ from fake_llm import sample_rows, write_input
 
 from raas_batch import SamplingParams
 from raas_batch.config import resolve
-from raas_batch.distributed.dispatch import ShardQueue
 from raas_batch.distributed.actor import GenerationWorker
+from raas_batch.distributed.dispatch import ShardQueue
 from raas_batch.job import begin_run, prepare_job
 
 TIMING = ("ttft_s", "e2e_s")

@@ -12,6 +12,7 @@ from fake_llm import FakeLLM, FakeTokenizer, sample_rows, write_input
 
 from raas_batch.cli import main
 from raas_batch.config import ConfigError, resolve
+from raas_batch.engine.cuda_graph import BATCH_BUCKETS
 from raas_batch.llm import CPU_MAX_NUM_SEQS, DENSE_MAX_NUM_SEQS, auto_max_num_seqs
 from raas_batch.policies import make_policy
 
@@ -118,7 +119,7 @@ def test_auto_max_num_seqs_from_the_page_pool():
     raas = make_policy("raas", 2048, 16)  # 128 pages per sequence
     assert auto_max_num_seqs(cpu, raas, 2048, 16, 10**9) == CPU_MAX_NUM_SEQS
     assert auto_max_num_seqs(cuda, raas, 2048, 16, 100 * 128 * 16) == 100
-    assert auto_max_num_seqs(cuda, raas, 2048, 16, 10**9) == 512  # the largest CUDA-graph bucket
+    assert auto_max_num_seqs(cuda, raas, 2048, 16, 10**9) == BATCH_BUCKETS[-1] == 1024  # the largest graph bucket
     assert auto_max_num_seqs(cuda, raas, 2048, 16, 16) == 1
     for name, budget in (("dense", None), ("quest", 2048)):
         assert auto_max_num_seqs(cuda, make_policy(name, budget, 16), budget, 16, 10**9) == DENSE_MAX_NUM_SEQS

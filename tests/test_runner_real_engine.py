@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -39,8 +40,10 @@ def test_real_engine_end_to_end(tmp_path):
 
     files = sorted(os.listdir(out / "shards"))
     assert files == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
-    for f in files:
-        assert pq.read_schema(out / "shards" / f).remove_metadata() == OUTPUT_SCHEMA
+    for f in files:  # the fixed columns, then the input's (`answer` renamed clear of the output's own)
+        schema = pq.read_schema(out / "shards" / f).remove_metadata()
+        assert pa.schema(list(schema)[:len(OUTPUT_SCHEMA)]) == OUTPUT_SCHEMA
+        assert schema.names[len(OUTPUT_SCHEMA):] == ["question", "input_answer", "source", "messages"]
     got = {r["id"]: r for f in files for r in pq.read_table(out / "shards" / f).to_pylist()}
     assert set(got) == {r["id"] for r in rows}
     for r in rows[:3]:
@@ -51,6 +54,7 @@ def test_real_engine_end_to_end(tmp_path):
         assert o["kv_policy"] == "dense" and o["peak_kv_tokens"] >= o["num_prompt_tokens"]
         assert o["e2e_s"] > 0 and o["seed"] is not None
         assert r["question"][:40] in o["prompt"]  # messages are stored as JSON
+        assert o["input_answer"] == r["answer"] and o["question"] == r["question"] and not o["kv_over_budget"]
     assert got["empty"]["finish_reason"] == "error" and "empty content" in got["empty"]["error"]
     long_row = got["too-long"]
     assert long_row["finish_reason"] == "error" and "context" in long_row["error"]

@@ -47,10 +47,6 @@ class Sequence:
     t_first_token: float | None = None
     t_finish: float | None = None
 
-    def __post_init__(self):
-        if self.params.unset():  # built outside the request core (benchmarks, tests): SamplingParams' fallbacks
-            self.params = self.params.with_defaults()
-
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
