@@ -118,8 +118,7 @@ def test_fused_policy_ops_equal_reference(name, options):
 
 
 def test_fused_refresh_in_bf16():
-    """A bf16 pool and query: on the GPU the bounds take the tensor-core path (bf16 operands, exact
-    products of these small integers, fp32 sums); the interpreter upcasts."""
+    """A bf16 pool and query (the GPU's dtype): bounds and ranks still agree exactly."""
     run = Lockstep("raas", {}, dtype=torch.bfloat16)
     for slot, n in {0: 2 * P + 3, 1: 5, 2: 7 * P}.items():
         run.admit(slot, n)
@@ -129,8 +128,8 @@ def test_fused_refresh_in_bf16():
 
 
 def test_fused_refresh_with_more_pages_than_one_block():
-    """A budget of 140 pages: the bounds come from the page_scores kernel and the ranks from the
-    chunked comparison (kernels/bounded_update.py, FUSED_SCORES_MAX_PAGES)."""
+    """A budget of 140 pages: the ranks come from the chunked comparison (kernels/bounded_update.py,
+    BLOCK_J columns at a time)."""
     run = Lockstep("raas", {}, budget=140 * P, num_pages=700)
     for slot, n in {0: 2 * P + 3, 1: 5, 2: 3 * P + 1}.items():
         run.admit(slot, n, max_new=4000)
