@@ -190,7 +190,7 @@ def fake_bounded_state(eng: Engine, budget: int, prompt_len: int) -> int:
     n_prompt = -(-prompt_len // P)
     eng.runner._admit(admitted)
     for seq in admitted:
-        q = int(pol.nslots[seq.slot])
+        q = int(pol.sparse_pages[seq.slot])
         logical = list(range(n_prompt)) + list(range(pos0 // P - (q - n_prompt), pos0 // P))
         idx = torch.tensor(seq.pages[:q], device=DEVICE)
         lg = torch.tensor(logical, device=DEVICE)

@@ -48,7 +48,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from raas_batch.llm import LLM  # noqa: E402
+from raas_batch.llm import LLM
 
 SHAPES = {  # Qwen2 family (DeepSeek-R1-Distill-Qwen): hidden, layers, q heads, kv heads, intermediate
     "1.5b": {"hidden_size": 1536, "num_hidden_layers": 28, "num_attention_heads": 12, "num_key_value_heads": 2,
@@ -86,7 +86,7 @@ class WatchedLLM(LLM):
         engine, runner = self.engine, self.engine.runner
         policy = engine.policy
         quota_tokens = getattr(policy, "kv_budget", None)
-        self._bounded = hasattr(policy, "nslots")
+        self._bounded = hasattr(policy, "sparse_pages")
         self._bounds = policy.name in ("raas", "raas-paper") and getattr(policy, "refresh_rule", "") != "mass"
         self._budget = quota_tokens
         self._current: dict = {}
@@ -323,11 +323,10 @@ def _f(value, fmt: str = ".2f") -> str:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| policy | regime | shards of | batch | tokens | job tok/s | decode tok/s | ms/step (median) | "
-             "roofline ms | step/roof | serial floor ms | step/floor | attn | gemm | policy | sampler | "
-             "norm+rot+app+act | other | host |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | "
-             "---: | ---: | ---: | ---: |"]
+    header = ("| policy | regime | shards of | batch | tokens | job tok/s | decode tok/s | ms/step (median) | "
+              "roofline ms | step/roof | serial floor ms | step/floor | attn | gemm | policy | sampler | "
+              "norm+rot+app+act | other | host |")
+    lines = [header, "| --- | --- |" + " ---: |" * 17]
     for r in results:
         name = r["policy"] + (f" L={r['budget']}" if r["budget"] else "")
         p = r.get("profile") or {}

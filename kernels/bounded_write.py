@@ -2,7 +2,7 @@
 a page opens, in one small kernel per layer.
 
 Same contract as `kernels.reference.bounded_write` (the specification; tests compare the two exactly):
-table [B, W] int32 quota pages; slot_ids, positions [B] int64; nslots, window [num_slots] int64;
+table [B, W] int32 quota pages; slot_ids, positions [B] int64; sparse_pages, window [num_slots] int64;
 cur, held, peak, evicted [num_slots, Hkv] int64 (in/out); fill, logical [N, Hkv] int32, pinned [N, Hkv]
 bool, stamp [N, Hkv] int64, mass [N, Hkv] float32 (in/out). Returns [B, Hkv] int32.
 
@@ -29,7 +29,7 @@ _KEYS = {"stamp": 0, "mass": 1, "logical": 2}
 
 
 def _bounded_write_kernel(
-    table_ptr, slot_ptr, pos_ptr, nslots_ptr, window_ptr,
+    table_ptr, slot_ptr, pos_ptr, sparse_pages_ptr, window_ptr,
     cur_ptr, held_ptr, peak_ptr, evicted_ptr,
     fill_ptr, logical_ptr, pinned_ptr, stamp_ptr, mass_ptr, out_ptr,
     stride_tb, stride_tw, stride_ss, stride_sh, stride_mn, stride_mh,
@@ -50,7 +50,7 @@ def _bounded_write_kernel(
     evict = tl.zeros([], tl.int64)
     if opening:  # one step in page_size: choose the new page among the quota's columns
         cols = tl.arange(0, BLOCK_W)
-        n = tl.load(nslots_ptr + slot)
+        n = tl.load(sparse_pages_ptr + slot)
         win = tl.load(window_ptr + slot)
         tp = tl.load(table_ptr + b * stride_tb + cols * stride_tw, mask=(cols < W) & (cols < n), other=-1)
         usable = tp >= 0
@@ -102,7 +102,7 @@ def _bounded_write_kernel(
 _kernel = lazy_jit(_bounded_write_kernel)
 
 
-def bounded_write(table, slot_ids, positions, nslots, window, cur, held, peak, evicted,
+def bounded_write(table, slot_ids, positions, sparse_pages, window, cur, held, peak, evicted,
                   fill, logical, pinned, stamp, mass, page_size: int, key: str = "stamp",
                   min_logical: int = 0, stamp_on_write: bool = True) -> torch.Tensor:
     """The page each (sequence, KV head) appends to, evicting where a page opens -> [B, Hkv] int32.
@@ -113,12 +113,12 @@ def bounded_write(table, slot_ids, positions, nslots, window, cur, held, peak, e
     assert cur.stride() == held.stride() == peak.stride() == evicted.stride()
     metas = (fill, logical, pinned, stamp, mass)
     assert all(t.shape == fill.shape and t.stride() == fill.stride() for t in metas)
-    assert cur.dtype == torch.int64 and nslots.dtype == torch.int64 and window.dtype == torch.int64
+    assert cur.dtype == torch.int64 and sparse_pages.dtype == torch.int64 and window.dtype == torch.int64
     out = torch.empty((B, Hkv), dtype=torch.int32, device=table.device)
     if B == 0:
         return out
     _kernel()[(B, Hkv)](
-        table, slot_ids, positions, nslots, window,
+        table, slot_ids, positions, sparse_pages, window,
         cur, held, peak, evicted,
         fill, logical, pinned.view(torch.uint8), stamp, mass, out,
         table.stride(0), table.stride(1), cur.stride(0), cur.stride(1), fill.stride(0), fill.stride(1),

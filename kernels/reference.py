@@ -9,6 +9,8 @@ Page id lists use -1 for "no page".
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 
@@ -130,7 +132,7 @@ def prefill_attention(
     G = Hq // Hkv
     out = torch.empty_like(q)
     bounds = cu_seqlens.tolist()
-    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+    for start, end in itertools.pairwise(bounds):
         n = end - start
         qs = q[start:end].float().transpose(0, 1)  # [Hq, n, D]
         ks = k[start:end].float().transpose(0, 1).repeat_interleave(G, dim=0)  # [Hq, n, D]
@@ -194,19 +196,19 @@ def _argmin_older(key: torch.Tensor, logical: torch.Tensor, cand: torch.Tensor) 
     return lg.argmin(dim=-1)
 
 
-def bounded_write(table, slot_ids, positions, nslots, window, cur, held, peak, evicted,
+def bounded_write(table, slot_ids, positions, sparse_pages, window, cur, held, peak, evicted,
                   fill, logical, pinned, stamp, mass, page_size: int, key: str = "stamp",
                   min_logical: int = 0, stamp_on_write: bool = True) -> torch.Tensor:
     """Choose the page each (sequence, KV head) appends this step's token to, evicting where a page opens.
 
     table: [B, W] int32 each sequence's quota pages (-1 padded); slot_ids, positions: [B] int64;
-    nslots, window: [num_slots] int64 (per sequence: usable quota columns, eviction window);
+    sparse_pages, window: [num_slots] int64 (per sequence: usable quota columns, eviction window);
     cur, held, peak, evicted: [num_slots, Hkv] int64, this layer's per-sequence state (in/out);
     fill, logical: [N, Hkv] int32, pinned: [N, Hkv] bool, stamp: [N, Hkv] int64, mass: [N, Hkv] float32,
     this layer's page metadata (in/out). Returns [B, Hkv] int32.
 
     A page opens when positions % page_size == 0. Then the new page is the first empty usable column
-    (column < nslots, page >= 0, fill == 0) or, when none is empty, the victim: among held (fill > 0),
+    (column < sparse_pages, page >= 0, fill == 0) or, when none is empty, the victim: among held (fill > 0),
     unpinned pages with logical <= positions // page_size - window and logical >= min_logical, the one
     with the lowest key (stamp, mass or logical), ties to the smaller logical page. If that filter
     leaves no page (the policies size their quotas so that it cannot), any held unpinned page may be
@@ -224,7 +226,7 @@ def bounded_write(table, slot_ids, positions, nslots, window, cur, held, peak, e
     opening = (pos % P == 0).unsqueeze(1).expand(B, Hkv)
     new_logical = (pos // P).view(-1, 1, 1)
     cols = torch.arange(W, device=dev).unsqueeze(0)
-    tbl = torch.where(cols < nslots[slot_ids].unsqueeze(1), table.long(), -1)  # [B, W]
+    tbl = torch.where(cols < sparse_pages[slot_ids].unsqueeze(1), table.long(), -1)  # [B, W]
     safe = tbl.clamp(min=0)
 
     def meta(t: torch.Tensor) -> torch.Tensor:  # [N, Hkv] -> [B, Hkv, W]

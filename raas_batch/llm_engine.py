@@ -148,18 +148,7 @@ class LLMEngine:
 
     def abort_all(self) -> None:
         """Drop every request and release every sequence (after an engine error, or a stream closed early)."""
-        launch = getattr(self.engine, "in_flight", None)  # an overlapped decode step (engine/engine.py)
-        if launch is not None:
-            self.engine.in_flight = None
-            try:
-                launch.wait()  # its buffers are reused by the next step
-            except Exception:  # noqa: BLE001, S110 - the engine failed: its tokens are of no use
-                pass
-        scheduler = self.engine.scheduler
-        for seq in list(scheduler.running):
-            scheduler.release(seq)
-        scheduler.running.clear()
-        scheduler.waiting.clear()
+        self.engine.abort()
         self._running.clear()
         self._done.clear()
 

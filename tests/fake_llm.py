@@ -91,6 +91,13 @@ class FakeEngine:
     def has_work(self) -> bool:
         return bool(self.scheduler.waiting or self.scheduler.running)
 
+    def abort(self) -> None:
+        s = self.scheduler
+        for seq in list(s.running):
+            s.release(seq)
+        s.running.clear()
+        s.waiting.clear()
+
     def _admit(self) -> None:
         s, fail_on = self.scheduler, os.environ.get("RAAS_FAKE_FAIL_ON")
         while s.waiting and s._free_slots:

@@ -133,7 +133,7 @@ def test_fused_refresh_with_more_pages_than_one_block():
     run = Lockstep("raas", {}, budget=140 * P, num_pages=700)
     for slot, n in {0: 2 * P + 3, 1: 5, 2: 3 * P + 1}.items():
         run.admit(slot, n, max_new=4000)
-    assert run.policies[0].nslots[0] == 140
+    assert run.policies[0].sparse_pages[0] == 140
     for _ in range(3 * P):
         run.step()
 

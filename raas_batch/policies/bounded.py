@@ -21,7 +21,7 @@ victim satisfied the filter.
 Per decode step and layer (policies/base.py has the contract):
 - `write_pages` runs `ops.bounded_write`: picks the page (evicting where a page opens), resets an
   opened page's metadata, stamps the written page, and keeps the per-sequence counters;
-- `read_pages` is a pure read: the sequence's first `nslots` quota pages, the same for every sparse
+- `read_pages` is a pure read: the sequence's first `sparse_pages` quota pages, the same for every sparse
   layer and head, built once per step (DecodeContext.memo);
 - `after_attention` (subclasses) refreshes stamps or accumulates mass with `ops.bounded_update`.
 On the Triton backend both ops are one small kernel each over (sequence, KV head), with no host sync.
@@ -66,7 +66,7 @@ class BoundedPolicy(KVPolicy):
         """Unpinned pages a quota needs beyond the prompt so that the eviction window leaves a candidate."""
         return DECODE_ALLOWANCE
 
-    def window_pages(self, nslots: int, pinned_pages: int) -> int:
+    def window_pages(self, sparse_pages: int, pinned_pages: int) -> int:
         """Eviction window of a sequence: victims have logical <= (new page) - window. 1 = any older page."""
         return 1
 
@@ -96,7 +96,7 @@ class BoundedPolicy(KVPolicy):
         dev = pool.fill.device
         shape = (pool.num_layers, max_num_seqs, pool.num_kv_heads)
         per_seq = {"dtype": torch.int64, "device": dev}
-        self.nslots = torch.zeros(max_num_seqs, **per_seq)  # quota columns the sparse layers use
+        self.sparse_pages = torch.zeros(max_num_seqs, **per_seq)  # quota columns the sparse layers use
         self.budget_pages = torch.zeros(max_num_seqs, **per_seq)  # kv_budget / P
         self.window = torch.ones(max_num_seqs, **per_seq)  # eviction window (window_pages)
         self.top = torch.zeros(max_num_seqs, **per_seq)  # refresh slots per step (RaaS top-half)
@@ -110,10 +110,10 @@ class BoundedPolicy(KVPolicy):
         prompt_pages = self.pages_for(n)
         budget_pages = self._budget(override) // self.page_size
         # max_new_tokens is not passed here: the quota already caps the slots at the sequence's pages.
-        nslots = min(len(pages), max(budget_pages, prompt_pages + self.decode_allowance()))
-        self.nslots[slot] = nslots
+        sparse_pages = min(len(pages), max(budget_pages, prompt_pages + self.decode_allowance()))
+        self.sparse_pages[slot] = sparse_pages
         self.budget_pages[slot] = budget_pages
-        self.window[slot] = self.window_pages(nslots, prompt_pages if self.pin_prompt else 0)
+        self.window[slot] = self.window_pages(sparse_pages, prompt_pages if self.pin_prompt else 0)
         self.top[slot] = budget_pages // 2
         self.cur[:, slot] = pages[(n - 1) // self.page_size]
         self.held[:, slot] = n
@@ -135,7 +135,7 @@ class BoundedPolicy(KVPolicy):
             self._dense_layer_write(layer, ctx, page)
             return page.to(torch.int32)
         return self._ops().bounded_write(
-            ctx.page_tables, ctx.slot_ids, ctx.positions, self.nslots, self.window,
+            ctx.page_tables, ctx.slot_ids, ctx.positions, self.sparse_pages, self.window,
             self.cur[layer], self.held[layer], self.peak[layer], self.evicted[layer],
             pool.fill[layer], pool.logical[layer], pool.pinned[layer], pool.stamp[layer], pool.mass[layer],
             self.page_size, key=self.eviction_key, min_logical=self.min_logical,
@@ -168,7 +168,7 @@ class BoundedPolicy(KVPolicy):
             table = ctx.page_tables
             if not dense:
                 cols = torch.arange(table.shape[1], device=table.device).unsqueeze(0)
-                table = torch.where(cols < self.nslots[ctx.slot_ids].unsqueeze(1), table, -1)
+                table = torch.where(cols < self.sparse_pages[ctx.slot_ids].unsqueeze(1), table, -1)
             pages = table.to(torch.int32).unsqueeze(1).expand(-1, self.pool.num_kv_heads, -1)
             ctx.memo[key] = pages
         return pages

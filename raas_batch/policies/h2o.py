@@ -23,10 +23,10 @@ class H2OPolicy(BoundedPolicy):
     needs_mass = True
     eviction_key = "mass"
 
-    def window_pages(self, nslots: int, pinned_pages: int) -> int:
+    def window_pages(self, sparse_pages: int, pinned_pages: int) -> int:
         # Half of the unpinned slots (the page being opened included) are the recent window, so the
         # other half always holds a candidate. Unpinned prompt (the default): half of all slots.
-        return max(1, (nslots - pinned_pages) // 2)
+        return max(1, (sparse_pages - pinned_pages) // 2)
 
     def after_attention(self, layer, q, ctx, page_ids, mass):
         if layer < self.dense_layers:

@@ -59,7 +59,7 @@ class RaasPolicy(BoundedPolicy):
         # last `recent_pages` completed ones are protected, so one more than that must be held.
         return max(super().decode_allowance(), self.recent_pages + 1)
 
-    def window_pages(self, nslots: int, pinned_pages: int) -> int:
+    def window_pages(self, sparse_pages: int, pinned_pages: int) -> int:
         return self.recent_pages + 1  # victims: logical <= newest completed page - recent_pages
 
     def after_attention(self, layer, q, ctx, page_ids, mass):
