@@ -355,6 +355,8 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.
     V = logits.shape[1]
     x = logits.float()
     greedy = x.argmax(dim=-1)
+    if not bool((temperature > 0).any()):  # all greedy: no noise to draw (a host read: not for CUDA graphs)
+        return greedy
     inv_t = 1.0 / temperature.float().clamp(min=1e-5)
     s = x * inv_t.unsqueeze(1)
     race = s - torch.log(-torch.log(uniform_noise(keys, steps, V)))

@@ -113,3 +113,25 @@ def test_smollm2_full_budget_equals_dense(smollm):
                               for n in SPARSE])
     for name, r in zip(SPARSE, res):
         assert r.token_ids == ref, name
+
+
+def test_mixture_reports_each_members_statistics(tiny):
+    """One engine run through a PolicyMixture gives each sequence the KV statistics its own policy gives
+    when it runs alone (evicting members from the device counters, quest / dense from the host count)."""
+    path, dense = tiny
+    names, budget = ["raas", "h2o", "streaming", "quest"], 48
+    prompts = prompts_for(dense.model.spec.vocab_size, (5, 30))
+    params = SamplingParams(max_new_tokens=100, temperature=0, ignore_eos=True)
+    alone = {}
+    for n in names:
+        llm = LLM(model=path, device="cpu", dtype="fp32", max_num_seqs=4, kv_policy=n, kv_budget=budget,
+                  policy_options=OPTIONS.get(n))
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+        alone[n] = [(o.outputs[0].peak_kv_tokens, o.outputs[0].evicted_pages) for o in outs]
+    mix = PolicyMixture({n: make_policy(n, budget, 16, **OPTIONS.get(n, {})) for n in names}, page_size=16)
+    engine = Engine(dense.model, dense.tokenizer, [], mix, 16, 8, 4096, torch.device("cpu"), torch.float32, "torch")
+    reqs = [ScoreRequest(p, max_new_tokens=100, ignore_eos=True, kv_override=(n, None)) for n in names for p in prompts]
+    res = run_scored(engine, reqs)
+    got = {n: [(r.peak_kv_tokens, r.evicted_pages) for r in res[i * 2:i * 2 + 2]] for i, n in enumerate(names)}
+    assert got == alone
+    assert all(e > 0 for n in ("raas", "h2o", "streaming") for _, e in got[n])

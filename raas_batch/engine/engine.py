@@ -91,7 +91,7 @@ class Engine:
             tokens = self.runner.prefill(seqs)
             for seq, token in zip(seqs, tokens):
                 seq.append(token, self.eos_token_ids, self.tokenizer)
-            self._replaced(seqs, tokens)
+            self._recorded(seqs, tokens, None)
             num_tokens += len(seqs)
         else:
             rows = [s for s in seqs if s.can_decode]
@@ -141,27 +141,24 @@ class Engine:
                 continue
             seq.append(token, self.eos_token_ids, self.tokenizer)
             recorded.append((seq, token))
-            if seq.finished:
-                self._final_stats(seq, stats)
-        if recorded:
-            self._replaced([s for s, _ in recorded], [t for _, t in recorded])
+        self._recorded([s for s, _ in recorded], [t for _, t in recorded], stats)
         return len(recorded)
 
-    def _replaced(self, seqs, tokens) -> None:
-        """Sequences whose recorded token is not the sampled one (a forced token): the device's copy of
-        their last token is overwritten before the next step reads it. Finished ones get their stats."""
-        changed = [s for s, t in zip(seqs, tokens) if s.last_token != t and not s.finished]
+    def _recorded(self, seqs: list[Sequence], tokens: list[int], stats) -> None:
+        """After the host appended a step's tokens to `seqs` (each recorded once, unfinished before):
+        - a sequence that stopped in this step gets peak_kv_tokens / evicted_pages as of this step: from
+          the policy's counters copied with the step's tokens (`stats`), or, when the policy evicts
+          nothing (stats None or -1 for the slot, and every prefill), every token written to the cache;
+        - a sequence whose recorded token is not the sampled one (a forced token) gets the device's copy
+          of its last token overwritten before the next step reads it."""
+        changed = []
+        for seq, token in zip(seqs, tokens):
+            if seq.finished:
+                if stats is not None and int(stats[0, seq.slot]) >= 0:
+                    seq.peak_kv_tokens, seq.evicted_pages = int(stats[0, seq.slot]), int(stats[1, seq.slot])
+                else:
+                    seq.peak_kv_tokens, seq.evicted_pages = seq.num_tokens - 1, 0
+            elif seq.last_token != token:
+                changed.append(seq)
         if changed:
             self.runner.set_last_tokens(changed)
-        for seq in seqs:
-            if seq.finished and seq.num_in_flight == 0 and not seq.stats_set:
-                self._final_stats(seq, None)
-
-    def _final_stats(self, seq: Sequence, stats) -> None:
-        """peak_kv_tokens / evicted_pages as of the step the sequence stopped in: from the policy's
-        counters copied with that step's tokens, or (nothing evicted) every token written."""
-        if stats is not None:
-            seq.peak_kv_tokens, seq.evicted_pages = int(stats[0, seq.slot]), int(stats[1, seq.slot])
-        else:
-            seq.peak_kv_tokens, seq.evicted_pages = seq.num_tokens - 1, 0
-        seq.stats_set = True

@@ -118,7 +118,7 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[last])  # [B, V]
         if self.logits_hook is not None:
             self.logits_hook(seqs, logits)
-        tokens = self._sample(logits, seqs, slots, self.prompt_len[slots] - 1)
+        tokens = self._sample(logits, slots, self.prompt_len[slots] - 1)
         self.last_token[slots] = tokens
         return tokens.tolist()
 
@@ -136,7 +136,7 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden)  # [B, V] fp32
         if self.logits_hook is not None:
             self.logits_hook(seqs, logits)
-        tokens = self._sample(logits, seqs, slot_t, pos_t)
+        tokens = self._sample(logits, slot_t, pos_t)
         self.last_token[slot_t] = tokens
         stats = self.policy.device_stats()
         if not self._pinned:
@@ -169,12 +169,10 @@ class ModelRunner:
         finally:
             set_context(None)
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], slot_ids: torch.Tensor,
+    def _sample(self, logits: torch.Tensor, slot_ids: torch.Tensor,
                 positions: torch.Tensor) -> torch.Tensor:
         """-> [B] int64 on the device. Settings come from the per-slot state; a row's counter is the
         number of tokens its sequence has generated (position - prompt length + 1)."""
-        if self.device.type != "cuda" and all(s.params.greedy for s in seqs):
-            return logits.argmax(dim=-1)  # the CPU reference would hash noise it does not use
         batch = SamplingBatch(temperature=self.temperature[slot_ids], top_p=self.top_p[slot_ids],
                               top_k=self.top_k[slot_ids], keys=self.seed_keys[slot_ids],
                               steps=positions - self.prompt_len[slot_ids] + 1)

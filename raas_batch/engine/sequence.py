@@ -40,7 +40,6 @@ class Sequence:
     # filled when the sequence finishes, from the KV policy's counters of that step
     peak_kv_tokens: int = 0
     evicted_pages: int = 0
-    stats_set: bool = False
     # timings (perf_counter seconds)
     t_arrival: float = field(default_factory=time.perf_counter)
     t_admitted: float | None = None  # set by the scheduler when the sequence joins the running batch

@@ -32,8 +32,7 @@ def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
     write_page = policy.write_pages(layer, dec)  # [B, Hkv]
     ops.kv_append(k, v, k_cache, v_cache, kmin, kmax, fill, write_page)
     page_ids = policy.read_pages(layer, q, dec)  # [B, Hkv, S]
-    # how many leading entries can hold tokens: lets the Triton kernel skip the rest of a bucketed table
-    limit = policy.read_limit(layer, dec) if ops.backend == "triton" else None
+    limit = policy.read_limit(layer, dec)  # [B] leading entries that can hold tokens, or None
     result = ops.paged_decode_attention(q, k_cache, v_cache, page_ids, fill, scale, return_mass=policy.needs_mass,
                                         num_pages=limit)
     out, mass = result if policy.needs_mass else (result, None)

@@ -126,7 +126,8 @@ class KVPolicy:
     def device_stats(self) -> torch.Tensor | None:
         """[2, num_slots] int64 on the device: each slot's (peak_kv_tokens, evicted_pages) as of the
         step just enqueued, copied to the host with its tokens (no sync). None when nothing is ever
-        evicted: then the peak is every token written, which the host knows."""
+        evicted: then the peak is every token written, which the host knows (as for a slot whose
+        column holds -1, which a PolicyMixture gives for its members without device statistics)."""
         return None
 
     def table_width(self, num_quota_pages: int, num_tokens: int) -> int:

@@ -97,7 +97,7 @@ class BoundedPolicy(KVPolicy):
         shape = (pool.num_layers, max_num_seqs, pool.num_kv_heads)
         per_seq = {"dtype": torch.int64, "device": dev}
         self.sparse_pages = torch.zeros(max_num_seqs, **per_seq)  # quota columns the sparse layers use
-        self.budget_pages = torch.zeros(max_num_seqs, **per_seq)  # kv_budget / P
+        self.all_pages = torch.zeros(max_num_seqs, **per_seq)  # the whole quota (dense layers)
         self.window = torch.ones(max_num_seqs, **per_seq)  # eviction window (window_pages)
         self.top = torch.zeros(max_num_seqs, **per_seq)  # refresh slots per step (RaaS top-half)
         self.cur = torch.zeros(shape, **per_seq)  # page being written
@@ -112,7 +112,7 @@ class BoundedPolicy(KVPolicy):
         # max_new_tokens is not passed here: the quota already caps the slots at the sequence's pages.
         sparse_pages = min(len(pages), max(budget_pages, prompt_pages + self.decode_allowance()))
         self.sparse_pages[slot] = sparse_pages
-        self.budget_pages[slot] = budget_pages
+        self.all_pages[slot] = len(pages)
         self.window[slot] = self.window_pages(sparse_pages, prompt_pages if self.pin_prompt else 0)
         self.top[slot] = budget_pages // 2
         self.cur[:, slot] = pages[(n - 1) // self.page_size]
@@ -128,36 +128,17 @@ class BoundedPolicy(KVPolicy):
 
     # ---- device side ----
     def write_pages(self, layer: int, ctx: DecodeContext) -> torch.Tensor:
+        # A dense layer (layer < dense_layers) may use every quota column: its pages open in order and
+        # are never evicted (its quota covers the sequence), so the first empty column is always the one
+        # of the token's logical page and the same op serves it.
         pool = self.pool
-        if layer < self.dense_layers:  # every token kept: the page of the token's logical index
-            page = ctx.page_tables.long().gather(1, (ctx.positions // self.page_size).unsqueeze(1))  # [B, 1]
-            page = page.expand(-1, pool.num_kv_heads)
-            self._dense_layer_write(layer, ctx, page)
-            return page.to(torch.int32)
+        columns = self.all_pages if layer < self.dense_layers else self.sparse_pages
         return self._ops().bounded_write(
-            ctx.page_tables, ctx.slot_ids, ctx.positions, self.sparse_pages, self.window,
+            ctx.page_tables, ctx.slot_ids, ctx.positions, columns, self.window,
             self.cur[layer], self.held[layer], self.peak[layer], self.evicted[layer],
             pool.fill[layer], pool.logical[layer], pool.pinned[layer], pool.stamp[layer], pool.mass[layer],
             self.page_size, key=self.eviction_key, min_logical=self.min_logical,
             stamp_on_write=self.stamp_on_write)
-
-    def _dense_layer_write(self, layer: int, ctx: DecodeContext, page: torch.Tensor) -> None:
-        """A dense layer's metadata and counters (no eviction): opened pages reset, written page stamped."""
-        pool, P = self.pool, self.page_size
-        B, Hkv = page.shape
-        heads = torch.arange(Hkv, device=page.device).unsqueeze(0).expand(B, Hkv)
-        opening = (ctx.positions % P == 0).unsqueeze(1).expand(B, Hkv)
-        for t, value in ((pool.fill[layer], 0), (pool.logical[layer], (ctx.positions // P).unsqueeze(1)),
-                         (pool.pinned[layer], False), (pool.mass[layer], 0.0)):
-            value = value.to(t.dtype) if isinstance(value, torch.Tensor) else value
-            t[page, heads] = torch.where(opening, value, t[page, heads])
-        stamp_now = torch.ones_like(opening) if self.stamp_on_write else opening
-        stamp = pool.stamp[layer]
-        stamp[page, heads] = torch.where(stamp_now, ctx.positions.unsqueeze(1), stamp[page, heads])
-        self.cur[layer, ctx.slot_ids] = page
-        held_now = self.held[layer, ctx.slot_ids] + 1
-        self.held[layer, ctx.slot_ids] = held_now
-        self.peak[layer, ctx.slot_ids] = torch.maximum(self.peak[layer, ctx.slot_ids], held_now)
 
     def read_pages(self, layer: int, q: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
         """Pure: the sequence's usable quota pages, [B, Hkv, W] (a stride-0 view over heads)."""

@@ -55,6 +55,8 @@ class PolicyMixture(KVPolicy):
         super().bind(pool, max_num_seqs)
         for m in self.members.values():
             m.bind(pool, max_num_seqs)
+        # each slot's member (its index in `members`), on the device: picks the member's statistics
+        self._member_index = torch.full((max_num_seqs,), -1, dtype=torch.int64, device=pool.fill.device)
 
     def use_ops(self, ops):
         super().use_ops(ops)
@@ -66,13 +68,25 @@ class PolicyMixture(KVPolicy):
             override = (next(iter(self.members)), None)
         member, budget = self._member(override)
         self._slot_member[slot] = override[0]
+        self._member_index[slot] = list(self.members).index(override[0])
         member.on_admit(slot, pages, num_prompt_tokens, budget)
 
     def pin_prompt_pages(self, slot=None):
         return self.members[self._slot_member[slot]].pin_prompt_pages(slot)
 
     def seq_stats(self, slot, pages):
-        return self.members[self._slot_member.pop(slot)].seq_stats(slot, pages)
+        return self.members[self._slot_member[slot]].seq_stats(slot, pages)
+
+    def device_stats(self):
+        """Each slot's statistics from its own member; -1 where that member has none (the host's count)."""
+        parts = [m.device_stats() for m in self.members.values()]
+        if all(p is None for p in parts):
+            return None
+        out = torch.full((2, self._member_index.shape[0]), -1, dtype=torch.int64, device=self._member_index.device)
+        for i, p in enumerate(parts):
+            if p is not None:
+                out = torch.where(self._member_index == i, p, out)
+        return out
 
     def _split(self, ctx: DecodeContext) -> list[tuple[KVPolicy, torch.Tensor, DecodeContext]]:
         """Member, rows [b] and sub-context of each member present in the step (cached per step)."""
