@@ -95,9 +95,10 @@ def bounded_update(page_ids, values, cur, slot_ids, positions, top, fill, pinned
                    rule: str, refresh_pinned: bool = False, alpha: float = 0.0, scale: float = 1.0,
                    q=None, kmin=None, kmax=None) -> None:
     """Refresh stamps (RaaS) or accumulate attention mass (H2O) after attention, in place.
-    See `kernels.reference.bounded_update` for the contract. With values None (rules top_half and
-    alpha) the Quest bounds come from the page_scores kernel first: computing them inside this kernel
-    was measured slower on the H200 (docs/gpu-notes.md, runs 10-13)."""
+    See `kernels.reference.bounded_update` for the contract. The engine passes the Quest bounds that
+    the decode-attention kernel computed (key_bounds); with values None (rules top_half and alpha) the
+    page_scores kernel computes them first. Computing them inside this kernel was measured slower on
+    the H200 (docs/gpu-notes.md, runs 10-13)."""
     B, Hkv, S = page_ids.shape
     assert all(t.shape == fill.shape and t.stride() == fill.stride() for t in (pinned, stamp, mass))
     if B == 0 or S == 0:

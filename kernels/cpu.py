@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .reference import _limit_pages, page_scores, prefill_attention  # noqa: F401  (the namespace's other ops)
+from .reference import _limit_pages, page_scores, prefill_attention, with_key_bounds  # noqa: F401  (other ops)
 
 backend = "cpu"
 
@@ -66,9 +66,15 @@ def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x if x.dtype == dtype else x.to(dtype)
 
 
-def paged_decode_attention(q, k_cache, v_cache, page_ids, fill, scale, return_mass=False, num_pages=None):
+def paged_decode_attention(q, k_cache, v_cache, page_ids, fill, scale, return_mass=False, num_pages=None,
+                           key_bounds=None):
     """Same contract as reference.paged_decode_attention, except that slots past a page's fill must hold
     finite values (true of the engine's pool)."""
+    result = _decode_attention(q, k_cache, v_cache, page_ids, fill, scale, return_mass, num_pages)
+    return with_key_bounds(result, return_mass, q, page_ids, num_pages, key_bounds)
+
+
+def _decode_attention(q, k_cache, v_cache, page_ids, fill, scale, return_mass, num_pages):
     page_ids = _limit_pages(page_ids, num_pages)
     B, Hq, D = q.shape
     N, Hkv, P = k_cache.shape[:3]

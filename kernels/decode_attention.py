@@ -6,6 +6,7 @@ with -1 for "no page"; fill [N, Hkv] int32 (valid tokens of each page, 0 <= fill
 reads KV head h // G, G = Hq // Hkv. Returns out [B, Hq, D] (q's dtype) and, if return_mass,
 mass [B, Hkv, S] float32: the softmax probability each listed page received, max over the G heads of
 the group, 0 for -1 entries. Every (sequence, KV head) must list at least one non-empty page.
+With key_bounds = (kmin, kmax) it also returns the Quest bound of every entry (page_scores' contract).
 
 Algorithm (FlashDecoding, Dao et al. 2023, https://crfm.stanford.edu/2023/10/12/flashdecoding.html;
 the per-page mass is what RaaS, arXiv 2502.11147, and H2O need; the page layout follows Quest,
@@ -22,6 +23,9 @@ arXiv 2406.10774):
   page's log2-sum-exp  lse_page = m_run + log2(sum_{tokens of page} 2^(s - m_run)), taken against
   the running max m_run at the time the page is read (m_run <= the global max, so nothing that
   matters underflows; an empty or -1 page gives -inf).
+  With key bounds, the program also loads the tile's pages' kmin / kmax rows (2 * D values a page,
+  1/P of its K and V bytes) and writes each page's bound, max over the group's heads, in fp32: the
+  ranking RaaS's refresh needs, without a scoring kernel that gathers the bounds a second time.
 * With one split and no mass, stage 1 divides by l and writes the output itself (no stage 2).
 * Stage 2, grid (B, Hkv): for each head, M = max_split m, L = sum_split 2^(m - M) l,
   out = sum_split 2^(m - M) acc / L. The page mass is 2^(lse_page - (M + log2 L)), i.e. the page's
@@ -48,6 +52,7 @@ _LOG2E = 1.4426950408889634
 def _decode_stage1(
     q_ptr, k_ptr, v_ptr, ids_ptr, fill_ptr, npages_ptr,
     acc_ptr, m_ptr, l_ptr, lse_ptr, out_ptr, stride_ob, stride_oh, stride_od,
+    kmin_ptr, kmax_ptr, bounds_ptr, stride_mn, stride_mh, stride_md,
     stride_qb, stride_qh, stride_qd,
     stride_kn, stride_kh, stride_kp, stride_kd,
     stride_vn, stride_vh, stride_vp, stride_vd,
@@ -55,10 +60,10 @@ def _decode_stage1(
     stride_fn, stride_fh,
     qk_scale_log2,  # softmax scale * log2(e)
     S, pages_per_split, num_splits,
-    HQ: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_P: tl.constexpr, PPI: tl.constexpr,
+    HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, PPI: tl.constexpr,
     RETURN_MASS: tl.constexpr, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr, HAS_NUM_PAGES: tl.constexpr,
-    DIRECT: tl.constexpr,
+    DIRECT: tl.constexpr, RETURN_BOUNDS: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -136,6 +141,24 @@ def _decode_stage1(
         acc = acc * alpha[:, None] + tl.dot(pv, v, input_precision=DOT_PREC)
         m_i = m_new
 
+        if RETURN_BOUNDS:  # Quest bound of each page of the tile (kmin / kmax rows: 1/P of the K bytes)
+            pidx = start + jj
+            pj = tl.load(ids_base + pidx * stride_is, mask=pidx < split_end, other=-1)
+            has_j = pj >= 0
+            page_j = tl.where(has_j, pj, 0).to(tl.int64)
+            mj = has_j[:, None] & d_ok[None, :]
+            lo = tl.load(kmin_ptr + page_j[:, None] * stride_mn + kvh * stride_mh + dd[None, :] * stride_md,
+                         mask=mj, other=0.0).to(tl.float32)
+            hi = tl.load(kmax_ptr + page_j[:, None] * stride_mn + kvh * stride_mh + dd[None, :] * stride_md,
+                         mask=mj, other=0.0).to(tl.float32)
+            best = tl.full([PPI], float("-inf"), tl.float32)
+            for g in tl.static_range(G):
+                qg = tl.load(q_ptr + b * stride_qb + (kvh * G + g) * stride_qh + dd * stride_qd,
+                             mask=d_ok, other=0.0).to(tl.float32)
+                best = tl.maximum(best, tl.sum(tl.maximum(qg[None, :] * hi, qg[None, :] * lo), axis=1))
+            tl.store(bounds_ptr + (b * HKV + kvh) * S + pidx, tl.where(has_j, best, float("-inf")),
+                     mask=pidx < split_end)
+
         if RETURN_MASS:
             lse = m_use[:, None] + tl.log2(tl.where(psum > 0.0, psum, 1.0))
             lse = tl.where(psum > 0.0, lse, float("-inf"))
@@ -145,6 +168,13 @@ def _decode_stage1(
                 lse,
                 mask=row_ok[:, None] & (pidx[None, :] < split_end),
             )
+
+    if RETURN_BOUNDS:  # entries past the row's page count: -inf, like -1 entries
+        tail = tl.maximum(split_start, num_listed)
+        for t0 in range(tail, tl.minimum(split_start + pages_per_split, S), PPI):
+            tidx = t0 + jj
+            tl.store(bounds_ptr + (b * HKV + kvh) * S + tidx, tl.full([PPI], float("-inf"), tl.float32),
+                     mask=tidx < tl.minimum(split_start + pages_per_split, S))
 
     if DIRECT:  # one split and no mass: the program holds the whole softmax, so it writes the output
         o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
@@ -273,6 +303,7 @@ def paged_decode_attention_impl(
     scale: float,
     return_mass: bool = False,
     num_pages: torch.Tensor | None = None,
+    key_bounds: tuple[torch.Tensor, torch.Tensor] | None = None,
     *,
     num_splits: int | None = None,
     pages_per_iter: int | None = None,
@@ -314,26 +345,40 @@ def paged_decode_attention_impl(
         mass = torch.empty((B, Hkv, S), dtype=torch.float32, device=dev)
     else:
         lse = mass = m  # unused (dead code under RETURN_MASS=False)
+    if key_bounds is not None:
+        kmin, kmax = key_bounds
+        assert kmin.shape == kmax.shape == (N, Hkv, D) and kmin.stride() == kmax.stride()
+        bounds = torch.empty((B, Hkv, S), dtype=torch.float32, device=dev)
+    else:
+        kmin = kmax = bounds = m  # unused (dead code under RETURN_BOUNDS=False)
+
+    def result():
+        extras = ((mass,) if return_mass else ()) + ((bounds,) if key_bounds is not None else ())
+        return (out, *extras) if extras else out
+
     if B == 0 or S == 0:
-        return (out, mass.zero_()) if return_mass else out
+        mass.zero_()
+        bounds.fill_(float("-inf"))
+        return result()
 
     npages = num_pages if num_pages is not None else fill  # (unused when None)
     direct = num_splits == 1 and not return_mass
     _stage1()[(B, Hkv, num_splits)](
         q, k_cache, v_cache, page_ids, fill, npages,
         acc, m, l, lse, out, out.stride(0), out.stride(1), out.stride(2),
+        kmin, kmax, bounds, *(kmin.stride() if key_bounds is not None else (0, 0, 0)),
         q.stride(0), q.stride(1), q.stride(2),
         *k_cache.stride(), *v_cache.stride(),
         page_ids.stride(0), page_ids.stride(1), page_ids.stride(2),
         fill.stride(0), fill.stride(1),
         float(scale) * _LOG2E,
         S, pages_per_split, num_splits,
-        HQ=Hq, G=G, GP=GP, D=D, BLOCK_D=BLOCK_D, BLOCK_P=BLOCK_P, PPI=pages_per_iter,
+        HQ=Hq, HKV=Hkv, G=G, GP=GP, D=D, BLOCK_D=BLOCK_D, BLOCK_P=BLOCK_P, PPI=pages_per_iter,
         RETURN_MASS=return_mass, DOT_PREC=dot_prec, DOT_F32=dot_f32, HAS_NUM_PAGES=num_pages is not None,
-        DIRECT=direct, num_warps=num_warps, num_stages=num_stages,
+        DIRECT=direct, RETURN_BOUNDS=key_bounds is not None, num_warps=num_warps, num_stages=num_stages,
     )
     if direct:
-        return out
+        return result()
     _stage2()[(B, Hkv)](
         acc, m, l, lse, out, mass, npages,
         out.stride(0), out.stride(1), out.stride(2),
@@ -343,7 +388,7 @@ def paged_decode_attention_impl(
         BLOCK_S=min(128, max(16, triton.next_power_of_2(S))), RETURN_MASS=return_mass,
         HAS_NUM_PAGES=num_pages is not None, num_warps=4,
     )
-    return (out, mass) if return_mass else out
+    return result()
 
 
 def paged_decode_attention(
@@ -355,6 +400,7 @@ def paged_decode_attention(
     scale: float,
     return_mass: bool = False,
     num_pages: torch.Tensor | None = None,
+    key_bounds: tuple[torch.Tensor, torch.Tensor] | None = None,
 ):
     """Exact softmax attention of one query token per sequence over the listed pages (Triton).
 
@@ -362,10 +408,13 @@ def paged_decode_attention(
     fill: [N, Hkv] int32; num_pages: [B] int32 or None: only the first num_pages[b] entries of row b
     are read (the rest count as -1, and cost no loop iterations). Returns out [B, Hq, D] in q's dtype
     and, if return_mass, mass [B, Hkv, S] float32 (per listed page softmax mass, max over the group's
-    query heads, 0 for -1 and unread entries). Split-KV (FlashDecoding); no host sync, CUDA-graph
-    capturable. See the module docstring.
+    query heads, 0 for -1 and unread entries); with key_bounds = (kmin, kmax) ([N, Hkv, D]), also the
+    pages' Quest bounds [B, Hkv, S] float32, equal to page_scores(q, kmin, kmax, page_ids) with unread
+    entries -inf. Returns out alone, or the tuple (out, mass), (out, bounds) or (out, mass, bounds).
+    Split-KV (FlashDecoding); no host sync, CUDA-graph capturable. See the module docstring.
     """
-    return paged_decode_attention_impl(q, k_cache, v_cache, page_ids, fill, scale, return_mass, num_pages)
+    return paged_decode_attention_impl(q, k_cache, v_cache, page_ids, fill, scale, return_mass, num_pages,
+                                       key_bounds)
 
 
 __all__ = ["choose_num_splits", "paged_decode_attention", "paged_decode_attention_impl"]

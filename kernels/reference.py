@@ -37,6 +37,7 @@ def paged_decode_attention(
     scale: float,
     return_mass: bool = False,
     num_pages: torch.Tensor | None = None,
+    key_bounds: tuple[torch.Tensor, torch.Tensor] | None = None,
 ):
     """Exact softmax attention of one query token per sequence over the listed pages.
 
@@ -46,7 +47,23 @@ def paged_decode_attention(
     Returns out [B, Hq, D] in q's dtype and, if return_mass, mass [B, Hkv, S] float32: the softmax
     probability each listed page received (sum over its tokens), max over the query heads of the
     group; 0 for -1 entries. Every (sequence, KV head) must list at least one non-empty page.
+    key_bounds = (kmin, kmax) [N, Hkv, D]: also the Quest bound of every entry,
+    page_scores(q, kmin, kmax, page_ids limited by num_pages) (what RaaS's refresh ranks; a kernel reads
+    the bounds with the pages). Returns out, or (out, mass), (out, bounds), (out, mass, bounds).
     """
+    result = _decode_attention(q, k_cache, v_cache, page_ids, fill, scale, return_mass, num_pages)
+    return with_key_bounds(result, return_mass, q, page_ids, num_pages, key_bounds)
+
+
+def with_key_bounds(result, return_mass: bool, q, page_ids, num_pages, key_bounds):
+    """Append the Quest bounds of the pages read to an attention result (see paged_decode_attention)."""
+    if key_bounds is None:
+        return result
+    bounds = page_scores(q, key_bounds[0], key_bounds[1], _limit_pages(page_ids, num_pages))
+    return (*result, bounds) if return_mass else (result, bounds)
+
+
+def _decode_attention(q, k_cache, v_cache, page_ids, fill, scale, return_mass, num_pages):
     B, Hq, D = q.shape
     Hkv, P = k_cache.shape[1], k_cache.shape[2]
     S = page_ids.shape[2]

@@ -196,6 +196,43 @@ def test_decode_reads_only_the_first_num_pages(ns):
         assert torch.all(got_mass[cut < 0] == 0)
 
 
+@pytest.mark.parametrize("ns,ppi,mass,limit", [(1, 4, False, False), (1, 1, True, True), (3, 2, False, True),
+                                                (4, 1, True, False)])
+def test_decode_returns_quest_bounds(ns, ppi, mass, limit):
+    """key_bounds=(kmin, kmax): the kernel also returns each entry's Quest bound, equal to page_scores
+    over the pages read (-inf for -1 entries and for entries past num_pages), in every split / tile
+    layout, alone or with the mass; the output and mass are unchanged by it."""
+    dtype = torch.bfloat16
+    g = _gen("decode-bounds", ns, ppi, mass, limit)
+    B, Hq, Hkv, D, P, S = 3, 12, 2, 32, 16, 9
+    q, k_cache, v_cache, ids, fill = make_decode_case(g, B=B, Hq=Hq, Hkv=Hkv, D=D, P=P, S=S, budget="large",
+                                                      dtype=dtype)
+    ids = ids.sort(dim=-1, descending=True).values  # listed pages first, as a bounded policy's row
+    N = k_cache.shape[0]
+    # integer-valued bounds: exact in fp32 whatever the order of the sums
+    kmin = torch.randint(-4, 1, (N, Hkv, D), generator=g).to(dtype).to(DEVICE)
+    kmax = kmin + torch.randint(0, 4, (N, Hkv, D), generator=g).to(dtype).to(DEVICE)
+    qi = torch.randint(-3, 4, q.shape, generator=g).to(dtype).to(DEVICE)
+    num_pages = torch.tensor([9, 2, 5], dtype=torch.int32, device=DEVICE) if limit else None
+    cut = ref._limit_pages(ids, num_pages)
+    assert (cut >= 0).flatten(1).any(1).all()
+    want_bounds = ref.page_scores(qi, kmin, kmax, cut)
+    plain = dec_mod.paged_decode_attention_impl(qi, k_cache, v_cache, ids, fill, 0.2, mass, num_pages,
+                                                num_splits=ns, pages_per_iter=ppi)
+    got = dec_mod.paged_decode_attention_impl(qi, k_cache, v_cache, ids, fill, 0.2, mass, num_pages, (kmin, kmax),
+                                              num_splits=ns, pages_per_iter=ppi)
+    assert len(got) == (3 if mass else 2)
+    assert torch.equal(got[-1], want_bounds)
+    assert torch.isneginf(got[-1][cut < 0]).all() and torch.isfinite(got[-1][cut >= 0]).all()
+    plain = plain if isinstance(plain, tuple) else (plain,)
+    for a, b in zip(plain, got[:-1]):
+        assert torch.equal(a, b)
+    # the reference and the CPU path return the same tuple
+    for ops in (kops.get_ops("torch"), kops.get_ops("cpu")):
+        other = ops.paged_decode_attention(qi, k_cache, v_cache, ids, fill, 0.2, mass, num_pages, (kmin, kmax))
+        assert len(other) == len(got) and torch.equal(other[-1], want_bounds)
+
+
 def test_decode_ignores_garbage_and_strided_q():
     """NaN in V past the fill (which the reference cannot take) changes nothing; q may be a strided
     view (e.g. a slice of a fused qkv projection); head dim not a power of two."""

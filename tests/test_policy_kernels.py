@@ -5,6 +5,8 @@ per-sequence counters at every step of long random runs, for every bounded polic
 Two identical pools run in lockstep, one policy on the reference ops and one on the Triton ops (the
 interpreter on a CPU). Only the policy's own ops differ: both pools append with the reference
 kv_append, and both policies get the same attention mass (the reference attention's, on pool A).
+RaaS's Quest bounds take each path's own route: the Triton policy gets them from the Triton attention
+kernel (as in the engine), the reference policy computes them with page_scores.
 Keys and queries are small integers, so Quest bounds are exact integers in fp32 whatever the order
 of the sums: the two paths must agree bit for bit, and ties (frequent with integers) exercise the
 tie rules (stable ranks, the older page).
@@ -27,6 +29,7 @@ from raas_batch.engine.page_pool import PagePool, PrefillPages
 from raas_batch.policies import DecodeContext, make_policy
 
 P, HKV, HQ, D, LAYERS = 4, 2, 6, 8, 2
+TRITON = kops.get_ops("triton")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 CASES = [
@@ -40,7 +43,7 @@ class Lockstep:
     def __init__(self, name, options, budget=6 * P, seed=0, num_pages=300, dtype=torch.float32):
         self.gen = torch.Generator().manual_seed(seed)
         self.pools, self.policies = [], []
-        for ops in (kops.get_ops("torch"), kops.get_ops("triton")):
+        for ops in (kops.get_ops("torch"), TRITON):
             pool = PagePool(LAYERS, num_pages, HKV, P, D, dtype, DEVICE)
             policy = make_policy(name, budget, P, **options)
             policy.bind(pool, 5)
@@ -91,8 +94,16 @@ class Lockstep:
                 pool = self.pools[0]
                 _, mass = ref.paged_decode_attention(q, pool.k_cache[layer], pool.v_cache[layer], reads[0],
                                                      pool.fill[layer], D ** -0.5, return_mass=True)
-            for pol, ctx, r in zip(self.policies, ctxs, reads):
-                pol.after_attention(layer, q, ctx, r, mass)
+            # The Triton policy ranks by the bounds its attention kernel returns (the engine's path); the
+            # reference policy gets none, so its bounded_update scores the pages with page_scores.
+            bounds = [None, None]
+            if self.policies[1].needs_bounds:
+                pool = self.pools[1]
+                _, bounds[1] = TRITON.paged_decode_attention(
+                    q, pool.k_cache[layer], pool.v_cache[layer], reads[1], pool.fill[layer], D ** -0.5,
+                    key_bounds=(pool.kmin[layer], pool.kmax[layer]))
+            for pol, ctx, r, bd in zip(self.policies, ctxs, reads, bounds):
+                pol.after_attention(layer, q, ctx, r, mass, bd)
         for s in slots:
             self.seqs[s][1] += 1
         self.check()

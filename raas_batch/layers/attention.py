@@ -33,8 +33,15 @@ def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
     ops.kv_append(k, v, k_cache, v_cache, kmin, kmax, fill, write_page)
     page_ids = policy.read_pages(layer, q, dec)  # [B, Hkv, S]
     limit = policy.read_limit(layer, dec)  # [B] leading entries that can hold tokens, or None
+    # RaaS ranks pages by their Quest bounds: the kernel computes them from kmin / kmax while it reads
+    # the pages (1/page_size more bytes), instead of a scoring kernel per layer.
+    bounds = (kmin, kmax) if policy.needs_bounds and kmin is not None else None
     result = ops.paged_decode_attention(q, k_cache, v_cache, page_ids, fill, scale, return_mass=policy.needs_mass,
-                                        num_pages=limit)
-    out, mass = result if policy.needs_mass else (result, None)
-    policy.after_attention(layer, q, dec, page_ids, mass)
+                                        num_pages=limit, key_bounds=bounds)
+    if not isinstance(result, tuple):
+        result = (result,)
+    out = result[0]
+    mass = result[1] if policy.needs_mass else None
+    scores = result[-1] if bounds is not None else None
+    policy.after_attention(layer, q, dec, page_ids, mass, scores)
     return out

@@ -61,6 +61,8 @@ class KVPolicy:
 
     name: ClassVar[str] = ""
     needs_mass: ClassVar[bool] = False  # after_attention() wants the attention mass per page read
+    # after_attention() wants the Quest bound of each page read (the attention computes it as it reads)
+    needs_bounds: ClassVar[bool] = False
     # reads the pages' key bounds (pool.kmin / kmax, via ops.page_scores); when False the CPU backends
     # skip maintaining them
     uses_key_bounds: ClassVar[bool] = True
@@ -114,9 +116,10 @@ class KVPolicy:
         return None
 
     def after_attention(self, layer: int, q: torch.Tensor, ctx: DecodeContext, page_ids: torch.Tensor,
-                        mass: torch.Tensor | None) -> None:
+                        mass: torch.Tensor | None, bounds: torch.Tensor | None = None) -> None:
         """The state update from this step's attention: q [B, Hq, D]; page_ids [B, Hkv, S] as read;
-        mass [B, Hkv, S] float32 per page read (None unless needs_mass)."""
+        mass [B, Hkv, S] float32 per page read (None unless needs_mass); bounds [B, Hkv, S] float32,
+        the Quest bound of q over each page read (ops.page_scores; None unless needs_bounds)."""
 
     def seq_stats(self, slot: int, pages: list[int]) -> tuple[int, int]:
         """Host-side (synchronises): (peak_kv_tokens, evicted_pages) of the sequence now. The engine

@@ -28,7 +28,7 @@ class H2OPolicy(BoundedPolicy):
         # other half always holds a candidate. Unpinned prompt (the default): half of all slots.
         return max(1, (sparse_pages - pinned_pages) // 2)
 
-    def after_attention(self, layer, q, ctx, page_ids, mass):
+    def after_attention(self, layer, q, ctx, page_ids, mass, bounds=None):
         if layer < self.dense_layers:
             return
         pool = self.pool

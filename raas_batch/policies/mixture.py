@@ -37,6 +37,10 @@ class PolicyMixture(KVPolicy):
     def uses_key_bounds(self) -> bool:  # type: ignore[override]
         return any(m.uses_key_bounds for m in self.members.values())
 
+    @property
+    def needs_bounds(self) -> bool:  # type: ignore[override]
+        return any(m.needs_bounds for m in self.members.values())
+
     def _member(self, override) -> tuple[KVPolicy, object]:
         if not isinstance(override, tuple) or len(override) != 2 or override[0] not in self.members:
             raise ValueError(f"a PolicyMixture sequence needs kv_override=(member, kv_budget) with member one of "
@@ -120,7 +124,10 @@ class PolicyMixture(KVPolicy):
             out[rows, :, : p.shape[-1]] = p
         return out
 
-    def after_attention(self, layer, q, ctx, page_ids, mass):
+    def after_attention(self, layer, q, ctx, page_ids, mass, bounds=None):
         # The members' pages were padded with -1 columns to a common width: no page, no update.
+        def rows_of(x, rows):
+            return x[rows] if x is not None else None
+
         for member, rows, sub in self._split(ctx):
-            member.after_attention(layer, q[rows], sub, page_ids[rows], mass[rows] if mass is not None else None)
+            member.after_attention(layer, q[rows], sub, page_ids[rows], rows_of(mass, rows), rows_of(bounds, rows))

@@ -54,6 +54,10 @@ class RaasPolicy(BoundedPolicy):
     def uses_key_bounds(self) -> bool:  # type: ignore[override]
         return self.refresh_rule != "mass"
 
+    @property
+    def needs_bounds(self) -> bool:  # type: ignore[override]
+        return self.refresh_rule != "mass"
+
     def decode_allowance(self) -> int:
         # At an eviction the decode pages hold distinct logical indices below the new page's; the
         # last `recent_pages` completed ones are protected, so one more than that must be held.
@@ -62,14 +66,14 @@ class RaasPolicy(BoundedPolicy):
     def window_pages(self, sparse_pages: int, pinned_pages: int) -> int:
         return self.recent_pages + 1  # victims: logical <= newest completed page - recent_pages
 
-    def after_attention(self, layer, q, ctx, page_ids, mass):
+    def after_attention(self, layer, q, ctx, page_ids, mass, bounds=None):
         """Refresh: the refreshable pages (held, not the current one, unpinned unless refresh_pinned)
         chosen by the rule get stamp = position. RaaS's step 4; one `bounded_update` op per layer."""
         if layer < self.dense_layers:
             return
         pool = self.pool
-        # mass: the attention's; otherwise the op scores the pages itself (Quest bounds of q)
-        values = mass if self.refresh_rule == "mass" else None
+        # mass, or the Quest bounds the attention computed (None: the op scores the pages itself)
+        values = mass if self.refresh_rule == "mass" else bounds
         self._ops().bounded_update(page_ids, values, self.cur[layer], ctx.slot_ids, ctx.positions, self.top,
                                    pool.fill[layer], pool.pinned[layer], pool.stamp[layer], pool.mass[layer],
                                    rule=self.refresh_rule, refresh_pinned=self.refresh_pinned, alpha=self.alpha,
