@@ -28,7 +28,7 @@ from raas_batch.kernels import reference as ref
 from raas_batch.engine.page_pool import PagePool, PrefillPages
 from raas_batch.policies import DecodeContext, make_policy
 
-P, HKV, HQ, D, LAYERS = 4, 2, 6, 8, 2
+P, HKV, HQ, D, LAYERS = 4, 2, 6, 16, 2  # D >= 16: tl.dot in the attention kernel on a GPU
 TRITON = kops.get_ops("triton")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
