@@ -20,7 +20,7 @@ for part in $parts; do
     job-fixed) timeout ${JOB_TIMEOUT:-420} python benchmarks/bench_job.py --shape 1.5b --policies dense,raas --rows 512 \
                --max-new-tokens 6144 --regime fixed --profile-at 3000 --tag 1p5b_fixed 2>&1 | grep -v Warning | tail -12 ;;
     job-realistic) timeout 420 python benchmarks/bench_job.py --shape 1.5b --policies dense,raas --rows 512 \
-               --max-new-tokens 8192 --regime realistic --num-stop-ids 16 --shard-size 512,128 --profile-at 1500 \
+               --max-new-tokens 8192 --regime realistic --num-stop-ids 16 --shard-size ${SHARDS:-512} --profile-at 1500 \
                --tag 1p5b_realistic 2>&1 | grep -v Warning | tail -12 ;;
     job-others) timeout 420 python benchmarks/bench_job.py --shape 1.5b --policies raas-mass,raas-paper,h2o,streaming \
                --rows 512 --max-new-tokens ${OTHERS_TOKENS:-2048} --regime fixed --profile-at 600 --tag 1p5b_others 2>&1 \
