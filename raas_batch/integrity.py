@@ -240,8 +240,8 @@ def verify_folder(out_dir: str, manifest_name: str = "manifest.json") -> FolderR
             report.notes.append(f"shards/{name} is a temporary file of a killed write (hidden from readers; "
                                 "--resume removes it)")
         elif PART_RE.match(name):
-            report.problems.append(f"shards/{name} is not recorded done: its samples would be read twice or are "
-                                   "not this job's (--resume adopts it if it is sound, else deletes it)")
+            report.problems.append(f"shards/{name} is not recorded done: a run was killed before recording it, or "
+                                   "it is not this job's (--resume adopts it if it is sound, else deletes it)")
         else:
             report.notes.append(f"shards/{name} is not a raas_batch file (left alone)")
     return report

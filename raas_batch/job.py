@@ -216,8 +216,8 @@ def _clear_outputs(out_dir: str) -> None:
 
 
 def recover(job: Job, log) -> int:
-    """Before running: drop temp files of killed writes, and adopt or delete shard files that exist
-    but are not recorded done. Returns the number of adopted shards."""
+    """Before running: drop temp files of killed writes and shard files outside the plan, and adopt or
+    delete shard files that exist but are not recorded done. Returns the number of adopted shards."""
     import pyarrow.parquet as pq
 
     shards_dir = os.path.join(job.out_dir, SHARDS)
@@ -225,6 +225,13 @@ def recover(job: Job, log) -> int:
         for name in os.listdir(folder):
             if ".tmp-" in name:
                 os.unlink(os.path.join(folder, name))
+    from raas_batch.integrity import PART_RE
+
+    for name in os.listdir(shards_dir):
+        match = PART_RE.match(name)
+        if match and int(match.group(1)) >= len(job.manifest.shards):  # no shard of this plan has that name
+            os.unlink(os.path.join(shards_dir, name))
+            log(f"removed {SHARDS}/{name}: this job has no shard {int(match.group(1))} (its samples would be read twice)")
     adopted = 0
     for rec in job.manifest.todo():
         spec = job.shard_spec(rec.index)
