@@ -167,6 +167,10 @@ def _verify(args: argparse.Namespace) -> int:
     the report on stdout; exit 0 every sample there once, 1 something missing or damaged, 2 no job there."""
     from raas_batch.integrity import verify_folder
 
+    if getattr(args, "overwrite", False):
+        print("error: --verify checks the job in --output, --overwrite starts it over: pass only one of them.",
+              file=sys.stderr)
+        return 2
     output = getattr(args, "output", None)
     if output is None and getattr(args, "config", None):
         try:

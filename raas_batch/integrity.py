@@ -17,10 +17,10 @@ recorded one and its (row_idx, sample_idx) pairs exactly its range's, each once;
 bit inside the data too, at the cost of reading every byte.
 
 Invariants:
-- A done shard is never rewritten while it is sound; one that fails a check is reopened in the
-  manifest first and its file deleted after the manifest is saved, so a kill in between leaves either
-  a pending shard (its file is then judged by `recover`) or a done shard whose file is missing (found
-  again by the next resume). The repair is named in the log (even with --quiet) and in summary.json.
+- A done shard is never rewritten while it is sound; one that fails a check has its file deleted
+  before the manifest that reopens it is saved, so a kill in between leaves a done shard whose file
+  is missing (found again by the next resume), never a damaged file that a later resume could adopt
+  as the file of a pending shard. The repair is named in the log (even with --quiet) and in summary.json.
 - A manifest that cannot be read or is inconsistent is never trusted and never discarded: it is kept
   as manifest.damaged.json, and no shard file of another job is ever deleted by a rebuild (a file
   whose metadata names another fingerprint makes the resume refuse instead).
@@ -73,8 +73,8 @@ def done_shard_problem(out_dir: str, rec, expected_meta: dict[str, Any], schema,
 
 def check_done_shards(job, full: bool) -> list[dict[str, Any]]:
     """Reopen (in memory) every done shard whose file fails the check; return one record per repair:
-    {"index", "rows": [start, end], "file", "problem"}. `begin_run` saves the manifest, then deletes
-    the damaged files."""
+    {"index", "rows": [start, end], "file", "problem"}. `begin_run` deletes the damaged files, then
+    saves the manifest."""
     repairs = []
     for rec in job.manifest.shards:
         if rec.state != "done":
@@ -84,7 +84,7 @@ def check_done_shards(job, full: bool) -> list[dict[str, Any]]:
         if problem is None:
             continue
         repairs.append({"index": rec.index, "rows": [rec.start, rec.end], "file": rec.file, "problem": problem})
-        job.manifest.reopen(rec.index, f"{spec.file_name} {problem}; regenerated")
+        job.manifest.reopen(rec.index, f"{spec.file_name} {problem}; to be regenerated")
     return repairs
 
 
@@ -125,7 +125,7 @@ def open_manifest(out_dir: str, manifest_name: str, fingerprint: dict[str, Any],
         manifest, why = None, f"it plans {manifest.num_rows} rows, the input has {num_rows} for this job"
     if manifest is not None:
         return manifest, [], False
-    notes = [f"{manifest_name} cannot be trusted ({why}); it is kept as {DAMAGED}"]
+    notes = [f"{manifest_name} cannot be trusted ({why})" + (f"; it is kept as {DAMAGED}" if os.path.exists(path) else "")]
     try:
         prev, prev_why = load_checked(previous_path(path), num_samples)
     except ManifestVersionError as exc:

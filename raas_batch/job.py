@@ -171,12 +171,12 @@ def prepare_job(cfg: JobConfig) -> Job:
 
 def _open_manifest(cfg: JobConfig, out_dir: str, fingerprint: dict[str, Any], num_rows: int):
     """The manifest to resume from (integrity.open_manifest), its refusals as JobError."""
-    from raas_batch.config import ConfigError, load_yaml
+    from raas_batch.config import ConfigError, resolve
     from raas_batch.data.manifest import ManifestVersionError
     from raas_batch.integrity import JobDiffers, RebuildRefused, open_manifest
 
-    try:
-        recorded = JobConfig(**load_yaml(os.path.join(out_dir, CONFIG))).with_sampling_defaults({}).output_settings()
+    try:  # the settings config.yaml records, read as `--config DIR/config.yaml` would read them
+        recorded = resolve({"config": os.path.join(out_dir, CONFIG)}).output_settings()
     except (ConfigError, TypeError, ValueError):
         recorded = None  # no readable config.yaml: the shard files' fingerprints still guard the rebuild
     try:
@@ -255,9 +255,11 @@ def recover(job: Job, log) -> int:
 def begin_run(job: Job, log) -> tuple[dict[str, Any], int]:
     """Start writing the output folder (after every job-level check passed and the engine loaded).
 
-    The new manifest goes first: with --overwrite it atomically forgets the old job, so a kill while
-    old files are deleted leaves only pending shards. Then config.yaml, then recovery of what a
-    killed run left (`recover`). Returns this run's record (in manifest.runs) and the number of
+    A resume first puts an untrusted manifest.json aside (manifest.damaged.json, so it never becomes
+    the previous copy) and deletes the files of the done shards it reopened (integrity). The new
+    manifest goes next: with --overwrite it atomically forgets the old job, so a kill while old files
+    are deleted leaves only pending shards. Then config.yaml, then recovery of what a killed run left
+    (`recover`). Returns this run's record (in manifest.runs) and the number of
     adopted shards. Shared by the local and the Ray driver, so both leave the same layout."""
     manifest_path = os.path.join(job.out_dir, MANIFEST)
     os.makedirs(job.out_dir, exist_ok=True)
@@ -266,11 +268,11 @@ def begin_run(job: Job, log) -> tuple[dict[str, Any], int]:
         run_record["repaired"] = job.repairs
     if job.manifest_damaged and os.path.exists(manifest_path):
         os.replace(manifest_path, os.path.join(job.out_dir, DAMAGED))  # kept aside, never the previous copy
-    job.manifest.runs.append(run_record)
-    job.manifest.save(manifest_path)
-    for repair in job.repairs:  # reopened in the manifest just saved: the damaged files can go
+    for repair in job.repairs:  # before the save that reopens them: a kill between leaves them missing
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(job.out_dir, repair["file"]))
+    job.manifest.runs.append(run_record)
+    job.manifest.save(manifest_path)
     if job.mode == "overwrite":
         _clear_outputs(job.out_dir)
     os.makedirs(os.path.join(job.out_dir, SHARDS), exist_ok=True)

@@ -172,6 +172,20 @@ def test_inconsistent_manifest_is_not_trusted(tmp_path, capsys):
     assert snapshot(out) == before
 
 
+def test_rebuild_reads_config_yaml_as_the_same_job(tmp_path, capsys):
+    """Every kind of setting (lists, JSON objects, generation defaults) compares equal to config.yaml's."""
+    out, base = _job(tmp_path, capsys, "--stop", "zzz", "--stop", "yyy", "--stop-token-ids", "5,6",
+                     "--kv-policy-options", '{"pin_prompt": false}', "--chat-template-kwargs", '{"a": 1}',
+                     "--top-k", 5, "--max-new-tokens", 9, "--thinking-budget", 4, "--limit", 7)
+    before = snapshot(out)
+    for args in (base, ["--config", out / "config.yaml"]):
+        (out / "manifest.json").write_text("[]")
+        os.unlink(out / "manifest.prev.json")
+        rc, err = run(capsys, *args, "--resume")
+        assert rc == 0 and "rebuilt" in err and err.count(": adopted part-") == 4, err
+        assert snapshot(out) == before
+
+
 def test_rebuild_never_deletes_another_jobs_files(tmp_path, capsys):
     out, base = _job(tmp_path, capsys)
     (out / "manifest.json").write_text("{")

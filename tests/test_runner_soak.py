@@ -92,3 +92,29 @@ def test_twenty_kills_in_a_row_converge_to_the_unkilled_output(tmp_path):
     assert full.sort_by([("row_idx", "ascending"), ("sample_idx", "ascending")]).to_pylist() == \
         pq.read_table(os.path.join(ref, "shards")).drop_columns(["ttft_s", "e2e_s"]).sort_by(
             [("row_idx", "ascending"), ("sample_idx", "ascending")]).to_pylist()
+
+
+def test_a_kill_during_a_repair_never_lets_the_damaged_file_back(tmp_path):
+    """A bit flipped inside a done shard, found by `--resume --verify`, which is killed as it saves the
+    manifest that reopens the shard: the damaged file is already gone, so the next (cheap) resume sees a
+    done shard without its file and regenerates it, rather than adopting the damaged file as it would
+    adopt a sound one left by a kill."""
+    rows = sample_rows(6)
+    src = write_input(tmp_path / "in", "jsonl", rows)
+    out, ref = str(tmp_path / "out"), str(tmp_path / "ref")
+    args = ["--input", src, "--output", out, "--shard-size", 2, "--seed", 2, "--temperature", 0.5]
+    assert _run(args).returncode == 0
+    path = os.path.join(out, "shards", "part-00001.parquet")
+    with open(path, "rb") as f:
+        data = bytearray(f.read())
+    data[40] ^= 0xFF
+    with open(path, "wb") as f:
+        f.write(bytes(data))
+    res = _run([*args, "--resume", "--verify"], "replace:manifest.json:before:1")
+    assert res.returncode == -signal.SIGKILL
+    assert not os.path.exists(path) and _done_shards(out).keys() == {0, 1, 2}  # deleted, not yet reopened
+    res = _run([*args, "--resume"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "shard 1: part-00001.parquet is missing; it will be regenerated" in res.stderr
+    assert _run([ref if a == out else a for a in args]).returncode == 0
+    assert _table(out) == _table(ref) and verify_folder(out).ok
