@@ -35,8 +35,8 @@ from typing import Any
 
 from raas_batch.data.manifest import Manifest, ManifestVersionError, fingerprint_diff, previous_path
 from raas_batch.data.writer import file_sha256, read_footer, shard_file_name, shard_problem
+from raas_batch.job import CONFIG, DAMAGED, MANIFEST, SHARDS
 
-DAMAGED = "manifest.damaged.json"  # where a manifest that could not be trusted is kept
 PART_RE = re.compile(r"^part-(\d{5,})\.parquet$")
 
 
@@ -52,7 +52,7 @@ class RebuildRefused(Exception):
 def done_shard_problem(out_dir: str, rec, expected_meta: dict[str, Any], schema, full: bool) -> str | None:
     """None if done shard `rec`'s file is sound (see the module doc for cheap vs full), else what is wrong,
     as a phrase that follows the file's name ("is missing", "has 100 bytes, ...")."""
-    path = os.path.join(out_dir, rec.file or os.path.join("shards", shard_file_name(rec.index)))
+    path = os.path.join(out_dir, rec.file or os.path.join(SHARDS, shard_file_name(rec.index)))
     try:
         size = os.stat(path).st_size
     except FileNotFoundError:
@@ -111,13 +111,13 @@ def load_checked(path: str, num_samples: int | None) -> tuple[Manifest | None, s
     return manifest, None
 
 
-def open_manifest(out_dir: str, manifest_name: str, fingerprint: dict[str, Any], num_rows: int, shard_size: int,
+def open_manifest(out_dir: str, fingerprint: dict[str, Any], num_rows: int, shard_size: int,
                   num_samples: int, config_settings: dict[str, Any] | None) -> tuple[Manifest, list[str], bool]:
     """The manifest to resume from -> (manifest, notes for the log, whether manifest.json was damaged).
 
     A sound manifest.json of another job raises JobDiffers with the differences (the caller refuses
     the resume); config_settings: the output settings config.yaml records (None: none readable)."""
-    path = os.path.join(out_dir, manifest_name)
+    path = os.path.join(out_dir, MANIFEST)
     manifest, why = load_checked(path, num_samples)
     if manifest is not None and manifest.diff(fingerprint):
         raise JobDiffers(manifest.diff(fingerprint))
@@ -125,7 +125,7 @@ def open_manifest(out_dir: str, manifest_name: str, fingerprint: dict[str, Any],
         manifest, why = None, f"it plans {manifest.num_rows} rows, the input has {num_rows} for this job"
     if manifest is not None:
         return manifest, [], False
-    notes = [f"{manifest_name} cannot be trusted ({why})" + (f"; it is kept as {DAMAGED}" if os.path.exists(path) else "")]
+    notes = [f"{MANIFEST} cannot be trusted ({why})" + (f"; it is kept as {DAMAGED}" if os.path.exists(path) else "")]
     try:
         prev, prev_why = load_checked(previous_path(path), num_samples)
     except ManifestVersionError as exc:
@@ -140,7 +140,7 @@ def open_manifest(out_dir: str, manifest_name: str, fingerprint: dict[str, Any],
             raise RebuildRefused("its config.yaml records another job (" + "; ".join(
                 f"{name} was {old!r}, now {new!r}" for name, old, new in diffs) + ")")
     want = Manifest.plan(num_rows, shard_size, fingerprint)
-    foreign = [name for name, meta in _shard_files_meta(os.path.join(out_dir, "shards"))
+    foreign = [name for name, meta in _shard_files_meta(os.path.join(out_dir, SHARDS))
                if meta is not None and meta.get("fingerprint") != want.fingerprint_hash]
     if foreign:
         raise RebuildRefused(f"{len(foreign)} shard file(s) there ({', '.join(foreign[:3])}) belong to another "
@@ -177,7 +177,7 @@ class FolderReport:
 
     def text(self) -> str:
         lines = [f"problem: {p}" for p in self.problems] + [f"note: {n}" for n in self.notes]
-        config = os.path.join(self.out_dir, "config.yaml")
+        config = os.path.join(self.out_dir, CONFIG)
         if self.ok:
             lines.append(f"OK: {self.out_dir}: {self.num_shards} shards, {self.num_samples} samples, every sample "
                          "present exactly once (sizes, sha256 and rows checked)")
@@ -188,21 +188,21 @@ class FolderReport:
         return "\n".join(lines)
 
 
-def verify_folder(out_dir: str, manifest_name: str = "manifest.json") -> FolderReport:
+def verify_folder(out_dir: str) -> FolderReport:
     """Check a job's output folder without the input, the engine or the model (see module doc).
     Raises FileNotFoundError when out_dir is not a job's folder."""
     report = FolderReport(out_dir)
-    path = os.path.join(out_dir, manifest_name)
+    path = os.path.join(out_dir, MANIFEST)
     if not os.path.isdir(out_dir) or not any(os.path.exists(p) for p in (path, previous_path(path))):
         raise FileNotFoundError(out_dir)
     try:
         manifest, why = load_checked(path, None)
     except ManifestVersionError as exc:
-        report.problems.append(f"{manifest_name}: {exc}")
+        report.problems.append(f"{MANIFEST}: {exc}")
         return report
     if manifest is None:
         prev, _ = load_checked(previous_path(path), None)
-        report.problems.append(f"{manifest_name} cannot be trusted ({why}); --resume repairs it"
+        report.problems.append(f"{MANIFEST} cannot be trusted ({why}); --resume repairs it"
                                + (" from manifest.prev.json" if prev is not None else
                                   " from config.yaml and the shard files"))
         manifest = prev
@@ -211,7 +211,7 @@ def verify_folder(out_dir: str, manifest_name: str = "manifest.json") -> FolderR
     settings = manifest.fingerprint.get("settings", {})
     n = settings.get("n", 1)
     problems = manifest.problems(n)
-    report.problems.extend(f"{manifest_name}: {p}" for p in problems)
+    report.problems.extend(f"{MANIFEST}: {p}" for p in problems)
     if problems:
         return report
     done_files = set()
@@ -232,7 +232,7 @@ def verify_folder(out_dir: str, manifest_name: str = "manifest.json") -> FolderR
         else:
             report.num_shards += 1
             report.num_samples += rec.num_output_rows
-    shards_dir = os.path.join(out_dir, "shards")
+    shards_dir = os.path.join(out_dir, SHARDS)
     for name in sorted(os.listdir(shards_dir)) if os.path.isdir(shards_dir) else []:
         if name in done_files:
             continue

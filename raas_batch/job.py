@@ -180,7 +180,7 @@ def _open_manifest(cfg: JobConfig, out_dir: str, fingerprint: dict[str, Any], nu
     except (ConfigError, TypeError, ValueError):
         recorded = None  # no readable config.yaml: the shard files' fingerprints still guard the rebuild
     try:
-        return open_manifest(out_dir, MANIFEST, fingerprint, num_rows, cfg.shard_size, cfg.n, recorded)
+        return open_manifest(out_dir, fingerprint, num_rows, cfg.shard_size, cfg.n, recorded)
     except ManifestVersionError as exc:
         raise JobError(f"Cannot resume {cfg.output}: {exc}; pass --overwrite to start the job over.") from None
     except RebuildRefused as exc:
