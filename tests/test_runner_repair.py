@@ -5,6 +5,8 @@ out-of-memory error fails fast with the knobs named (simulated: the fake engine 
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 from fake_llm import FakeLLM, sample_rows, write_input
@@ -251,6 +253,18 @@ def test_verify_names_each_kind_of_damage(tmp_path, capsys, damage):
         assert rc == 0, err
         rc, report = verify(capsys, out)
         assert rc == 0, report
+
+
+def test_verify_loads_no_engine(tmp_path, capsys):
+    """--verify needs neither the input nor torch: it runs where only the output folder is."""
+    out, _ = _job(tmp_path, capsys)
+    shutil.rmtree(tmp_path / "in")  # the input is gone
+    code = ("import sys; from raas_batch.cli import main; rc = main(['--verify', '--output', sys.argv[1]]); "
+            "print(rc, 'torch' in sys.modules)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "-c", code, str(out)], cwd=root, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": root}, timeout=120, check=False)
+    assert res.stdout.strip().splitlines()[-1] == "0 False", res.stdout + res.stderr
 
 
 def test_verify_refuses_a_folder_without_a_job(tmp_path, capsys):
