@@ -328,6 +328,22 @@ def test_out_of_memory_fails_fast_naming_the_knobs(tmp_path, capsys, monkeypatch
     assert len(read_out(out)[1]) == 8
 
 
+def test_out_of_memory_is_recognised_by_class_and_by_cuda_text():
+    import torch
+
+    from raas_batch.config import JobConfig
+    from raas_batch.engine_factory import out_of_memory_advice
+
+    cfg = JobConfig(max_num_seqs=64, gpu_memory_utilization=0.8)
+    advice = out_of_memory_advice(torch.cuda.OutOfMemoryError("Tried to allocate 1 GiB\nmore"), cfg)
+    assert advice.startswith("the GPU ran out of memory (Tried to allocate 1 GiB): lower --max-num-seqs (now 64) or "
+                             "--gpu-memory-utilization (now 0.8")
+    assert "(now 12)" in out_of_memory_advice(RuntimeError("CUDA error: out of memory"), cfg, max_num_seqs=12)
+    assert out_of_memory_advice(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate"), cfg)
+    assert out_of_memory_advice(RuntimeError("fake engine crashed"), cfg) is None
+    assert out_of_memory_advice(MemoryError("host memory"), cfg) is None  # not the GPU: no GPU knobs
+
+
 class OomAtLoadLLM(FakeLLM):
     def __init__(self, *args, **kwargs):
         import torch
