@@ -5,16 +5,18 @@ so that `config.resolve` can layer defaults -> `--config` YAML -> flags given on
 
 Exit status: 0 the job is complete (rows that could not run are error rows, not failures);
 1 some shard failed (rerun with --resume); 2 the job could not start (one sentence on stderr,
-nothing written); 130 interrupted.
+nothing written); 130 interrupted. `--verify --output DIR`: 0 every sample is there exactly once,
+1 something is missing or damaged (the report says what and the command that repairs it), 2 no job there.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
-from raas_batch.config import ConfigError, JobConfig, resolve
+from raas_batch.config import ConfigError, JobConfig, load_yaml, resolve
 from raas_batch.sampling_params import FALLBACK_DEFAULTS
 
 _DEFAULTS = JobConfig()
@@ -109,7 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true",
                      help="continue the job in --output: skip done shards, redo the rest")
     run.add_argument("--overwrite", action="store_true", help="start the job in --output over")
-    run.add_argument("--quiet", action=argparse.BooleanOptionalAction, help="no progress bar or log lines")
+    run.add_argument("--quiet", action=argparse.BooleanOptionalAction,
+                     help="no progress bar or progress lines (failures and repairs are still printed)")
+    run.add_argument("--verify", action="store_true",
+                     help="alone (--verify --output DIR): check a job's folder without the input or the model, print "
+                          "what is missing or damaged, exit 0 only if every sample is there exactly once; with "
+                          "--resume: also read every done shard whole (sha256, rows) before resuming, not only "
+                          "its size and footer")
     dist = p.add_argument_group("distributed (Ray)")
     dist.add_argument("--ray", action=argparse.BooleanOptionalAction,
                       help="run on a Ray cluster: one GenerationWorker actor per GPU pulling shards; same "
@@ -126,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "verify", False) and not getattr(args, "resume", False):
+        return _verify(args)
     try:
         cfg = resolve(vars(args))
     except ConfigError as exc:
@@ -147,9 +157,37 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: rerun with --resume to continue.", file=sys.stderr)
         return 130
-    if not cfg.quiet:
+    if not cfg.quiet or not summary["complete"]:  # quiet silences progress, not failures
         print(_final_line(summary, cfg), file=sys.stderr)
     return 0 if summary["complete"] else 1
+
+
+def _verify(args: argparse.Namespace) -> int:
+    """`--verify --output DIR` (or --config DIR/config.yaml): the read-only check of raas_batch.integrity;
+    the report on stdout; exit 0 every sample there once, 1 something missing or damaged, 2 no job there."""
+    from raas_batch.integrity import verify_folder
+
+    if getattr(args, "overwrite", False):
+        print("error: --verify checks the job in --output, --overwrite starts it over: pass only one of them.",
+              file=sys.stderr)
+        return 2
+    output = getattr(args, "output", None)
+    if output is None and getattr(args, "config", None):
+        try:
+            output = load_yaml(args.config).get("output")
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    if not output:
+        print("error: --verify needs the job's folder: pass --output DIR.", file=sys.stderr)
+        return 2
+    try:
+        report = verify_folder(os.path.abspath(os.path.expanduser(str(output))))
+    except FileNotFoundError:
+        print(f"error: {output} holds no raas_batch job (no manifest.json): check --output.", file=sys.stderr)
+        return 2
+    print(report.text())
+    return 0 if report.ok else 1
 
 
 def _final_line(summary: dict, cfg: JobConfig) -> str:

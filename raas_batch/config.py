@@ -73,7 +73,8 @@ class JobConfig:
     config: str | None = None
     resume: bool = False
     overwrite: bool = False
-    quiet: bool = False
+    quiet: bool = False  # no progress; failures and repairs are still printed
+    verify: bool = False  # with resume: read every done shard whole (sha256, rows); alone: the CLI's --verify check
     # --- distributed (Ray; see raas_batch.distributed) ------------------------------------------------
     ray: bool = False  # run on a Ray cluster: one GenerationWorker actor per GPU
     ray_address: str | None = None  # cluster to join (implies ray); None: Ray's default (RAY_ADDRESS, ...)
@@ -94,6 +95,8 @@ class JobConfig:
             raise ConfigError("No output folder given: pass --output DIR.")
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite contradict each other: pass only one of them.")
+        if self.verify and self.overwrite:
+            raise ConfigError("--verify checks the job in --output, --overwrite starts it over: pass only one of them.")
         if self.system_prompt is not None and not isinstance(self.system_prompt, str):
             raise ConfigError(f"--system-prompt must be text, got {self.system_prompt!r}.")
         if self.system_prompt and not self.apply_chat_template:
@@ -164,7 +167,7 @@ class JobConfig:
 
 
 # Fields that do not change the output and are not written to config.yaml.
-_RUN_CONTROL = ("config", "resume", "overwrite", "ray", "ray_address", "num_workers", "max_attempts")
+_RUN_CONTROL = ("config", "resume", "overwrite", "verify", "ray", "ray_address", "num_workers", "max_attempts")
 
 # Fields whose change changes the output (fingerprinted). Not here: output, device, max_num_seqs,
 # gpu_memory_utilization, enforce_eager, quiet and run control (they change where and how fast, not
@@ -295,7 +298,7 @@ def _coerce_types(cfg: JobConfig) -> None:
                 setattr(cfg, name, int(value))
             except ValueError:
                 raise ConfigError(f"--{_flag(name)} must be an integer, got {value!r}.") from None
-    for name in ("ignore_eos", "quiet", "resume", "overwrite", "ray", "enforce_eager", "apply_chat_template"):
+    for name in ("ignore_eos", "quiet", "resume", "overwrite", "verify", "ray", "enforce_eager", "apply_chat_template"):
         value = getattr(cfg, name)
         if not isinstance(value, bool):
             raise ConfigError(f"{name.replace('_', '-')} must be true or false, got {value!r}.")

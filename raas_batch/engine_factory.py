@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
+import sys
 
 from raas_batch.config import JobConfig
 
@@ -40,3 +41,24 @@ def make_engine(cfg: JobConfig):
                             "with this engine")
         del kwargs[name]
     return cls(**kwargs)
+
+
+_OOM_MARKERS = ("CUDA out of memory", "CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED")
+
+
+def out_of_memory_advice(exc: BaseException, cfg: JobConfig, max_num_seqs=None) -> str | None:
+    """One sentence naming the knobs, when `exc` is the GPU running out of memory; None otherwise.
+
+    torch.OutOfMemoryError (torch.cuda.OutOfMemoryError is the same class), or an error whose text says
+    an allocation on the GPU failed (a kernel launch's `CUDA error: out of memory`, cuBLAS failing to
+    allocate its workspace). Without torch imported no exception can be torch's."""
+    torch = sys.modules.get("torch")
+    kinds = tuple(k for k in (getattr(torch, "OutOfMemoryError", None),
+                              getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None)) if k is not None)
+    text = str(exc)
+    if not (kinds and isinstance(exc, kinds)) and not any(marker in text for marker in _OOM_MARKERS):
+        return None
+    seqs = max_num_seqs if max_num_seqs is not None else cfg.max_num_seqs
+    first = text.strip().splitlines()[0][:200] if text.strip() else type(exc).__name__
+    return (f"the GPU ran out of memory ({first}): lower --max-num-seqs (now {seqs}) or --gpu-memory-utilization "
+            f"(now {cfg.gpu_memory_utilization}; what it leaves free holds the activations), then rerun with --resume")

@@ -3,8 +3,10 @@ lifecycle (shared by the local runner, `raas_batch.runner`, and the Ray driver, 
 
     prepare_job(cfg)    detect + open the input, check the output folder, resolve sampling defaults from
                         the model's generation_config, fingerprint, plan or load + compare the manifest
-                        (writes nothing; every user error raises JobError)
-    begin_run(job)      manifest first, config.yaml, then recovery of what a killed run left
+                        (a damaged one: the previous copy, else rebuilt), check every done shard's file
+                        and reopen the damaged ones (writes nothing; every user error raises JobError)
+    begin_run(job)      manifest first, config.yaml, then recovery of what a killed run left and the
+                        removal of damaged files (raas_batch.integrity has the checks)
 
 Invariants (exactly-once):
 - Shard i's file holds exactly the samples of input rows [start, end): (end - start) * n rows, one per
@@ -16,21 +18,24 @@ Invariants (exactly-once):
   update) is adopted only if `verify_shard` proves it complete and from this very job (same schema,
   fingerprint, range and n); otherwise it is deleted and regenerated.
 - With --seed S, row r's seed depends only on (S, id of r): output does not depend on shard size or order.
+- A resume trusts no file blindly: a done shard whose file is missing or damaged is regenerated, a
+  manifest that cannot be trusted is replaced by its previous copy or rebuilt (`raas_batch.integrity`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 
 from raas_batch.config import JobConfig
 from raas_batch.data.reader import InputError, ReaderSpec, detect_input, open_reader
-from raas_batch.data.writer import carried_columns, fsync_dir, job_schema, shard_file_name, verify_shard
+from raas_batch.data.writer import carried_columns, file_sha256, fsync_dir, job_schema, shard_problem
 from raas_batch.engine_factory import ENGINE_ENV
 from raas_batch.shards import ShardSpec, shard_stats
 
@@ -57,6 +62,8 @@ def check_engine_settings(cfg: JobConfig) -> None:
 
 
 MANIFEST = "manifest.json"
+PREVIOUS = "manifest.prev.json"  # the save before the last (Manifest.save keeps it)
+DAMAGED = "manifest.damaged.json"  # a manifest.json that could not be trusted, kept for inspection
 SUMMARY = "summary.json"
 CONFIG = "config.yaml"
 SHARDS = "shards"
@@ -77,6 +84,9 @@ class Job:
     mode: str  # "fresh" | "resume" | "overwrite"
     schema: pa.Schema  # every shard file's: OUTPUT_SCHEMA + the carried input columns
     carried: tuple[tuple[str, str], ...]  # (input column, output column)
+    notes: list[str] = field(default_factory=list)  # damage found and repaired: logged even with --quiet
+    repairs: list[dict[str, Any]] = field(default_factory=list)  # done shards reopened (integrity.check_done_shards)
+    manifest_damaged: bool = False  # manifest.json could not be trusted: begin_run keeps it aside
 
     def shard_spec(self, index: int) -> ShardSpec:
         rec = self.manifest.shards[index]
@@ -106,7 +116,7 @@ def prepare_job(cfg: JobConfig) -> Job:
 
     The job's config (`Job.cfg`) has its unset sampling fields resolved from the model's
     generation_config: those values are fingerprinted and written to config.yaml."""
-    from raas_batch.data.manifest import Manifest, ManifestVersionError
+    from raas_batch.data.manifest import Manifest
     from raas_batch.generation_config import read_generation_defaults
 
     cfg = cfg.with_sampling_defaults(read_generation_defaults(cfg.model))
@@ -130,11 +140,11 @@ def prepare_job(cfg: JobConfig) -> Job:
     # Temp files and an empty shards/ are what a run killed before its first manifest save leaves.
     entries = [e for e in entries if ".tmp-" not in e
                and not (e == SHARDS and not os.listdir(os.path.join(out_dir, SHARDS)))]
-    manifest_path = os.path.join(out_dir, MANIFEST)
     mode = "fresh"
     manifest = None
+    damaged, notes = False, []
     if entries:
-        ours = os.path.exists(manifest_path)
+        ours = any(os.path.exists(os.path.join(out_dir, name)) for name in (MANIFEST, PREVIOUS, CONFIG))
         if not (cfg.resume or cfg.overwrite):
             raise JobError(f"Output folder {cfg.output} is not empty: pass --resume to continue the job "
                            "in it, --overwrite to start it over, or choose another --output.")
@@ -145,23 +155,41 @@ def prepare_job(cfg: JobConfig) -> Job:
             mode = "overwrite"
         else:
             mode = "resume"
-            try:
-                manifest = Manifest.load(manifest_path)
-            except ManifestVersionError as exc:
-                raise JobError(f"Cannot resume {cfg.output}: {exc}; pass --overwrite to start the job over.") from None
-            except (OSError, ValueError, TypeError, KeyError) as exc:
-                raise JobError(f"{manifest_path} is unreadable ({exc}): pass --overwrite to start the job "
-                               "over.") from None
-            diffs = manifest.diff(fingerprint)
-            if diffs:
-                parts = "; ".join(f"{name} was {old!r}, now {new!r}" for name, old, new in diffs)
-                raise JobError(f"Cannot resume {cfg.output}: the job there differs ({parts}). Rerun with the "
-                               "same settings, or pass --overwrite to start over.")
+            manifest, notes, damaged = _open_manifest(cfg, out_dir, fingerprint, num_rows)
     if manifest is None:
         manifest = Manifest.plan(num_rows, cfg.shard_size, fingerprint)
-    return Job(cfg=cfg, out_dir=out_dir, reader_spec=spec, prompt_column=prompt_column,
-               id_column=id_column, num_rows=num_rows, fingerprint=fingerprint, manifest=manifest, mode=mode,
-               schema=job_schema(reader.schema, carried), carried=carried)
+    job = Job(cfg=cfg, out_dir=out_dir, reader_spec=spec, prompt_column=prompt_column,
+              id_column=id_column, num_rows=num_rows, fingerprint=fingerprint, manifest=manifest, mode=mode,
+              schema=job_schema(reader.schema, carried), carried=carried, notes=notes, manifest_damaged=damaged)
+    if mode == "resume":
+        from raas_batch.integrity import check_done_shards, repair_message
+
+        job.repairs = check_done_shards(job, full=cfg.verify)
+        job.notes.extend(map(repair_message, job.repairs))
+    return job
+
+
+def _open_manifest(cfg: JobConfig, out_dir: str, fingerprint: dict[str, Any], num_rows: int):
+    """The manifest to resume from (integrity.open_manifest), its refusals as JobError."""
+    from raas_batch.config import ConfigError, resolve
+    from raas_batch.data.manifest import ManifestVersionError
+    from raas_batch.integrity import JobDiffers, RebuildRefused, open_manifest
+
+    try:  # the settings config.yaml records, read as `--config DIR/config.yaml` would read them
+        recorded = resolve({"config": os.path.join(out_dir, CONFIG)}).output_settings()
+    except (ConfigError, TypeError, ValueError):
+        recorded = None  # no readable config.yaml: the shard files' fingerprints still guard the rebuild
+    try:
+        return open_manifest(out_dir, fingerprint, num_rows, cfg.shard_size, cfg.n, recorded)
+    except ManifestVersionError as exc:
+        raise JobError(f"Cannot resume {cfg.output}: {exc}; pass --overwrite to start the job over.") from None
+    except RebuildRefused as exc:
+        raise JobError(f"Cannot resume {cfg.output}: its {MANIFEST} is unreadable and {exc}. Rerun with the same "
+                       "input and settings, or pass --overwrite to start over.") from None
+    except JobDiffers as exc:
+        parts = "; ".join(f"{name} was {old!r}, now {new!r}" for name, old, new in exc.args[0])
+        raise JobError(f"Cannot resume {cfg.output}: the job there differs ({parts}). Rerun with the "
+                       "same settings, or pass --overwrite to start over.") from None
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -183,23 +211,13 @@ def _clear_outputs(out_dir: str) -> None:
             if name.startswith(("part-", ".part-")):
                 os.unlink(os.path.join(shards, name))
     for name in os.listdir(out_dir):
-        if name in (SUMMARY, CONFIG) or ".tmp-" in name:
+        if name in (SUMMARY, CONFIG, PREVIOUS, DAMAGED) or ".tmp-" in name:
             os.unlink(os.path.join(out_dir, name))
 
 
-def reopen_missing(job: Job) -> list[str]:
-    """Done shards whose file has vanished (deleted by hand) become pending again (in memory only)."""
-    messages = []
-    for rec in job.manifest.shards:
-        if rec.state == "done" and not os.path.exists(os.path.join(job.out_dir, rec.file)):
-            rec.state, rec.file, rec.sha256, rec.num_output_rows = "pending", None, None, None
-            messages.append(f"shard {rec.index}: {shard_file_name(rec.index)} is missing; it will be regenerated")
-    return messages
-
-
 def recover(job: Job, log) -> int:
-    """Before running: drop temp files of killed writes, and adopt or delete shard files that exist
-    but are not recorded done. Returns the number of adopted shards."""
+    """Before running: drop temp files of killed writes and shard files outside the plan, and adopt or
+    delete shard files that exist but are not recorded done. Returns the number of adopted shards."""
     import pyarrow.parquet as pq
 
     shards_dir = os.path.join(job.out_dir, SHARDS)
@@ -207,22 +225,29 @@ def recover(job: Job, log) -> int:
         for name in os.listdir(folder):
             if ".tmp-" in name:
                 os.unlink(os.path.join(folder, name))
+    from raas_batch.integrity import PART_RE
+
+    for name in os.listdir(shards_dir):
+        match = PART_RE.match(name)
+        if match and int(match.group(1)) >= len(job.manifest.shards):  # no shard of this plan has that name
+            os.unlink(os.path.join(shards_dir, name))
+            log(f"removed {SHARDS}/{name}: this job has no shard {int(match.group(1))} (its samples would be read twice)")
     adopted = 0
     for rec in job.manifest.todo():
         spec = job.shard_spec(rec.index)
         if not os.path.exists(spec.path):
             continue
-        if verify_shard(spec.path, spec.file_meta(), spec.schema):
-            from raas_batch.data.writer import file_sha256
-
+        problem = shard_problem(spec.path, spec.file_meta(), spec.schema)
+        if problem is None:
             rows = pq.read_table(spec.path).to_pylist()
-            job.manifest.finish(rec.index, os.path.join(SHARDS, spec.file_name), len(rows),
-                                file_sha256(spec.path), {**shard_stats(rows), "adopted": True})
+            job.manifest.finish(rec.index, os.path.join(SHARDS, spec.file_name), len(rows), file_sha256(spec.path),
+                                {**shard_stats(rows), "adopted": True}, size=os.path.getsize(spec.path))
             adopted += 1
             log(f"shard {rec.index}: adopted {spec.file_name} (complete on disk, not yet recorded done)")
         else:
             os.unlink(spec.path)
-            log(f"shard {rec.index}: removed incomplete or foreign {spec.file_name}; it will be regenerated")
+            log(f"shard {rec.index}: removed incomplete or foreign {spec.file_name} ({problem}); it will be "
+                "regenerated")
     return adopted
 
 
@@ -230,13 +255,22 @@ def recover(job: Job, log) -> int:
 def begin_run(job: Job, log) -> tuple[dict[str, Any], int]:
     """Start writing the output folder (after every job-level check passed and the engine loaded).
 
-    The new manifest goes first: with --overwrite it atomically forgets the old job, so a kill while
-    old files are deleted leaves only pending shards. Then config.yaml, then recovery of what a
-    killed run left (`recover`). Returns this run's record (in manifest.runs) and the number of
+    A resume first puts an untrusted manifest.json aside (manifest.damaged.json, so it never becomes
+    the previous copy) and deletes the files of the done shards it reopened (integrity). The new
+    manifest goes next: with --overwrite it atomically forgets the old job, so a kill while old files
+    are deleted leaves only pending shards. Then config.yaml, then recovery of what a killed run left
+    (`recover`). Returns this run's record (in manifest.runs) and the number of
     adopted shards. Shared by the local and the Ray driver, so both leave the same layout."""
     manifest_path = os.path.join(job.out_dir, MANIFEST)
     os.makedirs(job.out_dir, exist_ok=True)
     run_record = {"started_at": time.time(), "pid": os.getpid(), "mode": job.mode}
+    if job.repairs:
+        run_record["repaired"] = job.repairs
+    if job.manifest_damaged and os.path.exists(manifest_path):
+        os.replace(manifest_path, os.path.join(job.out_dir, DAMAGED))  # kept aside, never the previous copy
+    for repair in job.repairs:  # before the save that reopens them: a kill between leaves them missing
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(job.out_dir, repair["file"]))
     job.manifest.runs.append(run_record)
     job.manifest.save(manifest_path)
     if job.mode == "overwrite":

@@ -14,7 +14,9 @@ Invariants: those of `raas_batch.job` (exactly-once: a shard is done only once i
 whatever order shards finish in; a kill at any instant leaves `running`/`pending` shards that
 `--resume` redoes). An engine error fails the shards in flight (the job goes on with the others and
 exits 1; `--resume` retries them); a shard whose rows cannot be read or whose file cannot be written
-fails alone.
+fails alone. The GPU running out of memory fails the shards in flight with a message naming
+--max-num-seqs and --gpu-memory-utilization and stops the run at once (the other shards stay pending:
+the next ones would only run out of memory again). Failures and repairs are logged even with --quiet.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any
 
 from raas_batch.config import JobConfig
 from raas_batch.data.progress import JobProgress
-from raas_batch.engine_factory import make_engine
+from raas_batch.engine_factory import make_engine, out_of_memory_advice
 from raas_batch.job import (
     MANIFEST,
     SHARDS,
@@ -35,7 +37,6 @@ from raas_batch.job import (
     begin_run,
     check_engine_settings,
     prepare_job,
-    reopen_missing,
 )
 from raas_batch.prompts import has_chat_template
 from raas_batch.shard_stream import ShardStream
@@ -49,6 +50,9 @@ def load_engine(cfg: JobConfig):
     try:
         return make_engine(cfg)
     except Exception as exc:  # noqa: BLE001  # the engine's own message says what was wrong
+        advice = out_of_memory_advice(exc, cfg)
+        if advice:
+            raise JobError(f"Could not start the engine: {advice}.") from None
         raise JobError(f"Could not start the engine ({type(exc).__name__}: {exc}): check --model, "
                        "--kv-policy, --kv-budget, --dtype and --device.") from None
 
@@ -61,7 +65,8 @@ def run_job(cfg: JobConfig, stream=None, engine=None) -> dict[str, Any]:
     stream = stream if stream is not None else sys.stderr
     t_start = time.monotonic()
     job = prepare_job(cfg)
-    messages = reopen_missing(job) if job.mode == "resume" else []
+    notes = list(job.notes)  # damage found and repaired: printed even with --quiet
+    messages: list[str] = []
     t_load = time.monotonic()
     if job.manifest.todo() and engine is None:
         engine = load_engine(job.cfg)
@@ -72,6 +77,8 @@ def run_job(cfg: JobConfig, stream=None, engine=None) -> dict[str, Any]:
         messages.append("the model has no chat template: text prompts are sent as they are")
     progress = JobProgress(total_rows=job.manifest.num_rows, initial_rows=job.manifest.rows_done(),
                            quiet=job.cfg.quiet, stream=stream)
+    for note in notes:
+        progress.log(note, always=True)
     for message in messages:
         progress.log(message)
     local = _LocalRun(job, engine, progress) if engine is not None else None
@@ -115,11 +122,17 @@ class _LocalRun:
             except Exception as exc:  # noqa: BLE001 - an engine failure fails the shards in flight only
                 failed = sorted(self.stream.active)
                 self.stream.active.clear()
+                advice = out_of_memory_advice(exc, self.job.cfg, getattr(self.stream.llm, "max_num_seqs", None))
                 for index in failed:
-                    self._fail(index, f"{type(exc).__name__}: {exc}")
+                    self._fail(index, advice or f"{type(exc).__name__}: {exc}")
+                if advice:
+                    _release_gpu_cache()
+                    self.progress.log(f"shard(s) {', '.join(map(str, failed))} failed: {advice}; the run stops here "
+                                      "(the other shards stay pending)", always=True)
+                    return
                 self.progress.log(f"the engine failed ({type(exc).__name__}: {exc}) with shard(s) "
                                   f"{', '.join(map(str, failed))} in flight; they are marked failed (rerun with "
-                                  "--resume to retry them) and the job goes on")
+                                  "--resume to retry them) and the job goes on", always=True)
 
     def _plans(self):
         """Pending shards in order, read when the stream has room for their rows."""
@@ -147,7 +160,7 @@ class _LocalRun:
             self._fail(index, f"writing shard {index}: {type(exc).__name__}: {exc}")
             return
         self.manifest.finish(index, os.path.join(SHARDS, plan.spec.file_name), result.num_output_rows,
-                             result.sha256, result.stats)
+                             result.sha256, result.stats, result.size)
         self.manifest.save(self.manifest_path)
         self._unsaved = False
         stats = result.stats
@@ -164,4 +177,12 @@ class _LocalRun:
         rec = self.manifest.fail(index, error)
         self.manifest.save(self.manifest_path)
         self._unsaved = False
-        self.progress.log(f"shard {index} failed (attempt {rec.attempts}): {error}; rerun with --resume to retry it")
+        self.progress.log(f"shard {index} failed (attempt {rec.attempts}): {error}; rerun with --resume to retry it",
+                          always=True)
+
+
+def _release_gpu_cache() -> None:
+    """After an out-of-memory error: hand the allocator's cached blocks back (no-op without CUDA)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()

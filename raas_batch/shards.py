@@ -86,6 +86,7 @@ class ShardResult:
     num_output_rows: int
     sha256: str
     stats: dict[str, Any] = field(default_factory=dict)
+    size: int | None = None  # bytes of the file (the manifest records it: a resume compares it)
 
 
 @dataclass
@@ -172,7 +173,7 @@ def write_shard_file(plan: ShardPlan, outputs: dict[int, Any], model_name: str |
     digest = write_shard(spec.path, rows, spec.file_meta(), spec.schema)
     stats = shard_stats(rows)
     stats.update(wall_s=time.monotonic() - plan.t0, generate_s=gen_s)
-    return ShardResult(spec.index, spec.path, len(rows), digest, stats)
+    return ShardResult(spec.index, spec.path, len(rows), digest, stats, os.path.getsize(spec.path))
 
 
 def _output_row(spec: ShardSpec, j: RowJob, text: str | None, out, s: int, model_name: str | None) -> dict[str, Any]:

@@ -4,6 +4,8 @@ Invariants:
 - `tokens_per_s` is this run's completion tokens over this run's generation wall time (real time,
   never a sum of per-shard times, which overlap when shards stream through one batch).
 - `job_tokens_per_s` is the same over every run of the job that recorded its generation time.
+- `repaired_shards` names every done shard this run found missing or damaged (and whether it is
+  regenerated now); `complete` is true only when every shard is done after those repairs.
 """
 
 from __future__ import annotations
@@ -68,9 +70,12 @@ def build_summary(job: Job, run: dict[str, Any], engine, rows_now: int, tokens_n
         "shards": {"total": len(m.shards), **counts},
         "failed_shards": [{"index": s.index, "rows": [s.start, s.end], "attempts": s.attempts, "error": s.error}
                           for s in m.shards if s.state != "done" and s.error],
+        # Done shards this run found missing or damaged and reopened (regenerated if now done).
+        "repaired_shards": [dict(r, regenerated=m.shards[r["index"]].state == "done") for r in run.get("repaired", [])],
         "this_run": {"mode": job.mode, "rows": rows_now, "completion_tokens": tokens_now,
                      "shards_done": run.get("shards_done", 0), "shards_adopted": run.get("shards_adopted", 0),
-                     "shards_failed": run.get("shards_failed", 0), "wall_time_s": round(run.get("wall_s", 0.0), 3)},
+                     "shards_failed": run.get("shards_failed", 0),
+                     "shards_repaired": len(run.get("repaired", [])), "wall_time_s": round(run.get("wall_s", 0.0), 3)},
         "num_runs": len(m.runs),
         "fingerprint": m.fingerprint_hash,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -293,3 +293,19 @@ def test_shard_that_keeps_failing_is_given_up_then_resume_finishes(ray_head, tmp
     assert res.returncode == 0, res.stderr[-3000:]
     _check_exactly_once(out, rows)
     assert _load(out, "manifest.json")["shards"][1]["attempts"] == 3
+
+    # Damage after the fact, repaired by a Ray resume (the checks are the local run's, in prepare_job):
+    # a truncated shard and a garbled manifest, with --quiet (repairs are printed anyway).
+    before = {f: os.stat(out / "shards" / f).st_mtime_ns for f in ("part-00000.parquet", "part-00003.parquet")}
+    p2 = out / "shards" / "part-00002.parquet"
+    p2.write_bytes(p2.read_bytes()[:100])
+    (out / "manifest.json").write_text('{"version": 2, "shar')
+    res = _cli(ray_head, *args, "--resume", "--quiet", "--ray-address", ray_head.address, "--num-workers", 1,
+               env=_env(ray_head, RAAS_BATCH_ENGINE="fake_llm:FakeLLM"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "continuing from manifest.prev.json" in res.stderr and "shard 2: part-00002.parquet has 100 bytes" in res.stderr
+    summary = _load(out, "summary.json")
+    assert summary["complete"] and [r["index"] for r in summary["repaired_shards"]] == [2]
+    assert "workers" in summary  # it ran on Ray
+    assert {f: os.stat(out / "shards" / f).st_mtime_ns for f in before} == before
+    _check_exactly_once(out, rows)

@@ -191,3 +191,42 @@ def test_config_errors(tmp_path):
 def test_output_fields_are_fields():
     assert set(OUTPUT_FIELDS) <= set(JobConfig.field_names())
     assert "device" not in OUTPUT_FIELDS and "output" not in OUTPUT_FIELDS
+
+
+def test_save_keeps_the_previous_copy_whole(tmp_path):
+    path = str(tmp_path / "manifest.json")
+    m = Manifest.plan(10, 4, FP)
+    m.save(path)
+    assert sorted(os.listdir(tmp_path)) == ["manifest.json"]  # nothing to keep on the first save
+    first = (tmp_path / "manifest.json").read_bytes()
+    m.start(0)
+    m.finish(0, "shards/part-00000.parquet", 4, "a" * 64, {}, size=123)
+    m.save(path)
+    assert sorted(os.listdir(tmp_path)) == ["manifest.json", "manifest.prev.json"]
+    assert (tmp_path / "manifest.prev.json").read_bytes() == first
+    # Damage to manifest.json in place (not through save) never reaches the previous copy.
+    (tmp_path / "manifest.json").write_bytes(b"{garbled")
+    assert (tmp_path / "manifest.prev.json").read_bytes() == first
+    assert Manifest.load(path.replace("manifest.json", "manifest.prev.json")).shards[0].state == "pending"
+
+
+def test_reopen_and_problems():
+    m = Manifest.plan(10, 4, FP)
+    m.start(1)
+    m.finish(1, "shards/part-00001.parquet", 8, "b" * 64, {"completion_tokens": 3}, size=99)
+    assert m.problems(2) == []
+    assert m.problems(1) == ["shard 1 is done but its file, sha256 or row count is not recorded right"]
+    rec = m.reopen(1, "part-00001.parquet is missing; regenerated")
+    assert (rec.state, rec.file, rec.sha256, rec.size, rec.num_output_rows, rec.stats) == (
+        "pending", None, None, None, None, {})
+    assert rec.attempts == 1 and [s.index for s in m.todo()] == [0, 1, 2]
+    with pytest.raises(AssertionError):
+        m.reopen(1, "again")  # only a done shard is reopened
+    m.shards[2].state = "finished"
+    m.shards[0].end = 5
+    assert m.problems() == ["its 3 shards do not tile rows [0, 10) in shards of 4",
+                            "shard 2 has the unknown state 'finished'"]
+    m.shards[0].end, m.shards[2].state = 4, "pending"
+    m.fingerprint = {**FP, "settings": {"temperature": 0.5}}
+    m.stored_hash = "0" * 16
+    assert m.problems() == ["its fingerprint_hash does not match its fingerprint"]

@@ -1,11 +1,15 @@
 """The batch CLI end to end on the real engine (embedded SmolLM2-135M on CPU, a few tokens per row).
 
-One subprocess run (the model load dominates: ~30-40 s on CPU), then a --resume that finds
-everything done and must not load the model or rewrite anything.
+One subprocess run (the model load dominates: ~20-40 s on CPU), then a --resume that finds
+everything done and must not load the model or rewrite anything; then the same job killed (SIGKILL
+right after its second shard file is renamed into place, before the manifest records it) and resumed,
+which must give the unkilled run's samples (the real engine's part of the kill soak,
+test_runner_soak.py).
 """
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -18,9 +22,13 @@ from raas_batch.data.writer import OUTPUT_SCHEMA
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _cli(*args, timeout=600):
+def _cli(*args, timeout=600, kill_at=None):
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAAS_")}
-    return subprocess.run([sys.executable, "-m", "raas_batch", *map(str, args)], cwd=ROOT, env=env,
+    cmd = [sys.executable, "-m", "raas_batch"]
+    if kill_at:  # tests/kill_at.py: the same CLI, SIGKILLed at that moment
+        env["RAAS_KILL_AT"] = kill_at
+        cmd = [sys.executable, os.path.join(ROOT, "tests", "kill_at.py")]
+    return subprocess.run([*cmd, *map(str, args)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout, check=False)
 
 
@@ -71,3 +79,21 @@ def test_real_engine_end_to_end(tmp_path):
     assert {f: os.stat(out / "shards" / f).st_mtime_ns for f in files} == stats
     summary = json.loads((out / "summary.json").read_text())
     assert summary["this_run"]["shards_done"] == 0 and summary["engine_load_s"] < 5
+
+    # Killed between a shard's rename and its manifest record, then resumed: the unkilled run's samples.
+    killed = tmp_path / "killed"
+    kill_args = [killed if a == out else a for a in args]
+    res = _cli(*kill_args, kill_at="replace:part-:after:2")
+    assert res.returncode == -signal.SIGKILL, res.stderr[-3000:]
+    recorded = json.loads((killed / "manifest.json").read_text())
+    assert sum(s["state"] == "done" for s in recorded["shards"]) < 3 and len(os.listdir(killed / "shards")) >= 2
+    res = _cli(*kill_args, "--resume")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert ": adopted part-" in res.stderr  # the file renamed before the kill is kept, not regenerated
+
+    def samples(folder):
+        table = pq.read_table(folder / "shards").drop_columns(["ttft_s", "e2e_s"])
+        return sorted(table.to_pylist(), key=lambda r: (r["row_idx"], r["sample_idx"]))
+
+    assert samples(killed) == samples(out)
+    assert _cli("--verify", "--output", killed, timeout=120).returncode == 0

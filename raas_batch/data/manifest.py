@@ -15,7 +15,13 @@ Invariants:
 - A shard is `done` only after its file was renamed into place; `file`, `sha256` and
   `num_output_rows` of a done shard describe that file and are never changed afterwards.
 - `save` replaces manifest.json atomically (temp file, fsync, rename, fsync of the folder): after a
-  crash the manifest is the last saved one, whole.
+  crash the manifest is the last saved one, whole. The save before it stays beside it as
+  `manifest.prev.json` (hard-linked, else copied, before the rename), so damage done to manifest.json
+  afterwards (a bad copy, a sync tool, a filesystem without atomic renames) leaves one good copy.
+- A done shard goes back to pending only through `reopen` (its file failed verification or vanished).
+- `problems()` lists what makes a loaded manifest inconsistent (a plan that does not tile the rows, an
+  unknown state, a done shard without its file's record); a manifest with problems is not trusted
+  (`raas_batch.integrity` falls back to the previous copy, else rebuilds it from the shard files).
 - The fingerprint holds everything that changes the output (input identity and the settings of
   `JobConfig.output_settings`); `diff` names each differing setting.
 """
@@ -52,6 +58,7 @@ class ShardRecord:
     file: str | None = None  # relative to the output folder
     num_output_rows: int | None = None
     sha256: str | None = None
+    size: int | None = None  # bytes of the done shard's file (None in manifests written before it was kept)
     error: str | None = None
     started_at: float | None = None
     finished_at: float | None = None
@@ -62,8 +69,41 @@ class ShardRecord:
         return self.end - self.start
 
 
+def previous_path(path: str) -> str:
+    """Where `save` keeps the manifest it replaces: manifest.json -> manifest.prev.json."""
+    root, ext = os.path.splitext(path)
+    return f"{root}.prev{ext}"
+
+
+def _keep_copy(path: str, dest: str) -> None:
+    """Make `dest` a whole copy of `path` (a hard link, else a byte copy), replacing it atomically."""
+    tmp = f"{dest}.tmp-{os.getpid()}"
+    if os.path.lexists(tmp):
+        os.unlink(tmp)
+    try:
+        os.link(path, tmp)
+    except OSError:  # a filesystem without hard links
+        with open(path, "rb") as src, open(tmp, "wb") as f:
+            f.write(src.read())
+            f.flush()
+            os.fsync(f.fileno())
+    os.replace(tmp, dest)
+
+
 def fingerprint_hash(fingerprint: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def fingerprint_diff(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """[(what, old value, new value)] for each part of two fingerprints that differs (see Manifest.diff)."""
+    out = []
+    for section, prefix in (("settings", "--"), ("input", "input ")):
+        before, after = old.get(section, {}), new.get(section, {})
+        for key in sorted(set(before) | set(after)):
+            if before.get(key) != after.get(key):
+                name = prefix + key.replace("_", "-") if section == "settings" else prefix + key
+                out.append((name, before.get(key), after.get(key)))
+    return out
 
 
 @dataclass
@@ -95,10 +135,13 @@ class Manifest:
                                        f"raas_batch (this one writes version {MANIFEST_VERSION}, whose shard "
                                        "files differ)")
         shards = [ShardRecord(**s) for s in data.pop("shards")]
-        data.pop("fingerprint_hash", None)
-        return cls(shards=shards, **data)
+        stored_hash = data.pop("fingerprint_hash", None)
+        manifest = cls(shards=shards, **data)
+        manifest.stored_hash = stored_hash
+        return manifest
 
-    def save(self, path: str) -> None:
+    def save(self, path: str, keep_previous: bool = True) -> None:
+        """Replace `path` atomically; the file it replaces becomes `previous_path(path)` (keep_previous)."""
         self.updated_at = time.time()
         data = asdict(self)
         data["fingerprint_hash"] = self.fingerprint_hash
@@ -108,6 +151,8 @@ class Manifest:
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
+        if keep_previous and os.path.exists(path):
+            _keep_copy(path, previous_path(path))
         os.replace(tmp, path)
         fsync_dir(os.path.dirname(path))
 
@@ -115,21 +160,37 @@ class Manifest:
     def fingerprint_hash(self) -> str:
         return fingerprint_hash(self.fingerprint)
 
+    def problems(self, num_samples: int | None = None) -> list[str]:
+        """What makes this manifest inconsistent ([] when sound): the plan must tile rows [0, num_rows)
+        in shards of shard_size, states must be known, and a done shard must record its file, sha256
+        and `num_samples` rows per input row (the job's n; None: not checked)."""
+        out = []
+        if getattr(self, "stored_hash", None) not in (None, self.fingerprint_hash):
+            out.append("its fingerprint_hash does not match its fingerprint")
+        if not isinstance(self.num_rows, int) or not isinstance(self.shard_size, int) or self.shard_size < 1:
+            return out + [f"num_rows {self.num_rows!r} / shard_size {self.shard_size!r} are not a plan"]
+        want = [(i, s, min(s + self.shard_size, self.num_rows))
+                for i, s in enumerate(range(0, self.num_rows, self.shard_size))]
+        got = [(s.index, s.start, s.end) for s in self.shards]
+        if got != want:
+            out.append(f"its {len(got)} shards do not tile rows [0, {self.num_rows}) in shards of {self.shard_size}")
+        for s in self.shards:
+            if s.state not in STATES:
+                out.append(f"shard {s.index} has the unknown state {s.state!r}")
+            elif s.state == "done":
+                rows = None if num_samples is None else (s.end - s.start) * num_samples
+                if (s.file != os.path.join("shards", f"part-{s.index:05d}.parquet") or not isinstance(s.sha256, str)
+                        or len(s.sha256) != 64 or (rows is not None and s.num_output_rows != rows)):
+                    out.append(f"shard {s.index} is done but its file, sha256 or row count is not recorded right")
+        return out
+
     # --- comparing ------------------------------------------------------------------------------
     def diff(self, fingerprint: dict[str, Any]) -> list[tuple[str, Any, Any]]:
         """[(what, recorded value, new value)] for each differing part; [] when they match.
 
         Settings are named by their flag (`--temperature`); input parts as `input <key>`.
         """
-        out = []
-        for section, prefix in (("settings", "--"), ("input", "input ")):
-            old = self.fingerprint.get(section, {})
-            new = fingerprint.get(section, {})
-            for key in sorted(set(old) | set(new)):
-                if old.get(key) != new.get(key):
-                    name = prefix + key.replace("_", "-") if section == "settings" else prefix + key
-                    out.append((name, old.get(key), new.get(key)))
-        return out
+        return fingerprint_diff(self.fingerprint, fingerprint)
 
     # --- state transitions ----------------------------------------------------------------------
     def todo(self) -> list[ShardRecord]:
@@ -143,11 +204,19 @@ class Manifest:
         return s
 
     def finish(self, index: int, file: str, num_output_rows: int, sha256: str,
-               stats: dict[str, Any] | None = None) -> ShardRecord:
+               stats: dict[str, Any] | None = None, size: int | None = None) -> ShardRecord:
         s = self.shards[index]
         assert s.state != "done", f"shard {index} is already done"
-        s.state, s.file, s.num_output_rows, s.sha256 = "done", file, num_output_rows, sha256
+        s.state, s.file, s.num_output_rows, s.sha256, s.size = "done", file, num_output_rows, sha256, size
         s.finished_at, s.error, s.stats = time.time(), None, dict(stats or {})
+        return s
+
+    def reopen(self, index: int, error: str) -> ShardRecord:
+        """A done shard whose file is gone or damaged becomes pending again (its record is cleared)."""
+        s = self.shards[index]
+        assert s.state == "done", f"shard {index} is not done"
+        s.state, s.file, s.sha256, s.size, s.num_output_rows = "pending", None, None, None, None
+        s.error, s.stats = error, {}
         return s
 
     def fail(self, index: int, error: str) -> ShardRecord:

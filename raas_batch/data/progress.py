@@ -2,7 +2,7 @@
 
 On a terminal it is a tqdm bar; when stderr is not a terminal (a log file, a CI job, a Ray job) it
 prints a plain line at most every `log_interval_s` seconds and one per finished shard; `quiet`
-silences everything. Rows already done by an earlier run count as done from the start, but rates
+silences progress but not failures (`log(..., always=True)`). Rows already done by an earlier run count as done from the start, but rates
 and the ETA only use what this run did.
 
 Invariant: the rows shown never exceed the total and never go backwards.
@@ -82,9 +82,10 @@ class JobProgress:
         return (self.total_rows - self.rows) * self.elapsed_s / done_now
 
     # --- messages -------------------------------------------------------------------------------
-    def log(self, message: str) -> None:
-        """A line of its own (above the bar on a terminal); silenced by quiet."""
-        if self.quiet:
+    def log(self, message: str, always: bool = False) -> None:
+        """A line of its own (above the bar on a terminal); silenced by quiet unless `always` (failures
+        and repairs: quiet silences progress, not what went wrong)."""
+        if self.quiet and not always:
             return
         if self._bar is not None:
             self._bar.write(message, file=self.stream)

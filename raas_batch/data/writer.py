@@ -132,32 +132,70 @@ def write_shard(path: str, rows: list[dict[str, Any]], meta: dict[str, Any], sch
 def read_shard_meta(path: str, expected_schema: pa.Schema = OUTPUT_SCHEMA) -> dict[str, Any] | None:
     """The metadata stored by write_shard, or None if the file is not a readable shard file of
     `expected_schema`."""
+    meta, _, problem = read_footer(path, expected_schema)
+    return None if problem else meta
+
+
+def read_footer(path: str, expected_schema: pa.Schema | None) -> tuple[dict[str, Any] | None, int, str | None]:
+    """(metadata stored by write_shard, row count, problem or None) from the file's Parquet footer only
+    (a few KiB read, whatever the file's size). expected_schema None: any schema that starts with
+    OUTPUT_SCHEMA (a reader that does not know the job's carried columns)."""
     try:
-        schema = pq.read_schema(path)
-    except (pa.ArrowInvalid, OSError):
-        return None
+        footer = pq.ParquetFile(path)
+        schema, num_rows = footer.schema_arrow, footer.metadata.num_rows
+    except (pa.ArrowInvalid, OSError) as exc:
+        return None, 0, f"not a readable Parquet file ({str(exc).splitlines()[0][:120]})"
     raw = (schema.metadata or {}).get(SHARD_META_KEY)
-    if raw is None or schema.remove_metadata() != expected_schema.remove_metadata():
+    plain = schema.remove_metadata()
+    if expected_schema is not None and plain != expected_schema.remove_metadata():
+        return None, num_rows, "its columns are not this job's"
+    if expected_schema is None and list(plain)[:len(OUTPUT_SCHEMA)] != list(OUTPUT_SCHEMA):
+        return None, num_rows, "its columns are not a raas_batch shard's"
+    try:
+        meta = json.loads(raw) if raw is not None else None
+    except ValueError:
+        meta = None
+    if not isinstance(meta, dict):
+        return None, num_rows, "it carries no raas_batch shard metadata"
+    return meta, num_rows, None
+
+
+def shard_problem(path: str, expected: dict[str, Any], schema: pa.Schema | None = OUTPUT_SCHEMA,
+                  full: bool = True) -> str | None:
+    """None iff `path` is a sound shard file with `schema` (None: see read_footer) whose metadata
+    matches `expected` and whose footer counts end - start rows times n; full: also read its
+    (row_idx, sample_idx) columns and require exactly the pairs the metadata promises, each once.
+    Otherwise one phrase saying what is wrong."""
+    meta, num_rows, problem = read_footer(path, schema)
+    if problem:
+        return problem
+    wrong = sorted(k for k, v in expected.items() if meta.get(k) != v)
+    if wrong:
+        return "its metadata names another " + ("job" if wrong == ["fingerprint"] else "shard") + \
+            f" ({', '.join(f'{k} {meta.get(k)!r}, expected {expected[k]!r}' for k in wrong)})"
+    try:
+        expected_rows = (int(meta["end"]) - int(meta["start"])) * int(meta["n"])
+    except (KeyError, TypeError, ValueError):
+        return "its metadata lacks the row range or n"
+    if num_rows != expected_rows:
+        return f"it holds {num_rows} rows, expected {expected_rows}"
+    if not full:
         return None
     try:
-        return json.loads(raw)
-    except ValueError:
-        return None
+        table = pq.read_table(path, columns=["row_idx", "sample_idx"])
+    except (pa.ArrowInvalid, OSError) as exc:
+        return f"its rows cannot be read ({str(exc).splitlines()[0][:120]})"
+    pairs = set(zip(table["row_idx"].to_pylist(), table["sample_idx"].to_pylist()))
+    want = {(r, s) for r in range(meta["start"], meta["end"]) for s in range(meta["n"])}
+    if table.num_rows != len(want) or pairs != want:
+        return "its rows are not each (row, sample) of its range exactly once"
+    return None
 
 
 def verify_shard(path: str, expected: dict[str, Any], schema: pa.Schema = OUTPUT_SCHEMA) -> bool:
     """True iff `path` is a complete shard file with `schema`, whose metadata matches `expected` and
     whose rows are exactly the (row_idx, sample_idx) pairs the metadata promises, each once."""
-    meta = read_shard_meta(path, schema)
-    if meta is None or any(meta.get(k) != v for k, v in expected.items()):
-        return False
-    try:
-        table = pq.read_table(path, columns=["row_idx", "sample_idx"])
-    except (pa.ArrowInvalid, OSError):
-        return False
-    pairs = set(zip(table["row_idx"].to_pylist(), table["sample_idx"].to_pylist()))
-    want = {(r, s) for r in range(meta["start"], meta["end"]) for s in range(meta["n"])}
-    return table.num_rows == len(want) and pairs == want
+    return shard_problem(path, expected, schema) is None
 
 
 def file_sha256(path: str) -> str:

@@ -36,7 +36,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from raas_batch.config import JobConfig
-from raas_batch.engine_factory import make_engine
+from raas_batch.engine_factory import make_engine, out_of_memory_advice
 from raas_batch.shard_stream import ShardStream
 from raas_batch.shards import ShardPlan, ShardResult, ShardSpec
 
@@ -59,6 +59,7 @@ class GenerationWorker:
 
             torch.set_num_threads(num_threads)
         self.worker_index = worker_index
+        self.cfg = cfg
         self.start_error: str | None = None
         try:
             self.llm = llm if llm is not None else make_engine(cfg)
@@ -150,7 +151,9 @@ class GenerationWorker:
         try:
             self._stream.run(self._plans(), self._on_step)
         except BaseException as exc:  # noqa: BLE001 - whatever the engine raised breaks this worker
-            self._break(f"the engine failed on worker {self.worker_index} (pid {os.getpid()}): {_describe(exc)}")
+            advice = out_of_memory_advice(exc, self.cfg, getattr(self.llm, "max_num_seqs", None))
+            self._break(f"the engine failed on worker {self.worker_index} (pid {os.getpid()}): "
+                        f"{advice or _describe(exc)}")
 
     def _plans(self):
         """Queued plans as the stream has room for them; None when nothing is queued right now."""

@@ -43,7 +43,6 @@ from raas_batch.job import (
     begin_run,
     check_engine_settings,
     prepare_job,
-    reopen_missing,
 )
 from raas_batch.summary import write_summary
 
@@ -62,7 +61,7 @@ def run_job_ray(cfg: JobConfig, stream=None, wait_for_all_workers: bool = False)
     stream = stream if stream is not None else sys.stderr
     t_start = time.monotonic()
     job = prepare_job(cfg)
-    messages = reopen_missing(job) if job.mode == "resume" else []
+    messages: list[str] = []
     todo = job.manifest.todo()
     if not todo:  # a resume of a finished job: nothing to distribute, no cluster needed
         from raas_batch.runner import run_job
@@ -164,6 +163,8 @@ class _RayRun:
         self.inflight: dict[Any, tuple[Any, int]] = {}  # run_shard ref -> (seat, shard index)
         self.progress = JobProgress(total_rows=self.manifest.num_rows, initial_rows=self.manifest.rows_done(),
                                     quiet=job.cfg.quiet, stream=stream)
+        for note in job.notes:  # damage found and repaired: printed even with --quiet
+            self.progress.log(note, always=True)
         for message in messages:
             self.progress.log(message)
         for seat in pool.ready_seats():
@@ -211,7 +212,7 @@ class _RayRun:
                 for index in self.queue.give_up_waiting(error):
                     self.manifest.fail(index, error)
                 self.manifest.save(self.manifest_path)
-                self.progress.log(f"every worker seat is closed: {error}")
+                self.progress.log(f"every worker seat is closed: {error}", always=True)
                 break
             starting = self.pool.starting()
             refs = list(self.inflight) + list(starting)
@@ -275,7 +276,7 @@ class _RayRun:
         rec = self.manifest.shards[index]
         self.queue.finish(seat.index, index)
         self.manifest.finish(index, os.path.join(SHARDS, os.path.basename(result.path)), result.num_output_rows,
-                             result.sha256, dict(result.stats, worker=seat.index))
+                             result.sha256, dict(result.stats, worker=seat.index), result.size)
         self.manifest.save(self.manifest_path)
         tokens = result.stats["completion_tokens"]
         seat.shards_done += 1
@@ -299,7 +300,7 @@ class _RayRun:
                               f"{self.queue.max_attempts}): {error}; retrying it")
         else:
             self.progress.log(f"shard {index} failed {attempts} times and is given up: {error}; rerun with "
-                              "--resume to retry it")
+                              "--resume to retry it", always=True)
 
     def _worker_lost(self, seat, error: str) -> None:
         """Every shard the seat held failed; its actor is replaced."""
