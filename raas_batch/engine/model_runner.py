@@ -44,7 +44,9 @@ class DecodeLaunch:
 
 # Decode micro-batches (experimental, off by default): RAAS_BATCH_DECODE_MICROBATCHES=2 splits a decode
 # batch of at least MICROBATCH_MIN_ROWS rows in two halves that advance layer by layer on two CUDA streams
-# (DecoderForCausalLM.forward_parts), so that one half's attention overlaps the other's weight products.
+# (DecoderForCausalLM.forward_parts), so that one half's attention may overlap the other's weight
+# products. Measured slower on an H200 (docs/gpu-notes.md, run 21: 7.84 against 7.54 ms a RaaS step):
+# the kernels overlap but slow each other down and the weights are read twice.
 DECODE_MICROBATCHES = int(os.environ.get("RAAS_BATCH_DECODE_MICROBATCHES", "1"))
 MICROBATCH_MIN_ROWS = 256
 
