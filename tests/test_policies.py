@@ -347,3 +347,15 @@ def _tiny_config():
 
 def test_isinstance_bounded():
     assert all(isinstance(make_policy(n, 64), BoundedPolicy) for n in BOUNDED)
+
+
+def test_pin_prompt_auto_pins_a_prompt_that_takes_at_most_half_the_budget():
+    """pin_prompt="auto": per sequence, at admission; the choice reaches prefill's pinned flags."""
+    h = Harness(make_policy("raas", 8 * P, P, pin_prompt="auto"))
+    short = h.admit(0, 4 * P)  # 4 of 8 pages: pinned
+    long_ = h.admit(1, 4 * P + 1)  # 5 pages: more than half, not pinned
+    assert h.pool.pinned[0, short[:4]].all()
+    assert not h.pool.pinned[0, long_[:5]].any()
+    assert h.policy.window[0] == h.policy.window[1] == 1
+    with pytest.raises(ValueError, match="pin_prompt"):
+        make_policy("raas", 64, P, pin_prompt="sometimes")

@@ -41,6 +41,7 @@ class RaasPolicy(BoundedPolicy):
     name = "raas"
 
     def __post_init__(self):
+        super().__post_init__()
         if self.refresh_rule not in ("top_half", "alpha", "mass"):
             raise ValueError(f"refresh_rule {self.refresh_rule!r} is unknown; choose top_half, alpha or mass.")
         if self.recent_pages < 0:
