@@ -75,8 +75,9 @@ POLICY, DENSE = "policy", "dense"
 
 
 def _audit_engine(llm, items: list[AuditItem]):
-    """A PolicyMixture engine over llm's model, big enough to hold `max_num_seqs` of the longest
-    sequences the items can make, dense."""
+    """A PolicyMixture engine over llm's model whose page pool holds `max_num_seqs` of the longest
+    sequences the items can make, dense: at most one per audited sample and member, at most the job's
+    batch, and on CUDA at most what the free memory holds (after the job's pool is given back)."""
     from raas_batch.engine.engine import Engine
     from raas_batch.llm_engine import LLMEngine
     from raas_batch.policies import PolicyMixture, make_policy
@@ -86,14 +87,15 @@ def _audit_engine(llm, items: list[AuditItem]):
     page_size = policy.page_size
     mixture = PolicyMixture({POLICY: policy, DENSE: make_policy("dense", None, page_size)}, page_size)
     core = llm.llm_engine
-    longest = 1
+    longest, num_samples = 1, 0
     for item in items:
+        params = item.params.with_defaults(core.generation_defaults)
+        num_samples += params.n
         _, ids, error = core.prepare(item.prompt)
         if not error:
-            longest = max(longest, min(len(ids) + item.params.with_defaults(core.generation_defaults).max_new_tokens,
-                                       core.max_model_len))
-    max_num_seqs = max(2, llm.max_num_seqs - llm.max_num_seqs % 2)  # even: a replay pair steps together
-    num_kv_tokens = max_num_seqs * math.ceil(longest / page_size) * page_size
+            longest = max(longest, min(len(ids) + params.max_new_tokens, core.max_model_len))
+    per_seq = math.ceil(longest / page_size) * page_size  # KV tokens of the longest sequence, dense
+    max_num_seqs = min(llm.max_num_seqs, 2 * max(1, num_samples))
     backend = getattr(old.runner.ops, "backend", "torch")
     if backend not in ("torch", "cpu", "triton"):
         backend = "torch"
@@ -104,6 +106,9 @@ def _audit_engine(llm, items: list[AuditItem]):
         del old
         gc.collect()
         torch.cuda.empty_cache()
+        max_num_seqs = min(max_num_seqs, llm._default_kv_tokens(page_size, 0.9) // per_seq)
+    max_num_seqs = max(2, max_num_seqs - max_num_seqs % 2)  # even: a replay pair steps together
+    num_kv_tokens = max_num_seqs * per_seq
     engine = Engine(llm.model, llm.tokenizer, llm.eos_token_ids, mixture, page_size, max_num_seqs, num_kv_tokens,
                     llm.device, llm.dtype, backend, cuda_graphs=False)
     audit_core = LLMEngine(engine, llm.tokenizer, core.max_model_len, core.chat_template_kwargs,
