@@ -16,6 +16,14 @@ Results: benchmarks/results/fidelity.{json,csv,png}. Finished (variant, budget) 
 the JSON and skipped on a rerun with the same prompts and length, so the grid can be run in pieces.
 
     .venv/bin/python benchmarks/bench_fidelity.py --num-prompts 2 --max-new-tokens 1024
+
+The full grid (README "Fidelity against dense") runs in two processes, each saving every 50 engine steps,
+and benchmarks/fidelity_report.py makes the table and plot from both (at equal step counts):
+
+    bench_fidelity.py --num-prompts 8 --max-new-tokens 1024 --threads 1 --out-dir benchmarks/results/fidelity_grid \
+        --policies raas,streaming,h2o --variants raas-nopin --free-variants
+    bench_fidelity.py --num-prompts 8 --max-new-tokens 1024 --threads 1 --out-dir benchmarks/results/fidelity_grid_b \
+        --policies quest,raas-paper,raas-mass --variants raas+recent2,raas+alpha
 """
 
 from __future__ import annotations

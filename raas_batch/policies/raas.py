@@ -32,7 +32,9 @@ from raas_batch.policies.bounded import BoundedPolicy
 
 @dataclass
 class RaasPolicy(BoundedPolicy):
-    pin_prompt: bool = True
+    # "auto": pin the prompt only when it takes at most half of the budget (README "Defaults": pinning a
+    # prompt that fills most of a small budget starves the decode pages; the paper pins always)
+    pin_prompt: bool | str = "auto"
     refresh_pinned: bool = False  # pinned pages may take refresh slots (wasted: they are never evicted)
     recent_pages: int = 0  # never evict the last W completed pages (paper: 0)
     refresh_rule: str = "top_half"  # "top_half" | "alpha" (Quest bound) | "mass" (exact attention mass)
@@ -83,6 +85,7 @@ class RaasMassPolicy(RaasPolicy):
 
     refresh_rule: str = "mass"
     alpha: float = 0.001
+    pin_prompt: bool | str = True  # the mass rule evicts a quiet prompt page that is needed later
 
     name = "raas-mass"
 
@@ -92,6 +95,7 @@ class RaasPaperPolicy(RaasPolicy):
     """The authors' reading: stamp a page once, when opened; pinned pages compete for the refresh."""
 
     refresh_pinned: bool = True
+    pin_prompt: bool | str = True  # the paper pins the prompt
 
     name = "raas-paper"
     stamp_on_write: ClassVar[bool] = False
