@@ -12,6 +12,9 @@
           result: done (saved) / failed -> retry   <--------  (in any order)
           actor died -> replace it, retry its shards
           poll counters -> one progress bar
+    every shard done, --audit-rows: the audit  --specs-->  one worker stops its engine thread and
+          (raas_batch.audit: audit.parquet and <--------  decodes the audited rows (policy + dense)
+          manifest.audit written here)
     summary.json (+ per-worker figures), exit 1 naming shards given up
 
 Invariants:
