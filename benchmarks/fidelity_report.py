@@ -19,6 +19,8 @@ import math
 import os
 
 MAIN = ["raas", "raas-auto", "raas-nopin", "raas-mass", "raas-paper", "quest", "h2o", "streaming"]
+# The grid's `raas` cells ran with the prompt pinned (the default before pin_prompt="auto")
+LABELS = {"raas": "raas (pin)", "raas-auto": "raas (auto, default)"}
 METRICS = ("agreement", "kl", "first_divergence", "free_length", "dense_length")
 
 
@@ -78,7 +80,7 @@ def table(cells: dict) -> str:
                 continue
             mark = "**" if c["agreement"] == best[b] else ""
             row.append(f"{mark}{100 * c['agreement']:.1f}{mark} / {c['kl']:.3f}")
-        lines.append(f"| {name} | " + " | ".join(row) + " |")
+        lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
@@ -90,7 +92,7 @@ def detail(cells: dict) -> str:
         def fmt(v, spec):
             return "-" if v is None else format(v, spec)
 
-        lines.append(f"| {c['variant']} | {c['budget']} | {100 * c['agreement']:.1f} | {c['kl']:.4f} | "
+        lines.append(f"| {LABELS.get(c['variant'], c['variant'])} | {c['budget']} | {100 * c['agreement']:.1f} | {c['kl']:.4f} | "
                      f"{fmt(c['first_divergence'], '.0f')} | {fmt(c['free_length'], '.0f')} | "
                      f"{fmt(c['dense_length'], '.0f')} |")
     return "\n".join(lines)
@@ -107,8 +109,9 @@ def plot(cells: dict, title: str, path: str) -> None:
     for name in names:
         cs = sorted((c for c in cells.values() if c["variant"] == name), key=lambda c: c["budget"])
         style = "-o" if name in MAIN else ":x"
-        axes[0].plot([c["budget"] for c in cs], [100 * c["agreement"] for c in cs], style, label=name)
-        axes[1].plot([c["budget"] for c in cs], [max(c["kl"], 1e-6) for c in cs], style, label=name)
+        label = LABELS.get(name, name)
+        axes[0].plot([c["budget"] for c in cs], [100 * c["agreement"] for c in cs], style, label=label)
+        axes[1].plot([c["budget"] for c in cs], [max(c["kl"], 1e-6) for c in cs], style, label=label)
     for ax, t in zip(axes, ["teacher-forced top-1 agreement with dense (%)", "mean KL(dense || sparse)"]):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("kv_budget L (tokens)")
