@@ -107,7 +107,7 @@ def test_quota_and_over_budget():
 
 # ---- RaaS: exact victims ----
 def test_raas_evicts_oldest_stamp_per_head_and_never_pinned():
-    h = Harness(make_policy("raas", 4 * P, P))  # 4 slots; prompt 1 page (pinned), 3 decode pages
+    h = Harness(make_policy("raas", 4 * P, P, pin_prompt=True))  # 4 slots; prompt 1 page (pinned), 3 decode pages
     pages = h.admit(0, P)
     run_to(h, 0, 4 * P)  # pages 1..3 filled with logical 1..3
     assert h.held(0) == {0: pages[0], 1: pages[1], 2: pages[2], 3: pages[3]}
@@ -126,7 +126,7 @@ def test_raas_evicts_oldest_stamp_per_head_and_never_pinned():
 
 
 def test_raas_tie_goes_to_older_page():
-    h = Harness(make_policy("raas", 4 * P, P))
+    h = Harness(make_policy("raas", 4 * P, P, pin_prompt=True))
     pages = h.admit(0, P)
     run_to(h, 0, 4 * P)
     h.pool.stamp[0, pages[1]] = 20
@@ -148,7 +148,7 @@ def test_raas_stamps_on_write_and_paper_on_open():
 def test_raas_top_half_refresh_picks_largest_bounds():
     # 8 slots, prompt of 1 page; decode pages 1..5 held, current page 6. Keys are hand-made so that the
     # bound of page j for query q = e_0 is j's chosen value; top floor(8/2) = 4 unpinned pages refresh.
-    h = Harness(make_policy("raas", 8 * P, P))
+    h = Harness(make_policy("raas", 8 * P, P, pin_prompt=True))
     pages = h.admit(0, P)
     run_to(h, 0, 6 * P + 1)
     bound = {1: 3.0, 2: -1.0, 3: 5.0, 4: 0.5, 5: 4.0}
