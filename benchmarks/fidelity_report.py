@@ -19,8 +19,9 @@ import math
 import os
 
 MAIN = ["raas", "raas-auto", "raas-nopin", "raas-mass", "raas-paper", "quest", "h2o", "streaming"]
-# The grid's `raas` cells ran with the prompt pinned (the default before pin_prompt="auto")
-LABELS = {"raas": "raas (pin)", "raas-auto": "raas (auto, default)"}
+# The grid's `raas` cells ran with the prompt pinned (the default then); raas-nopin is today's default
+LABELS = {"raas": "raas pin_prompt=true (paper)", "raas-auto": "raas pin_prompt=auto",
+          "raas-nopin": "raas pin_prompt=false (default)"}
 METRICS = ("agreement", "kl", "first_divergence", "free_length", "dense_length")
 
 
