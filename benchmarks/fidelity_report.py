@@ -21,7 +21,8 @@ import os
 MAIN = ["raas", "raas-auto", "raas-nopin", "raas-mass", "raas-paper", "quest", "h2o", "streaming"]
 # The grid's `raas` cells ran with the prompt pinned (the default then); raas-nopin is today's default
 LABELS = {"raas": "raas pin_prompt=true (paper)", "raas-auto": "raas pin_prompt=auto",
-          "raas-nopin": "raas pin_prompt=false (default)"}
+          "raas-nopin": "raas pin_prompt=false (default)",
+          "raas+recent2": "raas pin_prompt=true recent_pages=2", "raas+alpha": "raas pin_prompt=true refresh_rule=alpha"}
 METRICS = ("agreement", "kl", "first_divergence", "free_length", "dense_length")
 
 
