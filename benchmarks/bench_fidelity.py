@@ -16,6 +16,14 @@ Results: benchmarks/results/fidelity.{json,csv,png}. Finished (variant, budget) 
 the JSON and skipped on a rerun with the same prompts and length, so the grid can be run in pieces.
 
     .venv/bin/python benchmarks/bench_fidelity.py --num-prompts 2 --max-new-tokens 1024
+
+The full grid (README "Fidelity against dense") runs in two processes, each saving every 50 engine steps,
+and benchmarks/fidelity_report.py makes the table and plot from both (at equal step counts):
+
+    bench_fidelity.py --num-prompts 8 --max-new-tokens 1024 --threads 1 --out-dir benchmarks/results/fidelity_grid \
+        --policies raas,streaming,h2o --variants raas-nopin --free-variants
+    bench_fidelity.py --num-prompts 8 --max-new-tokens 1024 --threads 1 --out-dir benchmarks/results/fidelity_grid_b \
+        --policies quest,raas-paper,raas-mass --variants raas+recent2,raas+alpha
 """
 
 from __future__ import annotations
@@ -42,12 +50,13 @@ POLICIES = ["raas", "raas-mass", "raas-paper", "quest", "h2o", "streaming"]
 BUDGETS = [64, 128, 256, 512]
 # Option variants run for the evidence behind the defaults: name -> (policy, options, budgets)
 VARIANTS = {
+    "raas-nopin": ("raas", {"pin_prompt": False}, BUDGETS),
+    "raas+recent2": ("raas", {"recent_pages": 2}, [256, 512]),
+    "raas+alpha": ("raas", {"refresh_rule": "alpha", "alpha": 0.001}, [256, 512]),
+    "raas+alpha=0.01": ("raas", {"refresh_rule": "alpha", "alpha": 0.01}, [256, 512]),
     "raas+refresh_pinned": ("raas", {"refresh_pinned": True}, [256, 512]),
-    "raas-nopin": ("raas", {"pin_prompt": False}, [64, 256, 512]),
     "raas-mass-nopin": ("raas-mass", {"pin_prompt": False}, [256, 512]),
     "raas-mass+alpha=0.01": ("raas-mass", {"alpha": 0.01}, [256, 512]),
-    "raas-mass+alpha=0.0001": ("raas-mass", {"alpha": 0.0001}, [256, 512]),
-    "raas+recent1": ("raas", {"recent_pages": 1}, [256]),
     "raas+dense2": ("raas", {"dense_layers": 2}, [256]),
 }
 DEFAULT_VARIANTS = list(VARIANTS)
@@ -67,18 +76,23 @@ def load_prompts(llm: LLM, path: str, num: int, indices: list[int] | None = None
 
 
 def trimmed_ops():
-    """The torch reference ops, with decode attention run per group of rows of similar page-list width.
+    """The CPU backend's ops (kernels/cpu.py, tested equal to the references), with decode attention run
+    per group of rows of similar page-list width.
 
     A mixed run pads every row's page list to the widest one (512-token budgets next to 64-token
-    ones); the reference gathers the padding too, which dominates CPU time. Rows are bucketed by
-    their last listed page and each bucket attends over its own width: the same softmax over the
-    same tokens per row (-1 entries contribute nothing), so results are those of the plain reference.
-    Benchmark-only (it syncs with the host)."""
+    ones); gathering the padding too dominates CPU time. Rows are bucketed by their last listed page
+    and each bucket attends over its own width: the same softmax over the same tokens per row (-1
+    entries contribute nothing), so results are those of the plain op. Benchmark-only (it syncs with
+    the host)."""
     from types import SimpleNamespace
 
-    from raas_batch.kernels import reference as ref
+    from raas_batch.kernels.ops import get_ops
+    from raas_batch.kernels.reference import _limit_pages
 
-    def attention(q, k_cache, v_cache, page_ids, fill, scale, return_mass=False):
+    base = get_ops("cpu")
+
+    def attention(q, k_cache, v_cache, page_ids, fill, scale, return_mass=False, num_pages=None):
+        page_ids = _limit_pages(page_ids, num_pages)
         B, Hkv, S = page_ids.shape
         cols = torch.arange(1, S + 1).view(1, 1, S)
         width = torch.where(page_ids >= 0, cols, 0).amax(dim=(1, 2))  # [B] columns in use
@@ -87,21 +101,20 @@ def trimmed_ops():
         mass = torch.zeros(B, Hkv, S) if return_mass else None
         for w in buckets.unique().tolist():
             rows = (buckets == w).nonzero().squeeze(1)
-            res = ref.paged_decode_attention(q[rows], k_cache, v_cache, page_ids[rows, :, :w].contiguous(), fill, scale,
-                                             return_mass=return_mass)
+            res = base.paged_decode_attention(q[rows], k_cache, v_cache, page_ids[rows, :, :w].contiguous(), fill,
+                                              scale, return_mass=return_mass)
             if return_mass:
                 out[rows], mass[rows, :, :w] = res
             else:
                 out[rows] = res
         return (out, mass) if return_mass else out
 
-    return SimpleNamespace(backend="torch-trimmed", paged_decode_attention=attention, page_scores=ref.page_scores,
-                           kv_append=ref.kv_append, prefill_attention=ref.prefill_attention)
+    return SimpleNamespace(**{**vars(base), "backend": "cpu-trimmed", "paged_decode_attention": attention})
 
 
 def make_engine(llm: LLM, policy, max_num_seqs: int, num_kv_tokens: int) -> Engine:
     engine = Engine(llm.model, llm.tokenizer, llm.eos_token_ids, policy, policy.page_size, max_num_seqs,
-                    num_kv_tokens, llm.device, llm.dtype, "torch")
+                    num_kv_tokens, llm.device, llm.dtype, "cpu")
     engine.runner.ops = trimmed_ops()
     policy.use_ops(engine.runner.ops)
     return engine

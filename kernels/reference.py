@@ -161,6 +161,41 @@ def prefill_attention(
     return out
 
 
+def prefill_page_mass(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, scale: float, page_size: int,
+                      chunk: int = 256) -> torch.Tensor:
+    """Attention mass each prompt page receives during the causal prefill (H2O's starting scores).
+
+    q: [T, Hq, D]; k: [T, Hkv, D]; cu_seqlens: [num_seqs + 1] int32. Returns [M, Hkv] float32, M the
+    prompt pages of all sequences in order (sequence 0's pages 0.., then sequence 1's, as the model
+    runner lists them in PrefillPages.pages). Entry (page, h) = the sum over the sequence's query
+    positions t of max over the query heads of KV head h's group of the softmax probability (causal,
+    fp32) that query t puts on the page's tokens: the same per-step quantity the decode kernel emits,
+    accumulated over the prompt's own queries, as H2O accumulates it over every query seen.
+    Query rows are processed `chunk` at a time, so memory is O(chunk * n) per head, not O(n^2).
+    Plain torch on any device: only policies that accumulate mass (`needs_prefill_mass`) call it.
+    """
+    Hq, Hkv = q.shape[1], k.shape[1]
+    G = Hq // Hkv
+    out = []
+    for start, end in itertools.pairwise(cu_seqlens.tolist()):
+        n = end - start
+        num_pages = (n + page_size - 1) // page_size
+        ks = k[start:end].float().transpose(0, 1).repeat_interleave(G, dim=0)  # [Hq, n, D]
+        acc = torch.zeros(Hkv, num_pages, dtype=torch.float32, device=q.device)
+        for r0 in range(0, n, chunk):
+            r1 = min(n, r0 + chunk)
+            qs = q[start + r0:start + r1].float().transpose(0, 1)  # [Hq, c, D]
+            scores = qs @ ks.transpose(1, 2) * scale  # [Hq, c, n]
+            rows = torch.arange(r0, r1, device=q.device).view(-1, 1)
+            causal = torch.arange(n, device=q.device).view(1, -1) <= rows  # [c, n]
+            probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)  # [Hq, c, n]
+            probs = torch.nn.functional.pad(probs, (0, num_pages * page_size - n))
+            per_page = probs.view(Hkv, G, r1 - r0, num_pages, page_size).sum(-1)  # [Hkv, G, c, pages]
+            acc += per_page.amax(dim=1).sum(dim=1)
+        out.append(acc.transpose(0, 1))  # [pages, Hkv]
+    return torch.cat(out) if out else torch.zeros(0, Hkv, dtype=torch.float32, device=q.device)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
     """(Residual add +) RMSNorm with the Llama/Qwen rounding. x: [T, N]; weight: [N]; residual: [T, N]
     or None. With a residual, the sum x + residual (rounded to x's dtype) is written into `residual`

@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate completions for every row of a dataset into resumable Parquet shards.",
         epilog="Outputs: DIR/shards/part-*.parquet (one row per sample; every input column is carried, a "
                "name taken by an output column as input_<name>, e.g. input_answer), DIR/manifest.json, "
-               "DIR/config.yaml, DIR/summary.json. "
+               "DIR/config.yaml, DIR/summary.json, and with --audit-rows DIR/audit.parquet. "
                "Exit status: 0 complete, 1 some shard failed (rerun with --resume), 2 bad input or "
                "settings (nothing written), 130 interrupted.")
     data = p.add_argument_group("data")
@@ -105,6 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
                           help="stop string (repeat the flag for several)")
     sampling.add_argument("--stop-token-ids", action="append", metavar="IDS",
                           help="token ids that end a sample, comma-separated (e.g. 128001,128009; repeatable)")
+    audit = p.add_argument_group(
+        "fidelity audit", "after the shards, N rows spread evenly over the input are decoded again with a dense "
+                          "KV cache (same prompts, seeds and sampling) and both outputs are scored teacher-forced "
+                          "under dense and the job's policy: DIR/audit.parquet and summary.json's \"audit\"")
+    audit.add_argument("--audit-rows", type=int, metavar="N", help="rows to audit; 0 = no audit" + _d("audit_rows"))
+    audit.add_argument("--answer-pattern", metavar="REGEX",
+                       help="regular expression of a completion's final answer (its first group if it has one; "
+                            "default: the last \\boxed{...}, else the last number of the answer part)")
+    audit.add_argument("--reference-column", metavar="NAME",
+                       help="input column of reference answers: the audit reports the accuracy of both outputs")
     run = p.add_argument_group("run")
     run.add_argument("--config", metavar="FILE.yaml",
                      help="YAML file with the same keys as the long flags; flags given here win")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,6 +70,10 @@ class JobConfig:
     ignore_eos: bool = False
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
+    # --- audit (raas_batch.audit; not fingerprinted: the shards do not depend on it) -------------------
+    audit_rows: int = 0  # after the shards, decode N evenly spread rows again with a dense cache and compare
+    answer_pattern: str | None = None  # regex of the final answer (group 1 if any); default: last \boxed{}, else last number
+    reference_column: str | None = None  # input column of reference answers: the audit reports both accuracies
     # --- run ------------------------------------------------------------------------------------------
     config: str | None = None
     resume: bool = False
@@ -117,10 +122,19 @@ class JobConfig:
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or value < 1):
                 raise ConfigError(f"--{_flag(name)} must be a positive integer, got {value!r}.")
-        for name in ("limit", "kv_budget", "thinking_budget", "seed"):
+        for name in ("limit", "kv_budget", "thinking_budget", "seed", "audit_rows"):
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or value < 0):
                 raise ConfigError(f"--{_flag(name)} must be a non-negative integer, got {value!r}.")
+        if self.answer_pattern is not None:
+            try:
+                re.compile(self.answer_pattern)
+            except (re.error, TypeError) as exc:
+                raise ConfigError(f"--answer-pattern {self.answer_pattern!r} is not a valid regular expression "
+                                  f"({exc}); pass e.g. 'answer is (\\S+)'.") from None
+        if (self.answer_pattern or self.reference_column) and not self.audit_rows:
+            raise ConfigError("--answer-pattern and --reference-column set up the audit: add --audit-rows N "
+                              "(N > 0) or drop them.")
         if self.temperature is not None and self.temperature < 0:
             raise ConfigError(f"--temperature must be >= 0 (0 is greedy), got {self.temperature}.")
         if self.top_p is not None and not 0 < self.top_p <= 1:
@@ -287,7 +301,7 @@ def _coerce_types(cfg: JobConfig) -> None:
         except (TypeError, ValueError):
             raise ConfigError(f"--{_flag(name)} must be a number, got {value!r}.") from None
     for name in ("shard_size", "page_size", "max_num_seqs", "max_new_tokens", "n", "top_k", "limit",
-                 "kv_budget", "thinking_budget", "seed", "num_workers", "max_attempts", "max_model_len"):
+                 "kv_budget", "thinking_budget", "seed", "num_workers", "max_attempts", "max_model_len", "audit_rows"):
         value = getattr(cfg, name)
         if value is None or isinstance(value, bool) or (name == "max_num_seqs" and value == "auto"):
             continue

@@ -67,6 +67,7 @@ DAMAGED = "manifest.damaged.json"  # a manifest.json that could not be trusted, 
 SUMMARY = "summary.json"
 CONFIG = "config.yaml"
 SHARDS = "shards"
+AUDIT_FILE = "audit.parquet"  # raas_batch.audit writes it (--audit-rows)
 
 
 @dataclass
@@ -128,6 +129,10 @@ def prepare_job(cfg: JobConfig) -> Job:
         raise JobError(str(exc)) from None
     prompt_column = _resolve_prompt_column(cfg, reader, cfg.input)
     id_column = cfg.id_column if cfg.id_column in reader.column_names else None
+    if cfg.reference_column and cfg.reference_column not in reader.column_names:
+        listed = ", ".join(reader.column_names) or "none"
+        raise JobError(f"Input {cfg.input} has no column {cfg.reference_column!r} (columns: {listed}): pass "
+                       "--reference-column NAME with the column holding the reference answers.")
     carried = carried_columns(reader.column_names, prompt_column, id_column)
     spec = spec.with_columns(reader.column_names)
     num_rows = reader.num_rows if cfg.limit is None else min(cfg.limit, reader.num_rows)
@@ -211,7 +216,7 @@ def _clear_outputs(out_dir: str) -> None:
             if name.startswith(("part-", ".part-")):
                 os.unlink(os.path.join(shards, name))
     for name in os.listdir(out_dir):
-        if name in (SUMMARY, CONFIG, PREVIOUS, DAMAGED) or ".tmp-" in name:
+        if name in (SUMMARY, CONFIG, PREVIOUS, DAMAGED, AUDIT_FILE) or ".tmp-" in name:
             os.unlink(os.path.join(out_dir, name))
 
 

@@ -168,3 +168,11 @@ class LLM:
         requests = [ScoreRequest(list(p), continuation_ids=list(c), kv_override=b)
                     for p, c, b in zip(prompt_ids_list, continuation_ids_list, budgets)]
         return run_scored(self.llm_engine, requests, on_logprobs)
+
+    def audit_decode(self, items):
+        """The fidelity audit's engine work (`raas_batch.audit_engine.audit_decode`): each item
+        (`AuditItem`) decoded under this LLM's KV policy and dense, both outputs scored teacher-forced
+        under both. On CUDA this LLM runs on the audit's engine afterwards."""
+        from raas_batch.audit_engine import audit_decode
+
+        return audit_decode(self, items)

@@ -8,6 +8,7 @@
         read rows [start, end) from the source
     a shard's last row done -> its file written  <----  on_done(plan, outputs), in any order
         atomically, then manifest: done (saved)
+    every shard done -> the audit (--audit-rows; raas_batch.audit) on the same engine
     summary.json (tokens/s over this run's wall time)
 
 Invariants: those of `raas_batch.job` (exactly-once: a shard is done only once its file is in place,
@@ -26,6 +27,7 @@ import sys
 import time
 from typing import Any
 
+from raas_batch.audit import audit_pending, decode_rows, run_audit
 from raas_batch.config import JobConfig
 from raas_batch.data.progress import JobProgress
 from raas_batch.engine_factory import make_engine, out_of_memory_advice
@@ -68,7 +70,7 @@ def run_job(cfg: JobConfig, stream=None, engine=None) -> dict[str, Any]:
     notes = list(job.notes)  # damage found and repaired: printed even with --quiet
     messages: list[str] = []
     t_load = time.monotonic()
-    if job.manifest.todo() and engine is None:
+    if (job.manifest.todo() or audit_pending(job)) and engine is None:
         engine = load_engine(job.cfg)
     load_s = time.monotonic() - t_load
 
@@ -86,6 +88,8 @@ def run_job(cfg: JobConfig, stream=None, engine=None) -> dict[str, Any]:
     try:
         if local is not None:
             local.run()
+            if not job.manifest.todo() and audit_pending(job):  # the audit: after every shard is done
+                run_audit(job, lambda specs: decode_rows(local.stream, specs), local.save, progress.log)
     except KeyboardInterrupt:
         for rec in job.manifest.shards:
             if rec.state == "running":
@@ -145,6 +149,9 @@ class _LocalRun:
                 self._fail(rec.index, f"reading shard {rec.index}: {type(exc).__name__}: {exc}")
                 continue
             yield plan
+
+    def save(self) -> None:
+        self.manifest.save(self.manifest_path)
 
     def _on_step(self, num_tokens: int, num_rows: int) -> None:
         if self._unsaved:  # one save for every shard started since the last step

@@ -15,6 +15,7 @@ import os
 import time
 from typing import Any
 
+from raas_batch.audit import summary_block
 from raas_batch.job import SUMMARY, Job, atomic_write_text
 
 
@@ -22,6 +23,11 @@ def write_summary(job: Job, run_record: dict[str, Any], engine, rows_now: int, t
                   load_s: float, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Build summary.json (plus `extra` keys, e.g. the Ray driver's per-worker figures) and write it."""
     summary = build_summary(job, run_record, engine, rows_now, tokens_now, run_s, load_s)
+    audit = summary_block(job)
+    if audit is not None:
+        summary["audit"] = audit
+        # an audit asked for and not done leaves the job incomplete (exit 1; --resume finishes it)
+        summary["complete"] = summary["complete"] and "state" not in audit
     for key, value in (extra or {}).items():
         if isinstance(value, dict) and isinstance(summary.get(key), dict):
             summary[key].update(value)  # e.g. this_run: {retries, worker_restarts}

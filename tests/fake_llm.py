@@ -147,6 +147,7 @@ class FakeLLM:
             raise ValueError(f"unknown kv_policy {kv_policy!r}")
         FakeLLM.last_settings = {"max_num_seqs": max_num_seqs, **settings}
         self.model_name = model or "fake/tiny"
+        self._model = model
         self.kv_policy, self.kv_budget, self.page_size = kv_policy, kv_budget, page_size
         self.max_num_seqs = 8 if max_num_seqs in (None, "auto") else int(max_num_seqs)
         self.tokenizer = FakeTokenizer()
@@ -164,6 +165,24 @@ class FakeLLM:
 
     def generate_stream(self, requests, progress_callback=None, max_waiting=None):
         return generate_stream(self.llm_engine, requests, progress_callback, max_waiting)
+
+    def audit_decode(self, items):
+        """The audit's engine work, faked: the policy's decode is this engine's, dense's a budget-free
+        twin's (the toy model's text does not depend on the budget, so they agree); a position agrees
+        when both outputs hold the same token there, and KL is 1 where they differ."""
+        from raas_batch.audit_engine import AuditDecode, PathScore
+
+        dense = FakeLLM(self._model, "dense", None, self.page_size, self.max_num_seqs)
+        prompts, params = [i.prompt for i in items], [i.params for i in items]
+        results = []
+        for item, pol, den in zip(items, self.generate(prompts, params), dense.generate(prompts, params)):
+            res = AuditDecode(item.key, pol, den)
+            for a, b in zip(pol.outputs, den.outputs):
+                for path, ids in ((res.policy_path, a.token_ids), (res.dense_path, b.token_ids)):
+                    agree = sum(x == y for x, y in zip(a.token_ids, b.token_ids))
+                    path.append(PathScore(len(ids), agree, float(len(ids) - agree)))
+            results.append(res)
+        return results
 
 
 # ------------------------------------------------------------------------------------------------

@@ -107,7 +107,7 @@ def test_quota_and_over_budget():
 
 # ---- RaaS: exact victims ----
 def test_raas_evicts_oldest_stamp_per_head_and_never_pinned():
-    h = Harness(make_policy("raas", 4 * P, P))  # 4 slots; prompt 1 page (pinned), 3 decode pages
+    h = Harness(make_policy("raas", 4 * P, P, pin_prompt=True))  # 4 slots; prompt 1 page (pinned), 3 decode pages
     pages = h.admit(0, P)
     run_to(h, 0, 4 * P)  # pages 1..3 filled with logical 1..3
     assert h.held(0) == {0: pages[0], 1: pages[1], 2: pages[2], 3: pages[3]}
@@ -126,7 +126,7 @@ def test_raas_evicts_oldest_stamp_per_head_and_never_pinned():
 
 
 def test_raas_tie_goes_to_older_page():
-    h = Harness(make_policy("raas", 4 * P, P))
+    h = Harness(make_policy("raas", 4 * P, P, pin_prompt=True))
     pages = h.admit(0, P)
     run_to(h, 0, 4 * P)
     h.pool.stamp[0, pages[1]] = 20
@@ -148,7 +148,7 @@ def test_raas_stamps_on_write_and_paper_on_open():
 def test_raas_top_half_refresh_picks_largest_bounds():
     # 8 slots, prompt of 1 page; decode pages 1..5 held, current page 6. Keys are hand-made so that the
     # bound of page j for query q = e_0 is j's chosen value; top floor(8/2) = 4 unpinned pages refresh.
-    h = Harness(make_policy("raas", 8 * P, P))
+    h = Harness(make_policy("raas", 8 * P, P, pin_prompt=True))
     pages = h.admit(0, P)
     run_to(h, 0, 6 * P + 1)
     bound = {1: 3.0, 2: -1.0, 3: 5.0, 4: 0.5, 5: 4.0}
@@ -347,3 +347,15 @@ def _tiny_config():
 
 def test_isinstance_bounded():
     assert all(isinstance(make_policy(n, 64), BoundedPolicy) for n in BOUNDED)
+
+
+def test_pin_prompt_auto_pins_a_prompt_that_takes_at_most_half_the_budget():
+    """pin_prompt="auto": per sequence, at admission; the choice reaches prefill's pinned flags."""
+    h = Harness(make_policy("raas", 8 * P, P, pin_prompt="auto"))
+    short = h.admit(0, 4 * P)  # 4 of 8 pages: pinned
+    long_ = h.admit(1, 4 * P + 1)  # 5 pages: more than half, not pinned
+    assert h.pool.pinned[0, short[:4]].all()
+    assert not h.pool.pinned[0, long_[:5]].any()
+    assert h.policy.window[0] == h.policy.window[1] == 1
+    with pytest.raises(ValueError, match="pin_prompt"):
+        make_policy("raas", 64, P, pin_prompt="sometimes")

@@ -135,3 +135,58 @@ def test_mixture_reports_each_members_statistics(tiny):
     got = {n: [(r.peak_kv_tokens, r.evicted_pages) for r in res[i * 2:i * 2 + 2]] for i, n in enumerate(names)}
     assert got == alone
     assert all(e > 0 for n in ("raas", "h2o", "streaming") for _, e in got[n])
+
+
+def test_prefill_page_mass_matches_per_query_softmax():
+    """Each prompt page's prefill mass is the sum over the prompt's queries of the max over the query group
+    of the causal softmax on its tokens; odd lengths, two sequences, grouped heads."""
+    from raas_batch.kernels.reference import prefill_page_mass
+
+    gen = torch.Generator().manual_seed(3)
+    lengths, Hq, Hkv, D, P = (37, 5), 6, 2, 8, 16
+    q = torch.randn(sum(lengths), Hq, D, generator=gen)
+    k = torch.randn(sum(lengths), Hkv, D, generator=gen)
+    cu = torch.tensor([0, lengths[0], sum(lengths)], dtype=torch.int32)
+    got = prefill_page_mass(q, k, cu, 0.3, P, chunk=7)  # chunks that straddle pages
+    want = []
+    for start, n in ((0, lengths[0]), (lengths[0], lengths[1])):
+        pages = torch.zeros((n + P - 1) // P, Hkv)
+        for t in range(n):
+            for h in range(Hkv):
+                best = torch.zeros(pages.shape[0])
+                for g in range(Hq // Hkv):
+                    s = q[start + t, h * (Hq // Hkv) + g] @ k[start:start + t + 1, h].T * 0.3
+                    p = torch.softmax(s, -1)
+                    per = torch.zeros(pages.shape[0]).index_add_(0, torch.arange(t + 1) // P, p)
+                    best = torch.maximum(best, per)
+                pages[:, h] += best
+        want.append(pages)
+    want = torch.cat(want)
+    assert got.shape == (3 + 1, Hkv)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (got[:3].sum(0) >= lengths[0] - 1e-4).all()  # every query's page maxima add up to >= 1
+
+
+def test_h2o_prompt_pages_start_with_their_prefill_mass(tiny):
+    """After prefill, H2O's prompt pages hold the attention mass the prompt gave them (not 0); other
+    policies leave the pool's mass alone."""
+    path, _ = tiny
+    for name, expect_mass in (("h2o", True), ("streaming", False)):
+        llm = LLM(model=path, device="cpu", dtype="fp32", max_num_seqs=1, kv_policy=name, kv_budget=64)
+        runner = llm.engine.runner
+        seen = []
+
+        def at_prefill(seqs, logits, runner=runner, seen=seen):  # runs while the prompt's pages are held
+            if not seen:
+                seen.append(runner.pool.mass[:, seqs[0].pages[:3]].clone())  # [layers, 3 prompt pages, Hkv]
+
+        runner.logits_hook = at_prefill
+        prompt = prompts_for(llm.model.spec.vocab_size, (40,))[0]
+        llm.generate([{"prompt_token_ids": prompt}], SamplingParams(max_new_tokens=2, temperature=0, ignore_eos=True))
+        mass = seen[0]
+        if expect_mass:
+            assert (mass > 0).all()
+            # per layer and head, the pages' masses add up to at least one per prompt query
+            assert (mass.sum(dim=1) >= 40 - 1e-3).all()
+        else:
+            assert (mass == 0).all()

@@ -19,15 +19,7 @@ from raas_batch.job import begin_run, prepare_job
 TIMING = ("ttft_s", "e2e_s")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One thread, as in a CPU actor: on 2 shared cores, torch's default of 2 threads is 20x slower."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # as in a CPU actor
 
 
 # --- ShardQueue ---------------------------------------------------------------------------------------

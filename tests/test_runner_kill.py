@@ -72,6 +72,18 @@ def _wait_for(pred, proc, timeout=60.0):
     return False
 
 
+def _kill_when(proc, pred, then_sleep: float = 0.0) -> None:
+    """SIGKILL `proc` once pred() holds (then_sleep seconds later); the test fails if proc ends first."""
+    try:
+        assert _wait_for(pred, proc), proc.stderr.read().decode()
+        time.sleep(then_sleep)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def _table(d):
     t = pq.read_table(os.path.join(d, "shards"), columns=["id", "sample_idx", "completion", "seed"])
     return sorted(map(tuple, (r.values() for r in t.to_pylist())))
@@ -103,14 +115,7 @@ def test_kill_9_after_first_shard_then_resume(tmp_path):
     out = str(tmp_path / "out")
     args = ["--input", src, "--output", out, "--shard-size", 4, "--n", 2, "--seed", 7, "--max-new-tokens", 6]
     proc = _start(args, sleep_s=0.05)
-    try:
-        assert _wait_for(lambda: len(_done_shards(out)) >= 1, proc), proc.stderr.read().decode()
-        time.sleep(0.08)  # land inside the next shard
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    _kill_when(proc, lambda: len(_done_shards(out)) >= 1, then_sleep=0.08)  # land inside the next shard
     assert proc.returncode == -signal.SIGKILL
     done = _done_shards(out)
     assert 1 <= len(done) < 6, "the kill must land mid-job"
@@ -149,13 +154,7 @@ def test_kill_9_with_later_shards_done_before_earlier_ones(tmp_path):
         return bool(done) and any(i not in done for i in range(max(done)))
 
     proc = _start([out if a == "OUT" else a for a in args], sleep_s=0.05)
-    try:
-        assert _wait_for(gap, proc), proc.stderr.read().decode()
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    _kill_when(proc, gap)
     done = _done_shards(out)
     assert any(i not in done for i in range(max(done))) and len(done) < 8
     states = {s["state"] for s in _load_json(out, "manifest.json")["shards"] if s["index"] not in done}

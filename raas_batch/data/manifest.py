@@ -114,6 +114,9 @@ class Manifest:
     shards: list[ShardRecord]
     version: int = MANIFEST_VERSION
     runs: list[dict[str, Any]] = field(default_factory=list)  # one record per run (start, resumed, end)
+    # the fidelity audit step (--audit-rows; raas_batch.audit): state running | done | failed, its
+    # settings, rows, file and sha256, and its summary; None when never asked for
+    audit: dict[str, Any] | None = None
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
 

@@ -139,6 +139,21 @@ class GenerationWorker:
                     "rows": {i: len(a.outputs) for i, a in active}, "received": self._received,
                     "unfinished_rows": unfinished, "broken": self._broken}
 
+    def audit(self, specs: list[ShardSpec]) -> dict[str, Any]:
+        """The audit's decodes on this worker's engine (`raas_batch.audit.decode_rows`), once every shard
+        of the job is done: the engine thread is stopped first (the audit is this worker's last work, and
+        on CUDA it gives the job's page pool back). Never raises: {"ok": True, "result": [...]} or
+        {"ok": False, "error": str}."""
+        from raas_batch.audit import decode_rows
+
+        self._stopping.set()
+        if self._engine_thread.is_alive():
+            self._engine_thread.join()
+        try:
+            return {"ok": True, "result": decode_rows(self._stream, specs)}
+        except Exception as exc:  # noqa: BLE001 - reported to the driver, which records the audit failed
+            return {"ok": False, "error": _describe(exc)}
+
     def stop(self) -> None:
         """Let the engine thread finish what it holds and end (the driver usually just kills the actor)."""
         self._stopping.set()

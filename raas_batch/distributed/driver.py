@@ -12,6 +12,9 @@
           result: done (saved) / failed -> retry   <--------  (in any order)
           actor died -> replace it, retry its shards
           poll counters -> one progress bar
+    every shard done, --audit-rows: the audit  --specs-->  one worker stops its engine thread and
+          (raas_batch.audit: audit.parquet and <--------  decodes the audited rows (policy + dense)
+          manifest.audit written here)
     summary.json (+ per-worker figures), exit 1 naming shards given up
 
 Invariants:
@@ -33,6 +36,7 @@ import sys
 import time
 from typing import Any
 
+from raas_batch.audit import audit_pending, run_audit
 from raas_batch.config import JobConfig
 from raas_batch.data.progress import JobProgress
 from raas_batch.job import (
@@ -63,7 +67,7 @@ def run_job_ray(cfg: JobConfig, stream=None, wait_for_all_workers: bool = False)
     job = prepare_job(cfg)
     messages: list[str] = []
     todo = job.manifest.todo()
-    if not todo:  # a resume of a finished job: nothing to distribute, no cluster needed
+    if not todo and not audit_pending(job):  # a resume of a finished job: nothing to distribute, no cluster needed
         from raas_batch.runner import run_job
 
         return run_job(cfg, stream)
@@ -176,6 +180,8 @@ class _RayRun:
         t_run = time.monotonic()
         try:
             self._loop()
+            if not self.manifest.todo() and audit_pending(self.job):  # the audit: after every shard is done
+                self._audit()
         except KeyboardInterrupt:
             for rec in self.manifest.shards:
                 if rec.state == "running":
@@ -200,6 +206,24 @@ class _RayRun:
                                     extra)
             self._print_workers(workers)
         return summary
+
+    def _audit(self) -> None:
+        """The audit's decodes on one ready worker (GenerationWorker.audit); the table, its file and the
+        manifest record are written here, as in a local run."""
+        import ray
+
+        seats = self.pool.ready_seats()
+        if not seats:
+            self.progress.log("audit: no Ray worker is ready to run it; rerun with --resume to do it")
+            return
+
+        def decode(specs):
+            reply = ray.get(seats[0].actor.audit.remote(specs))
+            if not reply["ok"]:
+                raise RuntimeError(reply["error"])
+            return reply["result"]
+
+        run_audit(self.job, decode, lambda: self.manifest.save(self.manifest_path), self.progress.log)
 
     # --- the loop ------------------------------------------------------------------------------------
     def _loop(self) -> None:

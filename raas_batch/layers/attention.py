@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from raas_batch.engine.step_context import get_context
+from raas_batch.kernels.reference import prefill_page_mass
 
 
 def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -24,6 +25,10 @@ def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
     keep_bounds = policy.uses_key_bounds or getattr(ops, "backend", "torch") == "triton"
     if ctx.is_prefill:
         pool.write_prefill(layer, k, v, ctx.prefill, bounds=keep_bounds)
+        if policy.needs_prefill_mass:
+            # H2O scores a page by the attention it has received: the prompt's own queries count too.
+            # [M, Hkv] in PrefillPages.pages order (written after write_prefill, which leaves mass alone).
+            pool.mass[layer, ctx.prefill.pages] = prefill_page_mass(q, k, ctx.cu_seqlens, scale, pool.page_size)
         return ops.prefill_attention(q, k, v, ctx.cu_seqlens, scale)
     dec = ctx.decode
     k_cache, v_cache, kmin, kmax, fill = pool.layer_views[layer]

@@ -63,6 +63,9 @@ class KVPolicy:
     needs_mass: ClassVar[bool] = False  # after_attention() wants the attention mass per page read
     # after_attention() wants the Quest bound of each page read (the attention computes it as it reads)
     needs_bounds: ClassVar[bool] = False
+    # prefill writes each prompt page's attention mass from the prompt's own queries into pool.mass
+    # (kernels/reference.py prefill_page_mass); for policies that rank pages by accumulated mass (H2O)
+    needs_prefill_mass: ClassVar[bool] = False
     # reads the pages' key bounds (pool.kmin / kmax, via ops.page_scores); when False the CPU backends
     # skip maintaining them
     uses_key_bounds: ClassVar[bool] = True

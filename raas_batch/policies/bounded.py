@@ -54,14 +54,26 @@ DECODE_ALLOWANCE = 2  # pages beyond the prompt when the prompt alone does not f
 
 @dataclass
 class BoundedPolicy(KVPolicy):
-    pin_prompt: bool = False  # prefill pins the prompt pages (never evicted)
+    # prefill pins the prompt pages (never evicted): True, False, or "auto": pin them when they take at most
+    # half of the budget's pages (a sequence's choice, made at admission; README "Defaults" has the evidence)
+    pin_prompt: bool | str = False
     dense_layers: int = 0  # the first k layers keep every token (memory then O(N))
 
     stamp_on_write: ClassVar[bool] = True  # the written page is stamped with the position every step
     eviction_key: ClassVar[str] = "stamp"  # "stamp" | "mass" | "logical": the victim has the lowest
     min_logical: ClassVar[int] = 0  # pages with a smaller logical index are never victims
 
+    def __post_init__(self):
+        if self.pin_prompt not in (True, False, "auto"):
+            raise ValueError(f"pin_prompt must be true, false or \"auto\", got {self.pin_prompt!r}.")
+
     # ---- host side ----
+    def pins(self, prompt_pages: int, budget_pages: int) -> bool:
+        """Whether a sequence with this many prompt pages under this budget has its prompt pinned."""
+        if self.pin_prompt == "auto":
+            return 2 * prompt_pages <= budget_pages
+        return bool(self.pin_prompt)
+
     def decode_allowance(self) -> int:
         """Unpinned pages a quota needs beyond the prompt so that the eviction window leaves a candidate."""
         return DECODE_ALLOWANCE
@@ -89,7 +101,9 @@ class BoundedPolicy(KVPolicy):
         return slots > self._budget(override) // self.page_size
 
     def pin_prompt_pages(self, slot: int | None = None) -> bool:
-        return self.pin_prompt
+        if self.pin_prompt == "auto":
+            return self._pinned_slots.get(slot, False)  # decided in on_admit
+        return bool(self.pin_prompt)
 
     def bind(self, pool, max_num_seqs: int) -> None:
         super().bind(pool, max_num_seqs)
@@ -104,6 +118,7 @@ class BoundedPolicy(KVPolicy):
         self.held = torch.zeros(shape, **per_seq)  # tokens held now
         self.peak = torch.zeros(shape, **per_seq)
         self.evicted = torch.zeros(shape, **per_seq)
+        self._pinned_slots: dict[int, bool] = {}  # pin_prompt="auto": each admitted slot's choice
 
     def on_admit(self, slot: int, pages: list[int], num_prompt_tokens: int, override=None) -> None:
         n = num_prompt_tokens
@@ -113,7 +128,9 @@ class BoundedPolicy(KVPolicy):
         sparse_pages = min(len(pages), max(budget_pages, prompt_pages + self.decode_allowance()))
         self.sparse_pages[slot] = sparse_pages
         self.all_pages[slot] = len(pages)
-        self.window[slot] = self.window_pages(sparse_pages, prompt_pages if self.pin_prompt else 0)
+        pinned = self.pins(prompt_pages, budget_pages)
+        self._pinned_slots[slot] = pinned
+        self.window[slot] = self.window_pages(sparse_pages, prompt_pages if pinned else 0)
         self.top[slot] = budget_pages // 2
         self.cur[:, slot] = pages[(n - 1) // self.page_size]
         self.held[:, slot] = n

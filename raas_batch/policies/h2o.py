@@ -5,7 +5,9 @@ included), half to the pages with the largest attention mass accumulated since t
 cache (the decode kernel emits each page's softmax mass, max over the query group; `after_attention` adds
 it up in PagePool.mass). When a new page is needed, the page outside the recent window with the
 smallest accumulated mass is evicted (ties to the older page). The prompt is not pinned, and its
-pages start at zero mass (the prefill kernel does not emit attention probabilities).
+pages start with the mass the prompt's own queries gave them in the causal prefill (H2O accumulates
+over every query, prompt included; `kernels.reference.prefill_page_mass`), so a prompt page starts
+ahead of a new decode page rather than level with it.
 Memory O(L), reused.
 """
 
@@ -21,6 +23,7 @@ class H2OPolicy(BoundedPolicy):
     name = "h2o"
     uses_key_bounds = False
     needs_mass = True
+    needs_prefill_mass = True
     eviction_key = "mass"
 
     def window_pages(self, sparse_pages: int, pinned_pages: int) -> int:

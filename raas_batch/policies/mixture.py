@@ -34,6 +34,11 @@ class PolicyMixture(KVPolicy):
         return any(m.needs_mass for m in self.members.values())
 
     @property
+    def needs_prefill_mass(self) -> bool:  # type: ignore[override]
+        # Harmless for the other members: an opened page's mass is reset, and no other member reads it.
+        return any(m.needs_prefill_mass for m in self.members.values())
+
+    @property
     def uses_key_bounds(self) -> bool:  # type: ignore[override]
         return any(m.uses_key_bounds for m in self.members.values())
 
