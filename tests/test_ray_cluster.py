@@ -216,7 +216,7 @@ def test_ray_job_submit_end_to_end(ray_head, tmp_path):
     cmd = [RAY, "job", "submit", "--address", ray_head.dashboard, "--working-dir", ROOT,
            "--runtime-env-json", json.dumps(runtime_env), "--",
            "python", "jobs/run.py", "--config", "configs/embedded_cpu.yaml", "--input", str(src),
-           "--output", str(out), "--shard-size", "3", "--num-workers", "2"]
+           "--output", str(out), "--shard-size", "3", "--num-workers", "2", "--audit-rows", "2"]
     res = subprocess.run(cmd, cwd=tmp_path, env=ray_head.env, capture_output=True, text=True, timeout=300,
                          check=False)
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
@@ -224,6 +224,10 @@ def test_ray_job_submit_end_to_end(ray_head, tmp_path):
     _check_exactly_once(out, rows)
     summary = _load(out, "summary.json")
     assert summary["complete"] and summary["model"] == "fake/tiny"
+    # the audit ran on a worker of the cluster after the shards: its table and summary block
+    audit = pq.read_table(out / "audit.parquet").to_pylist()
+    assert sorted({r["row_idx"] for r in audit}) == [3, 9] and summary["audit"]["rows"] == 2
+    assert _load(out, "manifest.json")["audit"]["state"] == "done"
     assert summary["distributed"]["num_workers"] == 2 and len(summary["workers"]) == 2
     # Operators find the actors by class name.
     listed = subprocess.run([RAY, "list", "actors", "--address", ray_head.dashboard, "--filter",
