@@ -289,34 +289,10 @@ def save(results: dict, header: dict, out_dir: str) -> None:
         w.writerow(cols)
         for c in rows:
             w.writerow([c[k] if not isinstance(c[k], float) else f"{c[k]:.6g}" for k in cols])
-    plot(results, header, os.path.join(out_dir, "fidelity.png"))
+    from fidelity_report import plot
 
-
-def plot(results: dict, header: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    names = sorted({c["variant"] for c in results.values()}, key=lambda n: (n not in POLICIES, n))
-    for name in names:
-        cs = sorted((c for c in results.values() if c["variant"] == name), key=lambda c: c["budget"])
-        style = "-o" if name in POLICIES else ":x"
-        axes[0].plot([c["budget"] for c in cs], [100 * c["agreement"] for c in cs], style, label=name)
-        axes[1].plot([c["budget"] for c in cs], [c["kl"] for c in cs], style, label=name)
-    for ax, title in zip(axes, ["teacher-forced greedy agreement with dense (%)", "mean KL(dense || sparse)"]):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("kv_budget (tokens)")
-        ax.set_title(title, fontsize=10)
-        ax.grid(alpha=0.3)
-    axes[1].set_yscale("log")
-    axes[0].legend(fontsize=7)
-    fig.suptitle(f"SmolLM2-135M-Instruct, {header['num_prompts']} GSM8K-style prompts x {header['max_new_tokens']} "
-                 "dense tokens, page 16", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plot(results, f"SmolLM2-135M-Instruct, {header['num_prompts']} GSM8K-style prompts x {header['max_new_tokens']} "
+         "dense tokens, page 16", os.path.join(out_dir, "fidelity.png"), main=POLICIES, labels={})
 
 
 def markdown(results: dict) -> str:

@@ -100,18 +100,20 @@ def detail(cells: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(cells: dict, title: str, path: str) -> None:
+def plot(cells: dict, title: str, path: str, main=MAIN, labels=LABELS) -> None:
+    """Agreement and KL against the budget, one line per variant (those in `main` solid); also what
+    bench_fidelity.py draws for a single run."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    names = sorted({c["variant"] for c in cells.values()}, key=lambda n: (n not in MAIN, n))
+    names = sorted({c["variant"] for c in cells.values()}, key=lambda n: (n not in main, n))
     for name in names:
         cs = sorted((c for c in cells.values() if c["variant"] == name), key=lambda c: c["budget"])
-        style = "-o" if name in MAIN else ":x"
-        label = LABELS.get(name, name)
+        style = "-o" if name in main else ":x"
+        label = labels.get(name, name)
         axes[0].plot([c["budget"] for c in cs], [100 * c["agreement"] for c in cs], style, label=label)
         axes[1].plot([c["budget"] for c in cs], [max(c["kl"], 1e-6) for c in cs], style, label=label)
     for ax, t in zip(axes, ["teacher-forced top-1 agreement with dense (%)", "mean KL(dense || sparse)"]):

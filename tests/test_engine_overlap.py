@@ -103,26 +103,3 @@ def test_launch_comes_before_record_when_overlapping(smollm, monkeypatch):
 @pytest.mark.parametrize("max_new", [1, 2])
 def test_short_requests(smollm, max_new):
     assert_same(smollm, PROMPTS[:3], SamplingParams(max_new_tokens=max_new, temperature=0))
-
-
-@pytest.mark.parametrize("parts", [2, 3])
-def test_decode_micro_batches_give_the_same_outputs(parts):
-    """RAAS_BATCH_DECODE_MICROBATCHES: a decode batch run as row groups advanced layer by layer in turn
-    (on the GPU, one stream each) gives what one batch gives: tokens, texts and an evicting policy's
-    statistics (each group's policy ops touch only its own rows' state)."""
-    llm = LLM(kv_policy="raas", kv_budget=64, max_num_seqs=8, device="cpu")
-    params = SamplingParams(max_new_tokens=40, temperature=0.8, seed=3)
-    runner = llm.engine.runner
-    whole = run(llm, True, PROMPTS[:7], params)
-    runner.microbatches, runner.microbatch_min_rows = parts, 2
-    calls = []
-    split = runner._decode_forward_parts
-    runner._decode_forward_parts = lambda *a: calls.append(a[2].shape[0]) or split(*a)
-    try:
-        grouped = run(llm, True, PROMPTS[:7], params)
-    finally:
-        runner.microbatches = 1
-        del runner._decode_forward_parts
-    assert calls and max(calls) == 7  # the split path ran, on the full batch
-    assert grouped == whole
-    assert any(evicted > 0 for *_, evicted in whole)

@@ -119,16 +119,3 @@ def test_overlapped_decoding_equals_lock_step(policy, budget):
                           o.outputs[0].evicted_pages) for o in llm.generate(prompts_24, params)]
     assert outs[True] == outs[False]
     assert {r for _, r, _, _ in outs[True]} == {"stop", "length"}
-
-
-@pytest.mark.parametrize("policy,budget", [("dense", None), ("raas", 64), ("h2o", 64)])
-def test_micro_batched_graphs_equal_micro_batched_eager(policy, budget):
-    """Decode micro-batches on two CUDA streams (RAAS_BATCH_DECODE_MICROBATCHES): the captured graph
-    (forked and joined streams) replays exactly what eager micro-batched decoding computes."""
-    params = SamplingParams(max_new_tokens=96, temperature=0, ignore_eos=True)
-    outs = []
-    for eager in (True, False):
-        llm = make_llm(policy, budget, enforce_eager=eager)
-        llm.engine.runner.microbatches, llm.engine.runner.microbatch_min_rows = 2, 2
-        outs.append([r.outputs[0].token_ids for r in llm.generate(prompts(8), params)])
-    assert outs[0] == outs[1]

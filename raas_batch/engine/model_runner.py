@@ -13,9 +13,6 @@ counters after the step) arrive in pinned host memory; `DecodeLaunch.wait()` wai
 
 from __future__ import annotations
 
-import contextlib
-import itertools
-import os
 from dataclasses import dataclass
 
 import torch
@@ -42,15 +39,6 @@ class DecodeLaunch:
         return self.tokens.tolist(), self.stats
 
 
-# Decode micro-batches (experimental, off by default): RAAS_BATCH_DECODE_MICROBATCHES=2 splits a decode
-# batch of at least MICROBATCH_MIN_ROWS rows in two halves that advance layer by layer on two CUDA streams
-# (DecoderForCausalLM.forward_parts), so that one half's attention may overlap the other's weight
-# products. Measured slower on an H200 (docs/gpu-notes.md, run 21: 7.84 against 7.54 ms a RaaS step):
-# the kernels overlap but slow each other down and the weights are read twice.
-DECODE_MICROBATCHES = int(os.environ.get("RAAS_BATCH_DECODE_MICROBATCHES", "1"))
-MICROBATCH_MIN_ROWS = 256
-
-
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, pool: PagePool, policy: KVPolicy, ops, device: torch.device,
                  num_slots: int, max_pages: int):
@@ -72,10 +60,6 @@ class ModelRunner:
         # Optional observer of every step's logits: logits_hook(seqs, logits [B, V]) before sampling
         # (teacher-forced scoring, raas_batch/engine/scoring.py).
         self.logits_hook = None
-        # decode micro-batches (see DECODE_MICROBATCHES); a policy that splits rows on the host cannot
-        self.microbatches = DECODE_MICROBATCHES if policy.supports_cuda_graphs else 1
-        self.microbatch_min_rows = MICROBATCH_MIN_ROWS
-        self._streams = None
 
     def _tensor(self, values, dtype=torch.int64) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype, device=self.device)
@@ -177,9 +161,6 @@ class ModelRunner:
         """The decode forward on device tensors ([B] each) -> hidden [B, hidden]; each row's input is
         its slot's last token. Never synchronises with the host, so it can be captured in a CUDA graph."""
         token_ids = self.last_token[slot_ids]
-        B = slot_ids.shape[0]
-        if self.microbatches > 1 and B >= self.microbatch_min_rows:
-            return self._decode_forward_parts(token_ids, positions, slot_ids, width)
         dec = DecodeContext(slot_ids=slot_ids, positions=positions, page_tables=self.slot_tables[slot_ids, :width],
                             host_slot_ids=host_slot_ids or [])
         set_context(StepContext(is_prefill=False, pool=self.pool, policy=self.policy, ops=self.ops, decode=dec))
@@ -187,47 +168,6 @@ class ModelRunner:
             return self.model(token_ids, positions)
         finally:
             set_context(None)
-
-    def _decode_forward_parts(self, token_ids, positions, slot_ids, width) -> torch.Tensor:
-        """decode_forward in `microbatches` row groups; on CUDA each on its own stream (the first on the
-        caller's), forked from and joined back into the caller's stream, so it can be captured too."""
-        B, n = slot_ids.shape[0], self.microbatches
-        bounds = [B * i // n for i in range(n + 1)]
-        parts, ctxs = [], []
-        for lo, hi in itertools.pairwise(bounds):
-            slots, pos = slot_ids[lo:hi], positions[lo:hi]
-            dec = DecodeContext(slot_ids=slots, positions=pos, page_tables=self.slot_tables[slots, :width],
-                                host_slot_ids=[])
-            ctxs.append(StepContext(is_prefill=False, pool=self.pool, policy=self.policy, ops=self.ops, decode=dec))
-            parts.append((token_ids[lo:hi], pos))
-        streams = [None] * n
-        if slot_ids.is_cuda:
-            main = torch.cuda.current_stream()
-            if self._streams is None:
-                self._streams = [torch.cuda.Stream(device=self.device) for _ in range(n - 1)]
-            streams = [main, *self._streams]
-            for s in self._streams:
-                s.wait_stream(main)
-        out = torch.empty((B, self.model.spec.hidden_size), dtype=self.model.embed_tokens.weight.dtype,
-                          device=slot_ids.device)
-
-        @contextlib.contextmanager
-        def enter(i):
-            with torch.cuda.stream(streams[i]) if streams[i] is not None else contextlib.nullcontext():
-                set_context(ctxs[i])
-                try:
-                    yield
-                finally:
-                    set_context(None)
-
-        hidden = self.model.forward_parts(parts, enter)
-        for i, h in enumerate(hidden):  # each part writes its rows on its own stream; then join
-            with enter(i):
-                out[bounds[i]:bounds[i + 1]].copy_(h)
-        if slot_ids.is_cuda:
-            for s in self._streams:
-                torch.cuda.current_stream().wait_stream(s)
-        return out
 
     def _sample(self, logits: torch.Tensor, slot_ids: torch.Tensor,
                 positions: torch.Tensor) -> torch.Tensor:

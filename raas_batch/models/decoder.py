@@ -160,25 +160,6 @@ class DecoderForCausalLM(nn.Module):
             h, residual = layer(positions, h, residual)
         return self.norm(h, residual)[0]
 
-    def forward_parts(self, parts: list[tuple[torch.Tensor, torch.Tensor]], enter) -> list[torch.Tensor]:
-        """The forward of several row groups, advanced layer by layer in turn: parts [(input_ids,
-        positions)] -> [hidden] per part. `enter(i)` gives the context manager part i runs under (its
-        CUDA stream and step context): with one stream per part, one part's attention (bound by memory
-        bandwidth) can run while another's weight products (bound by FLOPs) do."""
-        states = []
-        for i, (ids, _) in enumerate(parts):
-            with enter(i):
-                states.append((self.embed_tokens(ids), None))
-        for layer in self.layers:
-            for i, (_, pos) in enumerate(parts):
-                with enter(i):
-                    states[i] = layer(pos, *states[i])
-        outs = []
-        for i, state in enumerate(states):
-            with enter(i):
-                outs.append(self.norm(*state)[0])
-        return outs
-
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [B, hidden] -> logits [B, vocab] in fp32
         return self.lm_head(hidden).float()
