@@ -15,6 +15,8 @@ Grid (B, Hkv). A program loads its row of S pages and their metadata once and ap
 - alpha: softmax over the listed, non-empty pages of (value * scale + log fill) > alpha -> stamp;
 - mass (RaaS with exact attention mass, our extension): value > alpha -> stamp;
 - accumulate (H2O, arXiv 2306.14048): mass[page] += value (pages are distinct in a row, so no races).
+A pinned page's stamp and mass are never written: pinned prompt pages may be shared by the samples of
+one request (several rows of a step), and a pinned page is never a victim, so nothing reads them.
 No host synchronisation; CUDA-graph capturable.
 """
 
@@ -61,6 +63,7 @@ def _bounded_update_kernel(
         pid = tl.load(ids_row + ss * stride_is, mask=ss < S, other=-1)
         listed = pid >= 0
         at = tl.where(listed, pid, 0).to(tl.int64) * stride_mn + h * stride_mh
+        listed = listed & (tl.load(pinned_ptr + at, mask=listed, other=1) == 0)
         tl.store(mass_ptr + at, tl.load(mass_ptr + at, mask=listed, other=0.0) + v, mask=listed)
     else:
         slot = tl.load(slot_ptr + b).to(tl.int64)
@@ -85,7 +88,10 @@ def _bounded_update_kernel(
             refresh = ok & (e / tl.sum(e, axis=0) > alpha)
         else:
             refresh = ok & (v > alpha)
-        tl.store(stamp_ptr + page * stride_mn + h * stride_mh, tl.zeros([BLOCK_S], tl.int64) + pos, mask=refresh)
+        at = page * stride_mn + h * stride_mh
+        if REFRESH_PINNED:  # (otherwise `ok` already excludes pinned pages)
+            refresh = refresh & (tl.load(pinned_ptr + at, mask=listed, other=1) == 0)
+        tl.store(stamp_ptr + at, tl.zeros([BLOCK_S], tl.int64) + pos, mask=refresh)
 
 
 _kernel = lazy_jit(_bounded_update_kernel, helpers=(_row_ok,))

@@ -330,7 +330,10 @@ def bounded_update(page_ids, values, cur, slot_ids, positions, top, fill, pinned
     mass [N, Hkv] float32: this layer's metadata. values None (top_half, alpha): the Quest bounds
     page_scores(q, kmin, kmax, page_ids) (q [B, Hq, D], kmin / kmax [N, Hkv, D]).
 
-    Refreshable: listed, fill > 0, not the current page, unpinned unless refresh_pinned. Rules:
+    Refreshable: listed, fill > 0, not the current page, unpinned unless refresh_pinned. A pinned page's
+    stamp and mass are never written (it is never a victim, so they would not be read; and a prompt page
+    shared by the samples of a request, engine/sequence.py PromptGroup, is pinned and read by several rows
+    of one step). Rules:
     - top_half: the refreshable pages ranked by value (descending; ties to the earlier column) below
       top[slot] get stamp = position;
     - alpha: softmax over listed non-empty pages of (value * scale + log fill) > alpha -> stamp;
@@ -343,14 +346,15 @@ def bounded_update(page_ids, values, cur, slot_ids, positions, top, fill, pinned
     Hkv = page_ids.shape[1]
     heads = torch.arange(Hkv, device=page_ids.device).view(1, -1, 1).expand_as(safe)
     listed = page_ids >= 0
+    unpinned = ~pinned[safe, heads]
     if rule == "accumulate":
         # values are 0 for -1 entries' clamped index when masked: accumulating them is harmless
-        mass.index_put_((safe, heads), torch.where(listed, values, 0.0), accumulate=True)
+        mass.index_put_((safe, heads), torch.where(listed & unpinned, values, 0.0), accumulate=True)
         return
     f = fill[safe, heads]
     ok = listed & (f > 0) & (safe != cur[slot_ids].unsqueeze(-1))
     if not refresh_pinned:
-        ok &= ~pinned[safe, heads]
+        ok &= unpinned
     if rule == "top_half":
         s = values.masked_fill(~ok, float("-inf"))
         order = s.argsort(dim=-1, descending=True, stable=True)
@@ -365,7 +369,7 @@ def bounded_update(page_ids, values, cur, slot_ids, positions, top, fill, pinned
         refresh = ok & (values > alpha)
     else:
         raise ValueError(f"bounded_update rule {rule!r} is unknown; choose one of {', '.join(UPDATE_RULES)}.")
-    delta = torch.where(refresh, positions.view(-1, 1, 1) - stamp[safe, heads], 0)
+    delta = torch.where(refresh & unpinned, positions.view(-1, 1, 1) - stamp[safe, heads], 0)
     stamp.index_put_((safe, heads), delta, accumulate=True)  # zero deltas make -1 padding harmless
 
 

@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                             + _d("gpu_memory_utilization"))
     model.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction,
                        help="run decode steps eagerly instead of as CUDA graphs")
+    model.add_argument("--share-prompts", action=argparse.BooleanOptionalAction,
+                       help="a row's --n samples prefill the prompt once and read its pages from one copy "
+                            "where the KV policy allows (vLLM's prefix caching for one row)" + _d("share_prompts"))
     model.add_argument("--chat-template-kwargs", metavar="JSON",
                        help="extra arguments of the chat template, e.g. '{\"enable_thinking\": true}'")
     sampling = p.add_argument_group(

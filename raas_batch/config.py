@@ -58,6 +58,7 @@ class JobConfig:
     max_model_len: int | None = None  # context cap in tokens (prompt + generated); None: the model's
     gpu_memory_utilization: float = 0.9  # share of the GPU the engine may use (weights + KV pages)
     enforce_eager: bool = False  # no CUDA graphs
+    share_prompts: bool = True  # a row's n samples prefill once and share the prompt's pages
     chat_template_kwargs: dict[str, Any] | None = None
     # --- sampling (None: the model's generation_config, else FALLBACK_DEFAULTS; see SamplingParams) --
     max_new_tokens: int | None = None
@@ -164,7 +165,8 @@ class JobConfig:
                 "page_size": self.page_size, "max_num_seqs": self.max_num_seqs, "dtype": self.dtype,
                 "device": self.device, "chat_template_kwargs": self.chat_template_kwargs,
                 "policy_options": self.kv_policy_options, "max_model_len": self.max_model_len,
-                "gpu_memory_utilization": self.gpu_memory_utilization, "enforce_eager": self.enforce_eager}
+                "gpu_memory_utilization": self.gpu_memory_utilization, "enforce_eager": self.enforce_eager,
+                "share_prompts": self.share_prompts}
 
     def output_settings(self) -> dict[str, Any]:
         """The settings that change the job's output, keyed by field name (fingerprinted by the manifest)."""
@@ -184,7 +186,7 @@ class JobConfig:
 _RUN_CONTROL = ("config", "resume", "overwrite", "verify", "ray", "ray_address", "num_workers", "max_attempts")
 
 # Fields whose change changes the output (fingerprinted). Not here: output, device, max_num_seqs,
-# gpu_memory_utilization, enforce_eager, quiet and run control (they change where and how fast, not
+# gpu_memory_utilization, enforce_eager, share_prompts, quiet and run control (they change where and how fast, not
 # what). page_size is here because sparse policies evict whole pages; max_model_len because it clips
 # generation and turns long prompts into error rows.
 OUTPUT_FIELDS = ("prompt_column", "apply_chat_template", "system_prompt", "id_column", "limit", "shard_size",
@@ -312,7 +314,8 @@ def _coerce_types(cfg: JobConfig) -> None:
                 setattr(cfg, name, int(value))
             except ValueError:
                 raise ConfigError(f"--{_flag(name)} must be an integer, got {value!r}.") from None
-    for name in ("ignore_eos", "quiet", "resume", "overwrite", "verify", "ray", "enforce_eager", "apply_chat_template"):
+    for name in ("ignore_eos", "quiet", "resume", "overwrite", "verify", "ray", "enforce_eager", "apply_chat_template",
+                 "share_prompts"):
         value = getattr(cfg, name)
         if not isinstance(value, bool):
             raise ConfigError(f"{name.replace('_', '-')} must be true or false, got {value!r}.")

@@ -64,7 +64,9 @@ class LLM:
     tokens). max_model_len: the context in tokens (prompt + generated; default and upper bound: the
     model's). On CUDA, decode steps run as captured CUDA graphs unless enforce_eager. backend:
     "triton" (default on CUDA), "cpu" (default on the CPU: kernels/cpu.py) or "torch" (the plain
-    references of kernels/reference.py, any device).
+    references of kernels/reference.py, any device). share_prompts: the n samples of a request
+    prefill their prompt once and read its pages from one copy where the policy allows (README
+    "Samples of one prompt"); False prefills and stores each sample's prompt separately.
     """
 
     def __init__(self, model: str | None = None, kv_policy: str = "dense", kv_budget: int | None = None,
@@ -72,7 +74,7 @@ class LLM:
                  chat_template_kwargs: dict | None = None, num_kv_tokens: int | None = None,
                  backend: str | None = None, policy_options: dict | None = None, load_format: str = "auto",
                  hf_config=None, max_prefill_tokens: int = 8192, gpu_memory_utilization: float = 0.9,
-                 enforce_eager: bool = False, max_model_len: int | None = None):
+                 enforce_eager: bool = False, max_model_len: int | None = None, share_prompts: bool = True):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = resolve_dtype(dtype, self.device)
         loaded = load_model(model, self.dtype, self.device, load_format=load_format, hf_config=hf_config)
@@ -97,7 +99,7 @@ class LLM:
         self.max_num_seqs = int(max_num_seqs)
         engine = Engine(self.model, self.tokenizer, self.eos_token_ids, policy, page_size, self.max_num_seqs,
                         num_kv_tokens, self.device, self.dtype, backend, max_prefill_tokens,
-                        cuda_graphs=self.device.type == "cuda" and not enforce_eager)
+                        cuda_graphs=self.device.type == "cuda" and not enforce_eager, share_prompts=share_prompts)
         defaults = {} if hf_config is not None else read_generation_defaults(model)
         self.llm_engine = LLMEngine(engine, self.tokenizer, self.max_model_len, self.chat_template_kwargs, defaults)
 

@@ -34,7 +34,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
-from raas_batch.engine.sequence import Sequence
+from raas_batch.engine.sequence import PromptGroup, Sequence
 from raas_batch.outputs import CompletionOutput, RequestOutput
 from raas_batch.prompts import check_prompt, tokenize
 from raas_batch.reasoning import count_reasoning_tokens, prompt_opens_think, split_reasoning
@@ -101,11 +101,15 @@ class LLMEngine:
                 out.finish_reason, out.error = "error", error
         else:
             opens_think = text is not None and prompt_opens_think(text)
+            # the samples prefill the prompt once and share its pages (engine/sequence.py PromptGroup)
+            group = (PromptGroup(len(ids)) if params.n > 1 and not forced
+                     and getattr(self.engine, "share_prompts", False) else None)
             for j, out in enumerate(outs):
                 seq = Sequence(request_idx=request_id, sample_idx=j, prompt_token_ids=ids, params=params,
                                seed_key=self.seed_key(seed, j), seed=seed,
                                max_new_tokens=min(params.max_new_tokens, self.max_model_len - len(ids)),
-                               starts_in_think=opens_think, forced=list(forced or []), kv_override=kv_override)
+                               starts_in_think=opens_think, forced=list(forced or []), kv_override=kv_override,
+                               group=group)
                 try:
                     self.engine.add(seq)
                 except ValueError as exc:  # the sequence can never fit the cache: this request's error
@@ -172,6 +176,7 @@ def fill_completion(out: CompletionOutput, seq: Sequence, tokenizer) -> None:
     out.thinking_budget_hit = seq.thinking_budget_hit
     out.finish_reason = seq.finish_reason or "length"
     out.peak_kv_tokens, out.evicted_pages = seq.peak_kv_tokens, seq.evicted_pages
+    out.shared_kv_tokens = seq.shared_kv_tokens
     out.kv_over_budget = seq.kv_over_budget
     now = time.perf_counter()
     start = seq.t_admitted if seq.t_admitted is not None else seq.t_arrival

@@ -18,7 +18,10 @@ class CompletionOutput:
     held in any one (layer, KV head) over the whole generation; `evicted_pages` is the number of
     pages evicted in the (layer, KV head) that evicted most (per-(layer, head) max, not a sum over
     layers and heads); `kv_over_budget` is True when the prompt did not fit kv_budget, so the
-    sequence kept its prompt pages plus a small decode allowance instead (see docs/raas-algorithm.md).
+    sequence kept its prompt pages plus a small decode allowance instead (see docs/kv-policies.md).
+    `shared_kv_tokens` are the prompt tokens of those counted that the sample read from pages stored
+    once for all the samples of its request (0 when n = 1, or when the policy may evict prompt pages:
+    README "Samples of one prompt").
     """
 
     index: int
@@ -34,6 +37,7 @@ class CompletionOutput:
     peak_kv_tokens: int = 0
     evicted_pages: int = 0
     kv_over_budget: bool = False
+    shared_kv_tokens: int = 0
     ttft_s: float = 0.0
     e2e_s: float = 0.0
 

@@ -36,7 +36,7 @@ class Engine:
     def __init__(self, model: torch.nn.Module, tokenizer, eos_token_ids: list[int], policy: KVPolicy,
                  page_size: int, max_num_seqs: int, num_kv_tokens: int, device: torch.device, dtype: torch.dtype,
                  backend: str = "torch", max_prefill_tokens: int = 8192, cuda_graphs: bool | None = None,
-                 overlap: bool | None = None):
+                 overlap: bool | None = None, share_prompts: bool = True):
         spec = model.spec
         self.tokenizer = tokenizer
         self.eos_token_ids = set(eos_token_ids)
@@ -59,6 +59,9 @@ class Engine:
             if hasattr(type(module), "kernels"):
                 module.kernels = layer_ops
         self.overlap = device.type == "cuda" if overlap is None else overlap
+        # the n samples of a request prefill once and share their prompt pages (engine/sequence.py
+        # PromptGroup); LLMEngine reads this when it adds a request
+        self.share_prompts = share_prompts
         self.in_flight: DecodeLaunch | None = None  # a decode step launched and not yet recorded
         if cuda_graphs is None:
             cuda_graphs = device.type == "cuda"
@@ -89,6 +92,7 @@ class Engine:
         if kind == "prefill":
             num_tokens += self._record_in_flight()
             tokens = self.runner.prefill(seqs)
+            self.scheduler.prefilled(seqs)
             for seq, token in zip(seqs, tokens):
                 seq.append(token, self.eos_token_ids, self.tokenizer)
             self._recorded(seqs, tokens, None)
@@ -123,10 +127,7 @@ class Engine:
                 launch.wait()
             except Exception:  # noqa: BLE001, S110 - the engine failed: its tokens are of no use
                 pass
-        for seq in list(self.scheduler.running):
-            self.scheduler.release(seq)
-        self.scheduler.running.clear()
-        self.scheduler.waiting.clear()
+        self.scheduler.abort()
 
     def _record_in_flight(self) -> int:
         """Wait for the in-flight decode step and record its tokens -> tokens recorded."""

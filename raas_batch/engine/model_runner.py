@@ -57,6 +57,7 @@ class ModelRunner:
         self.seed_keys = torch.zeros(**per_slot, dtype=torch.int64)
         self.prompt_len = torch.zeros(**per_slot, dtype=torch.int64)
         self._pinned = device.type == "cuda"
+        self.num_prefill_tokens = 0  # prompt tokens run through the model (a request's samples count once)
         # Optional observer of every step's logits: logits_hook(seqs, logits [B, V]) before sampling
         # (teacher-forced scoring, raas_batch/engine/scoring.py).
         self.logits_hook = None
@@ -83,19 +84,57 @@ class ModelRunner:
 
     @torch.inference_mode()
     def prefill(self, seqs: list[Sequence]) -> list[int]:
-        P = self.page_size
+        """Admit `seqs`, run their prompts, sample their first tokens. The samples of one request
+        (seq.group) run their prompt once, into the group's pages; each then takes the group's prompt
+        pages it does not read in place (the partly filled last one, or all when not shared) by copy,
+        and samples its first token from the group's logits with its own seed."""
         slots = self._admit(seqs)
+        runs: list[Sequence] = []  # the sequences whose prompt runs now: one per group
+        started: set[int] = set()
+        for seq in seqs:
+            group = seq.group
+            if group is None or (group.logits is None and id(group) not in started):
+                runs.append(seq)
+                if group is not None:
+                    started.add(id(group))
+        logits = self._prefill_forward(runs) if runs else None  # [len(runs), V]
+        rows: dict[int, torch.Tensor] = {}
+        for i, seq in enumerate(runs):
+            if seq.group is None:
+                rows[id(seq)] = logits[i]
+            else:
+                seq.group.logits = logits[i]
+        src, dst = [], []
+        for seq in seqs:
+            group = seq.group
+            if group is not None:
+                prompt_pages = -(-len(seq.prompt_token_ids) // self.page_size)
+                src += group.pages[seq.num_shared:prompt_pages]
+                dst += seq.pages[seq.num_shared:prompt_pages]
+        self.pool.copy_pages(src, dst)
+        seq_logits = torch.stack([rows[id(s)] if s.group is None else s.group.logits for s in seqs])  # [B, V]
+        if self.logits_hook is not None:
+            self.logits_hook(seqs, seq_logits)
+        tokens = self._sample(seq_logits, slots, self.prompt_len[slots] - 1)
+        self.last_token[slots] = tokens
+        return tokens.tolist()
+
+    def _prefill_forward(self, seqs: list[Sequence]) -> torch.Tensor:
+        """Run the prompts of `seqs` (into their group's pages when grouped) -> last-token logits [B, V]."""
+        P = self.page_size
         input_ids, positions, token_pages, token_offsets = [], [], [], []
         pages, fills, logical, stamps, pinned = [], [], [], [], []
         cu = [0]
         for seq in seqs:
             n = len(seq.prompt_token_ids)
+            target = seq.group.pages if seq.group is not None else seq.pages
+            self.num_prefill_tokens += n
             input_ids += seq.prompt_token_ids
             positions += range(n)
-            token_pages += [seq.pages[i // P] for i in range(n)]
+            token_pages += [target[i // P] for i in range(n)]
             token_offsets += [i % P for i in range(n)]
             for j in range((n + P - 1) // P):
-                pages.append(seq.pages[j])
+                pages.append(target[j])
                 fills.append(min(P, n - j * P))
                 logical.append(j)
                 stamps.append(min(n, (j + 1) * P) - 1)  # position of the page's newest token
@@ -115,12 +154,7 @@ class ModelRunner:
         finally:
             set_context(None)
         last = self._tensor([c - 1 for c in cu[1:]])
-        logits = self.model.compute_logits(hidden[last])  # [B, V]
-        if self.logits_hook is not None:
-            self.logits_hook(seqs, logits)
-        tokens = self._sample(logits, slots, self.prompt_len[slots] - 1)
-        self.last_token[slots] = tokens
-        return tokens.tolist()
+        return self.model.compute_logits(hidden[last])  # [B, V]
 
     @torch.inference_mode()
     def launch_decode(self, seqs: list[Sequence], positions: list[int]) -> DecodeLaunch:

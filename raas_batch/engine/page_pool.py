@@ -82,6 +82,17 @@ class PagePool:
         self.logical[:, idx] = -1
         self.mass[:, idx] = 0
 
+    def copy_pages(self, src: list[int], dst: list[int]) -> None:
+        """Copy pages src[i] -> dst[i] whole (keys, values, bounds and metadata, every layer and head):
+        a sample of a request takes its own copy of prompt pages prefilled once (PromptGroup)."""
+        if not src:
+            return
+        s = torch.tensor(src, dtype=torch.long, device=self.fill.device)
+        d = torch.tensor(dst, dtype=torch.long, device=self.fill.device)
+        for t in (self.k_cache, self.v_cache, self.kmin, self.kmax, self.fill, self.stamp, self.pinned,
+                  self.logical, self.mass):
+            t[:, d] = t[:, s]
+
     # ---- prefill writes ----
     def write_prefill(self, layer: int, k: torch.Tensor, v: torch.Tensor, meta: PrefillPages,
                       bounds: bool = True) -> None:

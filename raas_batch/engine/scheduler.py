@@ -6,6 +6,10 @@ Invariants:
   retirement; nothing is preempted, because a sequence never needs more than its quota.
 - At most max_num_seqs sequences run at once; each holds a distinct slot in [0, max_num_seqs).
 - Sequences are admitted in arrival order (no overtaking), so a long prompt cannot starve.
+- The samples of one request (a PromptGroup) prefill their prompt once: the first one admitted also
+  reserves the prompt's pages, and its prompt tokens count against max_prefill_tokens; the others
+  cost only their own quota. A shared prompt page is reserved once and counted once, however many
+  samples read it; it goes back to the pool with the last of them (engine/sequence.py has the rules).
 """
 
 from __future__ import annotations
@@ -27,16 +31,30 @@ class Scheduler:
         self._free_slots = list(range(max_num_seqs - 1, -1, -1))
 
     def add(self, seq: Sequence) -> None:
-        quota = self.quota(seq)
-        if quota > self.pool.num_pages:
+        group, n = seq.group, len(seq.prompt_token_ids)
+        if group is not None and group.shared is None:
+            group.shared = self.policy.shares_prompt_pages(n, seq.kv_override)
+        need = self.quota(seq) + (self.policy.pages_for(n) if group is not None and group.pages is None else 0)
+        if need > self.pool.num_pages:
             raise ValueError(
-                f"a sequence needs {quota} KV pages but the cache holds {self.pool.num_pages}; lower "
+                f"a sequence needs {need} KV pages but the cache holds {self.pool.num_pages}; lower "
                 f"max_new_tokens, set a kv_budget, or give the cache more memory (num_kv_tokens)."
             )
+        if group is not None:
+            group.refs += 1
+            group.num_unadmitted += 1
+            seq.holds_group_ref = True
         self.waiting.append(seq)
 
+    def num_shared(self, seq: Sequence) -> int:
+        """Leading page-table entries of `seq` read in place from its group: the prompt's full pages."""
+        group = seq.group
+        return len(seq.prompt_token_ids) // self.pool.page_size if group is not None and group.shared else 0
+
     def quota(self, seq: Sequence) -> int:
-        return self.policy.quota_pages(len(seq.prompt_token_ids), seq.max_new_tokens, seq.kv_override)
+        """Pages `seq` reserves for itself (its policy's quota less the shared prompt pages)."""
+        own = self.policy.quota_pages(len(seq.prompt_token_ids), seq.max_new_tokens, seq.kv_override)
+        return own - self.num_shared(seq)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -47,23 +65,45 @@ class Scheduler:
         num_tokens = 0
         while self.waiting and self._free_slots:
             seq = self.waiting[0]
-            n = len(seq.prompt_token_ids)
-            if admitted and num_tokens + n > self.max_prefill_tokens:
+            group, n = seq.group, len(seq.prompt_token_ids)
+            runs_prompt = group is None or group.pages is None  # else its group's prefill is done or under way
+            if admitted and runs_prompt and num_tokens + n > self.max_prefill_tokens:
                 break
-            pages = self.pool.allocate(self.quota(seq))
-            if pages is None:
+            own = self.quota(seq)
+            prompt_pages = self.policy.pages_for(n) if group is not None and group.pages is None else 0
+            if own + prompt_pages > self.pool.num_free:
                 break
+            if prompt_pages:
+                group.pages = self.pool.allocate(prompt_pages)
+            pages = self.pool.allocate(own)
             self.waiting.popleft()
-            seq.pages, seq.slot = pages, self._free_slots.pop()
+            seq.num_shared = self.num_shared(seq)
+            seq.pages = (group.pages[:seq.num_shared] if group is not None else []) + pages
+            seq.shared_kv_tokens = seq.num_shared * self.pool.page_size
+            seq.slot = self._free_slots.pop()
+            if group is not None:
+                group.num_unadmitted -= 1
             seq.t_admitted = time.perf_counter()
-            self.policy.on_admit(seq.slot, pages, n, seq.kv_override)
+            self.policy.on_admit(seq.slot, seq.pages, n, seq.kv_override)
             seq.kv_over_budget = self.policy.over_budget(n, seq.max_new_tokens, seq.kv_override)
             admitted.append(seq)
-            num_tokens += n
+            num_tokens += n if runs_prompt else 0
         if admitted:
             self.running.extend(admitted)
             return "prefill", admitted
         return "decode", list(self.running)
+
+    def prefilled(self, seqs: list[Sequence]) -> None:
+        """After the prefill of `seqs`: a sample that copied its group's prompt pages no longer needs
+        them, and a group whose samples are all admitted no longer needs its logits."""
+        for seq in seqs:
+            group = seq.group
+            if group is None:
+                continue
+            if group.num_unadmitted == 0:
+                group.logits = None
+            if not group.shared:
+                self._drop_group_ref(seq)
 
     def retire_finished(self) -> list[Sequence]:
         done = [s for s in self.running if s.finished]
@@ -72,6 +112,28 @@ class Scheduler:
         return done
 
     def release(self, seq: Sequence) -> None:
-        self.pool.release(seq.pages)
+        self.pool.release(seq.pages[seq.num_shared:])
+        self._drop_group_ref(seq)
         self._free_slots.append(seq.slot)
-        seq.pages, seq.slot = [], -1
+        seq.pages, seq.slot, seq.num_shared = [], -1, 0
+
+    def abort(self) -> None:
+        """Release every sequence, running or waiting, and the prompt pages of their groups."""
+        for seq in self.running:
+            self.release(seq)
+        for seq in self.waiting:
+            self._drop_group_ref(seq)
+        self.running.clear()
+        self.waiting.clear()
+
+    def _drop_group_ref(self, seq: Sequence) -> None:
+        group = seq.group
+        if group is None or not seq.holds_group_ref:
+            return
+        seq.holds_group_ref = False
+        group.refs -= 1
+        if group.refs == 0:
+            if group.pages is not None:
+                self.pool.release(group.pages)
+            group.pages, group.logits = None, None
+

@@ -1,12 +1,39 @@
-"""One sequence being generated: a (prompt, sample index) pair with its pages and its progress."""
+"""One sequence being generated: a (prompt, sample index) pair with its pages and its progress; and the
+group that the samples of one request form, so that their prompt is prefilled once."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from raas_batch.reasoning import BUDGET_CLOSE, THINK_CLOSE, THINK_OPEN, IncrementalText
 from raas_batch.sampling_params import SamplingParams
+
+
+@dataclass(eq=False)
+class PromptGroup:
+    """The samples of one request (n > 1): one prefill, and the prompt's pages kept once.
+
+    The first sample admitted allocates `pages` (the prompt's pages) and the prefill writes the prompt
+    there once; `logits` (the last prompt token's, [V] on the device) give every sample its first token
+    with its own seed, also samples admitted in a later step. How a sample uses the pages (`shared`,
+    decided by the scheduler from `KVPolicy.shares_prompt_pages`):
+    - shared: its page table starts with the prompt's full pages, read in place and never written
+      (the policy never writes or evicts them); a partly filled last prompt page is copied into the
+      sample's own first page, since the sample's next token lands there;
+    - not shared (a policy that may evict a prompt page and reuse its slot): the sample copies every
+      prompt page into its own quota after the prefill, so it pays memory as before but no prefill.
+    `refs` counts the samples that still need `pages` (not yet admitted, or running with shared
+    pages); the pages go back to the pool when it drops to 0.
+    """
+
+    num_prompt_tokens: int
+    shared: bool | None = None  # set by the scheduler when the first sample is added
+    pages: list[int] | None = None
+    logits: Any = None  # torch.Tensor [V] once prefilled; dropped when the last sample is admitted
+    refs: int = 0
+    num_unadmitted: int = 0
 
 
 @dataclass
@@ -35,6 +62,12 @@ class Sequence:
     # per-sequence KV setting (kv_budget, or (member, kv_budget) for a PolicyMixture); see policies/base.py
     kv_override: object = None
     kv_over_budget: bool = False  # set at admission: the quota exceeds kv_budget (prompt too long)
+    # the request's other samples (None: prefilled alone); the leading `num_shared` entries of `pages`
+    # are the group's prompt pages, read in place (not this sequence's to write or release)
+    group: PromptGroup | None = None
+    num_shared: int = 0
+    holds_group_ref: bool = False  # counted in group.refs (engine/scheduler.py drops it once)
+    shared_kv_tokens: int = 0  # prompt tokens read in place from the group's pages (set at admission)
     # decode steps launched for this sequence whose tokens the host has not recorded yet (0 or 1)
     num_in_flight: int = 0
     # filled when the sequence finishes, from the KV policy's counters of that step

@@ -96,6 +96,13 @@ class KVPolicy:
         """Whether prefill marks the prompt pages of the sequence in `slot` pinned."""
         return False
 
+    def shares_prompt_pages(self, num_prompt_tokens: int, override=None) -> bool:
+        """Host-side: whether a sequence's full prompt pages stay as prefill wrote them (never written,
+        evicted or reused by decode), so the samples of one request can read one copy in place. The
+        page metadata a policy updates after attention (stamps, mass) must then be left alone on those
+        pages too. False (the safe answer) makes each sample copy the prompt pages instead."""
+        return False
+
     def on_admit(self, slot: int, pages: list[int], num_prompt_tokens: int, override=None) -> None:
         """Host-side: a sequence took `slot` with quota `pages`; its prompt fills the first pages."""
 

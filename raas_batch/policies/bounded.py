@@ -100,6 +100,12 @@ class BoundedPolicy(KVPolicy):
         slots = self._sparse_slots(num_prompt_tokens, max_new_tokens, override)
         return slots > self._budget(override) // self.page_size
 
+    def shares_prompt_pages(self, num_prompt_tokens: int, override=None) -> bool:
+        # A pinned page is never a victim, so never reused; bounded_update leaves pinned pages' stamps
+        # and mass alone. An unpinned prompt page may be evicted in any (layer, head), and its slot then
+        # takes a decode page: that sample needs the slot as its own.
+        return self.pins(self.pages_for(num_prompt_tokens), self._budget(override) // self.page_size)
+
     def pin_prompt_pages(self, slot: int | None = None) -> bool:
         if self.pin_prompt == "auto":
             return self._pinned_slots.get(slot, False)  # decided in on_admit

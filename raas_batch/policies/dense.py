@@ -21,6 +21,9 @@ class DensePolicy(KVPolicy):
     def quota_pages(self, num_prompt_tokens: int, max_new_tokens: int, override=None) -> int:
         return self.pages_for(num_prompt_tokens + max_new_tokens)
 
+    def shares_prompt_pages(self, num_prompt_tokens: int, override=None) -> bool:
+        return True  # decode writes only the pages of positions past the prompt
+
     def table_width(self, num_quota_pages: int, num_tokens: int) -> int:
         # only the pages written so far, including the one the step's token goes to
         return min(num_quota_pages, self.pages_for(num_tokens))

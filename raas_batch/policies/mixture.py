@@ -60,6 +60,10 @@ class PolicyMixture(KVPolicy):
         member, budget = self._member(override)
         return member.over_budget(num_prompt_tokens, max_new_tokens, budget)
 
+    def shares_prompt_pages(self, num_prompt_tokens, override=None):
+        member, budget = self._member(override)
+        return member.shares_prompt_pages(num_prompt_tokens, budget)
+
     def bind(self, pool, max_num_seqs):
         super().bind(pool, max_num_seqs)
         for m in self.members.values():

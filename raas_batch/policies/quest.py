@@ -26,6 +26,9 @@ class QuestPolicy(KVPolicy):
     def quota_pages(self, num_prompt_tokens: int, max_new_tokens: int, override=None) -> int:
         return self.pages_for(num_prompt_tokens + max_new_tokens)
 
+    def shares_prompt_pages(self, num_prompt_tokens: int, override=None) -> bool:
+        return True  # every page is kept; decode writes only the pages of positions past the prompt
+
     def bind(self, pool, max_num_seqs: int) -> None:
         super().bind(pool, max_num_seqs)
         self.topk = torch.zeros(max_num_seqs, dtype=torch.int64, device=pool.fill.device)  # L/P - 1
