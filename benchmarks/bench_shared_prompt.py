@@ -28,8 +28,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-WORDS = ("the train leaves the station at nine and travels north for three hours while the baker counts "
-         "loaves in crates of twelve and a gardener plants rows of tulips along the river path ").split()
+WORDS = ["the", "train", "leaves", "the", "station", "at", "nine", "and", "travels", "north", "for", "three", "hours", "while", "the", "baker", "counts", "loaves", "in", "crates", "of", "twelve", "and", "a", "gardener", "plants", "rows", "of", "tulips", "along", "the", "river", "path"]
 
 
 def prompt_text(tokenizer, num_tokens: int) -> str:
@@ -57,9 +56,9 @@ def run(flags: dict) -> dict:
 # CPU
 # ------------------------------------------------------------------------------------------------
 def cpu(args) -> list[dict]:
-    from raas_batch.models.loader import load_model
-
     import torch
+
+    from raas_batch.models.loader import load_model
 
     tok = (load_model(None, torch.float32, torch.device("cpu")).tokenizer if args.tokenizer is None
            else _tokenizer(args.tokenizer))
@@ -103,9 +102,8 @@ def _tokenizer(path: str):
 
 
 def gpu(args) -> list[dict]:
-    import torch
-
     import bench_job
+    import torch
     from bench_job import WatchedLLM, build_model_dir
 
     class PoolLLM(WatchedLLM):
@@ -116,13 +114,13 @@ def gpu(args) -> list[dict]:
 
     bench_job.PoolLLM = PoolLLM
     os.environ["RAAS_BATCH_ENGINE"] = "bench_job:PoolLLM"
-    model_dir = build_model_dir("1.5b", args.tokenizer, args.work, "cuda")
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU only to check the script (--shape tiny)
+    model_dir = build_model_dir(args.shape, args.tokenizer, args.work, device)
     tok = _tokenizer(args.tokenizer)
     data = os.path.join(args.work, "prompts_2k.jsonl")
     base = prompt_text(tok, args.prompt_tokens - 16)
     with open(data, "w") as f:
-        for i in range(args.prompts):
-            f.write(json.dumps({"id": f"p{i}", "prompt": f"Case {i}: " + base}) + "\n")
+        f.writelines(json.dumps({"id": f"p{i}", "prompt": f"Case {i}: " + base}) + "\n" for i in range(args.prompts))
     cases = [("dense", None, None), ("raas", args.budget, None), ("raas", args.budget, {"pin_prompt": "auto"})]
     results = []
     warm = {"input": data, "output": os.path.join(args.work, "warm"), "model": model_dir, "n": args.n,
@@ -159,8 +157,8 @@ def gpu(args) -> list[dict]:
 
 
 def gpu_table(results: list[dict]) -> str:
-    lines = ["| policy | share prompts | sequences | most running at once | mean running | prompt tokens prefilled | "
-             "prefill s | job tok/s | x unshared |",
+    lines = [("| policy | share prompts | sequences | most running at once | mean running | prompt tokens prefilled | "
+              "prefill s | job tok/s | x unshared |"),
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     before = {}
     for r in results:
@@ -185,6 +183,7 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=4096)
     ap.add_argument("--max-new-tokens", type=int, default=2048)
     ap.add_argument("--max-num-seqs", type=int, default=1024)
+    ap.add_argument("--shape", default="1.5b", help="GPU part: model shape of benchmarks/bench_job.py")
     ap.add_argument("--kv-tokens", type=int, default=1 << 20, help="page pool size in tokens (GPU)")
     args = ap.parse_args()
     out_dir = os.environ.get("OUT", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
@@ -192,7 +191,7 @@ def main() -> None:
     if args.gpu:
         args.prompt_tokens = args.prompt_tokens or 2048
         results, tag = gpu(args), "_gpu"
-        text = (f"# Samples of one prompt on the GPU: 1.5B shape, {args.prompts} prompts of ~{args.prompt_tokens} "
+        text = (f"# Samples of one prompt on the GPU: {args.shape} shape, {args.prompts} prompts of ~{args.prompt_tokens} "
                 f"tokens, n = {args.n}, {args.max_new_tokens} new tokens each (EOS ignored), page pool "
                 f"{args.kv_tokens} tokens, max_num_seqs {args.max_num_seqs}\n\n" + gpu_table(results))
     else:

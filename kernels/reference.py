@@ -162,7 +162,7 @@ def prefill_attention(
 
 
 def prefill_page_mass(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor, scale: float, page_size: int,
-                      chunk: int = 256) -> torch.Tensor:
+                      chunk: int = 256, max_elements: int = 1 << 26) -> torch.Tensor:
     """Attention mass each prompt page receives during the causal prefill (H2O's starting scores).
 
     q: [T, Hq, D]; k: [T, Hkv, D]; cu_seqlens: [num_seqs + 1] int32. Returns [M, Hkv] float32, M the
@@ -171,29 +171,50 @@ def prefill_page_mass(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor
     positions t of max over the query heads of KV head h's group of the softmax probability (causal,
     fp32) that query t puts on the page's tokens: the same per-step quantity the decode kernel emits,
     accumulated over the prompt's own queries, as H2O accumulates it over every query seen.
-    Query rows are processed `chunk` at a time, so memory is O(chunk * n) per head, not O(n^2).
-    Plain torch on any device: only policies that accumulate mass (`needs_prefill_mass`) call it.
+    Sequences are padded to a common length and batched, as many at a time as keep one chunk's scores
+    under `max_elements` floats; query rows `chunk` at a time, so memory is O(chunk * n) per head, not
+    O(n^2). (One sequence at a time cost ~7 s per 512 short prompts of a 28-layer model on the GPU:
+    docs/gpu-notes.md run 22.) Plain torch on any device: only policies that accumulate mass
+    (`needs_prefill_mass`) call it.
     """
     Hq, Hkv = q.shape[1], k.shape[1]
-    G = Hq // Hkv
+    G, P, dev = Hq // Hkv, page_size, q.device
+    starts = cu_seqlens.tolist()
+    lengths = [e - s for s, e in itertools.pairwise(starts)]
     out = []
-    for start, end in itertools.pairwise(cu_seqlens.tolist()):
-        n = end - start
-        num_pages = (n + page_size - 1) // page_size
-        ks = k[start:end].float().transpose(0, 1).repeat_interleave(G, dim=0)  # [Hq, n, D]
-        acc = torch.zeros(Hkv, num_pages, dtype=torch.float32, device=q.device)
-        for r0 in range(0, n, chunk):
-            r1 = min(n, r0 + chunk)
-            qs = q[start + r0:start + r1].float().transpose(0, 1)  # [Hq, c, D]
-            scores = qs @ ks.transpose(1, 2) * scale  # [Hq, c, n]
-            rows = torch.arange(r0, r1, device=q.device).view(-1, 1)
-            causal = torch.arange(n, device=q.device).view(1, -1) <= rows  # [c, n]
-            probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)  # [Hq, c, n]
-            probs = torch.nn.functional.pad(probs, (0, num_pages * page_size - n))
-            per_page = probs.view(Hkv, G, r1 - r0, num_pages, page_size).sum(-1)  # [Hkv, G, c, pages]
-            acc += per_page.amax(dim=1).sum(dim=1)
-        out.append(acc.transpose(0, 1))  # [pages, Hkv]
-    return torch.cat(out) if out else torch.zeros(0, Hkv, dtype=torch.float32, device=q.device)
+    i = 0
+    while i < len(lengths):
+        j, longest = i + 1, lengths[i]
+        while j < len(lengths):  # add sequences while the padded chunk of scores stays in budget
+            padded = -(-max(longest, lengths[j]) // P) * P
+            if (j - i + 1) * Hq * min(chunk, padded) * padded > max_elements:
+                break
+            longest = max(longest, lengths[j])
+            j += 1
+        S, L = j - i, -(-longest // P) * P
+        lens = torch.tensor(lengths[i:j], device=dev)
+        offs = torch.arange(L, device=dev)
+        valid = offs.view(1, -1) < lens.view(-1, 1)  # [S, L]
+        rows = (torch.tensor(starts[i:j], device=dev).view(-1, 1) + offs).clamp(max=q.shape[0] - 1)
+        qs = q[rows].float().permute(0, 2, 1, 3)  # [S, Hq, L, D]
+        ks = k[rows].float().masked_fill(~valid.view(S, L, 1, 1), 0.0).permute(0, 2, 1, 3)
+        ks = ks.repeat_interleave(G, dim=1)  # [S, Hq, L, D]
+        acc = torch.zeros(S, Hkv, L // P, dtype=torch.float32, device=dev)
+        for r0 in range(0, longest, chunk):
+            r1 = min(longest, r0 + chunk)
+            scores = qs[:, :, r0:r1] @ ks.transpose(-1, -2) * scale  # [S, Hq, c, L]
+            r = torch.arange(r0, r1, device=dev).view(1, -1, 1)
+            keep = (offs.view(1, 1, -1) <= r) & valid.view(S, 1, L)  # [S, c, L]: causal, inside the sequence
+            probs = torch.softmax(scores.masked_fill(~keep.unsqueeze(1), float("-inf")), dim=-1)
+            live = (r < lens.view(-1, 1, 1)).unsqueeze(1)  # [S, 1, c, 1]: query rows of the sequence
+            probs = torch.where(live, probs, 0.0)  # (padding rows are all -inf: NaN, dropped)
+            per_page = probs.view(S, Hkv, G, r1 - r0, L // P, P).sum(-1)  # [S, Hkv, G, c, pages]
+            acc += per_page.amax(dim=2).sum(dim=2)
+        pages = (lens + P - 1) // P
+        has = torch.arange(L // P, device=dev).view(1, -1) < pages.view(-1, 1)  # [S, pages]
+        out.append(acc.transpose(1, 2)[has])  # [sum pages, Hkv], sequence-major
+        i = j
+    return torch.cat(out) if out else torch.zeros(0, Hkv, dtype=torch.float32, device=dev)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):

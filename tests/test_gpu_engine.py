@@ -119,3 +119,42 @@ def test_overlapped_decoding_equals_lock_step(policy, budget):
                           o.outputs[0].evicted_pages) for o in llm.generate(prompts_24, params)]
     assert outs[True] == outs[False]
     assert {r for _, r, _, _ in outs[True]} == {"stop", "length"}
+
+
+@pytest.mark.parametrize("policy,budget,options", [("dense", None, {}), ("raas-paper", 64, {}),
+                                                   ("h2o", 64, {"pin_prompt": True}), ("raas", 64, {})])
+def test_samples_share_the_prompt_on_the_gpu(policy, budget, options):
+    """Triton kernels and CUDA graphs, n samples of one prompt: one prefill; the prompt pages read in
+    place hold what the prefill wrote through a run that evicts (Triton's refresh of pinned pages for
+    raas-paper and its mass accumulation for pinned h2o skip them); every page is back afterwards; greedy
+    samples of one prompt are identical (they read the same pages with the same logits)."""
+    llm = make_llm(policy, budget, policy_options=options)
+    eng, core = llm.engine, llm.llm_engine
+    prompt = prompts(1)[0]  # 37 tokens: 2 full pages and a partial one
+    free = eng.pool.num_free
+    core.add_request("s", prompt, SamplingParams(n=6, max_new_tokens=160, temperature=1.0, seed=3, ignore_eos=True))
+    core.add_request("g", prompt, SamplingParams(n=4, max_new_tokens=64, temperature=0.0, ignore_eos=True))
+    done, _ = core.step()  # the prefill of both requests
+    assert eng.runner.num_prefill_tokens == 2 * 37
+    groups = {id(s.group): s.group for s in eng.scheduler.running}
+    assert len(groups) == 2
+    shared = [p for g in groups.values() if g.shared for p in g.pages[:2]]
+    assert bool(shared) == eng.policy.shares_prompt_pages(37, budget)
+    pool = eng.pool
+    idx = torch.tensor(shared, device="cuda", dtype=torch.long)
+
+    def state():
+        return [t[:, idx].clone() for t in (pool.k_cache, pool.v_cache, pool.kmin, pool.kmax, pool.fill,
+                                            pool.logical, pool.pinned, pool.stamp, pool.mass)]
+
+    before = state()
+    outs = dict(done)
+    while core.has_unfinished_requests():
+        outs.update(core.step()[0])
+    for a, b in zip(before, state()):
+        assert torch.equal(a, b)
+    assert eng.pool.num_free == free
+    greedy = [c.token_ids for c in outs["g"].outputs]
+    assert all(t == greedy[0] for t in greedy)
+    if budget:
+        assert max(c.evicted_pages for c in outs["s"].outputs) > 0
