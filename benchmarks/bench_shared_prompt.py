@@ -122,6 +122,7 @@ def gpu(args) -> list[dict]:
     with open(data, "w") as f:
         f.writelines(json.dumps({"id": f"p{i}", "prompt": f"Case {i}: " + base}) + "\n" for i in range(args.prompts))
     cases = [("dense", None, None), ("raas", args.budget, None), ("raas", args.budget, {"pin_prompt": "auto"})]
+    cases = [c for c, name in zip(cases, ("dense", "raas", "raas-auto")) if name in args.cases.split(",")]
     results = []
     warm = {"input": data, "output": os.path.join(args.work, "warm"), "model": model_dir, "n": args.n,
             "max_new_tokens": 16, "ignore_eos": True, "max_num_seqs": args.max_num_seqs, "quiet": True,
@@ -183,6 +184,7 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=4096)
     ap.add_argument("--max-new-tokens", type=int, default=2048)
     ap.add_argument("--max-num-seqs", type=int, default=1024)
+    ap.add_argument("--cases", default="dense,raas,raas-auto", help="GPU part: dense, raas, raas-auto (pin_prompt auto)")
     ap.add_argument("--shape", default="1.5b", help="GPU part: model shape of benchmarks/bench_job.py")
     ap.add_argument("--kv-tokens", type=int, default=1 << 20, help="page pool size in tokens (GPU)")
     args = ap.parse_args()
