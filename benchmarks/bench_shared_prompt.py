@@ -121,15 +121,16 @@ def gpu(args) -> list[dict]:
     base = prompt_text(tok, args.prompt_tokens - 16)
     with open(data, "w") as f:
         f.writelines(json.dumps({"id": f"p{i}", "prompt": f"Case {i}: " + base}) + "\n" for i in range(args.prompts))
-    cases = [("dense", None, None), ("raas", args.budget, None), ("raas", args.budget, {"pin_prompt": "auto"})]
-    cases = [c for c, name in zip(cases, ("dense", "raas", "raas-auto")) if name in args.cases.split(",")]
+    cases = [("dense", None, None), ("raas", args.budget, None), ("raas", args.budget, {"pin_prompt": "auto"}),
+             ("raas", args.budget, {"pin_prompt": True})]
+    cases = [c for c, name in zip(cases, ("dense", "raas", "raas-auto", "raas-pin")) if name in args.cases.split(",")]
     results = []
     warm = {"input": data, "output": os.path.join(args.work, "warm"), "model": model_dir, "n": args.n,
             "max_new_tokens": 16, "ignore_eos": True, "max_num_seqs": args.max_num_seqs, "quiet": True,
             "limit": 4, "kv_policy": "raas", "kv_budget": args.budget}
     run(warm)
     for policy, budget, options in cases:
-        for share in (False, True):
+        for share in [s == "on" for s in args.share.split(",")]:
             flags = {"input": data, "output": os.path.join(args.work, "out"), "model": model_dir, "n": args.n,
                      "max_new_tokens": args.max_new_tokens, "ignore_eos": True, "temperature": 0.6, "top_p": 0.95,
                      "seed": 0, "max_num_seqs": args.max_num_seqs, "shard_size": args.prompts, "quiet": True,
@@ -184,7 +185,8 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=4096)
     ap.add_argument("--max-new-tokens", type=int, default=2048)
     ap.add_argument("--max-num-seqs", type=int, default=1024)
-    ap.add_argument("--cases", default="dense,raas,raas-auto", help="GPU part: dense, raas, raas-auto (pin_prompt auto)")
+    ap.add_argument("--cases", default="dense,raas,raas-auto", help="GPU part: dense, raas, raas-auto, raas-pin (pin_prompt auto / true)")
+    ap.add_argument("--share", default="off,on", help="GPU part: off,on / on / off")
     ap.add_argument("--shape", default="1.5b", help="GPU part: model shape of benchmarks/bench_job.py")
     ap.add_argument("--kv-tokens", type=int, default=1 << 20, help="page pool size in tokens (GPU)")
     args = ap.parse_args()
