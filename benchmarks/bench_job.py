@@ -249,7 +249,8 @@ def run_one(args, model_dir: str, data: str, policy: str, shard_size: int, bw: f
     shutil.rmtree(out, ignore_errors=True)
     flags = {"input": data, "output": out, "model": model_dir, "kv_policy": policy,
              "max_num_seqs": int(args.max_num_seqs) if args.max_num_seqs.isdigit() else args.max_num_seqs, "shard_size": shard_size, "max_new_tokens": args.max_new_tokens,
-             "temperature": 0.6, "top_p": 0.95, "seed": 0, "quiet": True, "device": args.device}
+             "temperature": 0.6, "top_p": 0.95, "seed": 0, "quiet": True, "device": args.device,
+             "batch_invariant": args.batch_invariant}
     if policy != "dense":
         flags["kv_budget"] = args.budget
     if warmup:
@@ -363,6 +364,7 @@ def main() -> None:
     ap.add_argument("--tag", default="")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--smoke", action="store_true", help="tiny model, few rows, on the CPU")
+    ap.add_argument("--batch-invariant", action="store_true", help="the jobs run with --batch-invariant")
     ap.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
                     help="before each measured job, a short one that compiles the Triton kernels")
     args = ap.parse_args()

@@ -310,8 +310,13 @@ def paged_decode_attention_impl(
     pages_per_iter: int | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
+    batch_invariant: bool = False,
 ):
-    """`paged_decode_attention` with its launch parameters exposed (for benchmarks and tuning)."""
+    """`paged_decode_attention` with its launch parameters exposed (for benchmarks and tuning).
+
+    batch_invariant: one split per (sequence, KV head) and a fixed tile of pages per iteration, so a
+    row's result depends only on its own pages (not on the batch size or the table width, which set
+    the split heuristic): `LLM(batch_invariant=True)`. Slower where few rows would leave SMs idle."""
     B, Hq, D = q.shape
     N, Hkv, P, Dk = k_cache.shape
     S = page_ids.shape[2]
@@ -321,6 +326,8 @@ def paged_decode_attention_impl(
     GP = max(16, triton.next_power_of_2(G))
     BLOCK_D = triton.next_power_of_2(D)
     BLOCK_P = triton.next_power_of_2(P)
+    if batch_invariant:
+        num_splits, pages_per_iter = 1, max(1, TILE_TOKENS // BLOCK_P)
     if num_splits is None:
         num_splits = choose_num_splits(B, Hkv, S, P, q.device)
     num_splits = max(1, min(num_splits, S))
@@ -419,4 +426,12 @@ def paged_decode_attention(
                                        key_bounds)
 
 
-__all__ = ["choose_num_splits", "paged_decode_attention", "paged_decode_attention_impl"]
+def paged_decode_attention_invariant(q, k_cache, v_cache, page_ids, fill, scale, return_mass=False, num_pages=None,
+                                     key_bounds=None):
+    """`paged_decode_attention` whose rows do not depend on the rest of the batch (batch_invariant)."""
+    return paged_decode_attention_impl(q, k_cache, v_cache, page_ids, fill, scale, return_mass, num_pages,
+                                       key_bounds, batch_invariant=True)
+
+
+__all__ = ["choose_num_splits", "paged_decode_attention", "paged_decode_attention_impl",
+           "paged_decode_attention_invariant"]

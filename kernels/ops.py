@@ -28,10 +28,11 @@ OP_NAMES = tuple(_TRITON_MODULES)
 BACKENDS = ("torch", "cpu", "triton")
 
 
-def get_ops(backend: str) -> SimpleNamespace:
+def get_ops(backend: str, batch_invariant: bool = False) -> SimpleNamespace:
     """Return a namespace with the kernel ops of `backend`: "torch" (the references: plain, any
     device), "cpu" (the references rewritten as fewer torch ops; may synchronise with the host, so not
-    for CUDA graphs) or "triton" (CUDA)."""
+    for CUDA graphs) or "triton" (CUDA). batch_invariant (triton): the attention ops whose rows do not
+    depend on the rest of the batch (the other backends compute each row on its own already)."""
     if backend in ("torch", "cpu"):
         from . import cpu, reference
 
@@ -40,17 +41,29 @@ def get_ops(backend: str) -> SimpleNamespace:
                                                    for n in OP_NAMES})
     if backend == "triton":
         fns = {n: getattr(importlib.import_module(f".{m}", __package__), n) for n, m in _TRITON_MODULES.items()}
-        return SimpleNamespace(backend="triton", **fns)
+        if batch_invariant:
+            from .decode_attention import paged_decode_attention_invariant
+            from .prefill_attention import prefill_attention_invariant
+
+            fns.update(paged_decode_attention=paged_decode_attention_invariant,
+                       prefill_attention=prefill_attention_invariant)
+        return SimpleNamespace(backend="triton", batch_invariant=batch_invariant, **fns)
     raise ValueError(f"attention backend {backend!r} is unknown; choose one of {', '.join(BACKENDS)}.")
 
 
-def get_layer_ops(backend: str) -> SimpleNamespace | None:
+def get_layer_ops(backend: str, batch_invariant: bool = False) -> SimpleNamespace | None:
     """Fused layer kernels (rms_norm with residual add, apply_rotary, silu_mul) for "triton"; None for "torch"
-    (the model's own torch code is then the path, and the reference)."""
+    (the model's own torch code is then the path, and the reference). batch_invariant adds `matmul`,
+    the fixed-tile product the Linear layers then use instead of cuBLAS (kernels/matmul.py)."""
     if backend != "triton":
         return None
     from .rmsnorm import rms_norm
     from .rotary import apply_rotary
     from .silu_mul import silu_mul
 
-    return SimpleNamespace(rms_norm=rms_norm, apply_rotary=apply_rotary, silu_mul=silu_mul)
+    ops = SimpleNamespace(rms_norm=rms_norm, apply_rotary=apply_rotary, silu_mul=silu_mul, matmul=None)
+    if batch_invariant:
+        from .matmul import matmul
+
+        ops.matmul = matmul
+    return ops

@@ -102,12 +102,14 @@ def prefill_attention(
     scale: float,
     *,
     max_seqlen: int | None = None,
+    batch_invariant: bool = False,
 ) -> torch.Tensor:
     """Causal attention within each of several concatenated sequences (Triton flash-attention).
 
     q: [T, Hq, D]; k, v: [T, Hkv, D]; cu_seqlens: [num_seqs + 1] int32 (start offsets, last = T).
     Returns [T, Hq, D] in q's dtype; fp32 softmax. max_seqlen (longest sequence) sizes the grid; if
-    None it is computed from cu_seqlens (a host sync).
+    None it is computed from cu_seqlens (a host sync). batch_invariant: the same tiles whatever the
+    longest sequence of the batch is (no small-tile case), so each sequence's result depends only on it.
     """
     T, Hq, D = q.shape
     Hkv = k.shape[1]
@@ -123,7 +125,7 @@ def prefill_attention(
     BLOCK_D = triton.next_power_of_2(D)
     BLOCK_M = 64 if BLOCK_D <= 128 else 32
     BLOCK_N = 64 if BLOCK_D <= 64 else 32
-    if max_seqlen <= 16:
+    if max_seqlen <= 16 and not batch_invariant:
         BLOCK_M = BLOCK_N = 16
     knobs = getattr(triton, "knobs", None)  # triton >= 3.4; older ones read the variable directly
     interpret = bool(knobs.runtime.interpret) if knobs is not None else (
@@ -141,4 +143,9 @@ def prefill_attention(
     return out
 
 
-__all__ = ["prefill_attention"]
+def prefill_attention_invariant(q, k, v, cu_seqlens, scale, *, max_seqlen=None):
+    """`prefill_attention` whose sequences do not depend on the rest of the batch (batch_invariant)."""
+    return prefill_attention(q, k, v, cu_seqlens, scale, max_seqlen=max_seqlen, batch_invariant=True)
+
+
+__all__ = ["prefill_attention", "prefill_attention_invariant"]

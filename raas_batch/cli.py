@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--share-prompts", action=argparse.BooleanOptionalAction,
                        help="a row's --n samples prefill the prompt once and read its pages from one copy "
                             "where the KV policy allows (vLLM's prefix caching for one row)" + _d("share_prompts"))
+    model.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction,
+                       help="on the GPU, each row's tokens do not depend on what else is in the batch (shard size, "
+                            "order, number of GPUs): fixed-tile products and attention, somewhat slower")
     model.add_argument("--chat-template-kwargs", metavar="JSON",
                        help="extra arguments of the chat template, e.g. '{\"enable_thinking\": true}'")
     sampling = p.add_argument_group(

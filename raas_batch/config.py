@@ -59,6 +59,7 @@ class JobConfig:
     gpu_memory_utilization: float = 0.9  # share of the GPU the engine may use (weights + KV pages)
     enforce_eager: bool = False  # no CUDA graphs
     share_prompts: bool = True  # a row's n samples prefill once and share the prompt's pages
+    batch_invariant: bool = False  # GPU: a row's tokens do not depend on the batch (shard size, order)
     chat_template_kwargs: dict[str, Any] | None = None
     # --- sampling (None: the model's generation_config, else FALLBACK_DEFAULTS; see SamplingParams) --
     max_new_tokens: int | None = None
@@ -166,7 +167,7 @@ class JobConfig:
                 "device": self.device, "chat_template_kwargs": self.chat_template_kwargs,
                 "policy_options": self.kv_policy_options, "max_model_len": self.max_model_len,
                 "gpu_memory_utilization": self.gpu_memory_utilization, "enforce_eager": self.enforce_eager,
-                "share_prompts": self.share_prompts}
+                "share_prompts": self.share_prompts, "batch_invariant": self.batch_invariant}
 
     def output_settings(self) -> dict[str, Any]:
         """The settings that change the job's output, keyed by field name (fingerprinted by the manifest)."""
@@ -186,7 +187,7 @@ class JobConfig:
 _RUN_CONTROL = ("config", "resume", "overwrite", "verify", "ray", "ray_address", "num_workers", "max_attempts")
 
 # Fields whose change changes the output (fingerprinted). Not here: output, device, max_num_seqs,
-# gpu_memory_utilization, enforce_eager, share_prompts, quiet and run control (they change where and how fast, not
+# gpu_memory_utilization, enforce_eager, share_prompts, batch_invariant, quiet and run control (they change where and how fast, not
 # what). page_size is here because sparse policies evict whole pages; max_model_len because it clips
 # generation and turns long prompts into error rows.
 OUTPUT_FIELDS = ("prompt_column", "apply_chat_template", "system_prompt", "id_column", "limit", "shard_size",
@@ -315,7 +316,7 @@ def _coerce_types(cfg: JobConfig) -> None:
             except ValueError:
                 raise ConfigError(f"--{_flag(name)} must be an integer, got {value!r}.") from None
     for name in ("ignore_eos", "quiet", "resume", "overwrite", "verify", "ray", "enforce_eager", "apply_chat_template",
-                 "share_prompts"):
+                 "share_prompts", "batch_invariant"):
         value = getattr(cfg, name)
         if not isinstance(value, bool):
             raise ConfigError(f"{name.replace('_', '-')} must be true or false, got {value!r}.")

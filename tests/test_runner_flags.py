@@ -36,17 +36,18 @@ def test_engine_flags_reach_the_engine_and_config_yaml(tmp_path, capsys):
     rc, err = run(capsys, "--input", src, "--output", out, "--kv-policy", "raas", "--kv-budget", 64,
                   "--kv-policy-options", '{"pin_prompt": false}', "--max-num-seqs", 3, "--max-model-len", 96,
                   "--gpu-memory-utilization", 0.5, "--enforce-eager", "--stop-token-ids", f"5,{think}",
-                  "--stop-token-ids", 7, "--no-share-prompts")
+                  "--stop-token-ids", 7, "--no-share-prompts", "--batch-invariant")
     assert rc == 0, err
     settings = FakeLLM.last_settings
     assert settings == {"max_num_seqs": 3, "policy_options": {"pin_prompt": False}, "max_model_len": 96,
-                        "gpu_memory_utilization": 0.5, "enforce_eager": True, "share_prompts": False}
+                        "gpu_memory_utilization": 0.5, "enforce_eager": True, "share_prompts": False,
+                        "batch_invariant": True}
     rows = pq.read_table(out / "shards").to_pylist()
     assert {(r["finish_reason"], r["num_completion_tokens"]) for r in rows} == {("stop", 1)}
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["kv-policy-options"] == {"pin_prompt": False} and saved["stop-token-ids"] == [5, think, 7]
     assert (saved["max-num-seqs"], saved["max-model-len"], saved["gpu-memory-utilization"],
-            saved["enforce-eager"], saved["share-prompts"]) == (3, 96, 0.5, True, False)
+            saved["enforce-eager"], saved["share-prompts"], saved["batch-invariant"]) == (3, 96, 0.5, True, False, True)
     # config.yaml reruns the same job: --resume finds it done (same fingerprint).
     rc, err = run(capsys, "--config", out / "config.yaml", "--resume")
     assert rc == 0, err
@@ -57,7 +58,8 @@ def test_defaults_are_auto_and_yaml_spellings(tmp_path, capsys):
     rc, err = run(capsys, "--input", src, "--output", tmp_path / "a")
     assert rc == 0, err
     assert FakeLLM.last_settings == {"max_num_seqs": "auto", "policy_options": None, "max_model_len": None,
-                                     "gpu_memory_utilization": 0.9, "enforce_eager": False, "share_prompts": True}
+                                     "gpu_memory_utilization": 0.9, "enforce_eager": False, "share_prompts": True,
+                                     "batch_invariant": False}
     y = tmp_path / "job.yaml"
     y.write_text(f"input: {src}\noutput: {tmp_path / 'b'}\nkv-policy: raas\nkv-budget: 64\n"
                  "kv-policy-options: {pin_prompt: false, recent_pages: 1}\nstop-token-ids: [3, 4]\n"

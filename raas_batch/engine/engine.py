@@ -36,7 +36,7 @@ class Engine:
     def __init__(self, model: torch.nn.Module, tokenizer, eos_token_ids: list[int], policy: KVPolicy,
                  page_size: int, max_num_seqs: int, num_kv_tokens: int, device: torch.device, dtype: torch.dtype,
                  backend: str = "torch", max_prefill_tokens: int = 8192, cuda_graphs: bool | None = None,
-                 overlap: bool | None = None, share_prompts: bool = True):
+                 overlap: bool | None = None, share_prompts: bool = True, batch_invariant: bool = False):
         spec = model.spec
         self.tokenizer = tokenizer
         self.eos_token_ids = set(eos_token_ids)
@@ -51,10 +51,14 @@ class Engine:
         policy.on_admit(max_num_seqs, [scratch_page], 1)
         self.scheduler = Scheduler(self.pool, policy, max_num_seqs, max_prefill_tokens)
         max_pages = -(-spec.max_positions // page_size) + 1
-        self.runner = ModelRunner(model, self.pool, policy, get_ops(backend), device, max_num_seqs + 1, max_pages)
+        self.runner = ModelRunner(model, self.pool, policy, get_ops(backend, batch_invariant), device,
+                                  max_num_seqs + 1, max_pages)
         self.runner.set_slot_pages(max_num_seqs, [scratch_page])
         policy.use_ops(self.runner.ops)
-        layer_ops = get_layer_ops(backend)
+        # batch_invariant (Triton): products and attention whose rows do not depend on the batch
+        # (README "Reproducible rows"); the torch and cpu backends are left as they are
+        self.batch_invariant = batch_invariant and backend == "triton"
+        layer_ops = get_layer_ops(backend, self.batch_invariant)
         for module in model.modules():  # fused norm / rotary kernels on the Triton path
             if hasattr(type(module), "kernels"):
                 module.kernels = layer_ops

@@ -1,0 +1,109 @@
+"""Batch-invariant decoding (`LLM(batch_invariant=True)`, README "Reproducible rows"): a row's results do
+not depend on what else is in the batch. The kernels' contract is checked here under the Triton
+interpreter (CPU) and on the GPU; the engine-level test (seeded prompts alone, in a batch, inside a
+larger batch in another order) runs on the GPU only."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+
+def test_matmul_rows_do_not_depend_on_the_other_rows():
+    from raas_batch.kernels.matmul import matmul
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(0)
+    dtypes = (torch.float32, torch.bfloat16) if dev == "cuda" else (torch.float32,)
+    for dtype in dtypes:
+        w = torch.randn(200, 96, generator=gen).to(dev, dtype)
+        b = torch.randn(200, generator=gen).to(dev, dtype)
+        x = torch.randn(150, 96, generator=gen).to(dev, dtype)
+        full = matmul(x, w, b)
+        want = (x.double() @ w.double().T + b.double()).to(dtype)
+        torch.testing.assert_close(full.float(), want.float(), rtol=2e-2 if dtype == torch.bfloat16 else 1e-4,
+                                   atol=2e-2 if dtype == torch.bfloat16 else 1e-4)
+        for rows in ([0], [149], [3, 70, 140], list(range(64, 130))):  # alone, at a tile edge, across tiles
+            part = matmul(x[rows], w, b)
+            assert torch.equal(part, full[rows])
+        assert torch.equal(matmul(x.flip(0), w, b), full.flip(0))  # another order
+        assert matmul(x[:0], w).shape == (0, 200)
+
+
+def test_decode_attention_rows_do_not_depend_on_the_batch():
+    """One split per row and a fixed tile: a row's output, mass and bounds are the same alone (its own
+    table width) and in a batch whose table is wider and whose other rows are longer."""
+    from raas_batch.kernels.decode_attention import paged_decode_attention_invariant as attn
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(1)
+    N, Hkv, P, D, Hq = 64, 2, 16, 16, 4
+    k = torch.randn(N, Hkv, P, D, generator=gen).to(dev)
+    v = torch.randn(N, Hkv, P, D, generator=gen).to(dev)
+    fill = torch.full((N, Hkv), P, dtype=torch.int32, device=dev)
+    fill[5] = 7
+    kmin, kmax = k.amin(2), k.amax(2)
+    q = torch.randn(6, Hq, D, generator=gen).to(dev)
+    counts = [3, 1, 9, 30, 2, 12]
+    perm = torch.randperm(N, generator=gen).tolist()
+    table = torch.full((6, Hkv, 30), -1, dtype=torch.int32)
+    start = 0
+    for b, c in enumerate(counts):
+        table[b, :, :c] = torch.tensor(perm[start:start + c], dtype=torch.int32).view(1, -1)
+        start = (start + c) % (N - 30)
+    table = table.to(dev)
+    for mass in (False, True):
+        full = attn(q, k, v, table, fill, 0.3, return_mass=mass, key_bounds=(kmin, kmax))
+        for b, c in enumerate(counts):
+            alone = attn(q[b:b + 1], k, v, table[b:b + 1, :, :c].contiguous(), fill, 0.3, return_mass=mass,
+                         key_bounds=(kmin, kmax))
+            assert torch.equal(alone[0][0], full[0][b])
+            for a, f in zip(alone[1:], full[1:]):
+                assert torch.equal(a[0], f[b, :, :c])
+
+
+def test_prefill_attention_sequences_do_not_depend_on_the_batch():
+    from raas_batch.kernels.prefill_attention import prefill_attention_invariant as prefill
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(2)
+    lengths = [9, 70, 3]
+    T, Hq, Hkv, D = sum(lengths), 4, 2, 16
+    q, k, v = (torch.randn(T, h, D, generator=gen).to(dev) for h in (Hq, Hkv, Hkv))
+    cu = torch.tensor([0, 9, 79, 82], dtype=torch.int32, device=dev)
+    full = prefill(q, k, v, cu, 0.25)
+    for i, n in enumerate(lengths):
+        s = int(cu[i])
+        alone = prefill(q[s:s + n], k[s:s + n], v[s:s + n], torch.tensor([0, n], dtype=torch.int32, device=dev), 0.25)
+        assert torch.equal(alone, full[s:s + n])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("policy,budget", [("dense", None), ("raas", 64)])
+def test_seeded_rows_are_the_same_alone_in_a_batch_and_among_others(policy, budget):
+    """16 seeded prompts generated alone, as one batch, and inside a batch of 64 in another order: the
+    same tokens for 256 steps, greedy and sampled, with CUDA graphs (bf16, random weights)."""
+    from test_gpu_engine import make_llm, prompts
+
+    from raas_batch import SamplingParams
+
+    llm = make_llm(policy, budget, batch_invariant=True, max_num_seqs=64)
+    gen = torch.Generator().manual_seed(5)
+    mine = [{"prompt_token_ids": torch.randint(10, 4000, (int(n),), generator=gen).tolist()}
+            for n in torch.randint(3, 140, (16,), generator=gen)]
+    others = [{"prompt_token_ids": torch.randint(10, 4000, (int(n),), generator=gen).tolist()}
+              for n in torch.randint(3, 300, (48,), generator=gen)]
+    del prompts
+    for params in (SamplingParams(max_new_tokens=256, temperature=1.0, top_p=0.95, seed=11, ignore_eos=True),
+                   SamplingParams(max_new_tokens=256, temperature=0.0, ignore_eos=True)):
+        alone = [llm.generate([p], params)[0].outputs[0].token_ids for p in mine]
+        batch = [o.outputs[0].token_ids for o in llm.generate(mine, params)]
+        mixed = [(True, i, p) for i, p in enumerate(mine)] + [(False, i, p) for i, p in enumerate(others)]
+        random.Random(3).shuffle(mixed)
+        outs = llm.generate([p for _, _, p in mixed], params)
+        among = {i: o.outputs[0].token_ids for (is_mine, i, _), o in zip(mixed, outs) if is_mine}
+        assert batch == alone
+        assert [among[i] for i in range(16)] == alone
