@@ -16,9 +16,10 @@ class SamplingParams:
     `max_new_tokens`, `temperature`, `top_p` and `top_k` may be left unset (None): the engine then takes
     the model's `generation_config` values (`LLM.get_default_sampling_params()`, as vLLM does), else
     256, 1.0, 1.0 and 0; `with_defaults` makes that copy. temperature 0 means greedy, top_k 0 turns it
-    off. `seed` makes sampling reproducible per request: the same request with the same seed gives the
-    same tokens whatever else is in the batch and in whatever order requests arrive (sample j of a
-    request uses the stream derived from (seed, j)). `max_tokens` is vLLM's name of `max_new_tokens`
+    off. `seed` makes the random draws reproducible per request (sample j of a request uses the stream
+    derived from (seed, j)), whatever else is in the batch and in whatever order requests arrive; the
+    tokens are too where the logits do not depend on the batch (README "Reproducible rows": on the GPU
+    with `LLM(batch_invariant=True)`). `max_tokens` is vLLM's name of `max_new_tokens`
     (either may be given; both read back the same value). `thinking_budget` caps the tokens generated
     inside a `<think>...</think>` block: when it is reached the engine closes the block itself.
     """

@@ -86,17 +86,17 @@ def test_prefill_attention_sequences_do_not_depend_on_the_batch():
 def test_seeded_rows_are_the_same_alone_in_a_batch_and_among_others(policy, budget):
     """16 seeded prompts generated alone, as one batch, and inside a batch of 64 in another order: the
     same tokens for 256 steps, greedy and sampled, with CUDA graphs (bf16, random weights)."""
-    from test_gpu_engine import make_llm, prompts
+    from test_gpu_engine import small_config
 
-    from raas_batch import SamplingParams
+    from raas_batch import LLM, SamplingParams
 
-    llm = make_llm(policy, budget, batch_invariant=True, max_num_seqs=64)
+    llm = LLM(hf_config=small_config(), load_format="random", kv_policy=policy, kv_budget=budget, dtype="bf16",
+              device="cuda", max_num_seqs=64, num_kv_tokens=64 * 1024, batch_invariant=True)
     gen = torch.Generator().manual_seed(5)
     mine = [{"prompt_token_ids": torch.randint(10, 4000, (int(n),), generator=gen).tolist()}
             for n in torch.randint(3, 140, (16,), generator=gen)]
     others = [{"prompt_token_ids": torch.randint(10, 4000, (int(n),), generator=gen).tolist()}
               for n in torch.randint(3, 300, (48,), generator=gen)]
-    del prompts
     for params in (SamplingParams(max_new_tokens=256, temperature=1.0, top_p=0.95, seed=11, ignore_eos=True),
                    SamplingParams(max_new_tokens=256, temperature=0.0, ignore_eos=True)):
         alone = [llm.generate([p], params)[0].outputs[0].token_ids for p in mine]
