@@ -135,9 +135,10 @@ class LLMEngine:
         num_tokens = 0
         if self.engine.has_work():
             finished, num_tokens = self.engine.step()
+            texts = decode_texts(self.tokenizer, [s for s in finished if s.detok is None])
             for seq in finished:
                 request = self._running[seq.request_idx]
-                fill_completion(request.output.outputs[seq.sample_idx], seq, self.tokenizer)
+                fill_completion(request.output.outputs[seq.sample_idx], seq, self.tokenizer, texts.get(id(seq)))
                 request.num_unfinished -= 1
                 if request.num_unfinished == 0:
                     del self._running[seq.request_idx]
@@ -157,16 +158,32 @@ class LLMEngine:
         self._done.clear()
 
 
-def fill_completion(out: CompletionOutput, seq: Sequence, tokenizer) -> None:
+def decode_texts(tokenizer, seqs: list[Sequence]) -> dict[int, str]:
+    """The texts of sequences that finished in one step, decoded together: id(seq) -> text.
+
+    A fast tokenizer decodes the batch in parallel in Rust (`decode_batch`); when every row of a fixed-
+    length job finishes in the same step that is thousands of tokens per row at once. Equal to
+    `tokenizer.decode(ids, skip_special_tokens=True)` per sequence, which is the path when the
+    tokenizer has no backend, one sequence finished, or the tokenizer cleans up spaces after decoding."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if (len(seqs) < 2 or backend is None or not hasattr(backend, "decode_batch")
+            or getattr(tokenizer, "clean_up_tokenization_spaces", False)):
+        return {}
+    texts = backend.decode_batch([s.output_token_ids for s in seqs], skip_special_tokens=True)
+    return {id(s): t for s, t in zip(seqs, texts)}
+
+
+def fill_completion(out: CompletionOutput, seq: Sequence, tokenizer, text: str | None = None) -> None:
     """The output builder: a finished sequence -> its CompletionOutput (text, reasoning split, counts,
-    KV figures, timings from admission)."""
+    KV figures, timings from admission). text: the completion's text when already decoded (decode_texts)."""
     out.token_ids = list(seq.output_token_ids)
-    if seq.detok is not None:
-        text = seq.detok.text if seq.stop_text_end is None else seq.detok.text[:seq.stop_text_end]
-    elif tokenizer is None:  # random weights from a config (benchmarks): tokens only
-        text = ""
-    else:
-        text = tokenizer.decode(out.token_ids, skip_special_tokens=True)
+    if text is None:
+        if seq.detok is not None:
+            text = seq.detok.text if seq.stop_text_end is None else seq.detok.text[:seq.stop_text_end]
+        elif tokenizer is None:  # random weights from a config (benchmarks): tokens only
+            text = ""
+        else:
+            text = tokenizer.decode(out.token_ids, skip_special_tokens=True)
     out.text = text
     out.reasoning, out.answer = split_reasoning(text, seq.starts_in_think)
     if seq.params.thinking_budget is not None:

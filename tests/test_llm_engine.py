@@ -115,3 +115,24 @@ def test_valid_prompts_in_normal_form_and_text_as_chat():
     assert text_as_chat(system, "be brief") == system
     for unchanged in ("  ", [1, 2], None, [{"role": "user"}, "junk"]):
         assert text_as_chat(unchanged, "be brief") == unchanged
+
+
+def test_texts_of_a_step_decoded_together_equal_one_by_one(smollm_tokenizer):
+    """Sequences finishing in one step are decoded in one parallel batch: the same texts as decoding each
+    (special tokens skipped), and the per-sequence path when the batch path cannot promise that."""
+    import random
+    from types import SimpleNamespace
+
+    from raas_batch.llm_engine import decode_texts
+
+    tok = smollm_tokenizer
+    rng = random.Random(0)
+    special = tok.all_special_ids
+    seqs = [SimpleNamespace(output_token_ids=[rng.choice(special) if rng.random() < 0.05 else rng.randrange(len(tok))
+                                              for _ in range(rng.randrange(0, 300))]) for _ in range(12)]
+    texts = decode_texts(tok, seqs)
+    assert len(texts) == 12
+    for s in seqs:
+        assert texts[id(s)] == tok.decode(s.output_token_ids, skip_special_tokens=True)
+    assert decode_texts(tok, seqs[:1]) == {}  # one sequence: tokenizer.decode, as before
+    assert decode_texts(None, seqs) == {}
