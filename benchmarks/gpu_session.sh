@@ -16,7 +16,7 @@ for part in $parts; do
   case $part in
     tests)   timeout ${TESTS_TIMEOUT:-300} python -m pytest -q -p no:cacheprovider -rfE --tb=short tests/test_policy_kernels.py \
                tests/test_sampling.py::test_sampler_kernel_equals_reference tests/test_kernels.py tests/test_gpu_engine.py \
-               tests/test_batch_invariant.py \
+               tests/test_batch_invariant.py tests/test_gpu_jobs.py \
                -m "gpu or not gpu" ${TESTS_K:+-k "$TESTS_K"} > "$OUT/pytest_gpu.log" 2>&1; tail -30 "$OUT/pytest_gpu.log" ;;
     job-fixed) timeout ${JOB_TIMEOUT:-420} python benchmarks/bench_job.py --shape 1.5b --policies dense,raas --rows 512 \
                --max-new-tokens 6144 --regime fixed --profile-at 3000 --tag 1p5b_fixed 2>&1 | grep -v Warning | tail -12 ;;

@@ -1,6 +1,7 @@
 """Jobs' engine settings and the request core on a CUDA device (run on the GPU machine; skipped
 elsewhere): `max_num_seqs="auto"` from the page pool, a stream closed early leaves the engine reusable
-with CUDA graphs, and a streaming job with shards of 1, 3 and 10 rows."""
+with CUDA graphs, a streaming job with shards of 1, 3 and 10 rows, and a batch-invariant job whose rows
+do not depend on the shard size."""
 
 from __future__ import annotations
 
@@ -62,3 +63,33 @@ def test_streaming_job_on_the_gpu(tmp_path):
         assert summary["complete"] and summary["completion_tokens"] == 240 and summary["max_num_seqs"] == 8
         rows = pq.read_table(os.path.join(tmp_path, f"out{size}", "shards")).to_pylist()
         assert sorted(r["row_idx"] for r in rows) == list(range(10)) and all(r["e2e_s"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("policy,budget", [("dense", None), ("raas", 64)])
+def test_batch_invariant_job_gives_the_same_shards_for_any_shard_size(tmp_path, policy, budget):
+    """`--batch-invariant`: the same 96 seeded rows (ragged prompts, 200 sampled tokens) in shards of 16
+    and of 64 give the same tokens row by row (the batches differ: 16 rows at a time, or up to 64)."""
+    llm = small_llm(policy, budget, num_kv_tokens=64 * 1024, max_num_seqs=64, batch_invariant=True)
+    gen = torch.Generator().manual_seed(4)
+    ids = [torch.randint(10, 4000, (int(n),), generator=gen).tolist() for n in torch.randint(3, 200, (96,), generator=gen)]
+    src = str(tmp_path / "in.parquet")
+    pq.write_table(pa.table({"id": [f"r{i}" for i in range(len(ids))], "prompt": ids}), src)
+    core = llm.llm_engine
+    step, seen = core.step, {}
+
+    def watched():  # the shards hold text, and this model has no tokenizer: keep each row's tokens
+        done, num = step()
+        for _, out in done:
+            seen[tuple(out.prompt_token_ids)] = [c.token_ids for c in out.outputs]
+        return done, num
+
+    core.step = watched
+    tokens = {}
+    for size in (16, 64):
+        seen.clear()
+        cfg = resolve({"input": src, "output": str(tmp_path / f"out{size}"), "shard_size": size, "seed": 3,
+                       "temperature": 0.9, "top_p": 0.95, "max_new_tokens": 200, "ignore_eos": True, "quiet": True,
+                       "kv_policy": policy, "kv_budget": budget, "batch_invariant": True})
+        assert run_job(cfg, engine=llm)["complete"]
+        tokens[size] = dict(seen)
+    assert len(tokens[16]) == 96 and tokens[16] == tokens[64]
