@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine session: kernel and engine tests on the GPU, then the kernel and decode benchmarks.
 # Usage (device tool, repo root): bash benchmarks/gpu_session.sh [tests|kernels|decode|job-fixed|job-realistic|
-# job-others|ray ...]; results under $OUT. The job parts need a tokenizer in .gpu_assets/tok (carry it; see
+# job-others|decode7b|matmul|ray ...]; results under $OUT. The job parts need a tokenizer in .gpu_assets/tok (carry it; see
 # benchmarks/bench_job.py).
 set -u
 OUT=${OUT:-benchmarks/results}
@@ -29,6 +29,7 @@ for part in $parts; do
     decode7b) timeout ${DECODE_TIMEOUT:-300} python benchmarks/bench_gpu_decode.py --only ${DECODE_ONLY:-batch1 dense raas} \
                --profile 2>&1 | tail -20 ;;
     kernels) timeout 200 python benchmarks/bench_kernels.py 2>&1 | tail -60 ;;
+    matmul)  timeout 200 python benchmarks/bench_matmul.py 2>&1 | tail -20 ;;
     decode)  timeout 300 python benchmarks/bench_gpu_decode.py 2>&1 | tail -40 ;;
     ray)     timeout 300 python benchmarks/bench_ray_scaling.py 2>&1 | tail -30 ;;
   esac

@@ -59,8 +59,12 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] @ weight[N, K]^T (+ bias) -> [..., N], each row computed independently of the others."""
+def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+           block: tuple[int, int, int] = (BLOCK_M, BLOCK_N, BLOCK_K), num_warps: int = 4,
+           num_stages: int = 3) -> torch.Tensor:
+    """x [..., K] @ weight[N, K]^T (+ bias) -> [..., N], each row computed independently of the others.
+    block / num_warps / num_stages: launch parameters for benchmarks/bench_matmul.py's sweep (the model
+    always uses the defaults, so its rows never see two configurations)."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if x2.stride(-1) != 1:
@@ -71,13 +75,14 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M == 0:
         return y.view(*shape[:-1], N)
-    _kernel()[(triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))](
+    bm, bn, bk = block
+    _kernel()[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
         x2, weight, bias if bias is not None else y, y, M, N, K,
         x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, UPCAST=_interpreting() and x.dtype != torch.float32,
         # fp32 models: full-precision products (tf32 would change the rounding, not the invariance)
         DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32",
-        BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K, num_warps=4, num_stages=3,
+        BM=bm, BN=bn, BK=bk, num_warps=num_warps, num_stages=num_stages,
     )
     return y.view(*shape[:-1], N)
 
