@@ -99,6 +99,7 @@ def _audit_engine(llm, items: list[AuditItem]):
     backend = getattr(old.runner.ops, "backend", "torch")
     if backend not in ("torch", "cpu", "triton"):
         backend = "torch"
+    invariant = getattr(old, "batch_invariant", False)  # the job's own arithmetic, so its rows replay
     if llm.device.type == "cuda":  # the audit is the job's last step: give the job's pool back first
         import torch
 
@@ -110,7 +111,7 @@ def _audit_engine(llm, items: list[AuditItem]):
     max_num_seqs = max(2, max_num_seqs - max_num_seqs % 2)  # even: a replay pair steps together
     num_kv_tokens = max_num_seqs * per_seq
     engine = Engine(llm.model, llm.tokenizer, llm.eos_token_ids, mixture, page_size, max_num_seqs, num_kv_tokens,
-                    llm.device, llm.dtype, backend, cuda_graphs=False)
+                    llm.device, llm.dtype, backend, cuda_graphs=False, batch_invariant=invariant)
     audit_core = LLMEngine(engine, llm.tokenizer, core.max_model_len, core.chat_template_kwargs,
                            core.generation_defaults)
     if llm.device.type == "cuda":
