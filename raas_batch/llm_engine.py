@@ -46,6 +46,7 @@ class _Request:
     key: Hashable
     output: RequestOutput
     num_unfinished: int = 0  # sequences still in the engine
+    group_key: Hashable = None  # its samples' entry in LLMEngine._groups (None: no group)
 
 
 class LLMEngine:
@@ -68,6 +69,8 @@ class LLMEngine:
         self._ids = itertools.count()
         self._running: dict[int, _Request] = {}  # request id -> request with sequences in the engine
         self._done: list[_Request] = []  # finished before reaching the engine (errors), out at next step
+        # (prompt ids, kv_override) -> the PromptGroup that requests with that prompt may still join
+        self._groups: dict[Hashable, PromptGroup] = {}
 
     # ---- requests in ----
     def prepare(self, prompt: Any) -> tuple[str | None, list[int], str | None]:
@@ -101,9 +104,7 @@ class LLMEngine:
                 out.finish_reason, out.error = "error", error
         else:
             opens_think = text is not None and prompt_opens_think(text)
-            # the samples prefill the prompt once and share its pages (engine/sequence.py PromptGroup)
-            group = (PromptGroup(len(ids)) if params.n > 1 and not forced
-                     and getattr(self.engine, "share_prompts", False) else None)
+            group = self._group_for(request, ids, params, forced, kv_override)
             for j, out in enumerate(outs):
                 seq = Sequence(request_idx=request_id, sample_idx=j, prompt_token_ids=ids, params=params,
                                seed_key=self.seed_key(seed, j), seed=seed,
@@ -119,7 +120,34 @@ class LLMEngine:
         if request.num_unfinished:
             self._running[request_id] = request
         else:
+            self._forget_group(request)
             self._done.append(request)
+
+    def _group_for(self, request: _Request, ids: list[int], params: SamplingParams, forced, kv_override):
+        """The PromptGroup of a request's samples (engine/sequence.py): they prefill the prompt once and
+        share its pages. A request with n > 1 whose prompt (and KV setting) equals that of a group still
+        joinable joins it: its prefill has not run yet, or its logits are kept (a group whose pages are
+        read in place keeps them while any sample runs; a copying group while some of its samples wait).
+        None: n = 1, forced tokens, or sharing off."""
+        if params.n < 2 or forced or not getattr(self.engine, "share_prompts", False):
+            return None
+        key = (tuple(ids), kv_override)
+        try:
+            group = self._groups.get(key)
+        except TypeError:  # an unhashable kv_override: no joining
+            return PromptGroup(len(ids))
+        if group is None or group.refs == 0 or (group.pages is not None and group.logits is None):
+            group = self._groups[key] = PromptGroup(len(ids))
+        request.group_key = key
+        return group
+
+    def _forget_group(self, request: _Request) -> None:
+        """A finished request's group entry goes once no sample reads the group any more."""
+        key = request.group_key
+        if key is not None:
+            group = self._groups.get(key)
+            if group is not None and group.refs == 0:
+                del self._groups[key]
 
     # ---- the loop ----
     def has_unfinished_requests(self) -> bool:
@@ -142,6 +170,7 @@ class LLMEngine:
                 request.num_unfinished -= 1
                 if request.num_unfinished == 0:
                     del self._running[seq.request_idx]
+                    self._forget_group(request)
                     done.append(request)
             while not self._running and self.engine.has_work():
                 self.engine.step()  # an overlapped decode step of sequences that had already stopped
@@ -156,6 +185,7 @@ class LLMEngine:
         self.engine.abort()
         self._running.clear()
         self._done.clear()
+        self._groups.clear()
 
 
 def decode_texts(tokenizer, seqs: list[Sequence]) -> dict[int, str]:

@@ -124,7 +124,7 @@ def test_overlapped_decoding_equals_lock_step(policy, budget):
 @pytest.mark.parametrize("policy,budget,options", [("dense", None, {}), ("raas-paper", 64, {}),
                                                    ("h2o", 64, {"pin_prompt": True}), ("raas", 64, {})])
 def test_samples_share_the_prompt_on_the_gpu(policy, budget, options):
-    """Triton kernels and CUDA graphs, n samples of one prompt: one prefill; the prompt pages read in
+    """Triton kernels and CUDA graphs, two requests of n samples of one prompt: one prefill; the prompt pages read in
     place hold what the prefill wrote through a run that evicts (Triton's refresh of pinned pages for
     raas-paper and its mass accumulation for pinned h2o skip them); every page is back afterwards; greedy
     samples of one prompt are identical (they read the same pages with the same logits)."""
@@ -134,10 +134,10 @@ def test_samples_share_the_prompt_on_the_gpu(policy, budget, options):
     free = eng.pool.num_free
     core.add_request("s", prompt, SamplingParams(n=6, max_new_tokens=160, temperature=1.0, seed=3, ignore_eos=True))
     core.add_request("g", prompt, SamplingParams(n=4, max_new_tokens=64, temperature=0.0, ignore_eos=True))
-    done, _ = core.step()  # the prefill of both requests
-    assert eng.runner.num_prefill_tokens == 2 * 37
+    done, _ = core.step()  # the prefill: the second request (same prompt) joined the first one's group
+    assert eng.runner.num_prefill_tokens == 37
     groups = {id(s.group): s.group for s in eng.scheduler.running}
-    assert len(groups) == 2
+    assert len(groups) == 1 and len(eng.scheduler.running) == 10
     shared = [p for g in groups.values() if g.shared for p in g.pages[:2]]
     assert bool(shared) == eng.policy.shares_prompt_pages(37, budget)
     pool = eng.pool

@@ -146,3 +146,29 @@ def test_samples_are_counted_once_more_fit(smollm):
                 core.step()
                 most[share] = max(most[share], len(engine.scheduler.running))
     assert most == {False: 4, True: 8}
+
+
+@pytest.mark.parametrize("policy,budget,options", [("dense", None, {}), ("raas", 64, {})])
+def test_rows_with_the_same_prompt_join_one_group(smollm, policy, budget, options):
+    """Three requests (n = 3) with the same prompt and one other: every sample's tokens as without
+    sharing (each request its own seed). Where the pages are read in place (dense) the duplicates join
+    the first group while it runs: two prefills in all; a copying policy (raas) joins only while samples
+    wait. Groups are forgotten once done; a later request with that prompt starts a new group."""
+    dup = {"prompt_token_ids": list(range(1000, 1045))}
+    other = {"prompt_token_ids": list(range(3000, 3020))}
+    requests = [(dup, 1), (other, 2), (dup, 3), (dup, 4)]
+    runs = {}
+    for share in (False, True):
+        with engine_of(smollm, policy, budget, share, max_num_seqs=8, **options) as engine:
+            params = [SamplingParams(n=3, max_new_tokens=30, temperature=0.9, seed=s, ignore_eos=True) for _, s in requests]
+            outs = smollm.generate([p for p, _ in requests], params)
+            runs[share] = [[c.token_ids for c in o.outputs] for o in outs]
+            if share:
+                prefilled = engine.runner.num_prefill_tokens
+                assert prefilled == 45 + 20 if policy == "dense" else 45 + 20 <= prefilled <= 3 * 45 + 20
+                assert smollm.llm_engine._groups == {}
+                again = smollm.generate([dup], params[2])[0]
+                assert [c.token_ids for c in again.outputs] == runs[True][2]
+                assert engine.runner.num_prefill_tokens == prefilled + 45
+            assert engine.pool.num_free == engine.pool.num_pages - 1
+    assert runs[True] == runs[False]

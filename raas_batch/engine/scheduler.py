@@ -95,12 +95,14 @@ class Scheduler:
 
     def prefilled(self, seqs: list[Sequence]) -> None:
         """After the prefill of `seqs`: a sample that copied its group's prompt pages no longer needs
-        them, and a group whose samples are all admitted no longer needs its logits."""
+        them, and a copying group whose samples are all admitted no longer needs its logits. (A shared
+        group keeps them while its pages live, so that a request with the same prompt can join it:
+        LLMEngine._group_for.)"""
         for seq in seqs:
             group = seq.group
             if group is None:
                 continue
-            if group.num_unadmitted == 0:
+            if group.num_unadmitted == 0 and not group.shared:
                 group.logits = None
             if not group.shared:
                 self._drop_group_ref(seq)

@@ -17,7 +17,9 @@ class PromptGroup:
 
     The first sample admitted allocates `pages` (the prompt's pages) and the prefill writes the prompt
     there once; `logits` (the last prompt token's, [V] on the device) give every sample its first token
-    with its own seed, also samples admitted in a later step. How a sample uses the pages (`shared`,
+    with its own seed, also samples admitted in a later step and the samples of a later request with
+    the same prompt that joins the group (LLMEngine._group_for) while the logits are kept: while the
+    pages live for a shared group, until the last sample is admitted otherwise. How a sample uses the pages (`shared`,
     decided by the scheduler from `KVPolicy.shares_prompt_pages`):
     - shared: its page table starts with the prompt's full pages, read in place and never written
       (the policy never writes or evicts them); a partly filled last prompt page is copied into the
