@@ -319,6 +319,23 @@ def run_one(args, model_dir: str, data: str, policy: str, shard_size: int, bw: f
     return res
 
 
+def results_dir(default: str | None = None) -> str:
+    """Where a benchmark writes its tables: $OUT, else `default`, else benchmarks/results (created)."""
+    out = os.environ.get("OUT") or default or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    os.makedirs(out, exist_ok=True)
+    return out
+
+
+def save_results(out_dir: str, stem: str, payload, text: str | None = None) -> None:
+    """`stem`.json (payload), and `stem`.md when `text` is given. Benchmarks call it after every case, so a
+    run cut short by its time limit keeps what it measured."""
+    with open(os.path.join(out_dir, f"{stem}.json"), "w") as f:
+        json.dump(payload, f, indent=1)
+    if text is not None:
+        with open(os.path.join(out_dir, f"{stem}.md"), "w") as f:
+            f.write(text + "\n")
+
+
 def _f(value, fmt: str = ".2f") -> str:
     return "-" if value is None else format(value, fmt)
 
@@ -373,9 +390,7 @@ def main() -> None:
         args.budget, args.profile_at, args.work = 64, 3, args.work + "-smoke"
         WatchedLLM.profile_steps = 3
     os.makedirs(args.work, exist_ok=True)
-    out_dir = os.environ.get("OUT") or (args.work if args.smoke else
-                                        os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir = results_dir(args.work if args.smoke else None)
     bw = copy_bandwidth(args.device)
     model_dir = build_model_dir(args.shape, args.tokenizer, args.work, args.device)
     from transformers import AutoConfig
@@ -398,13 +413,11 @@ def main() -> None:
             if r.get("profile"):
                 print(json.dumps(r["profile"]["by_category_ms_per_step"]), "host gap",
                       round(r["profile"]["host_gap_ms_per_step"], 3), flush=True)
-            with open(os.path.join(out_dir, f"{stem}.json"), "w") as f:  # after every job: a cut run keeps some
-                json.dump({"shape": args.shape, "args": vars(args), "results": results}, f, indent=2)
+            save_results(out_dir, stem, {"shape": args.shape, "args": vars(args), "results": results})
     text = (f"# Job benchmark: {args.shape} shape, {args.rows} rows, {args.regime} lengths (max {args.max_new_tokens}), "
             f"copy bandwidth {bw / 1e12:.2f} TB/s\n\n" + table(results))
     print(text)
-    with open(os.path.join(out_dir, f"{stem}.md"), "w") as f:
-        f.write(text)
+    save_results(out_dir, stem, {"shape": args.shape, "args": vars(args), "results": results}, text)
 
 
 if __name__ == "__main__":

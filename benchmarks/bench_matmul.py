@@ -19,8 +19,9 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from bench_job import results_dir, save_results
 from raas_batch.kernels.matmul import matmul
 
 # (name, N, K) of the DeepSeek-R1-Distill-Qwen-1.5B shape's products (hidden 1536, 12 + 2 x 2 heads of 128,
@@ -98,13 +99,7 @@ def main() -> None:
         lines.append(f"| {r['product']} | {r['M']} | " + " | ".join(cells) + " |")
     text = f"# Batch-invariant matmul vs cuBLAS ({dev}, {dtype})\n\n" + "\n".join(lines)
     print(text)
-    out = os.environ.get("OUT", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    os.makedirs(out, exist_ok=True)
-    tag = "_smoke" if args.smoke else ""
-    with open(os.path.join(out, f"bench_matmul{tag}.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    with open(os.path.join(out, f"bench_matmul{tag}.md"), "w") as f:
-        f.write(text + "\n")
+    save_results(results_dir(), "bench_matmul" + ("_smoke" if args.smoke else ""), results, text)
 
 
 if __name__ == "__main__":

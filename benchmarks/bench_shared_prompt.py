@@ -28,6 +28,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from bench_job import results_dir, save_results
+
 WORDS = ["the", "train", "leaves", "the", "station", "at", "nine", "and", "travels", "north", "for", "three", "hours", "while", "the", "baker", "counts", "loaves", "in", "crates", "of", "twelve", "and", "a", "gardener", "plants", "rows", "of", "tulips", "along", "the", "river", "path"]
 
 
@@ -101,7 +103,7 @@ def _tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
-def gpu(args) -> list[dict]:
+def gpu(args, out_dir: str) -> list[dict]:
     import bench_job
     import torch
     from bench_job import WatchedLLM, build_model_dir
@@ -152,6 +154,7 @@ def gpu(args) -> list[dict]:
                  "job_tokens_per_s": s["tokens_per_s"], "decode_steps": len(decode)}
             results.append(r)
             print(json.dumps(r), flush=True)
+            save_results(out_dir, "bench_shared_prompt_gpu", results)  # a run cut short keeps its cases
             WatchedLLM.last = None
             del llm
             torch.cuda.empty_cache()
@@ -190,11 +193,10 @@ def main() -> None:
     ap.add_argument("--shape", default="1.5b", help="GPU part: model shape of benchmarks/bench_job.py")
     ap.add_argument("--kv-tokens", type=int, default=1 << 20, help="page pool size in tokens (GPU)")
     args = ap.parse_args()
-    out_dir = os.environ.get("OUT", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir = results_dir()
     if args.gpu:
         args.prompt_tokens = args.prompt_tokens or 2048
-        results, tag = gpu(args), "_gpu"
+        results, tag = gpu(args, out_dir), "_gpu"
         text = (f"# Samples of one prompt on the GPU: {args.shape} shape, {args.prompts} prompts of ~{args.prompt_tokens} "
                 f"tokens, n = {args.n}, {args.max_new_tokens} new tokens each (EOS ignored), page pool "
                 f"{args.kv_tokens} tokens, max_num_seqs {args.max_num_seqs}\n\n" + gpu_table(results))
@@ -204,10 +206,7 @@ def main() -> None:
         text = (f"# Samples of one prompt on the CPU: embedded model, one row of ~{args.prompt_tokens} prompt "
                 f"tokens, 4 new tokens, best of {args.repeats}\n\n" + cpu_table(results))
     print(text)
-    with open(os.path.join(out_dir, f"bench_shared_prompt{tag}.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    with open(os.path.join(out_dir, f"bench_shared_prompt{tag}.md"), "w") as f:
-        f.write(text + "\n")
+    save_results(out_dir, f"bench_shared_prompt{tag}", results, text)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
 import triton
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its interpreter (TRITON_INTERPRET=1: the CPU tests). The
+    interpreter multiplies bf16 dot operands as their raw bits, so kernels upcast them there."""
+    knobs = getattr(triton, "knobs", None)  # triton >= 3.4; older ones read the variable directly
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def lazy_jit(fn, helpers=()):

@@ -40,13 +40,12 @@ are allocated with torch.empty, so the op can be captured in a CUDA graph.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from ._jit import lazy_jit
+from ._jit import interpreting, lazy_jit
 
 _LOG2E = 1.4426950408889634
 
@@ -262,13 +261,6 @@ MAX_SPLITS = 64
 TILE_TOKENS = 64
 
 
-def _interpreting() -> bool:
-    knobs = getattr(triton, "knobs", None)  # triton >= 3.4; older ones read the variable directly
-    if knobs is not None:
-        return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 @functools.cache
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
@@ -338,7 +330,7 @@ def paged_decode_attention_impl(
     pages_per_iter = max(triton.next_power_of_2(pages_per_iter), 16 // min(BLOCK_P, 16))  # tl.dot: >= 16 rows
     dot_prec = "ieee" if k_cache.dtype == torch.float32 else "tf32"
     # The Triton interpreter multiplies bf16 dot operands as their raw uint16 bits: upcast there.
-    dot_f32 = _interpreting() and k_cache.dtype == torch.bfloat16
+    dot_f32 = interpreting() and k_cache.dtype == torch.bfloat16
 
     dev = q.device
     out = torch.empty((B, Hq, D), dtype=q.dtype, device=dev)
@@ -426,12 +418,4 @@ def paged_decode_attention(
                                        key_bounds)
 
 
-def paged_decode_attention_invariant(q, k_cache, v_cache, page_ids, fill, scale, return_mass=False, num_pages=None,
-                                     key_bounds=None):
-    """`paged_decode_attention` whose rows do not depend on the rest of the batch (batch_invariant)."""
-    return paged_decode_attention_impl(q, k_cache, v_cache, page_ids, fill, scale, return_mass, num_pages,
-                                       key_bounds, batch_invariant=True)
-
-
-__all__ = ["choose_num_splits", "paged_decode_attention", "paged_decode_attention_impl",
-           "paged_decode_attention_invariant"]
+__all__ = ["choose_num_splits", "paged_decode_attention", "paged_decode_attention_impl"]

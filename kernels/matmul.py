@@ -12,13 +12,11 @@ dtype. The cost against cuBLAS is measured by the job benchmark (README "Reprodu
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from ._jit import lazy_jit
+from ._jit import interpreting, lazy_jit
 
 BLOCK_M, BLOCK_N, BLOCK_K = 64, 128, 64
 
@@ -52,13 +50,6 @@ def _matmul_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K,
 _kernel = lazy_jit(_matmul_kernel)
 
 
-def _interpreting() -> bool:
-    knobs = getattr(triton, "knobs", None)
-    if knobs is not None:
-        return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
            block: tuple[int, int, int] = (BLOCK_M, BLOCK_N, BLOCK_K), num_warps: int = 4,
            num_stages: int = 3) -> torch.Tensor:
@@ -79,7 +70,7 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     _kernel()[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
         x2, weight, bias if bias is not None else y, y, M, N, K,
         x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), y.stride(0), y.stride(1),
-        HAS_BIAS=bias is not None, UPCAST=_interpreting() and x.dtype != torch.float32,
+        HAS_BIAS=bias is not None, UPCAST=interpreting() and x.dtype != torch.float32,
         # fp32 models: full-precision products (tf32 would change the rounding, not the invariance)
         DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32",
         BM=bm, BN=bn, BK=bk, num_warps=num_warps, num_stages=num_stages,

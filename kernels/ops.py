@@ -9,6 +9,7 @@ when asked for, so the torch backend works where Triton cannot run.
 
 from __future__ import annotations
 
+import functools
 import importlib
 from types import SimpleNamespace
 
@@ -41,12 +42,11 @@ def get_ops(backend: str, batch_invariant: bool = False) -> SimpleNamespace:
                                                    for n in OP_NAMES})
     if backend == "triton":
         fns = {n: getattr(importlib.import_module(f".{m}", __package__), n) for n, m in _TRITON_MODULES.items()}
-        if batch_invariant:
-            from .decode_attention import paged_decode_attention_invariant
-            from .prefill_attention import prefill_attention_invariant
+        if batch_invariant:  # launch settings that depend on the row alone (README "Reproducible rows")
+            from .decode_attention import paged_decode_attention_impl
 
-            fns.update(paged_decode_attention=paged_decode_attention_invariant,
-                       prefill_attention=prefill_attention_invariant)
+            fns.update(paged_decode_attention=functools.partial(paged_decode_attention_impl, batch_invariant=True),
+                       prefill_attention=functools.partial(fns["prefill_attention"], batch_invariant=True))
         return SimpleNamespace(backend="triton", batch_invariant=batch_invariant, **fns)
     raise ValueError(f"attention backend {backend!r} is unknown; choose one of {', '.join(BACKENDS)}.")
 

@@ -16,13 +16,11 @@ the host (fine: prefill is not captured in a CUDA graph).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from ._jit import lazy_jit
+from ._jit import interpreting, lazy_jit
 
 _LOG2E = 1.4426950408889634
 
@@ -127,9 +125,6 @@ def prefill_attention(
     BLOCK_N = 64 if BLOCK_D <= 64 else 32
     if max_seqlen <= 16 and not batch_invariant:
         BLOCK_M = BLOCK_N = 16
-    knobs = getattr(triton, "knobs", None)  # triton >= 3.4; older ones read the variable directly
-    interpret = bool(knobs.runtime.interpret) if knobs is not None else (
-        os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"))
     _kernel()[(triton.cdiv(max_seqlen, BLOCK_M), Hq, num_seqs)](
         q, k, v, cu_seqlens, out,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
@@ -137,15 +132,10 @@ def prefill_attention(
         G=Hq // Hkv, D=D, BLOCK_D=BLOCK_D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         # the Triton interpreter multiplies bf16 dot operands as raw uint16 bits: upcast there
-        DOT_F32=interpret and q.dtype == torch.bfloat16,
+        DOT_F32=interpreting() and q.dtype == torch.bfloat16,
         num_warps=4 if BLOCK_M <= 64 else 8, num_stages=2,
     )
     return out
 
 
-def prefill_attention_invariant(q, k, v, cu_seqlens, scale, *, max_seqlen=None):
-    """`prefill_attention` whose sequences do not depend on the rest of the batch (batch_invariant)."""
-    return prefill_attention(q, k, v, cu_seqlens, scale, max_seqlen=max_seqlen, batch_invariant=True)
-
-
-__all__ = ["prefill_attention", "prefill_attention_invariant"]
+__all__ = ["prefill_attention"]

@@ -34,7 +34,7 @@ class Scheduler:
         group, n = seq.group, len(seq.prompt_token_ids)
         if group is not None and group.shared is None:
             group.shared = self.policy.shares_prompt_pages(n, seq.kv_override)
-        need = self.quota(seq) + (self.policy.pages_for(n) if group is not None and group.pages is None else 0)
+        need = self.quota(seq) + self._prompt_pages_to_reserve(seq)
         if need > self.pool.num_pages:
             raise ValueError(
                 f"a sequence needs {need} KV pages but the cache holds {self.pool.num_pages}; lower "
@@ -50,6 +50,11 @@ class Scheduler:
         """Leading page-table entries of `seq` read in place from its group: the prompt's full pages."""
         group = seq.group
         return len(seq.prompt_token_ids) // self.pool.page_size if group is not None and group.shared else 0
+
+    def _prompt_pages_to_reserve(self, seq: Sequence) -> int:
+        """The group's prompt pages, when `seq` would be the first of its group admitted (else 0)."""
+        group = seq.group
+        return self.policy.pages_for(len(seq.prompt_token_ids)) if group is not None and group.pages is None else 0
 
     def quota(self, seq: Sequence) -> int:
         """Pages `seq` reserves for itself (its policy's quota less the shared prompt pages)."""
@@ -69,8 +74,7 @@ class Scheduler:
             runs_prompt = group is None or group.pages is None  # else its group's prefill is done or under way
             if admitted and runs_prompt and num_tokens + n > self.max_prefill_tokens:
                 break
-            own = self.quota(seq)
-            prompt_pages = self.policy.pages_for(n) if group is not None and group.pages is None else 0
+            own, prompt_pages = self.quota(seq), self._prompt_pages_to_reserve(seq)
             if own + prompt_pages > self.pool.num_free:
                 break
             if prompt_pages:
