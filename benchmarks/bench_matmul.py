@@ -1,18 +1,22 @@
 """The batch-invariant product (`kernels/matmul.py`, used by `LLM(batch_invariant=True)`) against cuBLAS
-(`F.linear`) at the 1.5B shape's weight products, for a few tile configurations.
+(`F.linear`) on the weight products of the 1.5B and 7B shapes, for its per-shape choice
+(`config_for(N, K)`, "auto") and a sweep of tile and split configurations.
 
-    python benchmarks/bench_matmul.py            # GPU: bf16, rows 1 / 64 / 512
+    python benchmarks/bench_matmul.py            # GPU: bf16, rows 1 / 64 / 512 (the sweep at 512)
     python benchmarks/bench_matmul.py --smoke    # CPU, Triton interpreter, tiny sizes (checks the script)
 
-For each configuration it also checks the invariance the switch promises: rows computed alone, in a
-slice across tiles and in the whole batch are bit-identical. Prints and saves bench_matmul.md / .json to
-$OUT (default benchmarks/results/). Run 27 measured the default (64, 128, 64) at about half of cuBLAS on
-the job's products; this sweep is the next session's first GPU step for issue 15.
+Every product is timed as a CUDA graph of 10 launches (the engine's decode runs in graphs, so launch
+overhead is not the product's). Every configuration is checked for the invariance the switch promises
+(rows computed alone, in a slice across tiles and in the whole batch are bit-identical), and at 512 rows
+against the auto configuration ("same bits as auto": whether tile shapes alone change the result when
+BLOCK_K and the split are equal). Prints and saves bench_matmul.md / .json to $OUT (default
+benchmarks/results/).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -22,82 +26,124 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_job import results_dir, save_results
-from raas_batch.kernels.matmul import matmul
+from raas_batch.kernels.matmul import Config, config_for, matmul
 
-# (name, N, K) of the DeepSeek-R1-Distill-Qwen-1.5B shape's products (hidden 1536, 12 + 2 x 2 heads of 128,
-# intermediate 8960, vocabulary 49,152 as with SmolLM2's tokenizer)
-SHAPES = [("qkv", 2048, 1536), ("o", 1536, 1536), ("gate_up", 17920, 1536), ("down", 1536, 8960),
-          ("lm_head", 49152, 1536)]
-CONFIGS = [((64, 128, 64), 4, 3), ((128, 128, 64), 8, 3), ((128, 256, 64), 8, 3), ((64, 256, 64), 8, 4),
-           ((128, 128, 128), 8, 2)]
+# (name, N, K, uses per decode step) at the DeepSeek-R1-Distill-Qwen-1.5B shape (hidden 1536, 12 + 2 x 2
+# heads of 128, intermediate 8960, 28 layers, vocabulary 49,152 as with SmolLM2's tokenizer) and the
+# Qwen2-7B shape (hidden 3584, 28 + 2 x 4 heads, intermediate 18944, 28 layers)
+SHAPES = {"1.5b": [("qkv", 2048, 1536, 28), ("o", 1536, 1536, 28), ("gate_up", 17920, 1536, 28),
+                   ("down", 1536, 8960, 28), ("lm_head", 49152, 1536, 1)],
+          "7b": [("qkv", 4608, 3584, 28), ("o", 3584, 3584, 28), ("gate_up", 37888, 3584, 28),
+                 ("down", 3584, 18944, 28), ("lm_head", 49152, 3584, 1)]}
+TILES = [(64, 64, 64, 4, 4), (64, 128, 64, 4, 3), (64, 256, 64, 8, 3), (128, 64, 64, 4, 3),
+         (128, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3)]
+SPLITS = [1, 2, 4, 8]
 
 
-def timed(fn, reps: int, *args, **kwargs) -> float:
+def timed(reps: int, fn, *args, **kwargs) -> float:
+    """ms per fn(*args, **kwargs): a CUDA graph of 10 calls replayed `reps` times (wall clock on the CPU)."""
+    fn = functools.partial(fn, *args, **kwargs)
+    fn()
     if not torch.cuda.is_available():
         import time
 
         t = time.perf_counter()
         for _ in range(reps):
-            fn(*args, **kwargs)
+            fn()
         return (time.perf_counter() - t) / reps * 1e3
-    fn(*args, **kwargs)
     torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(10):
+            fn()
+    graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(reps):
-        fn(*args, **kwargs)
+        graph.replay()
     end.record()
     end.synchronize()
-    return start.elapsed_time(end) / reps
+    return start.elapsed_time(end) / reps / 10
 
 
-def invariant(x, w, **kw) -> bool:
-    full = matmul(x, w, **kw)
+def invariant(x, w, full, cfg) -> bool:
     M = x.shape[0]
     picks = [[0], [M - 1], list(range(M // 3, M))]
-    return all(torch.equal(matmul(x[r], w, **kw), full[r]) for r in picks)
+    return all(torch.equal(matmul(x[r], w, config=cfg), full[r]) for r in picks)
+
+
+def name(cfg: Config) -> str:
+    return f"{cfg.bm}x{cfg.bn}x{cfg.bk} w{cfg.warps} s{cfg.stages} split{cfg.split}"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--rows", default="1,64,512")
-    ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--shapes", default="1.5b,7b")
+    ap.add_argument("--sweep-rows", type=int, default=512)
+    ap.add_argument("--reps", type=int, default=20)
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
-    shapes, configs, reps = SHAPES, CONFIGS, args.reps
+    shapes = [(s, *p) for s in args.shapes.split(",") for p in SHAPES[s]]
+    tiles, splits, reps, rows = TILES, SPLITS, args.reps, [int(m) for m in args.rows.split(",")]
     if args.smoke:
-        shapes, configs, reps = [("tiny", 96, 64)], CONFIGS[:2], 1
+        shapes, tiles, splits, reps, rows = [("tiny", "p", 96, 256, 1)], TILES[:1], [1, 2], 1, [5, 40]
+        args.sweep_rows = 40
     gen = torch.Generator().manual_seed(0)
-    results = []
-    for name, N, K in shapes:
+    results, summary = [], []
+    for model, prod, N, K, uses in shapes:
         w = (torch.randn(N, K, generator=gen) * 0.02).to(dev, dtype)
-        for M in [int(m) for m in args.rows.split(",")]:
+        auto = config_for(N, K)
+        for M in rows:
             x = torch.randn(M, K, generator=gen).to(dev, dtype)
-            row = {"product": name, "M": M, "N": N, "K": K,
-                   "cublas_ms": timed(torch.nn.functional.linear, reps, x, w)}
-            for block, warps, stages in configs:
-                key = f"{block[0]}x{block[1]}x{block[2]} w{warps} s{stages}"
-                kw = {"block": block, "num_warps": warps, "num_stages": stages}
-                try:
-                    row[key] = timed(matmul, reps, x, w, **kw)
-                    row[key + " invariant"] = invariant(x, w, **kw)
-                except Exception as exc:  # noqa: BLE001 - a configuration that does not fit (shared memory)
-                    row[key] = f"failed: {type(exc).__name__}"
+            ref = matmul(x, w, config=auto)
+            row = {"model": model, "product": prod, "M": M, "N": N, "K": K, "uses": uses,
+                   "cublas_ms": timed(reps, torch.nn.functional.linear, x, w),
+                   "auto": name(auto), "auto_ms": timed(reps, matmul, x, w, config=auto),
+                   "auto_invariant": invariant(x, w, ref, auto),
+                   "auto_close": bool(torch.allclose(ref.float(), torch.nn.functional.linear(x, w).float(),
+                                                     rtol=2e-2, atol=2e-2))}
+            if M == args.sweep_rows:
+                sweep = {}
+                for bm, bn, bk, warps, stages in tiles:
+                    for split in splits:
+                        if split > 1 and K // split < 512:
+                            continue
+                        cfg = Config(bm, bn, bk, warps, stages, split)
+                        try:
+                            out = matmul(x, w, config=cfg)
+                            sweep[name(cfg)] = {"ms": timed(reps, matmul, x, w, config=cfg),
+                                                "invariant": invariant(x, w, out, cfg),
+                                                "same_bits_as_auto": bool(torch.equal(out, ref))}
+                        except Exception as exc:  # noqa: BLE001 - a configuration that does not fit (shared memory)
+                            sweep[name(cfg)] = {"error": f"{type(exc).__name__}: {str(exc)[:80]}"}
+                ok = {k: v for k, v in sweep.items() if v.get("invariant")}
+                best = min(ok, key=lambda k: ok[k]["ms"]) if ok else None
+                row.update(sweep=sweep, best=best, best_ms=ok[best]["ms"] if best else None)
             results.append(row)
-            print(json.dumps(row), flush=True)
-    keys = [k for k in results[0] if k not in ("product", "M", "N", "K") and not k.endswith("invariant")]
-    lines = ["| product | M | " + " | ".join(f"{k} ms" for k in keys) + " |",
-             "| --- | ---: | " + " | ".join("---:" for _ in keys) + " |"]
+            print(json.dumps({k: v for k, v in row.items() if k != "sweep"}), flush=True)
+    lines = ["| model | product | M | cuBLAS ms | auto config | auto ms | auto / cuBLAS | invariant | best of sweep | best ms |",
+             "| --- | --- | ---: | ---: | --- | ---: | ---: | --- | --- | ---: |"]
     for r in results:
-        cells = []
-        for k in keys:
-            v = r.get(k)
-            ok = r.get(k + " invariant")
-            cells.append(v if isinstance(v, str) else f"{v:.3f}" + ("" if ok in (None, True) else " (NOT invariant)"))
-        lines.append(f"| {r['product']} | {r['M']} | " + " | ".join(cells) + " |")
-    text = f"# Batch-invariant matmul vs cuBLAS ({dev}, {dtype})\n\n" + "\n".join(lines)
+        lines.append(f"| {r['model']} | {r['product']} | {r['M']} | {r['cublas_ms']:.4f} | {r['auto']} | "
+                     f"{r['auto_ms']:.4f} | {r['auto_ms'] / r['cublas_ms']:.2f} | {r['auto_invariant']} | "
+                     f"{r.get('best') or ''} | {r['best_ms']:.4f} |" if r.get("best_ms") else
+                     f"| {r['model']} | {r['product']} | {r['M']} | {r['cublas_ms']:.4f} | {r['auto']} | "
+                     f"{r['auto_ms']:.4f} | {r['auto_ms'] / r['cublas_ms']:.2f} | {r['auto_invariant']} | | |")
+    for model in {r["model"] for r in results}:  # one decode step's products
+        for M in rows:
+            rs = [r for r in results if r["model"] == model and r["M"] == M]
+            cub = sum(r["cublas_ms"] * r["uses"] for r in rs)
+            auto = sum(r["auto_ms"] * r["uses"] for r in rs)
+            best = sum((r.get("best_ms") or r["auto_ms"]) * r["uses"] for r in rs)
+            summary.append(f"- {model}, {M} rows, one step's products: cuBLAS {cub:.3f} ms, auto {auto:.3f} ms "
+                           f"({auto / cub:.2f}x), best of sweep {best:.3f} ms ({best / cub:.2f}x)")
+    same = sorted({k for r in results for k, v in r.get("sweep", {}).items() if v.get("same_bits_as_auto")})
+    text = (f"# Batch-invariant matmul vs cuBLAS ({dev}, {dtype}; CUDA graphs of 10 launches)\n\n" + "\n".join(lines)
+            + "\n\n" + "\n".join(summary) + "\n\nSweep configurations that gave the auto configuration's bits: "
+            + (", ".join(same) or "none"))
     print(text)
     save_results(results_dir(), "bench_matmul" + ("_smoke" if args.smoke else ""), results, text)
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine session: kernel and engine tests on the GPU, then the kernel and decode benchmarks.
 # Usage (device tool, repo root): bash benchmarks/gpu_session.sh [tests|kernels|decode|job-fixed|job-realistic|
-# job-others|decode7b|matmul|ray ...]; results under $OUT. The job parts need a tokenizer in .gpu_assets/tok (carry it; see
+# job-others|job-bi|decode7b|matmul|invariance|ray ...]; results under $OUT. The job parts need a tokenizer in .gpu_assets/tok (carry it; see
 # benchmarks/bench_job.py).
 set -u
 OUT=${OUT:-benchmarks/results}
@@ -29,7 +29,13 @@ for part in $parts; do
     decode7b) timeout ${DECODE_TIMEOUT:-300} python benchmarks/bench_gpu_decode.py --only ${DECODE_ONLY:-batch1 dense raas} \
                --profile 2>&1 | tail -20 ;;
     kernels) timeout 200 python benchmarks/bench_kernels.py 2>&1 | tail -60 ;;
-    matmul)  timeout 200 python benchmarks/bench_matmul.py 2>&1 | tail -20 ;;
+    matmul)  timeout ${MATMUL_TIMEOUT:-300} python benchmarks/bench_matmul.py ${MATMUL_ARGS:-} 2>&1 | grep -v '^{' | tail -40 ;;
+    invariance) RAAS_BATCH_FULL_INVARIANCE=1 timeout ${TESTS_TIMEOUT:-420} python -m pytest -q -p no:cacheprovider -rfE \
+               --tb=short --durations=5 tests/test_batch_invariant.py -m "gpu or not gpu" > "$OUT/pytest_invariance.log" 2>&1
+             tail -15 "$OUT/pytest_invariance.log" ;;
+    job-bi)  for bi in "" --batch-invariant; do timeout ${JOB_TIMEOUT:-280} python benchmarks/bench_job.py --shape 1.5b \
+               --policies dense,raas --rows 512 --max-new-tokens ${BI_TOKENS:-6144} --regime fixed --profile-at 3000 $bi \
+               --tag 1p5b_fixed${bi:+_bi} 2>&1 | grep -v Warning | tail -8; done ;;
     decode)  timeout 300 python benchmarks/bench_gpu_decode.py 2>&1 | tail -40 ;;
     ray)     timeout 300 python benchmarks/bench_ray_scaling.py 2>&1 | tail -30 ;;
   esac

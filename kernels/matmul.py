@@ -1,16 +1,27 @@
 """A batch-invariant matrix product in Triton: y = x @ weight^T (+ bias), for `LLM(batch_invariant=True)`.
 
-cuBLAS picks its kernel (tile shape, split-K) from the product's shape, so a row's result can change
-in its last bits with the number of rows beside it. Here every output element is computed the same way
-whatever M is: fixed tiles (BLOCK_M x BLOCK_N, BLOCK_K along the reduction), no split-K, the K loop
-always from 0 to K in steps of BLOCK_K with an fp32 accumulator. A row's products and their order
-depend only on K, so row i of x @ W^T is bit-identical alone, in any batch and at any position.
+cuBLAS picks its kernel (tile shape, split-K, stream-K) from the product's shape, so a row's result can
+change in its last bits with the number of rows beside it. Here the way every output element is
+computed depends only on the weight's shape (N, K), never on M:
+
+- the launch configuration (`config_for(N, K)`: tiles, warps, stages, split count) is a function of
+  N and K alone;
+- the reduction over K is cut into `split` fixed chunks (each a multiple of BLOCK_K); each chunk runs
+  its K loop in order with an fp32 accumulator, and the chunks' partial sums are added in chunk order
+  by a second kernel (`split` = 1: the tile stores directly).
+
+So row i of x @ W^T is bit-identical alone, in any batch and at any position. The fixed split is what
+keeps the GPU busy on a tall reduction (the MLP's down projection has K = 8,960 and N = 1,536 at the
+1.5B shape) without making the order depend on the batch as cuBLAS's own split-K does.
 
 x [M, K] (rows contiguous), weight [N, K] (nn.Linear's layout), bias [N] or None -> [M, N] in x's
-dtype. The cost against cuBLAS is measured by the job benchmark (README "Reproducible rows").
+dtype. `python benchmarks/bench_matmul.py` times it against cuBLAS; the job's cost is in the README
+("Reproducible rows").
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -18,44 +29,91 @@ import triton.language as tl
 
 from ._jit import interpreting, lazy_jit
 
-BLOCK_M, BLOCK_N, BLOCK_K = 64, 128, 64
+
+class Config(NamedTuple):
+    bm: int
+    bn: int
+    bk: int
+    warps: int
+    stages: int
+    split: int
 
 
-def _matmul_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K,
-                   stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
-                   HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+# the batch the configurations are chosen for (a decode step at max_num_seqs 512); it only shapes the
+# choice, the choice itself never looks at the actual M
+NOMINAL_M = 512
+TARGET_PROGRAMS = 132  # about one wave on an H100 / H200 (132 SMs); a constant, so every GPU makes the same choice
+
+
+def config_for(N: int, K: int) -> Config:
+    """The launch configuration of a product with weight [N, K]: a function of the weight's shape only."""
+    bm, bn, warps, stages = (128, 256, 8, 3) if N >= 8192 else (128, 128, 8, 3)
+    bk = 64
+    tiles = triton.cdiv(NOMINAL_M, bm) * triton.cdiv(N, bn)
+    split = 1
+    # cut the reduction while the tiles alone leave most SMs idle and each chunk keeps >= 1,024 of K
+    while tiles * split * 2 <= 2 * TARGET_PROGRAMS and K // (split * 2) >= 1024:
+        split *= 2
+    return Config(bm, bn, bk, warps, stages, split)
+
+
+def _matmul_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, K_CHUNK,
+                   stride_xm, stride_xk, stride_wn, stride_wk, stride_ys, stride_ym, stride_yn,
+                   HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    # program (m tile, n tile, chunk): consecutive programs share an n tile, so a weight tile is read
+    # from memory once and from L2 by the other m tiles
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
+    k_start = pid_s * K_CHUNK
+    k_end = tl.minimum(k_start + K_CHUNK, K)
     acc = tl.zeros([BM, BN], dtype=tl.float32)
-    for k0 in range(0, K, BK):
+    for k0 in range(k_start, k_end, BK):
         kk = k0 + rk
         x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :] * stride_xk,
-                    mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
+                    mask=(rm[:, None] < M) & (kk[None, :] < k_end), other=0.0)
         w = tl.load(w_ptr + rn[None, :] * stride_wn + kk[:, None] * stride_wk,
-                    mask=(rn[None, :] < N) & (kk[:, None] < K), other=0.0)  # [BK, BN]
+                    mask=(rn[None, :] < N) & (kk[:, None] < k_end), other=0.0)  # [BK, BN]
         if UPCAST:  # the interpreter multiplies bf16 dot operands as raw bits
             x = x.to(tl.float32)
             w = w.to(tl.float32)
         acc = tl.dot(x, w, acc, input_precision=DOT_PREC)
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    if PARTIAL:  # fp32 partial sums of this chunk, added in order by _reduce_kernel
+        tl.store(y_ptr + pid_s * stride_ys + rm[:, None] * stride_ym + rn[None, :] * stride_yn, acc, mask=mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _reduce_kernel(p_ptr, b_ptr, y_ptr, M, N, stride_ps, stride_pm, stride_ym,
+                   SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    rm = tl.program_id(0) * BM + tl.arange(0, BM)
+    rn = tl.program_id(1) * BN + tl.arange(0, BN)
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    offs = rm[:, None] * stride_pm + rn[None, :]
+    acc = tl.load(p_ptr + offs, mask=mask, other=0.0)
+    for s in tl.static_range(1, SPLIT):  # chunk order, always
+        acc += tl.load(p_ptr + s * stride_ps + offs, mask=mask, other=0.0)
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
-             mask=(rm[:, None] < M) & (rn[None, :] < N))
+    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 _kernel = lazy_jit(_matmul_kernel)
+_reduce = lazy_jit(_reduce_kernel)
 
 
 def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-           block: tuple[int, int, int] = (BLOCK_M, BLOCK_N, BLOCK_K), num_warps: int = 4,
-           num_stages: int = 3) -> torch.Tensor:
+           config: Config | None = None) -> torch.Tensor:
     """x [..., K] @ weight[N, K]^T (+ bias) -> [..., N], each row computed independently of the others.
-    block / num_warps / num_stages: launch parameters for benchmarks/bench_matmul.py's sweep (the model
-    always uses the defaults, so its rows never see two configurations)."""
+    config: a launch configuration for benchmarks/bench_matmul.py's sweep; the model always uses
+    `config_for(N, K)`, so a weight's rows never see two configurations."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if x2.stride(-1) != 1:
@@ -66,16 +124,27 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M == 0:
         return y.view(*shape[:-1], N)
-    bm, bn, bk = block
-    _kernel()[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
-        x2, weight, bias if bias is not None else y, y, M, N, K,
-        x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), y.stride(0), y.stride(1),
-        HAS_BIAS=bias is not None, UPCAST=interpreting() and x.dtype != torch.float32,
+    cfg = config or config_for(N, K)
+    k_chunk = triton.cdiv(triton.cdiv(K, cfg.split), cfg.bk) * cfg.bk  # a multiple of BLOCK_K
+    split = triton.cdiv(K, k_chunk)  # chunks that hold any of K
+    partial = split > 1
+    out = torch.empty(split, M, N, dtype=torch.float32, device=x.device) if partial else y
+    has_bias = bias is not None
+    _kernel()[(triton.cdiv(M, cfg.bm), triton.cdiv(N, cfg.bn), split)](
+        x2, weight, bias if has_bias else y, out, M, N, K, k_chunk,
+        x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1),
+        out.stride(0) if partial else 0, out.stride(-2), out.stride(-1),
+        HAS_BIAS=has_bias, PARTIAL=partial, UPCAST=interpreting() and x.dtype != torch.float32,
         # fp32 models: full-precision products (tf32 would change the rounding, not the invariance)
         DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32",
-        BM=bm, BN=bn, BK=bk, num_warps=num_warps, num_stages=num_stages,
+        BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, num_warps=cfg.warps, num_stages=cfg.stages,
     )
+    if partial:
+        rbm, rbn = 32, 128
+        _reduce()[(triton.cdiv(M, rbm), triton.cdiv(N, rbn))](
+            out, bias if has_bias else y, y, M, N, out.stride(0), out.stride(1), y.stride(0),
+            SPLIT=split, HAS_BIAS=has_bias, BM=rbm, BN=rbn, num_warps=4)
     return y.view(*shape[:-1], N)
 
 
-__all__ = ["matmul"]
+__all__ = ["Config", "config_for", "matmul"]
