@@ -1,18 +1,21 @@
 """A batch-invariant matrix product in Triton: y = x @ weight^T (+ bias), for `LLM(batch_invariant=True)`.
 
 cuBLAS picks its kernel (tile shape, split-K, stream-K) from the product's shape, so a row's result can
-change in its last bits with the number of rows beside it. Here the way every output element is
-computed depends only on the weight's shape (N, K), never on M:
+change in its last bits with the number of rows beside it. Here a row's arithmetic depends only on the
+weight's shape (N, K), never on M:
 
-- the launch configuration (`config_for(N, K)`: tiles, warps, stages, split count) is a function of
-  N and K alone;
-- the reduction over K is cut into `split` fixed chunks (each a multiple of BLOCK_K); each chunk runs
-  its K loop in order with an fp32 accumulator, and the chunks' partial sums are added in chunk order
-  by a second kernel (`split` = 1: the tile stores directly).
+- the reduction over K is cut into `split_for(N, K)` fixed chunks (each a multiple of BLOCK_K = 64);
+  each chunk runs its K loop in order with an fp32 accumulator, 64 at a time, and the chunks' partial
+  sums are added in chunk order by a second kernel (one chunk: the tile stores directly);
+- BLOCK_K and the split are the only launch parameters that decide a product's bits. The output tile
+  (BLOCK_M x BLOCK_N), warps and pipeline stages only decide which program computes an element, not
+  how: `benchmarks/bench_matmul.py` checks this on the GPU for every configuration it sweeps, and
+  tests/test_batch_invariant.py checks rows computed with small-batch tiles against large-batch ones.
+  So the tiles may follow M (small tiles for a few rows, larger ones for a full decode batch).
 
-So row i of x @ W^T is bit-identical alone, in any batch and at any position. The fixed split is what
-keeps the GPU busy on a tall reduction (the MLP's down projection has K = 8,960 and N = 1,536 at the
-1.5B shape) without making the order depend on the batch as cuBLAS's own split-K does.
+Row i of x @ W^T is therefore bit-identical alone, in any batch and at any position. The fixed split
+keeps the GPU busy on a tall reduction (the MLP's down projection: K = 8,960, N = 1,536 at the 1.5B
+shape) without making the order depend on the batch, as cuBLAS's own split-K does.
 
 x [M, K] (rows contiguous), weight [N, K] (nn.Linear's layout), bias [N] or None -> [M, N] in x's
 dtype. `python benchmarks/bench_matmul.py` times it against cuBLAS; the job's cost is in the README
@@ -29,6 +32,9 @@ import triton.language as tl
 
 from ._jit import interpreting, lazy_jit
 
+BLOCK_K = 64
+TARGET_PROGRAMS = 132  # about one wave on an H100 / H200 (132 SMs); a constant, so every GPU makes the same choice
+
 
 class Config(NamedTuple):
     bm: int
@@ -39,22 +45,31 @@ class Config(NamedTuple):
     split: int
 
 
-# the batch the configurations are chosen for (a decode step at max_num_seqs 512); it only shapes the
-# choice, the choice itself never looks at the actual M
-NOMINAL_M = 512
-TARGET_PROGRAMS = 132  # about one wave on an H100 / H200 (132 SMs); a constant, so every GPU makes the same choice
-
-
-def config_for(N: int, K: int) -> Config:
-    """The launch configuration of a product with weight [N, K]: a function of the weight's shape only."""
-    bm, bn, warps, stages = (128, 256, 8, 3) if N >= 8192 else (128, 128, 8, 3)
-    bk = 64
-    tiles = triton.cdiv(NOMINAL_M, bm) * triton.cdiv(N, bn)
+def split_for(N: int, K: int) -> int:
+    """How many fixed chunks the reduction over K is cut into: a function of the weight's shape only.
+    A reduction taller than the output is wide (K >= 2N) is cut while a 512-row batch's 128 x 128 tiles
+    fill less than one wave of programs and each chunk keeps >= 1,024 of K (measured, run 29: the 1.5B
+    down projection 0.067 -> 0.035 ms in 4 chunks, the 7B one 0.164 -> 0.121 ms in 2; a square or wide
+    product only loses from cutting)."""
     split = 1
-    # cut the reduction while the tiles alone leave most SMs idle and each chunk keeps >= 1,024 of K
-    while tiles * split * 2 <= 2 * TARGET_PROGRAMS and K // (split * 2) >= 1024:
-        split *= 2
-    return Config(bm, bn, bk, warps, stages, split)
+    if K >= 2 * N:
+        tiles = triton.cdiv(512, 128) * triton.cdiv(N, 128)
+        while tiles * split < TARGET_PROGRAMS and K // (2 * split) >= 1024:
+            split *= 2
+    return split
+
+
+def config_for(M: int, N: int, K: int) -> Config:
+    """The launch configuration for M rows of a product with weight [N, K]. Its split (the bits) comes
+    from (N, K) alone; the tiles follow M (the fastest of run 29's sweep at 512 rows, bench_matmul.md)."""
+    split = split_for(N, K)
+    if M <= 64:  # a few rows: the product reads the weight once, so many small programs
+        return Config(64, 64, BLOCK_K, 4, 4, split)
+    if N <= 2048:
+        return Config(64, 128, BLOCK_K, 4, 3, split)
+    if split > 1 and K >= 8192:
+        return Config(128, 256, BLOCK_K, 8, 3, split)
+    return Config(128, 128, BLOCK_K, 8, 3, split)
 
 
 def _matmul_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, K_CHUNK,
@@ -112,8 +127,8 @@ _reduce = lazy_jit(_reduce_kernel)
 def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
            config: Config | None = None) -> torch.Tensor:
     """x [..., K] @ weight[N, K]^T (+ bias) -> [..., N], each row computed independently of the others.
-    config: a launch configuration for benchmarks/bench_matmul.py's sweep; the model always uses
-    `config_for(N, K)`, so a weight's rows never see two configurations."""
+    config: a launch configuration for benchmarks/bench_matmul.py's sweep and the tests; the model always
+    uses `config_for(M, N, K)`, whose split (what decides the bits) depends on the weight alone."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if x2.stride(-1) != 1:
@@ -124,7 +139,7 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M == 0:
         return y.view(*shape[:-1], N)
-    cfg = config or config_for(N, K)
+    cfg = config or config_for(M, N, K)
     k_chunk = triton.cdiv(triton.cdiv(K, cfg.split), cfg.bk) * cfg.bk  # a multiple of BLOCK_K
     split = triton.cdiv(K, k_chunk)  # chunks that hold any of K
     partial = split > 1
@@ -147,4 +162,4 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return y.view(*shape[:-1], N)
 
 
-__all__ = ["Config", "config_for", "matmul"]
+__all__ = ["Config", "config_for", "matmul", "split_for"]

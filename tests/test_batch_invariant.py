@@ -15,8 +15,8 @@ import torch
 @pytest.mark.parametrize("split", [None, 3])
 def test_matmul_rows_do_not_depend_on_the_other_rows(split):
     """The product's rows alone, at tile edges, across tiles and reversed are bit-identical to the whole
-    batch's; split: the shape's own configuration, or one that cuts K = 200 into fixed chunks (128 + 72,
-    the partial sums added by the second kernel)."""
+    batch's; split: the shape's own configuration (whose tiles differ between 1 and 150 rows), or one
+    that cuts K = 200 into fixed chunks (128 + 72, the partial sums added by the second kernel)."""
     from raas_batch.kernels.matmul import Config, matmul
 
     cfg = None if split is None else Config(64, 64, 64, 4, 2, split)
@@ -37,6 +37,11 @@ def test_matmul_rows_do_not_depend_on_the_other_rows(split):
             assert torch.equal(part, full[rows])
         assert torch.equal(matmul(x.flip(0), w, b, config=cfg), full.flip(0))  # another order
         assert matmul(x[:0], w, config=cfg).shape == (0, 200)
+        # another tile shape, warps and stages with the same split: the same bits (what lets the tiles
+        # follow the number of rows)
+        other = Config(128, 128, 64, 8, 3, split or 1)
+        assert torch.equal(matmul(x, w, b, config=other), full if split else matmul(x, w, b, config=other._replace(
+            bm=64, bn=64, warps=4, stages=4)))
         if split is not None:  # without bias through the split path too
             torch.testing.assert_close(matmul(x, w, config=cfg).float(), (full - b).float(), rtol=2e-2, atol=2e-2)
 
