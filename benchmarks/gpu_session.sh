@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine session: kernel and engine tests on the GPU, then the kernel and decode benchmarks.
 # Usage (device tool, repo root): bash benchmarks/gpu_session.sh [tests|kernels|decode|job-fixed|job-realistic|
-# job-others|job-bi|decode7b|matmul|invariance|ray ...]; results under $OUT. The job parts need a tokenizer in .gpu_assets/tok (carry it; see
+# job-others|job-bi|decode7b|matmul|invariance|control|ray ...]; results under $OUT. The job parts need a tokenizer in .gpu_assets/tok (carry it; see
 # benchmarks/bench_job.py).
 set -u
 OUT=${OUT:-benchmarks/results}
@@ -26,6 +26,7 @@ for part in $parts; do
     job-others) timeout 420 python benchmarks/bench_job.py --shape 1.5b --policies raas-mass,raas-paper,h2o,streaming \
                --rows 512 --max-new-tokens ${OTHERS_TOKENS:-2048} --regime fixed --profile-at 600 --tag 1p5b_others 2>&1 \
                | grep -v Warning | tail -12 ;;
+    control) timeout 240 python benchmarks/bench_invariance.py 2>&1 | grep -v Warning | tail -10 ;;
     decode7b) timeout ${DECODE_TIMEOUT:-300} python benchmarks/bench_gpu_decode.py --only ${DECODE_ONLY:-batch1 dense raas} \
                --profile 2>&1 | tail -20 ;;
     kernels) timeout 200 python benchmarks/bench_kernels.py 2>&1 | tail -60 ;;
