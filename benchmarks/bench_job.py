@@ -90,6 +90,7 @@ class WatchedLLM(LLM):
         self._bounds = policy.name in ("raas", "raas-paper") and getattr(policy, "refresh_rule", "") != "mass"
         self._budget = quota_tokens
         self._current: dict = {}
+        self._last_end: float | None = None
         launch, prefill, step = runner.launch_decode, runner.prefill, engine.step
 
         def watched_launch(seqs, positions):
@@ -114,7 +115,12 @@ class WatchedLLM(LLM):
             self._current = {}
             t0 = time.perf_counter()
             out = step()
-            self._current.update(wall_s=time.perf_counter() - t0, recorded=out[1])
+            t1 = time.perf_counter()
+            # gap_s: host time between the previous step's return and this step's call (the runner loop,
+            # the LLM engine's output handling); with overlapped decode the GPU runs meanwhile
+            self._current.update(wall_s=t1 - t0, recorded=out[1], t_start=t0, t_end=t1,
+                                 gap_s=t0 - self._last_end if self._last_end else 0.0)
+            self._last_end = t1
             self.steps.append(self._current)
             return out
 
@@ -168,6 +174,7 @@ class WatchedLLM(LLM):
             "top_kernels": [{"ms_per_step": t / n, "name": nm, "category": c, "calls": k} for t, nm, c, k in kernels[:25]],
             "window_wall_s": time.perf_counter() - t_window,
         }
+        self._last_end = time.perf_counter()  # the next step's gap is the host's, not the window's
         return finished
 
 
@@ -296,6 +303,7 @@ def run_one(args, model_dir: str, data: str, policy: str, shard_size: int, bw: f
     run_s = summary["completion_tokens"] / summary["tokens_per_s"] if summary.get("tokens_per_s") else wall
     unprofiled_s = run_s - window + prof.get("steps", 0) * median  # the job's own generation time, as its summary
     steps_s = sum(s["wall_s"] for s in llm.steps)
+    gaps = sorted(s.get("gap_s", 0.0) for s in decode) or [0.0]
     res = {
         "policy": policy, "budget": args.budget if policy != "dense" else None, "regime": args.regime,
         "shard_size": shard_size, "rows": args.rows, "max_new_tokens": args.max_new_tokens,
@@ -306,6 +314,13 @@ def run_one(args, model_dir: str, data: str, policy: str, shard_size: int, bw: f
         # the job's time outside engine steps and the profiled window: engine load, reading and
         # tokenising the rows, the writer's last shard and the manifest
         "outside_steps_s": wall - steps_s - window,
+        "gaps_before_decode_steps_s": sum(gaps), "median_gap_ms": gaps[len(gaps) // 2] * 1e3,
+        "max_gap_ms": gaps[-1] * 1e3,
+        # the job's edges: from run_job's call to the first engine step (engine load, reading and
+        # tokenising rows), and from the last step's return to run_job's (the last rows' outputs, the
+        # shard file, the manifest and summary)
+        "before_first_step_s": llm.steps[0]["t_start"] - t0 if llm.steps else None,
+        "after_last_step_s": t0 + wall - llm.steps[-1]["t_end"] if llm.steps else None,
         "engine_load_s": summary.get("engine_load_s"),
         "decode_steps": len(decode), "prefill_steps": len(prefill),
         "prefill_s": sum(s["wall_s"] for s in prefill),
