@@ -17,7 +17,9 @@ Invariants (exactly-once):
 - A shard file found on disk but not recorded done (killed between the rename and the manifest
   update) is adopted only if `verify_shard` proves it complete and from this very job (same schema,
   fingerprint, range and n); otherwise it is deleted and regenerated.
-- With --seed S, row r's seed depends only on (S, id of r): output does not depend on shard size or order.
+- With --seed S, row r's seed depends only on (S, id of r): its random draws do not depend on shard size or
+  order; its tokens do not either where its logits do not depend on the batch (the CPU; the GPU with
+  --batch-invariant: README "Reproducible rows").
 - A resume trusts no file blindly: a done shard whose file is missing or damaged is regenerated, a
   manifest that cannot be trusted is replaced by its previous copy or rebuilt (`raas_batch.integrity`).
 """

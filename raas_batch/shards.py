@@ -10,8 +10,9 @@ output file (`write_shard_file`). No engine here: `raas_batch.shard_stream` runs
 Invariants:
 - Shard i's file holds exactly the samples of input rows [start, end): (end - start) * n rows, one per
   (row_idx, sample_idx), whatever happened to the rows (a row that cannot run gives n error rows).
-- With --seed S, row r's seed depends only on (S, id of r): output does not depend on shard size,
-  order, batch, or which worker ran the shard.
+- With --seed S, row r's seed depends only on (S, id of r): its random draws do not depend on shard
+  size, order, batch, or which worker ran the shard; its tokens do not either where the logits do not
+  depend on the batch (the CPU; the GPU with --batch-invariant: README "Reproducible rows").
 - Every input column is carried into its rows' output (`ShardSpec.carried`), under its own name or,
   when that is an output column's, as `input_<name>`; the file's schema is `ShardSpec.schema`.
 """
