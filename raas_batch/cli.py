@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "where the KV policy allows (vLLM's prefix caching for one row)" + _d("share_prompts"))
     model.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction,
                        help="on the GPU, each row's tokens do not depend on what else is in the batch (shard size, "
-                            "order, number of GPUs): fixed-tile products and attention, somewhat slower")
+                            "order, number of GPUs): products and attention whose reduction order depends only on the "
+                            "weights and the row; about 7%% (dense) to 12%% (raas) fewer tokens/s on an H200")
     model.add_argument("--chat-template-kwargs", metavar="JSON",
                        help="extra arguments of the chat template, e.g. '{\"enable_thinking\": true}'")
     sampling = p.add_argument_group(
