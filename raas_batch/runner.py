@@ -6,8 +6,9 @@
     plans pulled as the batch has room:                 rows of the next shards are admitted while
         manifest: running (saved before the next step)  earlier rows decode
         read rows [start, end) from the source
-    a shard's last row done -> its file written  <----  on_done(plan, outputs), in any order
-        atomically, then manifest: done (saved)
+    a shard's last row done -> queued to the     <----  on_done(plan, outputs), in any order
+        writer thread: its file written atomically,
+        then manifest: done (saved)
     every shard done -> the audit (--audit-rows; raas_batch.audit) on the same engine
     summary.json (tokens/s over this run's wall time)
 
@@ -18,13 +19,21 @@ exits 1; `--resume` retries them); a shard whose rows cannot be read or whose fi
 fails alone. The GPU running out of memory fails the shards in flight with a message naming
 --max-num-seqs and --gpu-memory-utilization and stops the run at once (the other shards stay pending:
 the next ones would only run out of memory again). Failures and repairs are logged even with --quiet.
+
+Shard files are written on one writer thread, so the engine keeps decoding while a finished shard's
+rows are converted, compressed and hashed (Parquet writing releases the GIL): at a shard boundary the
+GPU does not wait for the file. The manifest is changed and saved under one lock, by either thread;
+`_LocalRun.run` returns only once every queued file is written and recorded (also after an error or
+an interrupt), so the summary and the audit see every shard the run finished.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from raas_batch.audit import audit_pending, decode_rows, run_audit
@@ -108,7 +117,8 @@ def run_job(cfg: JobConfig, stream=None, engine=None) -> dict[str, Any]:
 
 
 class _LocalRun:
-    """One run's stream of shards and its manifest bookkeeping (this thread only)."""
+    """One run's stream of shards (engine: this thread) and its manifest bookkeeping (this thread and
+    the writer thread, under `_lock`)."""
 
     def __init__(self, job: Job, llm, progress: JobProgress):
         self.job, self.manifest, self.progress = job, job.manifest, progress
@@ -116,8 +126,16 @@ class _LocalRun:
         self.stream = ShardStream(llm, self._on_done)
         self.done = self.failed = self.rows = self.tokens = 0
         self._unsaved = False  # shards marked running since the last save
+        self._lock = threading.Lock()  # the manifest, its file, the counters and the log
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="shard-writer")
 
     def run(self) -> None:
+        try:
+            self._run()
+        finally:  # every file handed to the writer is written and recorded before the run ends
+            self._writer.shutdown(wait=True)
+
+    def _run(self) -> None:
         plans = self._plans()
         while True:
             try:
@@ -131,18 +149,19 @@ class _LocalRun:
                     self._fail(index, advice or f"{type(exc).__name__}: {exc}")
                 if advice:
                     _release_gpu_cache()
-                    self.progress.log(f"shard(s) {', '.join(map(str, failed))} failed: {advice}; the run stops here "
-                                      "(the other shards stay pending)", always=True)
+                    self._log(f"shard(s) {', '.join(map(str, failed))} failed: {advice}; the run stops here "
+                              "(the other shards stay pending)", always=True)
                     return
-                self.progress.log(f"the engine failed ({type(exc).__name__}: {exc}) with shard(s) "
-                                  f"{', '.join(map(str, failed))} in flight; they are marked failed (rerun with "
-                                  "--resume to retry them) and the job goes on", always=True)
+                self._log(f"the engine failed ({type(exc).__name__}: {exc}) with shard(s) "
+                          f"{', '.join(map(str, failed))} in flight; they are marked failed (rerun with "
+                          "--resume to retry them) and the job goes on", always=True)
 
     def _plans(self):
         """Pending shards in order, read when the stream has room for their rows."""
         for rec in self.manifest.todo():
-            self.manifest.start(rec.index)
-            self._unsaved = True
+            with self._lock:
+                self.manifest.start(rec.index)
+                self._unsaved = True
             try:
                 plan = self.stream.plan(self.job.shard_spec(rec.index))
             except Exception as exc:  # noqa: BLE001 - reading this shard failed, not the engine
@@ -151,41 +170,53 @@ class _LocalRun:
             yield plan
 
     def save(self) -> None:
-        self.manifest.save(self.manifest_path)
+        with self._lock:
+            self.manifest.save(self.manifest_path)
+
+    def _log(self, message: str, always: bool = False) -> None:
+        with self._lock:
+            self.progress.log(message, always=always)
 
     def _on_step(self, num_tokens: int, num_rows: int) -> None:
         if self._unsaved:  # one save for every shard started since the last step
-            self.manifest.save(self.manifest_path)
-            self._unsaved = False
+            with self._lock:
+                self.manifest.save(self.manifest_path)
+                self._unsaved = False
         self.progress.update(num_tokens, num_rows)
 
     def _on_done(self, plan: ShardPlan, outputs: dict[int, Any]) -> None:
+        """The engine is done with the shard: its file is written on the writer thread."""
+        self._writer.submit(self._write, plan, outputs)
+
+    def _write(self, plan: ShardPlan, outputs: dict[int, Any]) -> None:  # writer thread
         index = plan.spec.index
         try:
             result = self.stream.write(plan, outputs)
         except Exception as exc:  # noqa: BLE001 - writing this shard failed; the others go on
             self._fail(index, f"writing shard {index}: {type(exc).__name__}: {exc}")
             return
-        self.manifest.finish(index, os.path.join(SHARDS, plan.spec.file_name), result.num_output_rows,
-                             result.sha256, result.stats, result.size)
-        self.manifest.save(self.manifest_path)
-        self._unsaved = False
         stats = result.stats
-        self.done += 1
-        self.rows += plan.spec.num_rows
-        self.tokens += stats["completion_tokens"]
-        if not self.progress.is_bar:
-            self.progress.log(f"shard {index} done ({self.manifest.counts()['done']}/{len(self.manifest.shards)} "
-                              f"shards): {plan.spec.num_rows} rows, {stats['completion_tokens']} tokens, "
-                              f"{stats['num_errors']} errors, {stats['wall_s']:.1f}s")
+        with self._lock:
+            self.manifest.finish(index, os.path.join(SHARDS, plan.spec.file_name), result.num_output_rows,
+                                 result.sha256, result.stats, result.size)
+            self.manifest.save(self.manifest_path)
+            self._unsaved = False
+            self.done += 1
+            self.rows += plan.spec.num_rows
+            self.tokens += stats["completion_tokens"]
+            if not self.progress.is_bar:
+                self.progress.log(f"shard {index} done ({self.manifest.counts()['done']}/{len(self.manifest.shards)} "
+                                  f"shards): {plan.spec.num_rows} rows, {stats['completion_tokens']} tokens, "
+                                  f"{stats['num_errors']} errors, {stats['wall_s']:.1f}s")
 
     def _fail(self, index: int, error: str) -> None:
-        self.failed += 1
-        rec = self.manifest.fail(index, error)
-        self.manifest.save(self.manifest_path)
-        self._unsaved = False
-        self.progress.log(f"shard {index} failed (attempt {rec.attempts}): {error}; rerun with --resume to retry it",
-                          always=True)
+        with self._lock:
+            self.failed += 1
+            rec = self.manifest.fail(index, error)
+            self.manifest.save(self.manifest_path)
+            self._unsaved = False
+            self.progress.log(f"shard {index} failed (attempt {rec.attempts}): {error}; rerun with --resume to retry it",
+                              always=True)
 
 
 def _release_gpu_cache() -> None:

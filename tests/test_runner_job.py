@@ -372,3 +372,44 @@ def test_unknown_policy_is_refused_before_loading_the_model(tmp_path, capsys, mo
     rc, err = run(capsys, "--input", src, "--output", out, "--kv-budget", 4)
     assert rc == 2 and "kv_budget 4" in err
     assert not out.exists()
+
+
+def test_shard_files_are_written_while_the_engine_decodes(tmp_path, capsys, monkeypatch):
+    """A finished shard's file is written on the writer thread: the first write waits until the engine
+    has taken two more steps (it would wait forever if writing blocked decoding), and the run still
+    ends with every shard written and recorded."""
+    import threading
+
+    from fake_llm import FakeEngine
+
+    from raas_batch.shard_stream import ShardStream
+
+    src = write_input(tmp_path / "in", "jsonl", sample_rows(12))
+    out = tmp_path / "out"
+    steps, moved_on, threads = [0], threading.Event(), []
+    real_step, real_write = FakeEngine.step, ShardStream.write
+    first_write_at: list[int] = []
+
+    def counted_step(self):
+        steps[0] += 1
+        if first_write_at and steps[0] >= first_write_at[0] + 2:
+            moved_on.set()
+        return real_step(self)
+
+    def slow_write(self, plan, outputs):
+        threads.append(threading.current_thread().name)
+        if not first_write_at:
+            first_write_at.append(steps[0])
+            assert moved_on.wait(timeout=20), "the engine stopped while a shard file was being written"
+        return real_write(self, plan, outputs)
+
+    monkeypatch.setattr(FakeEngine, "step", counted_step)
+    monkeypatch.setattr(ShardStream, "write", slow_write)
+    rc, err = run(capsys, "--input", src, "--output", out, "--shard-size", 2, "--max-num-seqs", 4)
+    assert rc == 0, err
+    assert len(threads) == 6 and all(t.startswith("shard-writer") for t in threads)
+    m = Manifest.load(str(out / "manifest.json"))
+    assert [s.state for s in m.shards] == ["done"] * 6
+    assert sorted(r["row_idx"] for r in read_out(out)[1]) == list(range(12))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rows"] == 12 and summary["complete"]
