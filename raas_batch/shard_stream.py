@@ -5,8 +5,8 @@ and each shard is handed back as soon as its last row finishes (shards complete 
     plan = stream.plan(spec)                     # read the shard's rows (any thread, one at a time)
     stream.run(plans, progress_callback)         # plans: iterator of ShardPlan | None ("none yet")
 
-The local runner pulls plans on demand and writes files inline; a Ray actor queues the plans its
-driver sends and writes files on a writer thread. Both run the request core's one loop
+The local runner pulls plans on demand, a Ray actor queues the plans its driver sends; both write
+files on a writer thread, so the engine never waits for a file. Both run the request core's one loop
 (`LLM.generate_stream`), so a shard boundary never drains the batch.
 
 Invariants:
