@@ -1,0 +1,54 @@
+"""The GPU benchmark scripts stay runnable: each one's `--smoke` mode (tiny sizes on the CPU, the Triton
+kernels in the interpreter) runs the script's whole path, writes its tables to $OUT, and fails on the
+error a GPU session would otherwise meet first (device time is scarce; a broken script wastes it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_smoke(script: str, out, *args: str) -> str:
+    env = dict(os.environ, OUT=str(out), TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), "--smoke", *args],
+                          check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
+@pytest.mark.parametrize("script,stem", [("bench_matmul.py", "bench_matmul_smoke"),
+                                         ("bench_invariance.py", "bench_invariance_smoke"),
+                                         ("bench_kernels.py", "bench_kernels_smoke"),
+                                         ("bench_gpu_decode.py", None)])
+def test_benchmark_smoke_runs(tmp_path, script, stem):
+    stdout = run_smoke(script, tmp_path)
+    assert stdout.strip()
+    if stem is not None:
+        assert (tmp_path / f"{stem}.json").exists() and (tmp_path / f"{stem}.md").exists()
+    if script == "bench_matmul.py":  # every configuration it tried kept rows independent of the batch
+        rows = json.loads((tmp_path / "bench_matmul_smoke.json").read_text())
+        assert rows and all(r["auto_invariant"] and r["auto_close"] for r in rows)
+    if script == "bench_invariance.py":  # with the switch every row is identical (here on the CPU, both)
+        rows = json.loads((tmp_path / "bench_invariance_smoke.json").read_text())
+        assert [r["rows_identical"] for r in rows if r["batch_invariant"]] == [r["rows"] for r in rows if r["batch_invariant"]]
+
+
+def test_job_benchmark_smoke_records_the_job_edges(tmp_path, smollm_tokenizer):
+    """bench_job.py on a tiny model directory with the embedded model's tokenizer: the table and the
+    timings that attribute a job's time (profiled window, gaps between steps, the job's two edges)."""
+    tok = tmp_path / "tok"
+    smollm_tokenizer.save_pretrained(tok)
+    run_smoke("bench_job.py", tmp_path, "--tokenizer", str(tok), "--work", str(tmp_path / "work"))
+    result = json.loads((tmp_path / "bench_job.json").read_text())["results"]
+    assert [r["policy"] for r in result] == ["dense", "raas"]
+    for r in result:
+        assert r["completion_tokens"] > 0 and r["decode_steps"] > 0
+        assert r["profile"] and r["profile"]["window_wall_s"] > 0
+        assert 0 <= r["before_first_step_s"] < r["job_wall_s"] and 0 <= r["after_last_step_s"] < r["job_wall_s"]
+        assert r["job_tokens_per_s_unprofiled"] > 0
