@@ -24,6 +24,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_job import SHAPES, results_dir, save_results
 
 
+def first_differences(a: list[list[int]], b: list[list[int]]) -> list[int | None]:
+    """For each row, the first token index where the two runs differ (a length difference counts, at
+    the shorter one's end); None where the rows are identical."""
+    out = []
+    for x, y in zip(a, b):
+        j = next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), None)
+        out.append(j if j is not None or len(x) == len(y) else min(len(x), len(y)))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true")
@@ -57,7 +67,7 @@ def main() -> None:
             whole = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
             chunked = [o.outputs[0].token_ids for i in range(0, args.rows, args.chunk)
                        for o in llm.generate(prompts[i:i + args.chunk], params)]
-            parts = [next((j for j, (a, b) in enumerate(zip(x, y)) if a != b), None) for x, y in zip(whole, chunked)]
+            parts = first_differences(whole, chunked)
             differ = [p for p in parts if p is not None]
             row = {"policy": policy, "batch_invariant": invariant, "rows": args.rows, "chunk": args.chunk,
                    "tokens": args.max_new_tokens, "rows_identical": len(parts) - len(differ),

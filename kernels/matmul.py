@@ -33,6 +33,7 @@ import triton.language as tl
 from ._jit import interpreting, lazy_jit
 
 BLOCK_K = 64
+NOMINAL_ROWS = 512  # the decode batch the split is chosen for (a constant: the split never sees M)
 TARGET_PROGRAMS = 132  # about one wave on an H100 / H200 (132 SMs); a constant, so every GPU makes the same choice
 
 
@@ -53,7 +54,7 @@ def split_for(N: int, K: int) -> int:
     product only loses from cutting)."""
     split = 1
     if K >= 2 * N:
-        tiles = triton.cdiv(512, 128) * triton.cdiv(N, 128)
+        tiles = triton.cdiv(NOMINAL_ROWS, 128) * triton.cdiv(N, 128)
         while tiles * split < TARGET_PROGRAMS and K // (2 * split) >= 1024:
             split *= 2
     return split
@@ -61,7 +62,8 @@ def split_for(N: int, K: int) -> int:
 
 def config_for(M: int, N: int, K: int) -> Config:
     """The launch configuration for M rows of a product with weight [N, K]. Its split (the bits) comes
-    from (N, K) alone; the tiles follow M (the fastest of run 29's sweep at 512 rows, bench_matmul.md)."""
+    from (N, K) alone; the tiles follow M (the fastest of run 29's sweep at 512 rows,
+    benchmarks/results/bench_matmul_run29_sweep.md)."""
     split = split_for(N, K)
     if M <= 64:  # a few rows: the product reads the weight once, so many small programs
         return Config(64, 64, BLOCK_K, 4, 4, split)
