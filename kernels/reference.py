@@ -421,7 +421,8 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.
                   keys: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
     """One token per row, with per-row settings and per-row counter-based randomness.
 
-    logits [B, V] float32; temperature, top_p [B] float32; top_k, keys, steps [B] int64 -> [B] int64.
+    logits [B, V] float32 (bfloat16 / float16 are upcast first, exactly); temperature, top_p [B]
+    float32; top_k, keys, steps [B] int64 -> [B] int64.
     temperature 0: the argmax (first index on ties). Otherwise, with s = logits * (1 / temperature)
     and p = softmax(s), the kept set is every token with (mass of tokens with a strictly larger s)
     < top_p and (count of them) < top_k (top_k 0 = off); the top token is always kept, tokens tied

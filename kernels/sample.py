@@ -1,18 +1,20 @@
 """Token sampling in Triton: temperature, top-k, top-p and the counter-based exponential race, one
 program per row, no sort.
 
-Same contract as `kernels.reference.sample_tokens` (the specification): logits [B, V] float32;
-temperature, top_p [B] float32; top_k, keys, steps [B] int64 -> [B] int64.
+Same contract as `kernels.reference.sample_tokens` (the specification): logits [B, V] float32, or
+bfloat16 / float16 (the lm_head's own output: upcast on load, which is exact, so the tokens are those of
+the float32 copy without the copy); temperature, top_p [B] float32; top_k, keys, steps [B] int64 ->
+[B] int64.
 
 The reference sorts each row to find the kept set; here a program reads its row a few times instead:
-1. max m and Z = sum exp(s - m) of s = logits / temperature (online, one pass);
-2. the race: w = argmax over tokens with s > pivot of s - log(-log U) (U the hashed uniform of the
-   token), pivot = -inf at first;
-3. the check: mass and count of tokens with s > s_w. If mass / Z < top_p and count < top_k, w is in
+1. one read: max m and Z = sum exp(s - m) of s = logits / temperature (online), and the race:
+   w = argmax over all tokens of s - log(-log U) (U the hashed uniform of the token);
+2. the check: mass and count of tokens with s > s_w. If mass / Z < top_p and count < top_k, w is in
    the kept set and, since the kept set is every token down to some s, w is also the winner of the
-   race restricted to it: done. Otherwise no token with s <= s_w is kept: pivot = s_w, go to 2.
-The race's winner lies in the kept set with probability >= top_p, so a row takes about 1 / top_p
-rounds (3 reads of the row); greedy rows (temperature 0) take one argmax pass.
+   race restricted to it: done. Otherwise no token with s <= s_w is kept: race again among the tokens
+   with s > s_w (pivot = s_w), go to 2.
+The race's winner lies in the kept set with probability >= top_p, so most rows take 2 reads of the
+row; greedy rows (temperature 0) take one argmax pass.
 Rejection in the spirit of FlashInfer's sorting-free top-p sampling (Ye et al., 2025,
 https://flashinfer.ai/2025/03/10/sampling.html); the hash is the reference's, in 32-bit unsigned
 arithmetic (which wraps as the reference's masks do), so the uniforms are bit-identical. No host
@@ -38,6 +40,21 @@ def _hash32(x):
     return x ^ (x >> 16)
 
 
+def _race_chunk(s, idx, V, base, pivot, best, win, win_s):
+    """One chunk of the exponential race: the best s - log(-log U) among tokens with s > pivot, carried
+    as (best, win, win_s); an earlier chunk keeps ties (the first index wins)."""
+    h = _hash32(base + idx.to(tl.uint32) * 0x9E3779B9)
+    u = ((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+    g = tl.where((idx < V) & (s > pivot), s - tl.log(-tl.log(u)), float("-inf"))
+    cbest = tl.max(g, axis=0)
+    cidx = tl.min(tl.where(g == cbest, idx, V), axis=0)
+    take = cbest > best
+    win_s = tl.where(take, tl.sum(tl.where(idx == cidx, s, 0.0), axis=0), win_s)
+    win = tl.where(take, cidx, win)
+    best = tl.where(take, cbest, best)
+    return best, win, win_s
+
+
 def _sample_kernel(
     logits_ptr, temp_ptr, inv_t_ptr, top_p_ptr, top_k_ptr, keys_ptr, steps_ptr, out_ptr,
     stride_b, V,
@@ -49,56 +66,52 @@ def _sample_kernel(
     temp = tl.load(temp_ptr + b)
     if temp > 0:
         inv_t = tl.load(inv_t_ptr + b)  # computed by torch, as the reference does: the same bits
+        step_h = _hash32((tl.load(steps_ptr + b) * 0x27D4EB2F + 0x165667B1) & 0xFFFFFFFF)
+        base = _hash32((tl.load(keys_ptr + b) & 0xFFFFFFFF).to(tl.uint32) ^ step_h)
+        # one read of the row: max m and Z (online), and the first race (pivot -inf)
         m = tl.full([], float("-inf"), tl.float32)
         z = tl.zeros([], tl.float32)
+        best = tl.full([], float("-inf"), tl.float32)
+        win_s = tl.zeros([], tl.float32)
+        win = tl.zeros([], tl.int32)
         for v0 in range(0, V, BLOCK_V):
-            s = tl.load(row + v0 + offs, mask=v0 + offs < V, other=float("-inf")) * inv_t
+            idx = v0 + offs
+            s = tl.load(row + idx, mask=idx < V, other=float("-inf")).to(tl.float32) * inv_t
             m_new = tl.maximum(m, tl.max(s, axis=0))
             z = z * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new), axis=0)
             m = m_new
+            best, win, win_s = _race_chunk(s, idx, V, base, float("-inf"), best, win, win_s)
         top_p = tl.load(top_p_ptr + b)
         k = tl.load(top_k_ptr + b)
         k = tl.where(k > 0, k, V)
-        step_h = _hash32((tl.load(steps_ptr + b) * 0x27D4EB2F + 0x165667B1) & 0xFFFFFFFF)
-        base = _hash32((tl.load(keys_ptr + b) & 0xFFFFFFFF).to(tl.uint32) ^ step_h)
-        pivot = tl.full([], float("-inf"), tl.float32)
-        win = tl.zeros([], tl.int32)
         go = temp > 0
         rounds = 0
         while go:
-            best = tl.full([], float("-inf"), tl.float32)
-            win_s = tl.zeros([], tl.float32)
-            for v0 in range(0, V, BLOCK_V):
-                idx = v0 + offs
-                s = tl.load(row + idx, mask=idx < V, other=float("-inf")) * inv_t
-                h = _hash32(base + idx.to(tl.uint32) * 0x9E3779B9)
-                u = ((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
-                g = tl.where((idx < V) & (s > pivot), s - tl.log(-tl.log(u)), float("-inf"))
-                cbest = tl.max(g, axis=0)
-                cidx = tl.min(tl.where(g == cbest, idx, V), axis=0)
-                take = cbest > best  # an earlier chunk keeps ties: the first index wins
-                win_s = tl.where(take, tl.sum(tl.where(idx == cidx, s, 0.0), axis=0), win_s)
-                win = tl.where(take, cidx, win)
-                best = tl.where(take, cbest, best)
             mass = tl.zeros([], tl.float32)
             count = tl.zeros([], tl.int64)
             for v0 in range(0, V, BLOCK_V):
                 idx = v0 + offs
-                s = tl.load(row + idx, mask=idx < V, other=float("-inf")) * inv_t
+                s = tl.load(row + idx, mask=idx < V, other=float("-inf")).to(tl.float32) * inv_t
                 above = s > win_s
                 mass += tl.sum(tl.where(above, tl.exp(s - m), 0.0), axis=0)
                 count += tl.sum(above.to(tl.int64), axis=0)
             rounds += 1
             # The top token always passes, so this ends; the cap only guards rows of NaN logits.
             go = ((mass / z >= top_p) | (count >= k)) & (rounds < MAX_ROUNDS)
-            pivot = win_s
+            if go:  # w is not in the kept set, nor is any token with s <= s_w: race again above it
+                pivot = win_s
+                best = tl.full([], float("-inf"), tl.float32)
+                for v0 in range(0, V, BLOCK_V):
+                    idx = v0 + offs
+                    s = tl.load(row + idx, mask=idx < V, other=float("-inf")).to(tl.float32) * inv_t
+                    best, win, win_s = _race_chunk(s, idx, V, base, pivot, best, win, win_s)
         tl.store(out_ptr + b, win.to(tl.int64))
     else:
         best = tl.full([], float("-inf"), tl.float32)
         win = tl.zeros([], tl.int32)
         for v0 in range(0, V, BLOCK_V):
             idx = v0 + offs
-            x = tl.load(row + idx, mask=idx < V, other=float("-inf"))
+            x = tl.load(row + idx, mask=idx < V, other=float("-inf")).to(tl.float32)
             cbest = tl.max(x, axis=0)
             cidx = tl.min(tl.where(x == cbest, idx, V), axis=0)
             take = cbest > best
@@ -107,14 +120,14 @@ def _sample_kernel(
         tl.store(out_ptr + b, win.to(tl.int64))
 
 
-_kernel = lazy_jit(_sample_kernel, helpers=(_hash32,))
+_kernel = lazy_jit(_sample_kernel, helpers=(_hash32, _race_chunk))
 
 
 def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
                   keys: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
     """One token per row -> [B] int64. See `kernels.reference.sample_tokens` for the contract."""
     B, V = logits.shape
-    assert logits.dtype == torch.float32 and logits.stride(1) == 1
+    assert logits.dtype in (torch.float32, torch.bfloat16, torch.float16) and logits.stride(1) == 1
     out = torch.empty(B, dtype=torch.int64, device=logits.device)
     if B == 0:
         return out

@@ -167,3 +167,9 @@ def test_sampler_kernel_equals_reference():
     got = kops.get_ops("triton").sample_tokens(logits, temperature, top_p, top_k, keys, steps)
     assert torch.equal(got, want), (got != want).nonzero().flatten().tolist()
     assert len(set(got[temperature > 0].tolist())) > B // 2  # the race really samples
+    # the decode step hands the sampler the lm_head's bf16 output: the tokens of its exact fp32 copy
+    half = logits.to(torch.bfloat16)
+    want_half = ref.sample_tokens(half.float(), temperature, top_p, top_k, keys, steps)
+    got_half = kops.get_ops("triton").sample_tokens(half, temperature, top_p, top_k, keys, steps)
+    assert torch.equal(got_half, want_half), (got_half != want_half).nonzero().flatten().tolist()
+    assert torch.equal(ref.sample_tokens(half, temperature, top_p, top_k, keys, steps), want_half)

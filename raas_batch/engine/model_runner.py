@@ -167,9 +167,11 @@ class ModelRunner:
         else:
             pos_t, slot_t = self._tensor(positions), self._tensor(slots)
             hidden = self.decode_forward(pos_t, slot_t, width, host_slot_ids=slots)
-        logits = self.model.compute_logits(hidden)  # [B, V] fp32
         if self.logits_hook is not None:
+            logits = self.model.compute_logits(hidden)  # [B, V] fp32
             self.logits_hook(seqs, logits)
+        else:  # the sampler reads the head's bf16 output and upcasts it exactly (kernels/sample.py)
+            logits = self.model.compute_logits(hidden, fp32=False)
         tokens = self._sample(logits, slot_t, pos_t)
         self.last_token[slot_t] = tokens
         stats = self.policy.device_stats()

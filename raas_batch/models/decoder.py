@@ -160,6 +160,8 @@ class DecoderForCausalLM(nn.Module):
             h, residual = layer(positions, h, residual)
         return self.norm(h, residual)[0]
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        # hidden: [B, hidden] -> logits [B, vocab] in fp32
-        return self.lm_head(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor, fp32: bool = True) -> torch.Tensor:
+        """hidden: [B, hidden] -> logits [B, vocab], in fp32, or with fp32=False in the head's own dtype
+        (the decode step's sampler upcasts on load: the same tokens without a [B, vocab] fp32 copy)."""
+        logits = self.lm_head(hidden)
+        return logits.float() if fp32 else logits
