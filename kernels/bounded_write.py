@@ -28,16 +28,16 @@ from ._jit import lazy_jit
 _KEYS = {"stamp": 0, "mass": 1, "logical": 2}
 
 
-def _bounded_write_kernel(
+def _choose_page(
     table_ptr, slot_ptr, pos_ptr, sparse_pages_ptr, window_ptr,
     cur_ptr, held_ptr, peak_ptr, evicted_ptr,
-    fill_ptr, logical_ptr, pinned_ptr, stamp_ptr, mass_ptr, out_ptr,
+    fill_ptr, logical_ptr, pinned_ptr, stamp_ptr, mass_ptr,
     stride_tb, stride_tw, stride_ss, stride_sh, stride_mn, stride_mh,
-    W, P, min_logical,
-    HKV: tl.constexpr, BLOCK_W: tl.constexpr, KEY: tl.constexpr, STAMP_ON_WRITE: tl.constexpr,
+    W, P, min_logical, b, h,
+    BLOCK_W: tl.constexpr, KEY: tl.constexpr, STAMP_ON_WRITE: tl.constexpr,
 ):
-    b = tl.program_id(0)
-    h = tl.program_id(1)
+    """(page, opened) of row b, head h: the page the token goes to (int64) and whether it opened now
+    (then its fill was reset to 0 here). Updates the state and the opened page's metadata."""
     slot = tl.load(slot_ptr + b).to(tl.int64)
     pos = tl.load(pos_ptr + b).to(tl.int64)
     new_logical = pos // P
@@ -96,10 +96,28 @@ def _bounded_write_kernel(
     tl.store(held_ptr + state, held_now)
     tl.store(peak_ptr + state, tl.maximum(tl.load(peak_ptr + state), held_now))
     tl.store(evicted_ptr + state, tl.load(evicted_ptr + state) + evict)
+    return page, opening
+
+
+def _bounded_write_kernel(
+    table_ptr, slot_ptr, pos_ptr, sparse_pages_ptr, window_ptr,
+    cur_ptr, held_ptr, peak_ptr, evicted_ptr,
+    fill_ptr, logical_ptr, pinned_ptr, stamp_ptr, mass_ptr, out_ptr,
+    stride_tb, stride_tw, stride_ss, stride_sh, stride_mn, stride_mh,
+    W, P, min_logical,
+    HKV: tl.constexpr, BLOCK_W: tl.constexpr, KEY: tl.constexpr, STAMP_ON_WRITE: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    page, _ = _choose_page(
+        table_ptr, slot_ptr, pos_ptr, sparse_pages_ptr, window_ptr, cur_ptr, held_ptr, peak_ptr, evicted_ptr,
+        fill_ptr, logical_ptr, pinned_ptr, stamp_ptr, mass_ptr,
+        stride_tb, stride_tw, stride_ss, stride_sh, stride_mn, stride_mh, W, P, min_logical, b, h,
+        BLOCK_W, KEY, STAMP_ON_WRITE)
     tl.store(out_ptr + b * HKV + h, page.to(tl.int32))
 
 
-_kernel = lazy_jit(_bounded_write_kernel)
+_kernel = lazy_jit(_bounded_write_kernel, helpers=(_choose_page,))
 
 
 def bounded_write(table, slot_ids, positions, sparse_pages, window, cur, held, peak, evicted,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from . import reference
 from .reference import _limit_pages, page_scores, prefill_attention, with_key_bounds  # noqa: F401  (other ops)
 
 backend = "cpu"
@@ -98,8 +99,12 @@ def _decode_attention(q, k_cache, v_cache, page_ids, fill, scale, return_mass, n
     return out, mass
 
 
-def kv_append(k, v, k_cache, v_cache, kmin, kmax, fill, write_page) -> None:
+def kv_append(k, v, k_cache, v_cache, kmin, kmax, fill, write_page, rope=None) -> None:
     """Same contract as reference.kv_append."""
+    if rope is not None:
+        q, cos, sin, positions = rope
+        q_rot, k = reference.apply_rotary(q, k, cos, sin, positions)
+        q.copy_(q_rot)
     D = k.shape[2]
     P = k_cache.shape[2]
     rows = _memoised("write", write_page, _write_rows)  # [B*Hkv] (page, head) rows

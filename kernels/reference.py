@@ -114,6 +114,7 @@ def kv_append(
     kmax: torch.Tensor,
     fill: torch.Tensor,
     write_page: torch.Tensor,
+    rope: tuple | None = None,
 ) -> None:
     """Append one token per (sequence, KV head) to its page, in place.
 
@@ -121,8 +122,13 @@ def kv_append(
     write_page: [B, Hkv] int32. The token goes to offset fill[p, h] of page p = write_page[b, h]
     (the caller guarantees fill < P there); kmin/kmax become k at offset 0 and take the elementwise
     min/max otherwise (kmin = kmax = None: bounds not kept); fill increments. No two (b, h) may name
-    the same (page, head).
+    the same (page, head). rope = (q [B, Hq, D], cos, sin, positions [B]): first rotate q in place and
+    k (a copy: the argument is left as is) with `apply_rotary`; the key written is the rotated one.
     """
+    if rope is not None:
+        q, cos, sin, positions = rope
+        q_rot, k = apply_rotary(q, k, cos, sin, positions)
+        q.copy_(q_rot)
     B, Hkv, _ = k.shape
     pages = write_page.long()  # [B, Hkv]
     heads = torch.arange(Hkv, device=k.device).view(1, -1).expand(B, Hkv)
@@ -337,6 +343,20 @@ def bounded_write(table, slot_ids, positions, sparse_pages, window, cur, held, p
     peak[slot_ids] = torch.maximum(peak[slot_ids], held_now)
     evicted[slot_ids] += evict.long()
     return page.to(torch.int32)
+
+
+def bounded_write_append(k, v, k_cache, v_cache, kmin, kmax, table, slot_ids, positions, sparse_pages, window,
+                         cur, held, peak, evicted, fill, logical, pinned, stamp, mass, page_size: int,
+                         key: str = "stamp", min_logical: int = 0, stamp_on_write: bool = True,
+                         rope: tuple | None = None) -> torch.Tensor:
+    """`bounded_write` (the page of each (sequence, KV head), evicting where one opens), then `kv_append`
+    of k, v (with `rope`) to those pages -> the pages [B, Hkv] int32. The decode step's write for the
+    bounded policies, one kernel on the Triton backend."""
+    pages = bounded_write(table, slot_ids, positions, sparse_pages, window, cur, held, peak, evicted, fill,
+                          logical, pinned, stamp, mass, page_size, key=key, min_logical=min_logical,
+                          stamp_on_write=stamp_on_write)
+    kv_append(k, v, k_cache, v_cache, kmin, kmax, fill, pages, rope=rope)
+    return pages
 
 
 def bounded_update(page_ids, values, cur, slot_ids, positions, top, fill, pinned, stamp, mass,

@@ -339,6 +339,84 @@ def test_kv_append(P, dtype):
         assert torch.equal(_bits(a[~touched]), _bits(before[~touched]))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=[DT_NAME[d] for d in DTYPES])
+@pytest.mark.parametrize("bounded", [False, True], ids=["append", "bounded_write_append"])
+def test_append_with_rope_equals_rotary_then_append(dtype, bounded):
+    """The decode step's fused append (kv_append / bounded_write_append with `rope`): q rotated in place
+    and the rotated key appended, bit for bit as kernels/rotary.py then the plain append; k itself and
+    v untouched; the same pages as the reference write step."""
+    from raas_batch.kernels.rotary import apply_rotary
+
+    g = _gen("rope-append", dtype, bounded)
+    B, Hkv, G, D, N, P = 6, 2, 3, 32, 40, 4
+    qkv = torch.randn((B, (Hkv * G + 2 * Hkv) * D), generator=g).to(dtype).to(DEVICE)
+    q = qkv[:, :Hkv * G * D].view(B, Hkv * G, D)  # strided views, as the model passes them
+    k = qkv[:, Hkv * G * D:(Hkv * G + Hkv) * D].view(B, Hkv, D)
+    v = qkv[:, (Hkv * G + Hkv) * D:].view(B, Hkv, D)
+    angles = torch.rand(64, D // 2, generator=g) * 6.28
+    cos = torch.cat([angles.cos()] * 2, -1).to(DEVICE)
+    sin = torch.cat([angles.sin()] * 2, -1).to(DEVICE)
+    # rows at page starts (a page opens: the write step chooses it) and mid-page
+    positions = torch.tensor([0, 4, 9, 13, 22, 63])[:B].to(DEVICE)
+    fill = torch.zeros((N, Hkv), dtype=torch.int32)
+    caches = [torch.randn((N, Hkv, P, D), generator=g).to(dtype) for _ in range(2)]
+    bounds = [torch.randn((N, Hkv, D), generator=g).to(dtype) for _ in range(2)]
+    # each row owns pages 6b..6b+5; its current page holds pos % P tokens
+    table = (torch.arange(B).unsqueeze(1) * 6 + torch.arange(6)).to(torch.int32)
+    cur = torch.zeros((B, Hkv), dtype=torch.int64)
+    for b, pos in enumerate(positions.tolist()):
+        logical = pos // P
+        cur[b] = int(table[b, min(logical, 5)]) if pos % P else int(table[b, max(logical - 1, 0)])
+        if pos % P:
+            fill[table[b, min(logical, 5)]] = pos % P
+    state = [t.to(DEVICE) for t in (*caches, *bounds, fill)]
+
+    def policy_state():
+        dev = {"device": DEVICE}
+        return {"table": table.to(DEVICE), "slot_ids": torch.arange(B, **dev), "positions": positions,
+                    "sparse_pages": torch.full((B,), 6, dtype=torch.int64, **dev),
+                    "window": torch.ones(B, dtype=torch.int64, **dev), "cur": cur.clone().to(DEVICE),
+                    "held": torch.zeros((B, Hkv), dtype=torch.int64, **dev),
+                    "peak": torch.zeros((B, Hkv), dtype=torch.int64, **dev),
+                    "evicted": torch.zeros((B, Hkv), dtype=torch.int64, **dev)}
+
+    def run(fused: bool):
+        st = [t.clone() for t in state]
+        kc, vc, kmin, kmax, fl = st
+        qq, kk = q.clone(), k.clone()
+        ps = policy_state()
+        meta = [torch.zeros((N, Hkv), dtype=dt, device=DEVICE) for dt in (torch.int32, torch.bool, torch.int64,
+                                                                            torch.float32)]
+        write = (ps["table"], ps["slot_ids"], positions, ps["sparse_pages"], ps["window"], ps["cur"], ps["held"],
+                 ps["peak"], ps["evicted"], fl, *meta, P)
+        if fused:
+            rope = (qq, cos, sin, positions)
+            if bounded:
+                pages = TRI.bounded_write_append(kk, v, kc, vc, kmin, kmax, *write, rope=rope)
+            else:
+                pages = ps["table"].gather(1, (positions // P).clamp(max=5).unsqueeze(1)).expand(B, Hkv).contiguous()
+                TRI.kv_append(kk, v, kc, vc, kmin, kmax, fl, pages, rope=rope)
+            assert torch.equal(kk, k)  # the argument is read, not rotated in place
+        else:
+            apply_rotary(qq, kk, cos, sin, positions)
+            if bounded:
+                pages = ref.bounded_write(*write)
+            else:
+                pages = ps["table"].gather(1, (positions // P).clamp(max=5).unsqueeze(1)).expand(B, Hkv).contiguous()
+            TRI.kv_append(kk, v, kc, vc, kmin, kmax, fl, pages)
+        return pages, qq, st, ps, meta
+
+    got, want = run(True), run(False)
+    assert torch.equal(got[0], want[0])
+    assert torch.equal(_bits(got[1]), _bits(want[1]))
+    for a, b in zip(got[2], want[2]):
+        assert torch.equal(_bits(a), _bits(b))
+    for name in got[3]:
+        assert torch.equal(got[3][name], want[3][name]), name
+    for a, b in zip(got[4], want[4]):
+        assert torch.equal(a, b)
+
+
 # ----------------------------------------------------------------------------------------------
 # prefill attention
 # ----------------------------------------------------------------------------------------------

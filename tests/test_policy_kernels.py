@@ -3,8 +3,10 @@ specification (kernels/reference.py), exactly: the same written pages, victims, 
 per-sequence counters at every step of long random runs, for every bounded policy and option.
 
 Two identical pools run in lockstep, one policy on the reference ops and one on the Triton ops (the
-interpreter on a CPU). Only the policy's own ops differ: both pools append with the reference
-kv_append, and both policies get the same attention mass (the reference attention's, on pool A).
+interpreter on a CPU). Only the policy's own ops differ: pool A appends with the reference kv_append
+after the reference write step, pool B with the Triton policy's `append` (the write step and the
+append in one kernel, the engine's path), and both policies get the same attention mass (the
+reference attention's, on pool A).
 RaaS's Quest bounds take each path's own route: the Triton policy gets them from the Triton attention
 kernel (as in the engine), the reference policy computes them with page_scores.
 Keys and queries are small integers, so Quest bounds are exact integers in fp32 whatever the order
@@ -40,8 +42,9 @@ CASES = [
 
 
 class Lockstep:
-    def __init__(self, name, options, budget=6 * P, seed=0, num_pages=300, dtype=torch.float32):
+    def __init__(self, name, options, budget=6 * P, seed=0, num_pages=300, dtype=torch.float32, fused=True):
         self.gen = torch.Generator().manual_seed(seed)
+        self.fused = fused
         self.pools, self.policies = [], []
         for ops in (kops.get_ops("torch"), TRITON):
             pool = PagePool(LAYERS, num_pages, HKV, P, D, dtype, DEVICE)
@@ -82,11 +85,18 @@ class Lockstep:
                               page_tables=table, host_slot_ids=slots) for _ in self.pools]
         for layer in range(LAYERS):
             q, k, v = self.ints(len(slots), HQ, D), self.ints(len(slots), HKV, D), self.ints(len(slots), HKV, D)
-            writes = [pol.write_pages(layer, ctx) for pol, ctx in zip(self.policies, ctxs)]
-            assert torch.equal(writes[0], writes[1]), f"layer {layer}: written pages differ"
-            for pool, w in zip(self.pools, writes):
+            pool = self.pools[0]
+            writes = [self.policies[0].write_pages(layer, ctxs[0])]
+            ref.kv_append(k, v, pool.k_cache[layer], pool.v_cache[layer], pool.kmin[layer], pool.kmax[layer],
+                          pool.fill[layer], writes[0])
+            if self.fused:  # the engine's path on Triton: choice and append in one kernel
+                writes.append(self.policies[1].append(layer, ctxs[1], k, v))
+            else:  # the write step's own kernel, then the reference append
+                pool = self.pools[1]
+                writes.append(self.policies[1].write_pages(layer, ctxs[1]))
                 ref.kv_append(k, v, pool.k_cache[layer], pool.v_cache[layer], pool.kmin[layer], pool.kmax[layer],
-                              pool.fill[layer], w)
+                              pool.fill[layer], writes[1])
+            assert torch.equal(writes[0], writes[1]), f"layer {layer}: written pages differ"
             reads = [pol.read_pages(layer, q, ctx) for pol, ctx in zip(self.policies, ctxs)]
             assert torch.equal(reads[0], reads[1])
             mass = None
@@ -126,6 +136,16 @@ def test_fused_policy_ops_equal_reference(name, options):
     for _ in range(10 * P):  # each sequence evicts several times (quota 6 pages, a page opens every P steps)
         run.step()
     assert int(run.policies[0].evicted.max()) > 0  # evictions happened, so victims were compared
+
+
+def test_write_kernel_alone_equals_reference():
+    """`bounded_write` on its own (the op `write_pages` runs; the engine fuses it with the append)."""
+    run = Lockstep("raas", {}, fused=False)
+    for slot, n in {0: 2 * P + 3, 1: 5, 2: 7 * P}.items():
+        run.admit(slot, n)
+    for _ in range(6 * P):
+        run.step()
+    assert int(run.policies[0].evicted.max()) > 0
 
 
 def test_fused_refresh_in_bf16():

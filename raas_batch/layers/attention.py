@@ -4,7 +4,9 @@ In prefill the layer writes the prompt's keys and values into their pages and at
 within each prompt; in decode the KV policy picks the page to write and the pages to read, and the
 kernel reads only those:
 
-    write_pages -> kv_append -> read_pages -> paged_decode_attention -> after_attention
+    append (write_pages + kv_append) -> read_pages -> paged_decode_attention -> after_attention
+
+(the bounded policies' append is one kernel on the Triton backend: kernels/kv_append.py).
 """
 
 from __future__ import annotations
@@ -15,14 +17,22 @@ from raas_batch.engine.step_context import get_context
 from raas_batch.kernels.reference import prefill_page_mass
 
 
-def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """q: [T, Hq, D]; k, v: [T, Hkv, D] (after RoPE) -> [T, Hq, D]."""
+def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+           rotary: tuple | None = None) -> torch.Tensor:
+    """q: [T, Hq, D]; k, v: [T, Hkv, D] -> [T, Hq, D]. q and k come rotated (RoPE), or unrotated with
+    rotary = (RotaryEmbedding, positions [T]): a Triton decode step then rotates them inside its append
+    kernel (kernels/kv_append.py: q in place, k on its way to the cache); elsewhere they are rotated
+    here first."""
     ctx = get_context()
     pool, ops = ctx.pool, ctx.ops
     policy = ctx.policy
+    triton_ops = getattr(ops, "backend", "torch") == "triton"
+    if rotary is not None and (ctx.is_prefill or not triton_ops):
+        q, k = rotary[0](rotary[1], q, k)
+        rotary = None
     # Key bounds cost ~9 small ops per layer on the CPU and nothing in Triton's fused append: skipped on
     # the torch backends when no policy reads them.
-    keep_bounds = policy.uses_key_bounds or getattr(ops, "backend", "torch") == "triton"
+    keep_bounds = policy.uses_key_bounds or triton_ops
     if ctx.is_prefill:
         pool.write_prefill(layer, k, v, ctx.prefill, bounds=keep_bounds)
         if policy.needs_prefill_mass:
@@ -34,8 +44,8 @@ def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
     k_cache, v_cache, kmin, kmax, fill = pool.layer_views[layer]
     if not keep_bounds:
         kmin = kmax = None
-    write_page = policy.write_pages(layer, dec)  # [B, Hkv]
-    ops.kv_append(k, v, k_cache, v_cache, kmin, kmax, fill, write_page)
+    rope = None if rotary is None else (q, *rotary[0].tables(q.device), rotary[1])
+    policy.append(layer, dec, k, v, bounds=keep_bounds, rope=rope)  # the page, then the token (and RoPE)
     page_ids = policy.read_pages(layer, q, dec)  # [B, Hkv, S]
     limit = policy.read_limit(layer, dec)  # [B] leading entries that can hold tokens, or None
     # RaaS ranks pages by their Quest bounds: the kernel computes them from kmin / kmax while it reads

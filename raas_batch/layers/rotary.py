@@ -100,9 +100,13 @@ class RotaryEmbedding(nn.Module):
         out = xf * cos + xf.roll(x.shape[-1] // 2, dims=-1) * sin_signed
         return out if out.dtype == x.dtype else out.to(x.dtype)
 
+    def tables(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fp32 cos / sin tables [max_positions, D] on `device` (the kernels' operands)."""
+        if self.cos is None or self.cos.device != device:
+            self.build(device)
+        return self.cos, self.sin
+
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         if self.uses_kernel(q):
-            if self.cos is None or self.cos.device != q.device:
-                self.build(q.device)
-            return self.kernels.apply_rotary(q, k, self.cos, self.sin, positions)
+            return self.kernels.apply_rotary(q, k, *self.tables(q.device), positions)
         return self.rotate(positions, q), self.rotate(positions, k)

@@ -88,6 +88,9 @@ class Attention(nn.Module):
             k = qkv[:, self.q_size:qk_size].view(T, self.num_kv_heads, self.head_dim)
             if self.q_norm is not None:
                 q, k = self.q_norm(q), self.k_norm(k)
+            if self.rotary.uses_kernel(x):  # attend rotates them (a decode step: inside its append kernel)
+                return self.o_proj(attend(self.layer_idx, q, k, v, self.scale, rotary=(self.rotary, positions))
+                                   .reshape(T, self.q_size))
             q, k = self.rotary(positions, q, k)
         o = attend(self.layer_idx, q, k, v, self.scale)  # [T, Hq, D]
         return self.o_proj(o.reshape(T, self.q_size))

@@ -5,10 +5,11 @@ so that the GPU path can capture decode steps in CUDA graphs. Host-side hooks (`
 `on_admit`, `over_budget`, `seq_stats`) run at admission and retirement.
 
 Per decode step and layer the attention layer calls, in order:
-  write_pages -> kv_append (kernel) -> read_pages -> paged_decode_attention (kernel) -> after_attention
+  append (write_pages + kv_append) -> read_pages -> paged_decode_attention (kernel) -> after_attention
 Each hook does what its name says:
 - `write_pages` chooses the page each (sequence, KV head) writes and changes whatever that choice
-  changes (evicting a victim, resetting an opened page, stamping the written page);
+  changes (evicting a victim, resetting an opened page, stamping the written page); `append` calls
+  it and writes the token there (a policy may do both in one kernel: the bounded policies on Triton);
 - `read_pages` is a pure read: it changes no state (calling it twice gives the same pages);
 - `after_attention` is the one hook that updates state from what attention saw (RaaS refreshes
   stamps from the query's page bounds or the pages' attention mass; H2O accumulates mass).
@@ -114,6 +115,19 @@ class KVPolicy:
         """-> [B, Hkv] int32: the page each (sequence, kv head) appends this step's token to. The page
         has room (fill < page_size) and holds, or is reset to hold, the token's logical page."""
         raise NotImplementedError
+
+    def append(self, layer: int, ctx: DecodeContext, k: torch.Tensor, v: torch.Tensor, bounds: bool = True,
+               rope: tuple | None = None) -> torch.Tensor:
+        """The decode step's write: k, v [B, Hkv, D] go to the pages `write_pages` picks (ops.kv_append,
+        which keeps the pages' key bounds unless bounds is False). rope = (q, cos, sin, positions): q
+        and k are not yet rotated; the op rotates q in place and k on its way to the cache. -> the
+        pages [B, Hkv] int32."""
+        pages = self.write_pages(layer, ctx)
+        k_cache, v_cache, kmin, kmax, fill = self.pool.layer_views[layer]
+        if not bounds:
+            kmin = kmax = None
+        self._ops().kv_append(k, v, k_cache, v_cache, kmin, kmax, fill, pages, rope=rope)
+        return pages
 
     def read_pages(self, layer: int, q: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
         """q: [B, Hq, D] -> [B, Hkv, S] int32 pages to attend (-1 = none); includes the written page.

@@ -20,7 +20,8 @@ victim satisfied the filter.
 
 Per decode step and layer (policies/base.py has the contract):
 - `write_pages` runs `ops.bounded_write`: picks the page (evicting where a page opens), resets an
-  opened page's metadata, stamps the written page, and keeps the per-sequence counters;
+  opened page's metadata, stamps the written page, and keeps the per-sequence counters; `append`
+  then writes the token there (on the Triton backend both in one kernel, `ops.bounded_write_append`);
 - `read_pages` is a pure read: the sequence's first `sparse_pages` quota pages, the same for every sparse
   layer and head, built once per step (DecodeContext.memo);
 - `after_attention` (subclasses) refreshes stamps or accumulates mass with `ops.bounded_update`.
@@ -150,18 +151,33 @@ class BoundedPolicy(KVPolicy):
         return torch.stack([self.peak.amax(dim=(0, 2)), self.evicted.amax(dim=(0, 2))])  # [2, num_slots]
 
     # ---- device side ----
-    def write_pages(self, layer: int, ctx: DecodeContext) -> torch.Tensor:
+    def _write_args(self, layer: int, ctx: DecodeContext) -> tuple:
         # A dense layer (layer < dense_layers) may use every quota column: its pages open in order and
         # are never evicted (its quota covers the sequence), so the first empty column is always the one
         # of the token's logical page and the same op serves it.
         pool = self.pool
         columns = self.all_pages if layer < self.dense_layers else self.sparse_pages
-        return self._ops().bounded_write(
-            ctx.page_tables, ctx.slot_ids, ctx.positions, columns, self.window,
-            self.cur[layer], self.held[layer], self.peak[layer], self.evicted[layer],
-            pool.fill[layer], pool.logical[layer], pool.pinned[layer], pool.stamp[layer], pool.mass[layer],
-            self.page_size, key=self.eviction_key, min_logical=self.min_logical,
-            stamp_on_write=self.stamp_on_write)
+        return (ctx.page_tables, ctx.slot_ids, ctx.positions, columns, self.window,
+                self.cur[layer], self.held[layer], self.peak[layer], self.evicted[layer],
+                pool.fill[layer], pool.logical[layer], pool.pinned[layer], pool.stamp[layer], pool.mass[layer],
+                self.page_size)
+
+    def _write_options(self) -> dict:
+        return {"key": self.eviction_key, "min_logical": self.min_logical, "stamp_on_write": self.stamp_on_write}
+
+    def write_pages(self, layer: int, ctx: DecodeContext) -> torch.Tensor:
+        return self._ops().bounded_write(*self._write_args(layer, ctx), **self._write_options())
+
+    def append(self, layer: int, ctx: DecodeContext, k: torch.Tensor, v: torch.Tensor, bounds: bool = True,
+               rope: tuple | None = None) -> torch.Tensor:
+        """On the Triton backend the write step and the append are one kernel (`bounded_write_append`);
+        elsewhere `write_pages` then `kv_append` (the CPU path keeps its own faster append)."""
+        ops = self._ops()
+        if getattr(ops, "backend", None) != "triton":
+            return super().append(layer, ctx, k, v, bounds=bounds, rope=rope)
+        k_cache, v_cache, kmin, kmax, _ = self.pool.layer_views[layer]
+        return ops.bounded_write_append(k, v, k_cache, v_cache, kmin, kmax, *self._write_args(layer, ctx),
+                                        **self._write_options(), rope=rope)
 
     def read_pages(self, layer: int, q: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
         """Pure: the sequence's usable quota pages, [B, Hkv, W] (a stride-0 view over heads)."""
