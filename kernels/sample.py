@@ -7,14 +7,16 @@ the float32 copy without the copy); temperature, top_p [B] float32; top_k, keys,
 [B] int64.
 
 The reference sorts each row to find the kept set; here a program reads its row a few times instead:
-1. one read: max m and Z = sum exp(s - m) of s = logits / temperature (online), and the race:
-   w = argmax over all tokens of s - log(-log U) (U the hashed uniform of the token);
-2. the check: mass and count of tokens with s > s_w. If mass / Z < top_p and count < top_k, w is in
-   the kept set and, since the kept set is every token down to some s, w is also the winner of the
-   race restricted to it: done. Otherwise no token with s <= s_w is kept: race again among the tokens
+1. one read: the race w = argmax over all tokens of s - log(-log U) (s = logits / temperature, U the
+   hashed uniform of the token), and the max m of s;
+2. one read: Z = sum exp(s - m), and the mass and count of tokens with s > s_w. If mass / Z < top_p
+   and count < top_k, w is in the kept set and, since the kept set is every token down to some s, w
+   is also the winner of the race restricted to it: done. Otherwise no token with s <= s_w is kept: race again among the tokens
    with s > s_w (pivot = s_w), go to 2.
 The race's winner lies in the kept set with probability >= top_p, so most rows take 2 reads of the
-row; greedy rows (temperature 0) take one argmax pass.
+row; greedy rows (temperature 0) take one argmax pass. Within a read each lane of the block keeps its
+own running best (or sums) and the block reduces once at the end, instead of once per chunk (each
+reduction is a barrier across the block's warps).
 Rejection in the spirit of FlashInfer's sorting-free top-p sampling (Ye et al., 2025,
 https://flashinfer.ai/2025/03/10/sampling.html); the hash is the reference's, in 32-bit unsigned
 arithmetic (which wraps as the reference's masks do), so the uniforms are bit-identical. No host
@@ -40,19 +42,44 @@ def _hash32(x):
     return x ^ (x >> 16)
 
 
-def _race_chunk(s, idx, V, base, pivot, best, win, win_s):
-    """One chunk of the exponential race: the best s - log(-log U) among tokens with s > pivot, carried
-    as (best, win, win_s); an earlier chunk keeps ties (the first index wins)."""
-    h = _hash32(base + idx.to(tl.uint32) * 0x9E3779B9)
-    u = ((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
-    g = tl.where((idx < V) & (s > pivot), s - tl.log(-tl.log(u)), float("-inf"))
-    cbest = tl.max(g, axis=0)
-    cidx = tl.min(tl.where(g == cbest, idx, V), axis=0)
-    take = cbest > best
-    win_s = tl.where(take, tl.sum(tl.where(idx == cidx, s, 0.0), axis=0), win_s)
-    win = tl.where(take, cidx, win)
-    best = tl.where(take, cbest, best)
-    return best, win, win_s
+def _race(row, offs, V, inv_t, base, pivot, BLOCK_V: tl.constexpr):
+    """One read of the row: the exponential race among tokens with s > pivot -> (winner, its s, max s).
+    Each lane keeps its own best across chunks (the earliest index on ties: indices only grow along a
+    lane) and the block reduces once at the end, not once per chunk."""
+    best = tl.full([BLOCK_V], float("-inf"), tl.float32)
+    win = tl.zeros([BLOCK_V], tl.int32)
+    m = tl.full([BLOCK_V], float("-inf"), tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        idx = v0 + offs
+        s = tl.load(row + idx, mask=idx < V, other=float("-inf")).to(tl.float32) * inv_t
+        m = tl.maximum(m, s)
+        h = _hash32(base + idx.to(tl.uint32) * 0x9E3779B9)
+        u = ((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+        g = tl.where((idx < V) & (s > pivot), s - tl.log(-tl.log(u)), float("-inf"))
+        take = g > best
+        best = tl.where(take, g, best)
+        win = tl.where(take, idx, win)
+    top = tl.max(best, axis=0)
+    w = tl.min(tl.where(best == top, win, V), axis=0)
+    w = tl.minimum(w, V - 1)  # (no candidate at all: only for rows of NaN logits)
+    w_s = tl.load(row + w).to(tl.float32) * inv_t  # the winner's s, bit for bit as in the loop
+    return w, w_s, tl.max(m, axis=0)
+
+
+def _above(row, offs, V, inv_t, m, w_s, BLOCK_V: tl.constexpr):
+    """One read of the row -> (Z = sum exp(s - m), mass and count of the tokens with s > w_s)."""
+    z = tl.zeros([BLOCK_V], tl.float32)
+    mass = tl.zeros([BLOCK_V], tl.float32)
+    count = tl.zeros([BLOCK_V], tl.int32)
+    for v0 in range(0, V, BLOCK_V):
+        idx = v0 + offs
+        s = tl.load(row + idx, mask=idx < V, other=float("-inf")).to(tl.float32) * inv_t
+        e = tl.exp(s - m)
+        above = s > w_s
+        z += e
+        mass += tl.where(above, e, 0.0)
+        count += above.to(tl.int32)
+    return tl.sum(z, axis=0), tl.sum(mass, axis=0), tl.sum(count, axis=0)
 
 
 def _sample_kernel(
@@ -68,59 +95,35 @@ def _sample_kernel(
         inv_t = tl.load(inv_t_ptr + b)  # computed by torch, as the reference does: the same bits
         step_h = _hash32((tl.load(steps_ptr + b) * 0x27D4EB2F + 0x165667B1) & 0xFFFFFFFF)
         base = _hash32((tl.load(keys_ptr + b) & 0xFFFFFFFF).to(tl.uint32) ^ step_h)
-        # one read of the row: max m and Z (online), and the first race (pivot -inf)
-        m = tl.full([], float("-inf"), tl.float32)
-        z = tl.zeros([], tl.float32)
-        best = tl.full([], float("-inf"), tl.float32)
-        win_s = tl.zeros([], tl.float32)
-        win = tl.zeros([], tl.int32)
-        for v0 in range(0, V, BLOCK_V):
-            idx = v0 + offs
-            s = tl.load(row + idx, mask=idx < V, other=float("-inf")).to(tl.float32) * inv_t
-            m_new = tl.maximum(m, tl.max(s, axis=0))
-            z = z * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new), axis=0)
-            m = m_new
-            best, win, win_s = _race_chunk(s, idx, V, base, float("-inf"), best, win, win_s)
         top_p = tl.load(top_p_ptr + b)
         k = tl.load(top_k_ptr + b)
         k = tl.where(k > 0, k, V)
-        go = temp > 0
-        rounds = 0
-        while go:
-            mass = tl.zeros([], tl.float32)
-            count = tl.zeros([], tl.int64)
-            for v0 in range(0, V, BLOCK_V):
-                idx = v0 + offs
-                s = tl.load(row + idx, mask=idx < V, other=float("-inf")).to(tl.float32) * inv_t
-                above = s > win_s
-                mass += tl.sum(tl.where(above, tl.exp(s - m), 0.0), axis=0)
-                count += tl.sum(above.to(tl.int64), axis=0)
+        # read 1: the race over every token, and the max m; read 2: Z, and the mass and count above s_w
+        win, win_s, m = _race(row, offs, V, inv_t, base, float("-inf"), BLOCK_V)
+        z, mass, count = _above(row, offs, V, inv_t, m, win_s, BLOCK_V)
+        rounds = 1
+        # The top token always passes, so this ends; the cap only guards rows of NaN logits.
+        go = ((mass / z >= top_p) | (count >= k)) & (rounds < MAX_ROUNDS)
+        while go:  # w is not in the kept set, nor is any token with s <= s_w: race again above it
+            win, win_s, _ = _race(row, offs, V, inv_t, base, win_s, BLOCK_V)
+            _, mass, count = _above(row, offs, V, inv_t, m, win_s, BLOCK_V)
             rounds += 1
-            # The top token always passes, so this ends; the cap only guards rows of NaN logits.
             go = ((mass / z >= top_p) | (count >= k)) & (rounds < MAX_ROUNDS)
-            if go:  # w is not in the kept set, nor is any token with s <= s_w: race again above it
-                pivot = win_s
-                best = tl.full([], float("-inf"), tl.float32)
-                for v0 in range(0, V, BLOCK_V):
-                    idx = v0 + offs
-                    s = tl.load(row + idx, mask=idx < V, other=float("-inf")).to(tl.float32) * inv_t
-                    best, win, win_s = _race_chunk(s, idx, V, base, pivot, best, win, win_s)
         tl.store(out_ptr + b, win.to(tl.int64))
     else:
-        best = tl.full([], float("-inf"), tl.float32)
-        win = tl.zeros([], tl.int32)
+        best = tl.full([BLOCK_V], float("-inf"), tl.float32)
+        win = tl.zeros([BLOCK_V], tl.int32)
         for v0 in range(0, V, BLOCK_V):
             idx = v0 + offs
             x = tl.load(row + idx, mask=idx < V, other=float("-inf")).to(tl.float32)
-            cbest = tl.max(x, axis=0)
-            cidx = tl.min(tl.where(x == cbest, idx, V), axis=0)
-            take = cbest > best
-            win = tl.where(take, cidx, win)
-            best = tl.where(take, cbest, best)
-        tl.store(out_ptr + b, win.to(tl.int64))
+            take = x > best
+            best = tl.where(take, x, best)
+            win = tl.where(take, idx, win)
+        top = tl.max(best, axis=0)
+        tl.store(out_ptr + b, tl.min(tl.where(best == top, win, V), axis=0).to(tl.int64))
 
 
-_kernel = lazy_jit(_sample_kernel, helpers=(_hash32, _race_chunk))
+_kernel = lazy_jit(_sample_kernel, helpers=(_hash32, _race, _above))
 
 
 def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,

@@ -25,6 +25,7 @@ def run_smoke(script: str, out, *args: str) -> str:
 @pytest.mark.parametrize("script,stem", [("bench_matmul.py", "bench_matmul_smoke"),
                                          ("bench_invariance.py", "bench_invariance_smoke"),
                                          ("bench_kernels.py", "bench_kernels_smoke"),
+                                         ("bench_step_kernels.py", "bench_step_kernels_smoke"),
                                          ("bench_gpu_decode.py", None)])
 def test_benchmark_smoke_runs(tmp_path, script, stem):
     stdout = run_smoke(script, tmp_path)
@@ -40,6 +41,9 @@ def test_benchmark_smoke_runs(tmp_path, script, stem):
     if script == "bench_kernels.py":  # every Triton kernel agreed with its reference within tolerance
         checks = json.loads((tmp_path / "bench_kernels_smoke.json").read_text())["checks"]
         assert checks and all(c["ok"] for c in checks), [c for c in checks if not c["ok"]]
+    if script == "bench_step_kernels.py":  # every variant ran (none failed to compile or launch)
+        rows = json.loads((tmp_path / "bench_step_kernels_smoke.json").read_text())["rows"]
+        assert len(rows) == 11 and not any(r["error"] for r in rows)
     if script == "bench_gpu_decode.py":  # batch 1, dense and the bounded RaaS steady state all decoded
         assert stdout.count("'tokens_per_s'") == 3 and "'evictions_per_seq_head'" in stdout
 

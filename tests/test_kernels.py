@@ -196,12 +196,14 @@ def test_decode_reads_only_the_first_num_pages(ns):
         assert torch.all(got_mass[cut < 0] == 0)
 
 
+@pytest.mark.parametrize("in_loop", [True, False], ids=["in_loop", "own_loop"])
 @pytest.mark.parametrize("ns,ppi,mass,limit", [(1, 4, False, False), (1, 1, True, True), (3, 2, False, True),
-                                                (4, 1, True, False)])
-def test_decode_returns_quest_bounds(ns, ppi, mass, limit):
+                                                (4, 1, True, False), (1, 8, False, True)])
+def test_decode_returns_quest_bounds(ns, ppi, mass, limit, in_loop):
     """key_bounds=(kmin, kmax): the kernel also returns each entry's Quest bound, equal to page_scores
     over the pages read (-inf for -1 entries and for entries past num_pages), in every split / tile
-    layout, alone or with the mass; the output and mass are unchanged by it."""
+    layout, alone or with the mass, computed in the main loop or after it; the output and mass are
+    unchanged by it."""
     dtype = torch.bfloat16
     g = _gen("decode-bounds", ns, ppi, mass, limit)
     B, Hq, Hkv, D, P, S = 3, 12, 2, 32, 16, 9
@@ -220,7 +222,7 @@ def test_decode_returns_quest_bounds(ns, ppi, mass, limit):
     plain = dec_mod.paged_decode_attention_impl(qi, k_cache, v_cache, ids, fill, 0.2, mass, num_pages,
                                                 num_splits=ns, pages_per_iter=ppi)
     got = dec_mod.paged_decode_attention_impl(qi, k_cache, v_cache, ids, fill, 0.2, mass, num_pages, (kmin, kmax),
-                                              num_splits=ns, pages_per_iter=ppi)
+                                              num_splits=ns, pages_per_iter=ppi, bounds_in_loop=in_loop)
     assert len(got) == (3 if mass else 2)
     assert torch.equal(got[-1], want_bounds)
     assert torch.isneginf(got[-1][cut < 0]).all() and torch.isfinite(got[-1][cut >= 0]).all()
