@@ -110,17 +110,17 @@ def _sample_kernel(
             rounds += 1
             go = ((mass / z >= top_p) | (count >= k)) & (rounds < MAX_ROUNDS)
         tl.store(out_ptr + b, win.to(tl.int64))
-    else:
-        best = tl.full([BLOCK_V], float("-inf"), tl.float32)
-        win = tl.zeros([BLOCK_V], tl.int32)
+    else:  # (names of their own: Triton merges a name bound in both branches, so the types must agree)
+        lane_best = tl.full([BLOCK_V], float("-inf"), tl.float32)
+        lane_win = tl.zeros([BLOCK_V], tl.int32)
         for v0 in range(0, V, BLOCK_V):
             idx = v0 + offs
             x = tl.load(row + idx, mask=idx < V, other=float("-inf")).to(tl.float32)
-            take = x > best
-            best = tl.where(take, x, best)
-            win = tl.where(take, idx, win)
-        top = tl.max(best, axis=0)
-        tl.store(out_ptr + b, tl.min(tl.where(best == top, win, V), axis=0).to(tl.int64))
+            take = x > lane_best
+            lane_best = tl.where(take, x, lane_best)
+            lane_win = tl.where(take, idx, lane_win)
+        top_x = tl.max(lane_best, axis=0)
+        tl.store(out_ptr + b, tl.min(tl.where(lane_best == top_x, lane_win, V), axis=0).to(tl.int64))
 
 
 _kernel = lazy_jit(_sample_kernel, helpers=(_hash32, _race, _above))
