@@ -23,14 +23,14 @@ arXiv 2406.10774):
   page's log2-sum-exp  lse_page = m_run + log2(sum_{tokens of page} 2^(s - m_run)), taken against
   the running max m_run at the time the page is read (m_run <= the global max, so nothing that
   matters underflows; an empty or -1 page gives -inf).
-  With key bounds, each tile's pages also get their Quest bound: their kmin / kmax rows (2 * D values
-  a page, 1/P of its K and V bytes) are loaded beside the tile's K / V, and the bound, max over the
-  group's heads, is sum_d max(q_d kmax_d, q_d kmin_d) = q+ . kmax + q- . kmin (q+ = max(q, 0),
-  q- = q - q+): two tensor-core products [GP, D] x [D, 16] with fp32 accumulation (tiles of up to 16
-  pages; rows past the tile are masked). Entries the loop does not reach (past the row's page count)
-  get -inf in a short tail loop. Run 15 computed the bounds elementwise inside the main loop (2.3 ms a
-  step slower); until run 36 they had a loop of their own after the main loop, whose dependent
-  gathers of page ids and bounds ran as a serial tail of every program (`bounds_in_loop=False`).
+  With key bounds, the program then walks its chunk again 16 pages at a time, loads their kmin / kmax
+  rows (2 * D values a page, 1/P of its K and V bytes) and writes each page's bound, max over the
+  group's heads: sum_d max(q_d kmax_d, q_d kmin_d) = q+ . kmax + q- . kmin (q+ = max(q, 0), q- = q - q+),
+  two tensor-core products [GP, D] x [D, 16] with fp32 accumulation; entries past the row's page
+  count or -1 get -inf. With `bounds_in_loop` the main loop computes each tile's bounds instead (their
+  loads beside the tile's K / V; the after-loop pass then covers only entries past the page count).
+  Both were measured on the H200: bounds inside the main loop elementwise (run 15) took 2.3 ms a step
+  longer, with the products above (run 37) 4% longer, so the separate pass is the default.
 * With one split and no mass, stage 1 divides by l and writes the output itself (no stage 2).
 * Stage 2, grid (B, Hkv): for each head, M = max_split m, L = sum_split 2^(m - M) l,
   out = sum_split 2^(m - M) acc / L. The page mass is 2^(lse_page - (M + log2 L)), i.e. the page's
@@ -278,9 +278,11 @@ CTAS_PER_SM = 4  # resident stage-1 programs per SM (about 106 registers x 128 t
 MIN_TOKENS_PER_SPLIT = 256  # a split's (m, l, acc) traffic stays ~5% of its K/V bytes
 MAX_SPLITS = 64
 TILE_TOKENS = 64
-# Quest bounds computed for each tile's pages inside the main loop (their kmin / kmax loads ride along
-# with the tile's K / V) rather than in a loop of their own after it (a serial tail of dependent loads)
-BOUNDS_IN_LOOP = True
+# Quest bounds computed for each tile's pages inside the main loop (their kmin / kmax loads beside the
+# tile's K / V) instead of in a loop of their own after it. Measured slower on the H200 (run 37: the
+# 1.5B job's RaaS attention 4.33 ms a step against 4.15, bench_step_kernels 0.167 vs 0.164 ms a call),
+# so off; kept as an option (tested both ways) for other GPUs and shapes.
+BOUNDS_IN_LOOP = False
 
 
 @functools.cache
