@@ -1,11 +1,13 @@
-"""The decode step's Triton kernels compile for the GPU (an H100 / H200, sm_90) on this CPU machine.
+"""The Triton kernels compile for the GPU (an H100 / H200, sm_90) on this CPU machine.
 
 The interpreter (TRITON_INTERPRET=1, the other kernel tests) runs a kernel as numpy code and misses what
 only the compiler checks: a name bound in both branches of an `if` on a runtime value must have one
 type, constexpr branches must type-check, shapes must be powers of two. Triton's own compiler (front end
 to cubin, with the ptxas it ships) needs no GPU, so a kernel that would fail on the device fails here
 (run 36: a sampler whose greedy branch rebound `win` as a vector cost a GPU session's call).
-Every constexpr combination the engine launches is compiled, with the engine's operand types.
+The decode step's kernels are compiled in every constexpr combination the engine launches; the others
+(norms, rotary, prefill, the policies' bookkeeping, the batch-invariant product) at the engine's
+settings. Operand types are the engine's.
 """
 
 from __future__ import annotations
@@ -26,17 +28,21 @@ def test_kernels_compile_for_sm90():
     proc = subprocess.run([sys.executable, os.path.abspath(__file__)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=900, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    assert "compiled 16 kernel variants" in proc.stdout, proc.stdout[-2000:]
+    assert "kernel variants for sm_90" in proc.stdout, proc.stdout[-2000:]
 
 
 SM90 = None  # GPUTarget("cuda", 90, 32), set by main()
-FLOATS = {"qk_scale_log2", "alpha", "scale"}
+FLOATS = {"qk_scale_log2", "alpha", "scale", "eps"}
+OPTIONS = ("num_warps", "num_stages")  # launch options, given with the constexprs
 
 
 def compile_sm90(getter, pointers: dict[str, str], constexprs: dict) -> None:
     """Compile a lazy_jit kernel for sm_90: pointers name -> element type ('bf16', 'i32', ...; every
-    other *_ptr is bf16), scalars i32 (fp32 for FLOATS), constexprs by value."""
+    other *_ptr is bf16), scalars i32 (fp32 for FLOATS), constexprs by value (num_warps / num_stages
+    among them are the launch's options)."""
     fn = getter()
+    options = {k: constexprs[k] for k in OPTIONS if k in constexprs}
+    constexprs = {k: v for k, v in constexprs.items() if k not in OPTIONS}
     names = list(inspect.signature(fn.fn).parameters)
     sig = {}
     for name in names:
@@ -49,7 +55,7 @@ def compile_sm90(getter, pointers: dict[str, str], constexprs: dict) -> None:
     import triton
     from triton.compiler import ASTSource
 
-    compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=SM90)
+    compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=SM90, options=options)
     assert compiled.asm["cubin"]
 
 
@@ -59,7 +65,7 @@ def sampler_variants():
     for dtype in ("bf16", "fp32"):
         yield (sample._kernel, {"logits_ptr": dtype, "temp_ptr": "fp32", "inv_t_ptr": "fp32", "top_p_ptr": "fp32",
                                 "top_k_ptr": "i64", "keys_ptr": "i64", "steps_ptr": "i64", "out_ptr": "i64"},
-               {"BLOCK_V": 2048, "MAX_ROUNDS": 64})
+               {"BLOCK_V": 2048, "MAX_ROUNDS": 64, "num_warps": 8})
 
 
 APPEND_INTS = {"fill_ptr": "i32", "wp_ptr": "i32", "pos_ptr": "i64", "table_ptr": "i32", "slot_ptr": "i64",
@@ -75,7 +81,7 @@ def append_variants():
         for choose, key in ((False, 0), (True, 0), (True, 1), (True, 2)):
             yield (kv_append._kernel, APPEND_INTS,
                    {"D": 128, "BLOCK_D": 128, "ROPE": rope, "G": 6, "GP": 8, "HALF": 64, "BLOCK_HALF": 64,
-                    "CHOOSE": choose, "BLOCK_W": 128, "KEY": key, "STAMP_ON_WRITE": True})
+                    "CHOOSE": choose, "BLOCK_W": 128, "KEY": key, "STAMP_ON_WRITE": True, "num_warps": 1})
 
 
 def attention_variants():
@@ -89,7 +95,54 @@ def attention_variants():
         yield (decode_attention._stage1, ptrs,
                {"HQ": 12, "HKV": 2, "G": 6, "GP": 16, "D": 128, "BLOCK_D": 128, "BLOCK_P": 16, "PPI": 4,
                 "RETURN_MASS": mass, "DOT_PREC": "tf32", "DOT_F32": False, "HAS_NUM_PAGES": False,
-                "DIRECT": direct, "RETURN_BOUNDS": bounds, "BOUNDS_IN_LOOP": in_loop})
+                "DIRECT": direct, "RETURN_BOUNDS": bounds, "BOUNDS_IN_LOOP": in_loop, "num_warps": 4,
+                "num_stages": 2})
+
+
+def other_variants():
+    """The rest of the kernels, at the shapes and settings the engine launches them with."""
+    from raas_batch.kernels import (
+        bounded_update,
+        bounded_write,
+        decode_attention,
+        matmul,
+        page_scores,
+        prefill_attention,
+        rmsnorm,
+        rotary,
+        silu_mul,
+    )
+
+    for has_res in (False, True):
+        yield rmsnorm._kernel, {"w_ptr": "bf16"}, {"HAS_RES": has_res, "BLOCK": 2048}
+    yield silu_mul._kernel, {}, {"BLOCK": 1024}
+    yield rotary._kernel, {"cos_ptr": "fp32", "sin_ptr": "fp32", "pos_ptr": "i64"}, {"HALF": 64, "BLOCK": 64, "num_warps": 1}
+    meta = {"cur_ptr": "i64", "slot_ptr": "i64", "pos_ptr": "i64", "top_ptr": "i64", "fill_ptr": "i32",
+            "pinned_ptr": "u8", "stamp_ptr": "i64", "mass_ptr": "fp32", "ids_ptr": "i32", "val_ptr": "fp32"}
+    for rule in range(4):
+        for refresh_pinned in (False, True):
+            yield (bounded_update._kernel, meta,
+                   {"RULE": rule, "REFRESH_PINNED": refresh_pinned, "BLOCK_S": 128, "BLOCK_J": 32, "num_warps": 4})
+    for key in range(3):
+        yield (bounded_write._kernel, dict(APPEND_INTS, out_ptr="i32"),
+               {"HKV": 2, "BLOCK_W": 128, "KEY": key, "STAMP_ON_WRITE": key == 0, "num_warps": 1})
+    yield (page_scores._kernel, {"ids_ptr": "i32", "out_ptr": "fp32"},
+           {"HKV": 2, "G": 6, "D": 128, "BLOCK_D": 128, "BLOCK_S": 32})
+    for block_m, block_n in ((64, 32), (16, 16)):
+        yield (prefill_attention._kernel, {"cu_ptr": "i32"},
+               {"G": 6, "D": 128, "BLOCK_D": 128, "BLOCK_M": block_m, "BLOCK_N": block_n, "DOT_PREC": "tf32",
+                "DOT_F32": False})
+    for mass in (False, True):
+        yield (decode_attention._stage2, {"acc_ptr": "fp32", "m_ptr": "fp32", "l_ptr": "fp32", "lse_ptr": "fp32",
+                                          "mass_ptr": "fp32", "npages_ptr": "i32"},
+               {"HQ": 12, "HKV": 2, "G": 6, "GP": 16, "D": 128, "BLOCK_D": 128, "NSP": 4, "BLOCK_S": 128,
+                "RETURN_MASS": mass, "HAS_NUM_PAGES": True})
+    for cfg in {matmul.config_for(m, 1536, 8960) for m in (1, 64, 512)} | {matmul.config_for(512, 2048, 1536)}:
+        for partial in (False, True):
+            yield (matmul._kernel, {"b_ptr": "bf16", "y_ptr": "fp32" if partial else "bf16"},
+                   {"HAS_BIAS": not partial, "PARTIAL": partial, "UPCAST": False, "DOT_PREC": "tf32",
+                    "BM": cfg.bm, "BN": cfg.bn, "BK": cfg.bk, "num_warps": cfg.warps, "num_stages": cfg.stages})
+    yield matmul._reduce, {"p_ptr": "fp32"}, {"SPLIT": 4, "HAS_BIAS": True, "BM": 32, "BN": 128}
 
 
 def main() -> int:
@@ -99,7 +152,7 @@ def main() -> int:
 
     SM90 = GPUTarget("cuda", 90, 32)
     n = 0
-    for variants in (sampler_variants, append_variants, attention_variants):
+    for variants in (sampler_variants, append_variants, attention_variants, other_variants):
         for getter, pointers, constexprs in variants():
             compile_sm90(getter, pointers, constexprs)
             n += 1
