@@ -10,7 +10,8 @@ the same values as the references (tests/test_kernels_cpu.py checks them against
 - K/V appends as `index_copy_` on flat rows, and the page bounds updated by one min/max each.
 They may synchronise with the host (free on a CPU), so they are not for CUDA-graph capture: they are the
 default on the CPU, and the engine refuses them with CUDA graphs. Prefill, Quest scores and the bounded
-policies' bookkeeping (bounded_write, bounded_update) are the references' own.
+policies' bookkeeping (bounded_write, bounded_update) are the references' own; bounded_write_append
+is the references' write step with this module's append.
 """
 
 from __future__ import annotations
@@ -127,3 +128,6 @@ def kv_append(k, v, k_cache, v_cache, kmin, kmax, fill, write_page, rope=None) -
     else:
         lo.index_copy_(0, rows, torch.minimum(lo.index_select(0, rows), kb))
         hi.index_copy_(0, rows, torch.maximum(hi.index_select(0, rows), kb))
+
+
+bounded_write_append = reference.write_then_append(kv_append)  # the references' write step, this append

@@ -26,11 +26,11 @@ arXiv 2406.10774):
   With key bounds, the program then walks its chunk again 16 pages at a time, loads their kmin / kmax
   rows (2 * D values a page, 1/P of its K and V bytes) and writes each page's bound, max over the
   group's heads: sum_d max(q_d kmax_d, q_d kmin_d) = q+ . kmax + q- . kmin (q+ = max(q, 0), q- = q - q+),
-  two tensor-core products [GP, D] x [D, 16] with fp32 accumulation; entries past the row's page
-  count or -1 get -inf. With `bounds_in_loop` the main loop computes each tile's bounds instead (their
-  loads beside the tile's K / V; the after-loop pass then covers only entries past the page count).
-  Both were measured on the H200: bounds inside the main loop elementwise (run 15) took 2.3 ms a step
-  longer, with the products above (run 37) 4% longer, so the separate pass is the default.
+  two tensor-core products with fp32 accumulation. Inside the main loop they cost more: computed
+  elementwise (run 15) the attention took 2.3 ms a step longer; as the same two products per tile, their
+  kmin / kmax loads beside the tile's K / V (run 37), 4% longer (the 1.5B job's RaaS attention 4.33 ms a
+  step against 4.15; `benchmarks/results/bench_step_kernels.md`). A separate loop keeps the main loop as
+  it was.
 * With one split and no mass, stage 1 divides by l and writes the output itself (no stage 2).
 * Stage 2, grid (B, Hkv): for each head, M = max_split m, L = sum_split 2^(m - M) l,
   out = sum_split 2^(m - M) acc / L. The page mass is 2^(lse_page - (M + log2 L)), i.e. the page's
@@ -53,24 +53,6 @@ from ._jit import interpreting, lazy_jit
 _LOG2E = 1.4426950408889634
 
 
-def _page_bounds(qp, qn, ids_base, kmin_ptr, kmax_ptr, out_row, pidx, read, store, kvh,
-                 stride_is, stride_mn, stride_mh, stride_md, dd, d_ok, row_ok, DOT_PREC: tl.constexpr):
-    """The Quest bound of the 16 list entries pidx (max over the group's query heads), stored at
-    out_row + pidx where `store`; entries not `read` (or -1) get -inf."""
-    pj = tl.load(ids_base + pidx * stride_is, mask=read, other=-1)
-    has_j = pj >= 0
-    page_j = tl.where(has_j, pj, 0).to(tl.int64)
-    mj = has_j[:, None] & d_ok[None, :]
-    lo = tl.load(kmin_ptr + page_j[:, None] * stride_mn + kvh * stride_mh + dd[None, :] * stride_md,
-                 mask=mj, other=0.0).to(qp.dtype)
-    hi = tl.load(kmax_ptr + page_j[:, None] * stride_mn + kvh * stride_mh + dd[None, :] * stride_md,
-                 mask=mj, other=0.0).to(qp.dtype)
-    bnd = (tl.dot(qp, tl.trans(hi), input_precision=DOT_PREC)
-           + tl.dot(qn, tl.trans(lo), input_precision=DOT_PREC))  # [GP, 16]
-    best = tl.max(tl.where(row_ok[:, None], bnd, float("-inf")), axis=0)
-    tl.store(out_row + pidx, tl.where(has_j, best, float("-inf")), mask=store)
-
-
 def _decode_stage1(
     q_ptr, k_ptr, v_ptr, ids_ptr, fill_ptr, npages_ptr,
     acc_ptr, m_ptr, l_ptr, lse_ptr, out_ptr, stride_ob, stride_oh, stride_od,
@@ -85,7 +67,7 @@ def _decode_stage1(
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, PPI: tl.constexpr,
     RETURN_MASS: tl.constexpr, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr, HAS_NUM_PAGES: tl.constexpr,
-    DIRECT: tl.constexpr, RETURN_BOUNDS: tl.constexpr, BOUNDS_IN_LOOP: tl.constexpr,
+    DIRECT: tl.constexpr, RETURN_BOUNDS: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -119,19 +101,8 @@ def _decode_stage1(
     m_i = tl.full([GP], float("-inf"), tl.float32)
     l_i = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, BLOCK_D], tl.float32)
-    if RETURN_BOUNDS:
-        # Quest bound: sum_d max(q_d * hi_d, q_d * lo_d) = q+ . hi + q- . lo with q+ = max(q, 0),
-        # q- = q - q+ (products exact in fp32), two tensor-core products per block of 16 entries
-        qp = tl.where(q > 0, q, tl.zeros_like(q))
-        qn = q - qp
-        sb = tl.arange(0, 16)
-    row_end = tl.minimum(split_start + pages_per_split, S)
 
     for start in range(split_start, split_end, PPI):
-        if RETURN_BOUNDS and BOUNDS_IN_LOOP:  # this tile's pages (PPI <= 16 rows of a 16-row block)
-            _page_bounds(qp, qn, ids_base, kmin_ptr, kmax_ptr, bounds_ptr + (b * HKV + kvh) * S, start + sb,
-                         (sb < PPI) & (start + sb < split_end), (sb < PPI) & (start + sb < row_end), kvh,
-                         stride_is, stride_mn, stride_mh, stride_md, dd, d_ok, row_ok, DOT_PREC)
         idx = start + tok_page
         pid = tl.load(ids_base + idx * stride_is, mask=idx < split_end, other=-1)
         has = pid >= 0
@@ -185,15 +156,28 @@ def _decode_stage1(
             )
 
     if RETURN_BOUNDS:
-        # The entries the main loop did not cover (all of them with BOUNDS_IN_LOOP off; else those past
-        # the row's page count), 16 at a time; entries past the page count or -1 get -inf.
-        tail = split_start
-        if BOUNDS_IN_LOOP:
-            tail = split_start + tl.cdiv(tl.maximum(split_end - split_start, 0), PPI) * PPI
-        for s0 in range(tail, row_end, 16):
-            _page_bounds(qp, qn, ids_base, kmin_ptr, kmax_ptr, bounds_ptr + (b * HKV + kvh) * S, s0 + sb,
-                         s0 + sb < split_end, s0 + sb < row_end, kvh,
-                         stride_is, stride_mn, stride_mh, stride_md, dd, d_ok, row_ok, DOT_PREC)
+        # Quest bound of each entry of the split, 16 pages at a time on the tensor cores:
+        # sum_d max(q_d * hi_d, q_d * lo_d) = q+ . hi + q- . lo with q+ = max(q, 0), q- = q - q+
+        # (products exact in fp32). Entries past the row's page count or -1: -inf.
+        qp = tl.where(q > 0, q, tl.zeros_like(q))
+        qn = q - qp
+        sb = tl.arange(0, 16)
+        row_end = tl.minimum(split_start + pages_per_split, S)
+        for s0 in range(split_start, row_end, 16):
+            pidx = s0 + sb
+            pj = tl.load(ids_base + pidx * stride_is, mask=pidx < split_end, other=-1)
+            has_j = pj >= 0
+            page_j = tl.where(has_j, pj, 0).to(tl.int64)
+            mj = has_j[:, None] & d_ok[None, :]
+            lo = tl.load(kmin_ptr + page_j[:, None] * stride_mn + kvh * stride_mh + dd[None, :] * stride_md,
+                         mask=mj, other=0.0).to(q.dtype)
+            hi = tl.load(kmax_ptr + page_j[:, None] * stride_mn + kvh * stride_mh + dd[None, :] * stride_md,
+                         mask=mj, other=0.0).to(q.dtype)
+            bnd = (tl.dot(qp, tl.trans(hi), input_precision=DOT_PREC)
+                   + tl.dot(qn, tl.trans(lo), input_precision=DOT_PREC))  # [GP, 16]
+            best = tl.max(tl.where(row_ok[:, None], bnd, float("-inf")), axis=0)
+            tl.store(bounds_ptr + (b * HKV + kvh) * S + pidx, tl.where(has_j, best, float("-inf")),
+                     mask=pidx < row_end)
 
     if DIRECT:  # one split and no mass: the program holds the whole softmax, so it writes the output
         o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
@@ -269,7 +253,7 @@ def _decode_stage2(
             tl.store(mass_ptr + (b * HKV + kvh) * S + sidx, mass, mask=sidx < S)
 
 
-_stage1 = lazy_jit(_decode_stage1, helpers=(_page_bounds,))
+_stage1 = lazy_jit(_decode_stage1)
 _stage2 = lazy_jit(_decode_stage2)
 
 # Tuning knobs of the split heuristic (shapes only; see choose_num_splits). Measured on nothing yet:
@@ -278,11 +262,6 @@ CTAS_PER_SM = 4  # resident stage-1 programs per SM (about 106 registers x 128 t
 MIN_TOKENS_PER_SPLIT = 256  # a split's (m, l, acc) traffic stays ~5% of its K/V bytes
 MAX_SPLITS = 64
 TILE_TOKENS = 64
-# Quest bounds computed for each tile's pages inside the main loop (their kmin / kmax loads beside the
-# tile's K / V) instead of in a loop of their own after it. Measured slower on the H200 (run 37: the
-# 1.5B job's RaaS attention 4.33 ms a step against 4.15, bench_step_kernels 0.167 vs 0.164 ms a call),
-# so off; kept as an option (tested both ways) for other GPUs and shapes.
-BOUNDS_IN_LOOP = False
 
 
 @functools.cache
@@ -327,7 +306,6 @@ def paged_decode_attention_impl(
     num_warps: int = 4,
     num_stages: int = 2,
     batch_invariant: bool = False,
-    bounds_in_loop: bool | None = None,
 ):
     """`paged_decode_attention` with its launch parameters exposed (for benchmarks and tuning).
 
@@ -401,9 +379,7 @@ def paged_decode_attention_impl(
         S, pages_per_split, num_splits,
         HQ=Hq, HKV=Hkv, G=G, GP=GP, D=D, BLOCK_D=BLOCK_D, BLOCK_P=BLOCK_P, PPI=pages_per_iter,
         RETURN_MASS=return_mass, DOT_PREC=dot_prec, DOT_F32=dot_f32, HAS_NUM_PAGES=num_pages is not None,
-        DIRECT=direct, RETURN_BOUNDS=key_bounds is not None,
-        BOUNDS_IN_LOOP=(BOUNDS_IN_LOOP if bounds_in_loop is None else bounds_in_loop) and pages_per_iter <= 16,
-        num_warps=num_warps, num_stages=num_stages,
+        DIRECT=direct, RETURN_BOUNDS=key_bounds is not None, num_warps=num_warps, num_stages=num_stages,
     )
     if direct:
         return result()

@@ -193,7 +193,7 @@ def bounded_write_append(k, v, k_cache, v_cache, kmin, kmax, table, slot_ids, po
                          rope: tuple | None = None) -> torch.Tensor:
     """`bounded_write` then `kv_append` (with `rope`) in one kernel: each (sequence, KV head) program
     chooses its page, evicting where one opens, and appends the token there -> the pages [B, Hkv] int32.
-    See `kernels.reference.bounded_write_append` for the contract."""
+    See `kernels.reference.write_then_append` for the contract (rope's positions must be `positions`)."""
     B, Hkv = table.shape[0], fill.shape[1]
     assert cur.shape == held.shape == peak.shape == evicted.shape and cur.shape[1] == Hkv
     assert cur.stride() == held.stride() == peak.stride() == evicted.stride()

@@ -345,18 +345,26 @@ def bounded_write(table, slot_ids, positions, sparse_pages, window, cur, held, p
     return page.to(torch.int32)
 
 
-def bounded_write_append(k, v, k_cache, v_cache, kmin, kmax, table, slot_ids, positions, sparse_pages, window,
-                         cur, held, peak, evicted, fill, logical, pinned, stamp, mass, page_size: int,
-                         key: str = "stamp", min_logical: int = 0, stamp_on_write: bool = True,
-                         rope: tuple | None = None) -> torch.Tensor:
-    """`bounded_write` (the page of each (sequence, KV head), evicting where one opens), then `kv_append`
-    of k, v (with `rope`) to those pages -> the pages [B, Hkv] int32. The decode step's write for the
-    bounded policies, one kernel on the Triton backend."""
-    pages = bounded_write(table, slot_ids, positions, sparse_pages, window, cur, held, peak, evicted, fill,
-                          logical, pinned, stamp, mass, page_size, key=key, min_logical=min_logical,
-                          stamp_on_write=stamp_on_write)
-    kv_append(k, v, k_cache, v_cache, kmin, kmax, fill, pages, rope=rope)
-    return pages
+def write_then_append(append):
+    """The op `bounded_write_append` built on an append op (this module's `kv_append`, or the CPU path's):
+    `bounded_write` (the page of each (sequence, KV head), evicting where one opens), then `append` of
+    k, v (with `rope`) to those pages -> the pages [B, Hkv] int32. The decode step's write for the
+    bounded policies, one kernel on the Triton backend (whose rope positions must be `positions`)."""
+
+    def bounded_write_append(k, v, k_cache, v_cache, kmin, kmax, table, slot_ids, positions, sparse_pages, window,
+                             cur, held, peak, evicted, fill, logical, pinned, stamp, mass, page_size: int,
+                             key: str = "stamp", min_logical: int = 0, stamp_on_write: bool = True,
+                             rope: tuple | None = None) -> torch.Tensor:
+        pages = bounded_write(table, slot_ids, positions, sparse_pages, window, cur, held, peak, evicted, fill,
+                              logical, pinned, stamp, mass, page_size, key=key, min_logical=min_logical,
+                              stamp_on_write=stamp_on_write)
+        append(k, v, k_cache, v_cache, kmin, kmax, fill, pages, rope=rope)
+        return pages
+
+    return bounded_write_append
+
+
+bounded_write_append = write_then_append(kv_append)
 
 
 def bounded_update(page_ids, values, cur, slot_ids, positions, top, fill, pinned, stamp, mass,

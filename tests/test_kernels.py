@@ -196,14 +196,12 @@ def test_decode_reads_only_the_first_num_pages(ns):
         assert torch.all(got_mass[cut < 0] == 0)
 
 
-@pytest.mark.parametrize("in_loop", [True, False], ids=["in_loop", "own_loop"])
 @pytest.mark.parametrize("ns,ppi,mass,limit", [(1, 4, False, False), (1, 1, True, True), (3, 2, False, True),
                                                 (4, 1, True, False), (1, 8, False, True)])
-def test_decode_returns_quest_bounds(ns, ppi, mass, limit, in_loop):
+def test_decode_returns_quest_bounds(ns, ppi, mass, limit):
     """key_bounds=(kmin, kmax): the kernel also returns each entry's Quest bound, equal to page_scores
     over the pages read (-inf for -1 entries and for entries past num_pages), in every split / tile
-    layout, alone or with the mass, computed in the main loop or after it; the output and mass are
-    unchanged by it."""
+    layout, alone or with the mass; the output and mass are unchanged by it."""
     dtype = torch.bfloat16
     g = _gen("decode-bounds", ns, ppi, mass, limit)
     B, Hq, Hkv, D, P, S = 3, 12, 2, 32, 16, 9
@@ -222,7 +220,7 @@ def test_decode_returns_quest_bounds(ns, ppi, mass, limit, in_loop):
     plain = dec_mod.paged_decode_attention_impl(qi, k_cache, v_cache, ids, fill, 0.2, mass, num_pages,
                                                 num_splits=ns, pages_per_iter=ppi)
     got = dec_mod.paged_decode_attention_impl(qi, k_cache, v_cache, ids, fill, 0.2, mass, num_pages, (kmin, kmax),
-                                              num_splits=ns, pages_per_iter=ppi, bounds_in_loop=in_loop)
+                                              num_splits=ns, pages_per_iter=ppi)
     assert len(got) == (3 if mass else 2)
     assert torch.equal(got[-1], want_bounds)
     assert torch.isneginf(got[-1][cut < 0]).all() and torch.isfinite(got[-1][cut >= 0]).all()
@@ -346,7 +344,8 @@ def test_kv_append(P, dtype):
 def test_append_with_rope_equals_rotary_then_append(dtype, bounded):
     """The decode step's fused append (kv_append / bounded_write_append with `rope`): q rotated in place
     and the rotated key appended, bit for bit as kernels/rotary.py then the plain append; k itself and
-    v untouched; the same pages as the reference write step."""
+    v untouched; the same pages as the reference write step; the reference ops with `rope` (the
+    specification) agree."""
     from raas_batch.kernels.rotary import apply_rotary
 
     g = _gen("rope-append", dtype, bounded)
@@ -382,7 +381,7 @@ def test_append_with_rope_equals_rotary_then_append(dtype, bounded):
                     "peak": torch.zeros((B, Hkv), dtype=torch.int64, **dev),
                     "evicted": torch.zeros((B, Hkv), dtype=torch.int64, **dev)}
 
-    def run(fused: bool):
+    def run(fused: bool, ops=TRI):
         st = [t.clone() for t in state]
         kc, vc, kmin, kmax, fl = st
         qq, kk = q.clone(), k.clone()
@@ -394,10 +393,10 @@ def test_append_with_rope_equals_rotary_then_append(dtype, bounded):
         if fused:
             rope = (qq, cos, sin, positions)
             if bounded:
-                pages = TRI.bounded_write_append(kk, v, kc, vc, kmin, kmax, *write, rope=rope)
+                pages = ops.bounded_write_append(kk, v, kc, vc, kmin, kmax, *write, rope=rope)
             else:
                 pages = ps["table"].gather(1, (positions // P).clamp(max=5).unsqueeze(1)).expand(B, Hkv).contiguous()
-                TRI.kv_append(kk, v, kc, vc, kmin, kmax, fl, pages, rope=rope)
+                ops.kv_append(kk, v, kc, vc, kmin, kmax, fl, pages, rope=rope)
             assert torch.equal(kk, k)  # the argument is read, not rotated in place
         else:
             apply_rotary(qq, kk, cos, sin, positions)
@@ -417,6 +416,16 @@ def test_append_with_rope_equals_rotary_then_append(dtype, bounded):
         assert torch.equal(got[3][name], want[3][name]), name
     for a, b in zip(got[4], want[4]):
         assert torch.equal(a, b)
+    # the specification (kernels/reference.py, torch's rotation): the same pages, state and metadata; the
+    # rotated values within rounding (the interpreter rounds fp32 -> bf16 by truncation)
+    spec = run(True, ref)
+    assert torch.equal(spec[0], want[0]) and torch.equal(spec[2][4], want[2][4])
+    for name in spec[3]:
+        assert torch.equal(spec[3][name], want[3][name]), name
+    for a, b in zip(spec[4], want[4]):
+        assert torch.equal(a, b)
+    for a, b in [(spec[1], want[1]), *zip(spec[2][:4], want[2][:4])]:
+        assert _rel(a, b) <= TOL[dtype]["attn"]
 
 
 # ----------------------------------------------------------------------------------------------

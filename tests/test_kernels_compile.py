@@ -89,14 +89,12 @@ def attention_variants():
 
     ptrs = {"ids_ptr": "i32", "fill_ptr": "i32", "npages_ptr": "i32", "acc_ptr": "fp32", "m_ptr": "fp32",
             "l_ptr": "fp32", "lse_ptr": "fp32", "bounds_ptr": "fp32"}
-    for bounds, in_loop, mass, direct in ((True, True, False, True), (True, False, False, True),
-                                          (False, True, False, True), (False, True, True, False),
-                                          (True, True, True, False), (True, True, False, False)):
+    for bounds, mass, direct in ((True, False, True), (False, False, True), (False, True, False),
+                                 (True, True, False), (True, False, False)):
         yield (decode_attention._stage1, ptrs,
                {"HQ": 12, "HKV": 2, "G": 6, "GP": 16, "D": 128, "BLOCK_D": 128, "BLOCK_P": 16, "PPI": 4,
                 "RETURN_MASS": mass, "DOT_PREC": "tf32", "DOT_F32": False, "HAS_NUM_PAGES": False,
-                "DIRECT": direct, "RETURN_BOUNDS": bounds, "BOUNDS_IN_LOOP": in_loop, "num_warps": 4,
-                "num_stages": 2})
+                "DIRECT": direct, "RETURN_BOUNDS": bounds, "num_warps": 4, "num_stages": 2})
 
 
 def other_variants():

@@ -79,6 +79,7 @@ class Attention(nn.Module):
         qkv = self.qkv_proj(x)
         qk_size = self.q_size + self.kv_size
         v = qkv[:, qk_size:].view(T, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        rotary = None  # (module, positions) when q and k go to attend unrotated
         if self.q_norm is None and not self.rotary.uses_kernel(x):
             # q and k side by side, rotated in one pass (fewer ops: what sets CPU decode speed)
             qk = self.rotary.rotate(positions, qkv[:, :qk_size].view(T, self.num_heads + self.num_kv_heads, self.head_dim))
@@ -89,10 +90,10 @@ class Attention(nn.Module):
             if self.q_norm is not None:
                 q, k = self.q_norm(q), self.k_norm(k)
             if self.rotary.uses_kernel(x):  # attend rotates them (a decode step: inside its append kernel)
-                return self.o_proj(attend(self.layer_idx, q, k, v, self.scale, rotary=(self.rotary, positions))
-                                   .reshape(T, self.q_size))
-            q, k = self.rotary(positions, q, k)
-        o = attend(self.layer_idx, q, k, v, self.scale)  # [T, Hq, D]
+                rotary = (self.rotary, positions)
+            else:
+                q, k = self.rotary(positions, q, k)
+        o = attend(self.layer_idx, q, k, v, self.scale, rotary=rotary)  # [T, Hq, D]
         return self.o_proj(o.reshape(T, self.q_size))
 
 

@@ -170,14 +170,12 @@ class BoundedPolicy(KVPolicy):
 
     def append(self, layer: int, ctx: DecodeContext, k: torch.Tensor, v: torch.Tensor, bounds: bool = True,
                rope: tuple | None = None) -> torch.Tensor:
-        """On the Triton backend the write step and the append are one kernel (`bounded_write_append`);
-        elsewhere `write_pages` then `kv_append` (the CPU path keeps its own faster append)."""
-        ops = self._ops()
-        if getattr(ops, "backend", None) != "triton":
-            return super().append(layer, ctx, k, v, bounds=bounds, rope=rope)
+        """The write step and the append as one op, `bounded_write_append` (one kernel on Triton)."""
         k_cache, v_cache, kmin, kmax, _ = self.pool.layer_views[layer]
-        return ops.bounded_write_append(k, v, k_cache, v_cache, kmin, kmax, *self._write_args(layer, ctx),
-                                        **self._write_options(), rope=rope)
+        if not bounds:
+            kmin = kmax = None
+        return self._ops().bounded_write_append(k, v, k_cache, v_cache, kmin, kmax, *self._write_args(layer, ctx),
+                                                **self._write_options(), rope=rope)
 
     def read_pages(self, layer: int, q: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
         """Pure: the sequence's usable quota pages, [B, Hkv, W] (a stride-0 view over heads)."""
