@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU-machine session: kernel and engine tests on the GPU, then the kernel and decode benchmarks.
-# Usage (device tool, repo root): bash benchmarks/gpu_session.sh [tests|kernels|step-kernels|decode|job-fixed|job-realistic|
+# Usage (device tool, repo root): bash benchmarks/gpu_session.sh [tests|kernels|step-kernels|overlap|decode|job-fixed|job-realistic|
 # job-others|job-bi|decode7b|matmul|invariance|control|ray ...]; results under $OUT. The job parts need a tokenizer in .gpu_assets/tok (carry it; see
 # benchmarks/bench_job.py).
 set -u
@@ -31,6 +31,7 @@ for part in $parts; do
                --profile 2>&1 | tail -20 ;;
     kernels) timeout 200 python benchmarks/bench_kernels.py 2>&1 | tail -60 ;;
     step-kernels) timeout 240 python benchmarks/bench_step_kernels.py 2>&1 | tail -16 ;;
+    overlap) timeout 240 python benchmarks/bench_overlap.py 2>&1 | tail -24 ;;
     matmul)  timeout ${MATMUL_TIMEOUT:-300} python benchmarks/bench_matmul.py ${MATMUL_ARGS:-} 2>&1 | grep -v '^{' | tail -40 ;;
     invariance) RAAS_BATCH_FULL_INVARIANCE=1 timeout ${TESTS_TIMEOUT:-420} python -m pytest -q -p no:cacheprovider -rfE \
                --tb=short --durations=5 tests/test_batch_invariant.py -m "gpu or not gpu" > "$OUT/pytest_invariance.log" 2>&1
