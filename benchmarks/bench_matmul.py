@@ -88,9 +88,53 @@ def bits_check(results: list[dict]) -> str:
             f"configuration's bits; {sum(other)} of {len(other)} with another split gave other bits.")
 
 
+FORMS = ["F.linear (x W^T)", "x @ W^T stored (N-major copy)", "cuBLASLt: F.linear", "cuBLASLt: x @ W^T stored",
+         "no reduced-precision split: F.linear"]
+
+
+def cublas_forms(shapes, M: int, reps: int, dev, dtype) -> str:
+    """The decode step's products at M rows through the cuBLAS call forms torch offers (layout of the
+    weight, cuBLAS or cuBLASLt, bf16 reduced-precision reductions allowed or not): which kernel a form
+    gets decides its speed at these small-K shapes. -> a markdown table (ms per product, x uses per step)."""
+    back = torch.backends.cuda
+    gen = torch.Generator().manual_seed(0)
+    lines = ["| model | product | M | " + " | ".join(FORMS) + " |", "| --- | --- | ---: |" + " ---: |" * len(FORMS)]
+    step = {}
+    for model, prod, N, K, uses in shapes:
+        w = (torch.randn(N, K, generator=gen) * 0.02).to(dev, dtype)
+        wt = w.t().contiguous()  # [K, N]
+        x = torch.randn(M, K, generator=gen).to(dev, dtype)
+        ref = torch.nn.functional.linear(x, w).float()
+        cells = []
+        for form in FORMS:
+            lib = back.preferred_blas_library()
+            red = back.matmul.allow_bf16_reduced_precision_reduction
+            try:
+                if form.startswith("cuBLASLt"):
+                    back.preferred_blas_library("cublaslt")
+                if form.startswith("no reduced"):
+                    back.matmul.allow_bf16_reduced_precision_reduction = False
+                fn = (functools.partial(torch.matmul, x, wt) if "stored" in form
+                      else functools.partial(torch.nn.functional.linear, x, w))
+                err = float((fn().float() - ref).abs().max() / ref.abs().max())
+                ms = timed(reps, fn)
+                cells.append(f"{ms * 1e3:.1f} us" + ("" if err < 2e-2 else f" (err {err:.2g})"))
+                step[form] = step.get(form, 0.0) + ms * uses
+            except Exception as exc:  # noqa: BLE001 - a form this torch build lacks
+                cells.append(f"n/a ({type(exc).__name__})")
+            finally:
+                back.preferred_blas_library(lib)
+                back.matmul.allow_bf16_reduced_precision_reduction = red
+        lines.append(f"| {model} | {prod} | {M} | " + " | ".join(cells) + " |")
+        print(lines[-1], flush=True)
+    lines.append("| one step | | | " + " | ".join(f"{step.get(f, float('nan')):.3f} ms" for f in FORMS) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--forms", action="store_true", help="only the cuBLAS call forms of the products, at --rows")
     ap.add_argument("--rows", default="1,64,512")
     ap.add_argument("--shapes", default="1.5b,7b")
     ap.add_argument("--sweep-rows", default="512", help="comma list of row counts to sweep at")
@@ -104,6 +148,12 @@ def main() -> None:
         shapes, tiles, splits, reps, rows = [("tiny", "p", 96, 256, 1)], TILES[:1], [1, 2], 1, [5, 40]
         args.sweep_rows = "40"
     sweep_rows = {int(m) for m in args.sweep_rows.split(",")}
+    if args.forms:
+        text = "\n\n".join(cublas_forms(shapes, M, reps, dev, dtype) for M in rows)
+        text = f"# The step's products through cuBLAS call forms ({dev}, {dtype}; CUDA graphs of 10 launches)\n\n{text}"
+        print(text)
+        save_results(results_dir(), "bench_matmul_forms" + ("_smoke" if args.smoke else ""), {"text": text}, text)
+        return
     gen = torch.Generator().manual_seed(0)
     results, summary = [], []
     for model, prod, N, K, uses in shapes:

@@ -38,7 +38,10 @@ if ARGS is not None and ARGS.smoke and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-# the kernel benchmark's pool, page lists, copy bandwidth and table; the matmul benchmark's graph timer
+# (triton after TRITON_INTERPRET is set) the kernel benchmark's pool, page lists, copy bandwidth and
+# table; the matmul benchmark's graph timer
+import triton
+import triton.language as tl
 from bench_job import results_dir, save_results
 from bench_kernels import CUDA, DEC, DEV, TRI, copy_bandwidth, make_pool, md_table, rel, scattered_ids
 from bench_matmul import timed
@@ -47,12 +50,17 @@ FULL = {"layers": 28, "B": 512, "Hq": 12, "Hkv": 2, "D": 128, "P": 16, "raas_pag
         "V": 49152, "reps": 20, "copy_bytes": 2 << 30}
 SMOKE = {"layers": 2, "B": 3, "Hq": 12, "Hkv": 2, "D": 32, "P": 16, "raas_pages": 5, "dense_tokens": 100,
          "V": 3000, "reps": 1, "copy_bytes": 1 << 20}
-ATTN_VARIANTS = [  # (name, launch keywords)
+ATTN_VARIANTS = [  # (name, launch keywords); the default is 2 warps (run 41), 4 before
     ("default", {}),
+    ("4 warps", {"num_warps": 4}),
     ("8 pages a tile", {"pages_per_iter": 8}),
     ("3 stages", {"num_stages": 3}),
-    ("8 warps", {"num_warps": 8}),
+    ("2 splits", {"num_splits": 2}),
+    ("1 warp", {"num_warps": 1}),
 ]
+SAMPLER_VARIANTS = [("8 warps", {"num_warps": 8}), ("4 warps", {"num_warps": 4}),
+                    ("block 1024", {"block_v": 1024}), ("block 4096", {"block_v": 4096, "num_warps": 16}),
+                    ("1 stage", {"num_stages": 1}), ("4 stages", {"num_stages": 4})]
 COLS = ["kernel", "policy", "variant", "ms_per_call", "ms_per_step", "pct_copy", "rel_err_vs_default"]
 
 
@@ -104,13 +112,55 @@ def sampler_rows(cfg) -> list[dict]:
                 torch.zeros(B, dtype=torch.int64, device=DEV), torch.arange(B, dtype=torch.int64, device=DEV) * 7919,
                 torch.full((B,), 1000, dtype=torch.int64, device=DEV))
     rows, want = [], None
-    for name, x in (("bf16 logits (decode)", logits), ("fp32 logits", logits.float())):
-        got = TRI.sample_tokens(x, *settings)
+    for name, x, kw in (("bf16 logits (decode)", logits, {}), ("fp32 logits", logits.float(), {}),
+                        *((f"bf16, {n}", logits, kw) for n, kw in SAMPLER_VARIANTS)):
+        got = TRI.sample_tokens(x, *settings, **kw)
         want = got if want is None else want
-        ms = timed(cfg["reps"], TRI.sample_tokens, x, *settings)
+        ms = timed(cfg["reps"], TRI.sample_tokens, x, *settings, **kw)
         rows.append({"kernel": "sampler", "policy": "", "variant": name, "ms_per_call": ms, "ms_per_step": ms,
                      "pct_copy": float("nan"), "rel_err_vs_default": float((got != want).float().mean())})
         print(f"  sampler {name:24s} {ms * 1e3:8.1f} us", flush=True)
+    return rows
+
+
+def _scale_kernel(x_ptr, y_ptr, n, USE_PDL: tl.constexpr, BLOCK: tl.constexpr):
+    if USE_PDL:  # wait for the kernel before to finish (its writes visible) before touching memory
+        tl.extra.cuda.gdc_wait()
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) * 1.0001, mask=offs < n)
+
+
+def pdl_rows(cfg) -> list[dict]:
+    """Programmatic dependent launch: a chain of small kernels (one norm's bytes each, [B, 1536] bf16),
+    alone or each after a [B, 1536] x [1536, 1536] cuBLAS product, launched plainly or with PDL (each
+    kernel waits for the one before at its first instruction, so only the launch overlaps)."""
+    kern = triton.jit(_scale_kernel)
+    B, n_chain = cfg["B"], 112
+    x = torch.randn((B, 1536), device=DEV, dtype=torch.bfloat16)
+    y, w = torch.empty_like(x), torch.randn((1536, 1536), device=DEV, dtype=torch.bfloat16) * 0.02
+    grid = (triton.cdiv(x.numel(), 4096),)
+    rows = []
+    for with_gemm in (False, True):
+        base = None
+        for pdl in (False, True):
+            def chain(pdl=pdl, with_gemm=with_gemm):
+                a, b = x, y
+                for _ in range(n_chain):
+                    if with_gemm:
+                        a = torch.nn.functional.linear(a, w)
+                    kern[grid](a, b, a.numel(), USE_PDL=pdl, BLOCK=4096, **({"launch_pdl": True} if pdl else {}))
+                    a, b = b, a
+            name = ("after a product, " if with_gemm else "alone, ") + ("PDL" if pdl else "plain")
+            try:
+                ms = timed(cfg["reps"], chain) / n_chain
+            except Exception as e:  # noqa: BLE001 - a Triton without launch_pdl / gdc_wait
+                print(f"  pdl {name}: {type(e).__name__}: {str(e)[:160]}", flush=True)
+                continue
+            base = ms if base is None else base
+            rows.append({"kernel": "launch chain (a norm's bytes)", "policy": "", "variant": name, "ms_per_call": ms,
+                         "ms_per_step": ms * 28 * 12, "pct_copy": float("nan"),
+                         "rel_err_vs_default": ms / base - 1})
+            print(f"  chain {name:28s} {ms * 1e3:8.2f} us per link", flush=True)
     return rows
 
 
@@ -122,7 +172,7 @@ def main():
     copy_bw = copy_bandwidth(cfg["copy_bytes"])
     print(f"# decode-step kernels, {torch.cuda.get_device_name() if CUDA else 'cpu'}; copy {copy_bw / 1e12:.2f} TB/s",
           flush=True)
-    rows = attention_rows(cfg, copy_bw) + sampler_rows(cfg)
+    rows = attention_rows(cfg, copy_bw) + sampler_rows(cfg) + (pdl_rows(cfg) if CUDA else [])
     text = "\n".join([f"# Decode-step kernels at the 1.5B job shape (copy bandwidth {copy_bw / 1e12:.2f} TB/s)", "",
                       ("`python benchmarks/bench_step_kernels.py`: CUDA graphs of one call per layer over 28 "
                       "layers' caches; rel_err_vs_default: each variant's output (bounds included) against the "

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._jit import lazy_jit
+from ._jit import lazy_jit, pdl_args
 
 _RULES = {"top_half": 0, "alpha": 1, "mass": 2, "accumulate": 3}
 
@@ -52,7 +52,10 @@ def _bounded_update_kernel(
     stride_ss, stride_sh, stride_mn, stride_mh,
     S, alpha, scale,
     RULE: tl.constexpr, REFRESH_PINNED: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_J: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    if PDL:  # programmatic dependent launch (kernels/_jit.py): the kernel before must have finished
+        tl.extra.cuda.gdc_wait()
     b = tl.program_id(0)
     h = tl.program_id(1)
     ss = tl.arange(0, BLOCK_S)
@@ -122,7 +125,7 @@ def bounded_update(page_ids, values, cur, slot_ids, positions, top, fill, pinned
         S, float(alpha), float(scale),
         RULE=_RULES[rule], REFRESH_PINNED=refresh_pinned, BLOCK_S=block_s,
         BLOCK_J=max(1, min(32, 4096 // block_s)),
-        num_warps=4 if block_s >= 128 else 1,
+        num_warps=4 if block_s >= 128 else 1, **pdl_args(page_ids.device),
     )
 
 

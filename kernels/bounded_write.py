@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._jit import lazy_jit
+from ._jit import lazy_jit, pdl_args
 
 _KEYS = {"stamp": 0, "mass": 1, "logical": 2}
 
@@ -106,7 +106,10 @@ def _bounded_write_kernel(
     stride_tb, stride_tw, stride_ss, stride_sh, stride_mn, stride_mh,
     W, P, min_logical,
     HKV: tl.constexpr, BLOCK_W: tl.constexpr, KEY: tl.constexpr, STAMP_ON_WRITE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    if PDL:  # programmatic dependent launch (kernels/_jit.py): the kernel before must have finished
+        tl.extra.cuda.gdc_wait()
     b = tl.program_id(0)
     h = tl.program_id(1)
     page, _ = _choose_page(
@@ -142,7 +145,7 @@ def bounded_write(table, slot_ids, positions, sparse_pages, window, cur, held, p
         table.stride(0), table.stride(1), cur.stride(0), cur.stride(1), fill.stride(0), fill.stride(1),
         W, page_size, min_logical,
         HKV=Hkv, BLOCK_W=max(16, triton.next_power_of_2(W)), KEY=_KEYS[key], STAMP_ON_WRITE=stamp_on_write,
-        num_warps=1,
+        num_warps=1, **pdl_args(table.device),
     )
     return out
 

@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._jit import interpreting, lazy_jit
+from ._jit import interpreting, lazy_jit, pdl_args
 
 _LOG2E = 1.4426950408889634
 
@@ -68,7 +68,10 @@ def _decode_stage1(
     BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, PPI: tl.constexpr,
     RETURN_MASS: tl.constexpr, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr, HAS_NUM_PAGES: tl.constexpr,
     DIRECT: tl.constexpr, RETURN_BOUNDS: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    if PDL:  # programmatic dependent launch (kernels/_jit.py): the kernel before must have finished
+        tl.extra.cuda.gdc_wait()
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -197,7 +200,10 @@ def _decode_stage2(
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
     D: tl.constexpr, BLOCK_D: tl.constexpr, NSP: tl.constexpr,
     BLOCK_S: tl.constexpr, RETURN_MASS: tl.constexpr, HAS_NUM_PAGES: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    if PDL:  # programmatic dependent launch (kernels/_jit.py): the kernel before must have finished
+        tl.extra.cuda.gdc_wait()
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     num_listed = S
@@ -258,7 +264,7 @@ _stage2 = lazy_jit(_decode_stage2)
 
 # Tuning knobs of the split heuristic (shapes only; see choose_num_splits). Measured on nothing yet:
 # benchmarks/bench_kernels.py sweeps num_splits on the GPU.
-CTAS_PER_SM = 4  # resident stage-1 programs per SM (about 106 registers x 128 threads, ~40 KB smem)
+CTAS_PER_SM = 4  # resident stage-1 programs per SM (with 4 warps: about 106 registers x 128 threads, ~40 KB smem)
 MIN_TOKENS_PER_SPLIT = 256  # a split's (m, l, acc) traffic stays ~5% of its K/V bytes
 MAX_SPLITS = 64
 TILE_TOKENS = 64
@@ -303,11 +309,15 @@ def paged_decode_attention_impl(
     *,
     num_splits: int | None = None,
     pages_per_iter: int | None = None,
-    num_warps: int = 4,
+    num_warps: int = 2,
     num_stages: int = 2,
     batch_invariant: bool = False,
 ):
     """`paged_decode_attention` with its launch parameters exposed (for benchmarks and tuning).
+
+    num_warps 2 (stage 1): at the 1.5B job shape 2 warps a program read the pages 5-7% faster than 4
+    (raas L=1024 0.150 vs 0.158 ms a layer, dense at 3,100 tokens 0.386 vs 0.415, 99% of copy bandwidth);
+    1 and 8 warps, 3 stages or 8 pages a tile are slower (benchmarks/bench_step_kernels.py).
 
     batch_invariant: one split per (sequence, KV head) and a fixed tile of pages per iteration, so a
     row's result depends only on its own pages (not on the batch size or the table width, which set
@@ -380,6 +390,7 @@ def paged_decode_attention_impl(
         HQ=Hq, HKV=Hkv, G=G, GP=GP, D=D, BLOCK_D=BLOCK_D, BLOCK_P=BLOCK_P, PPI=pages_per_iter,
         RETURN_MASS=return_mass, DOT_PREC=dot_prec, DOT_F32=dot_f32, HAS_NUM_PAGES=num_pages is not None,
         DIRECT=direct, RETURN_BOUNDS=key_bounds is not None, num_warps=num_warps, num_stages=num_stages,
+        **pdl_args(dev),
     )
     if direct:
         return result()
@@ -390,7 +401,7 @@ def paged_decode_attention_impl(
         HQ=Hq, HKV=Hkv, G=G, GP=GP, D=D, BLOCK_D=BLOCK_D,
         NSP=max(2, triton.next_power_of_2(num_splits)),
         BLOCK_S=min(128, max(16, triton.next_power_of_2(S))), RETURN_MASS=return_mass,
-        HAS_NUM_PAGES=num_pages is not None, num_warps=4,
+        HAS_NUM_PAGES=num_pages is not None, num_warps=4, **pdl_args(dev),
     )
     return result()
 

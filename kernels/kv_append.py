@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._jit import lazy_jit
+from ._jit import lazy_jit, pdl_args
 from .bounded_write import _KEYS, _choose_page
 
 
@@ -64,7 +64,10 @@ def _kv_append_kernel(
     D: tl.constexpr, BLOCK_D: tl.constexpr, ROPE: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
     CHOOSE: tl.constexpr, BLOCK_W: tl.constexpr, KEY: tl.constexpr, STAMP_ON_WRITE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    if PDL:  # programmatic dependent launch (kernels/_jit.py): the kernel before must have finished
+        tl.extra.cuda.gdc_wait()
     b = tl.program_id(0)
     kvh = tl.program_id(1)
 
@@ -160,7 +163,7 @@ def _launch(k, v, k_cache, v_cache, kmin, kmax, fill, write_page, rope, bounded=
         *kmin.stride(), *kmax.stride(), *fill.stride(), *write_page.stride(), *rope_strides, *choose_strides,
         D=D, BLOCK_D=triton.next_power_of_2(D), ROPE=rope is not None, G=G, GP=triton.next_power_of_2(G),
         HALF=D // 2, BLOCK_HALF=triton.next_power_of_2(max(1, D // 2)), **choose_meta,
-        num_warps=1,
+        num_warps=1, **pdl_args(k.device),
     )
 
 

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._jit import interpreting, lazy_jit
+from ._jit import interpreting, lazy_jit, pdl_args
 
 BLOCK_K = 64
 NOMINAL_ROWS = 512  # the decode batch the split is chosen for (a constant: the split never sees M)
@@ -77,7 +77,9 @@ def config_for(M: int, N: int, K: int) -> Config:
 def _matmul_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, K_CHUNK,
                    stride_xm, stride_xk, stride_wn, stride_wk, stride_ys, stride_ym, stride_yn,
                    HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # programmatic dependent launch (kernels/_jit.py): the kernel before must have finished
+        tl.extra.cuda.gdc_wait()
     # program (m tile, n tile, chunk): consecutive programs share an n tile, so a weight tile is read
     # from memory once and from L2 by the other m tiles
     pid_m = tl.program_id(0)
@@ -109,7 +111,9 @@ def _matmul_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, K_CHUNK,
 
 
 def _reduce_kernel(p_ptr, b_ptr, y_ptr, M, N, stride_ps, stride_pm, stride_ym,
-                   SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+                   SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # programmatic dependent launch (kernels/_jit.py): the kernel before must have finished
+        tl.extra.cuda.gdc_wait()
     rm = tl.program_id(0) * BM + tl.arange(0, BM)
     rn = tl.program_id(1) * BN + tl.arange(0, BN)
     mask = (rm[:, None] < M) & (rn[None, :] < N)
@@ -154,13 +158,13 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         HAS_BIAS=has_bias, PARTIAL=partial, UPCAST=interpreting() and x.dtype != torch.float32,
         # fp32 models: full-precision products (tf32 would change the rounding, not the invariance)
         DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32",
-        BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, num_warps=cfg.warps, num_stages=cfg.stages,
+        BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, num_warps=cfg.warps, num_stages=cfg.stages, **pdl_args(x.device),
     )
     if partial:
         rbm, rbn = 32, 128
         _reduce()[(triton.cdiv(M, rbm), triton.cdiv(N, rbn))](
             out, bias if has_bias else y, y, M, N, out.stride(0), out.stride(1), y.stride(0),
-            SPLIT=split, HAS_BIAS=has_bias, BM=rbm, BN=rbn, num_warps=4)
+            SPLIT=split, HAS_BIAS=has_bias, BM=rbm, BN=rbn, num_warps=4, **pdl_args(x.device))
     return y.view(*shape[:-1], N)
 
 

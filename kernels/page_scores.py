@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._jit import lazy_jit
+from ._jit import lazy_jit, pdl_args
 
 
 def _page_scores_kernel(
@@ -28,7 +28,10 @@ def _page_scores_kernel(
     stride_ib, stride_ih, stride_is,
     S,
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    if PDL:  # programmatic dependent launch (kernels/_jit.py): the kernel before must have finished
+        tl.extra.cuda.gdc_wait()
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     sblk = tl.program_id(2)
@@ -82,7 +85,7 @@ def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, page_id
         page_ids.stride(0), page_ids.stride(1), page_ids.stride(2),
         S,
         HKV=Hkv, G=Hq // Hkv, D=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_S=BLOCK_S,
-        num_warps=4,
+        num_warps=4, **pdl_args(q.device),
     )
     return out
 

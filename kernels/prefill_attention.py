@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._jit import interpreting, lazy_jit
+from ._jit import interpreting, lazy_jit, pdl_args
 
 _LOG2E = 1.4426950408889634
 
@@ -35,7 +35,10 @@ def _prefill_kernel(
     G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    if PDL:  # programmatic dependent launch (kernels/_jit.py): the kernel before must have finished
+        tl.extra.cuda.gdc_wait()
     mblk = tl.program_id(0)
     h = tl.program_id(1)
     seq = tl.program_id(2)
@@ -133,7 +136,7 @@ def prefill_attention(
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         # the Triton interpreter multiplies bf16 dot operands as raw uint16 bits: upcast there
         DOT_F32=interpreting() and q.dtype == torch.bfloat16,
-        num_warps=4 if BLOCK_M <= 64 else 8, num_stages=2,
+        num_warps=4 if BLOCK_M <= 64 else 8, num_stages=2, **pdl_args(q.device),
     )
     return out
 

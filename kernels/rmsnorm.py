@@ -12,11 +12,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ._jit import lazy_jit
+from ._jit import lazy_jit, pdl_args
 
 
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_o, N, eps,
-                     HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # programmatic dependent launch (kernels/_jit.py): the kernel before must have finished
+        tl.extra.cuda.gdc_wait()
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
@@ -45,7 +47,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     res = residual if residual is not None else x
     if T > 0:
         _kernel()[(T,)](x, res, weight, out, x.stride(0), res.stride(0), out.stride(0), N, eps,
-                        HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(N), num_warps=4)
+                        HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(N), num_warps=4,
+                        **pdl_args(x.device))
     return out if residual is None else (out, residual)
 
 

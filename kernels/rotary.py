@@ -11,11 +11,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ._jit import lazy_jit
+from ._jit import lazy_jit, pdl_args
 
 
 def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, pos_ptr, stride_qt, stride_qh, stride_kt, stride_kh,
-                   stride_c, HQ, HALF: tl.constexpr, BLOCK: tl.constexpr):
+                   stride_c, HQ, HALF: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # programmatic dependent launch (kernels/_jit.py): the kernel before must have finished
+        tl.extra.cuda.gdc_wait()
     t = tl.program_id(0)
     h = tl.program_id(1)
     pos = tl.load(pos_ptr + t)
@@ -47,7 +49,8 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     assert q.stride(2) == 1 and k.stride(2) == 1 and cos.stride(1) == 1
     if T > 0:
         _kernel()[(T, Hq + Hkv)](q, k, cos, sin, positions, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-                                 cos.stride(0), Hq, HALF=D // 2, BLOCK=triton.next_power_of_2(D // 2), num_warps=1)
+                                 cos.stride(0), Hq, HALF=D // 2, BLOCK=triton.next_power_of_2(D // 2), num_warps=1,
+                                 **pdl_args(q.device))
     return q, k
 
 

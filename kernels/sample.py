@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 import triton.language as tl
 
-from ._jit import lazy_jit
+from ._jit import lazy_jit, pdl_args
 
 
 def _hash32(x):
@@ -86,7 +86,10 @@ def _sample_kernel(
     logits_ptr, temp_ptr, inv_t_ptr, top_p_ptr, top_k_ptr, keys_ptr, steps_ptr, out_ptr,
     stride_b, V,
     BLOCK_V: tl.constexpr, MAX_ROUNDS: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    if PDL:  # programmatic dependent launch (kernels/_jit.py): the kernel before must have finished
+        tl.extra.cuda.gdc_wait()
     b = tl.program_id(0)
     row = logits_ptr + b.to(tl.int64) * stride_b
     offs = tl.arange(0, BLOCK_V)
@@ -127,8 +130,10 @@ _kernel = lazy_jit(_sample_kernel, helpers=(_hash32, _race, _above))
 
 
 def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
-                  keys: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-    """One token per row -> [B] int64. See `kernels.reference.sample_tokens` for the contract."""
+                  keys: torch.Tensor, steps: torch.Tensor, *, block_v: int = 2048, num_warps: int = 16,
+                  num_stages: int | None = None) -> torch.Tensor:
+    """One token per row -> [B] int64. See `kernels.reference.sample_tokens` for the contract. The
+    keywords are launch settings (benchmarks/bench_step_kernels.py tries others); they never change a token."""
     B, V = logits.shape
     assert logits.dtype in (torch.float32, torch.bfloat16, torch.float16) and logits.stride(1) == 1
     out = torch.empty(B, dtype=torch.int64, device=logits.device)
@@ -139,7 +144,8 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.
     _kernel()[(B,)](
         logits, temperature, inv_t, top_p.float(), top_k, keys, steps, out,
         logits.stride(0), V,
-        BLOCK_V=2048, MAX_ROUNDS=64, num_warps=8,
+        BLOCK_V=block_v, MAX_ROUNDS=64, num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}),
+        **pdl_args(logits.device),
     )
     return out
 

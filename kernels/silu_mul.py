@@ -13,10 +13,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ._jit import lazy_jit
+from ._jit import lazy_jit, pdl_args
 
 
-def _silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, I, BLOCK: tl.constexpr):
+def _silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, I, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # programmatic dependent launch (kernels/_jit.py): the kernel before must have finished
+        tl.extra.cuda.gdc_wait()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < I
@@ -39,7 +41,7 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
     if T > 0:
         block = min(1024, triton.next_power_of_2(inner))
         _kernel()[(T, triton.cdiv(inner, block))](x, out, x.stride(0), out.stride(0), inner, BLOCK=block,
-                                                  num_warps=4)
+                                                  num_warps=4, **pdl_args(x.device))
     return out
 
 

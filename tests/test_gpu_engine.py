@@ -80,6 +80,22 @@ def test_cuda_graphs_equal_eager(policy, budget):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
 
 
+@pytest.mark.parametrize("policy,budget", [("dense", None), ("raas", 64), ("h2o", 64)])
+def test_programmatic_dependent_launch_changes_nothing(policy, budget, monkeypatch):
+    """Every kernel waits for the one before at its first instruction when launched with PDL
+    (kernels/_jit.py): a sampled run in CUDA graphs gives the same tokens with it and without it."""
+    from raas_batch.kernels._jit import pdl_args
+
+    params = SamplingParams(max_new_tokens=96, temperature=0.8, top_p=0.9, seed=3, ignore_eos=True)
+    assert pdl_args(torch.device("cuda")).get("PDL") == (torch.cuda.get_device_capability()[0] >= 9)
+    with_pdl = make_llm(policy, budget).generate(prompts(8), params)
+    monkeypatch.setenv("RAAS_BATCH_PDL", "0")
+    assert pdl_args(torch.device("cuda")) == {"PDL": False}
+    without = make_llm(policy, budget).generate(prompts(8), params)
+    for a, b in zip(with_pdl, without):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+
+
 @pytest.mark.parametrize("policy,budget", POLICY_BUDGETS)
 def test_triton_path_agrees_with_torch_path(policy, budget):
     """The torch path decodes greedily; the Triton path is teacher-forced along the same tokens and

@@ -44,6 +44,9 @@ def compile_sm90(getter, pointers: dict[str, str], constexprs: dict) -> None:
     options = {k: constexprs[k] for k in OPTIONS if k in constexprs}
     constexprs = {k: v for k, v in constexprs.items() if k not in OPTIONS}
     names = list(inspect.signature(fn.fn).parameters)
+    assert "PDL" in names, f"{fn.fn.__name__}: every kernel takes PDL and waits on it (kernels/_jit.py)"
+    # as the engine launches them on an H100 / H200: with programmatic dependent launch
+    constexprs, options = {"PDL": True, **constexprs}, {**options, "launch_pdl": True}
     sig = {}
     for name in names:
         if name in constexprs:
@@ -65,7 +68,7 @@ def sampler_variants():
     for dtype in ("bf16", "fp32"):
         yield (sample._kernel, {"logits_ptr": dtype, "temp_ptr": "fp32", "inv_t_ptr": "fp32", "top_p_ptr": "fp32",
                                 "top_k_ptr": "i64", "keys_ptr": "i64", "steps_ptr": "i64", "out_ptr": "i64"},
-               {"BLOCK_V": 2048, "MAX_ROUNDS": 64, "num_warps": 8})
+               {"BLOCK_V": 2048, "MAX_ROUNDS": 64, "num_warps": 16})
 
 
 APPEND_INTS = {"fill_ptr": "i32", "wp_ptr": "i32", "pos_ptr": "i64", "table_ptr": "i32", "slot_ptr": "i64",
@@ -94,7 +97,7 @@ def attention_variants():
         yield (decode_attention._stage1, ptrs,
                {"HQ": 12, "HKV": 2, "G": 6, "GP": 16, "D": 128, "BLOCK_D": 128, "BLOCK_P": 16, "PPI": 4,
                 "RETURN_MASS": mass, "DOT_PREC": "tf32", "DOT_F32": False, "HAS_NUM_PAGES": False,
-                "DIRECT": direct, "RETURN_BOUNDS": bounds, "num_warps": 4, "num_stages": 2})
+                "DIRECT": direct, "RETURN_BOUNDS": bounds, "num_warps": 2, "num_stages": 2})
 
 
 def other_variants():
