@@ -78,3 +78,12 @@ def test_job_benchmark_smoke_records_the_job_edges(tmp_path, smollm_tokenizer):
         # a step's period is its call plus the host's gap before it
         gaps_ms = r["gaps_before_decode_steps_s"] / r["decode_steps"] * 1e3
         assert abs(r["ms_per_decode_step"] - r["ms_per_decode_step_wall"] - gaps_ms) < 1e-6
+
+
+def test_gpu_only_overlap_probe_imports_and_refuses_a_cpu():
+    """bench_overlap.py needs CUDA streams and green contexts, so CI cannot run it: it must at least
+    import (it reuses bench_step_kernels' caches and bench_matmul's timer) and, without a GPU, say so."""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_overlap.py")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, check=False)
+    assert proc.returncode != 0 and "needs a CUDA device" in proc.stderr + proc.stdout, proc.stderr[-2000:]
