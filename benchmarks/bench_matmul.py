@@ -99,7 +99,7 @@ def cublas_forms(shapes, M: int, reps: int, dev, dtype) -> str:
     back = torch.backends.cuda
     gen = torch.Generator().manual_seed(0)
     lines = ["| model | product | M | " + " | ".join(FORMS) + " |", "| --- | --- | ---: |" + " ---: |" * len(FORMS)]
-    step = {}
+    step = {}  # (model, form) -> ms of one decode step's products
     for model, prod, N, K, uses in shapes:
         w = (torch.randn(N, K, generator=gen) * 0.02).to(dev, dtype)
         wt = w.t().contiguous()  # [K, N]
@@ -119,7 +119,7 @@ def cublas_forms(shapes, M: int, reps: int, dev, dtype) -> str:
                 err = float((fn().float() - ref).abs().max() / ref.abs().max())
                 ms = timed(reps, fn)
                 cells.append(f"{ms * 1e3:.1f} us" + ("" if err < 2e-2 else f" (err {err:.2g})"))
-                step[form] = step.get(form, 0.0) + ms * uses
+                step[model, form] = step.get((model, form), 0.0) + ms * uses
             except Exception as exc:  # noqa: BLE001 - a form this torch build lacks
                 cells.append(f"n/a ({type(exc).__name__})")
             finally:
@@ -127,7 +127,9 @@ def cublas_forms(shapes, M: int, reps: int, dev, dtype) -> str:
                 back.matmul.allow_bf16_reduced_precision_reduction = red
         lines.append(f"| {model} | {prod} | {M} | " + " | ".join(cells) + " |")
         print(lines[-1], flush=True)
-    lines.append("| one step | | | " + " | ".join(f"{step.get(f, float('nan')):.3f} ms" for f in FORMS) + " |")
+    for model in dict.fromkeys(m for m, *_ in shapes):
+        lines.append(f"| {model}: one step's products | | {M} | "
+                     + " | ".join(f"{step.get((model, f), float('nan')):.3f} ms" for f in FORMS) + " |")
     return "\n".join(lines)
 
 

@@ -264,7 +264,9 @@ _stage2 = lazy_jit(_decode_stage2)
 
 # Tuning knobs of the split heuristic (shapes only; see choose_num_splits). Measured on nothing yet:
 # benchmarks/bench_kernels.py sweeps num_splits on the GPU.
-CTAS_PER_SM = 4  # resident stage-1 programs per SM (with 4 warps: about 106 registers x 128 threads, ~40 KB smem)
+# resident stage-1 programs per SM, as counted at 4 warps (about 106 registers x 128 threads, ~40 KB smem);
+# not re-derived for today's 2 warps: at the job shape the split sweep still finds 1 split fastest
+CTAS_PER_SM = 4
 MIN_TOKENS_PER_SPLIT = 256  # a split's (m, l, acc) traffic stays ~5% of its K/V bytes
 MAX_SPLITS = 64
 TILE_TOKENS = 64

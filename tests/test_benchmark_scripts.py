@@ -53,6 +53,15 @@ def test_benchmark_smoke_runs(tmp_path, script, stem):
         assert stdout.count("'tokens_per_s'") == 3 and "'evictions_per_seq_head'" in stdout
 
 
+def test_matmul_forms_smoke_sums_each_models_step(tmp_path):
+    """bench_matmul.py --forms: every shape's row, then one step's products per model, F.linear timed."""
+    run_smoke("bench_matmul.py", tmp_path, "--forms")
+    text = (tmp_path / "bench_matmul_forms_smoke.md").read_text()
+    steps = [line for line in text.splitlines() if "one step's products" in line]
+    assert len(steps) == 2 and all(line.startswith("| tiny: ") for line in steps), text  # rows 5 and 40
+    assert all(float(line.split("|")[4].split()[0]) > 0 for line in steps), text
+
+
 def test_invariance_benchmark_finds_where_rows_part():
     import sys
 
