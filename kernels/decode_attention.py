@@ -29,7 +29,7 @@ arXiv 2406.10774):
   two tensor-core products with fp32 accumulation. Inside the main loop they cost more: computed
   elementwise (run 15) the attention took 2.3 ms a step longer; as the same two products per tile, their
   kmin / kmax loads beside the tile's K / V (run 37), 4% longer (the 1.5B job's RaaS attention 4.33 ms a
-  step against 4.15; `benchmarks/results/bench_step_kernels.md`). A separate loop keeps the main loop as
+  step against 4.15; run 37 in docs/gpu-notes.md). A separate loop keeps the main loop as
   it was.
 * With one split and no mass, stage 1 divides by l and writes the output itself (no stage 2).
 * Stage 2, grid (B, Hkv): for each head, M = max_split m, L = sum_split 2^(m - M) l,
@@ -317,9 +317,10 @@ def paged_decode_attention_impl(
 ):
     """`paged_decode_attention` with its launch parameters exposed (for benchmarks and tuning).
 
-    num_warps 2 (stage 1): at the 1.5B job shape 2 warps a program read the pages 5-7% faster than 4
-    (raas L=1024 0.150 vs 0.158 ms a layer, dense at 3,100 tokens 0.386 vs 0.415, 99% of copy bandwidth);
-    1 and 8 warps, 3 stages or 8 pages a tile are slower (benchmarks/bench_step_kernels.py).
+    num_warps 2 (stage 1): at the 1.5B job shape 2 warps a program read the pages 5-8% faster than 4
+    (run 41: raas L=1024 0.150 vs 0.158 ms a layer, dense at 3,100 tokens 0.386 vs 0.415; run 44: 0.153
+    vs 0.161 and 0.394 vs 0.427); 1 and 8 warps, 2 splits, 1 or 3 stages, 2 or 8 pages a tile are slower
+    (benchmarks/bench_step_kernels.py, tables in benchmarks/results/bench_step_kernels*.md).
 
     batch_invariant: one split per (sequence, KV head) and a fixed tile of pages per iteration, so a
     row's result depends only on its own pages (not on the batch size or the table width, which set
