@@ -89,7 +89,31 @@ def bits_check(results: list[dict]) -> str:
 
 
 FORMS = ["F.linear (x W^T)", "x @ W^T stored (N-major copy)", "cuBLASLt: F.linear", "cuBLASLt: x @ W^T stored",
-         "no reduced-precision split: F.linear"]
+         "no reduced-precision split: F.linear", "two products, N halves", "two products, M halves"]
+
+
+def form_calls(form: str, x, w, wt):
+    """(the call timed, a call giving the whole [M, N] product) of one form. The split forms are what a
+    layer could run instead of one product: N halves as two outputs (gate and up apart, for a two-input
+    SiLU-multiply), M halves written into the two row halves of one output (no copy)."""
+    if form == "two products, N halves":
+        n = w.shape[0] // 2
+        halves = (w[:n], w[n:])
+        def split():
+            return [torch.nn.functional.linear(x, h) for h in halves]
+        return split, lambda: torch.cat(split(), dim=1)
+    if form == "two products, M halves":
+        m = x.shape[0] // 2
+        out = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
+
+        def rows():
+            torch.mm(x[:m], w.t(), out=out[:m])
+            torch.mm(x[m:], w.t(), out=out[m:])
+            return out
+        return rows, rows
+    fn = (functools.partial(torch.matmul, x, wt) if "stored" in form
+          else functools.partial(torch.nn.functional.linear, x, w))
+    return fn, fn
 
 
 def cublas_forms(shapes, M: int, reps: int, dev, dtype) -> str:
@@ -114,9 +138,8 @@ def cublas_forms(shapes, M: int, reps: int, dev, dtype) -> str:
                     back.preferred_blas_library("cublaslt")
                 if form.startswith("no reduced"):
                     back.matmul.allow_bf16_reduced_precision_reduction = False
-                fn = (functools.partial(torch.matmul, x, wt) if "stored" in form
-                      else functools.partial(torch.nn.functional.linear, x, w))
-                err = float((fn().float() - ref).abs().max() / ref.abs().max())
+                fn, whole = form_calls(form, x, w, wt)
+                err = float((whole().float() - ref).abs().max() / ref.abs().max())
                 ms = timed(reps, fn)
                 cells.append(f"{ms * 1e3:.1f} us" + ("" if err < 2e-2 else f" (err {err:.2g})"))
                 step[model, form] = step.get((model, form), 0.0) + ms * uses

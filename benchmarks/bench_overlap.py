@@ -87,7 +87,7 @@ class Step:
         return F.linear(self.x[self.rows[h]], self.w[layer][0])
 
     def attn(self, h, layer, qkv):
-        k, v, kmin, kmax, fill, ids = self.caches[layer]
+        k, v, kmin, kmax, fill, ids, _ = self.caches[layer]
         q = qkv[:, :12 * self.D].reshape(-1, 12, self.D)
         out, _ = DEC.paged_decode_attention_impl(q, k, v, ids[self.rows[h]], fill, self.D ** -0.5,
                                                  key_bounds=(kmin, kmax))

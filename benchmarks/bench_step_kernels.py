@@ -5,7 +5,9 @@ kernels a change touches, side by side in one run (a ratio between runs on diffe
 few percent, run 32 vs run 35):
 - decode attention of a 1.5B-shape step (Hq 12, Hkv 2, D 128, pages of 16, batch 512): RaaS at
   kv_budget 1024 (66 pages a row, Quest bounds returned) and dense at 3,100 tokens (the fixed job's
-  mean context), each with a few launch settings (which must not change the result);
+  mean context), each with a few launch settings (which must not change the result), and RaaS with its
+  top-half refresh, run by the bounded_update kernel after the attention or inside its program (the
+  same stamps);
 - the sampler over a [512, 49152] logits row block (temperature 0.6, top-p 0.95): bf16 in, fp32 in
   (the same tokens).
 Each attention variant runs one call per layer over 28 layers' own caches (so L2 holds no layer's
@@ -43,7 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import triton
 import triton.language as tl
 from bench_job import results_dir, save_results
-from bench_kernels import CUDA, DEC, DEV, TRI, copy_bandwidth, make_pool, md_table, rel, scattered_ids
+from bench_kernels import CUDA, DEC, DEV, TRI, copy_bandwidth, make_pool, md_table, ref, rel, scattered_ids
 from bench_matmul import timed
 
 FULL = {"layers": 28, "B": 512, "Hq": 12, "Hkv": 2, "D": 128, "P": 16, "raas_pages": 66, "dense_tokens": 3100,
@@ -64,14 +66,26 @@ SAMPLER_VARIANTS = [("8 warps", {"num_warps": 8}), ("4 warps", {"num_warps": 4})
 COLS = ["kernel", "policy", "variant", "ms_per_call", "ms_per_step", "pct_copy", "rel_err_vs_default"]
 
 
+# RaaS's refresh (top-half by the bounds) with the attention: run by the bounded_update kernel after it
+# (before this session's change, the engine's path), or inside the attention's program (the default now)
+REFRESH_VARIANTS = [("+ refresh kernel after", {"fuse_refresh": False}), ("+ refresh in the program", {})]
+
+
 def layer_caches(cfg, pages_per_row: int, seed: int):
     """One layer's pool holding B rows of `pages_per_row` full pages, scattered; -> (k, v, kmin, kmax,
-    fill, ids [B, Hkv, S])."""
+    fill, ids [B, Hkv, S], refresh): refresh is RaaS's top-half refresh of the layer (a slot per row,
+    position 3,000, the current page the row's first, half the row's pages refreshed)."""
     B, Hkv, D, P = cfg["B"], cfg["Hkv"], cfg["D"], cfg["P"]
     N = B * pages_per_row + 1
     k, v = make_pool(N, Hkv, P, D, torch.bfloat16, seed)
     fill = torch.full((N, Hkv), P, dtype=torch.int32, device=DEV)
-    return k, v, k.amin(2), k.amax(2), fill, scattered_ids(B, Hkv, pages_per_row, N, seed)
+    ids = scattered_ids(B, Hkv, pages_per_row, N, seed)
+    refresh = ref.Refresh(ids[:, :, 0].long().contiguous(), torch.arange(B, device=DEV),
+                          torch.full((B,), 3000, device=DEV), torch.full((B,), pages_per_row // 2, device=DEV),
+                          torch.zeros((N, Hkv), dtype=torch.bool, device=DEV),
+                          torch.zeros((N, Hkv), dtype=torch.int64, device=DEV),
+                          torch.zeros((N, Hkv), device=DEV), "top_half", scale=D ** -0.5)
+    return k, v, k.amin(2), k.amax(2), fill, ids, refresh
 
 
 def attention_rows(cfg, copy_bw) -> list[dict]:
@@ -83,14 +97,24 @@ def attention_rows(cfg, copy_bw) -> list[dict]:
                                   ("dense", -(-cfg["dense_tokens"] // P), False)):
         layers = [layer_caches(cfg, pages, seed) for seed in range(L)]
         nbytes = B * Hkv * pages * (2 * P * D * 2 + (2 * D * 2 if bounds else 0))
-        want = None
-        for name, kw in ATTN_VARIANTS:
-            def call(layer, kw=kw, bounds=bounds):
-                k, v, kmin, kmax, fill, ids = layer
-                return DEC.paged_decode_attention_impl(q, k, v, ids, fill, D ** -0.5,
-                                                       key_bounds=(kmin, kmax) if bounds else None, **kw)
+        want = stamps = None
+        for name, kw in ATTN_VARIANTS + (REFRESH_VARIANTS if bounds else []):
+            with_refresh = (name, kw) in REFRESH_VARIANTS
 
+            def call(layer, kw=kw, bounds=bounds, with_refresh=with_refresh):
+                k, v, kmin, kmax, fill, ids, refresh = layer
+                return DEC.paged_decode_attention_impl(q, k, v, ids, fill, D ** -0.5,
+                                                       key_bounds=(kmin, kmax) if bounds else None,
+                                                       refresh=refresh if with_refresh else None, **kw)
+
+            if with_refresh:  # both ways leave the same stamps
+                layers[0][-1].stamp.zero_()
             out = call(layers[0])
+            if with_refresh:
+                stamp = layers[0][-1].stamp.clone()
+                assert int((stamp > 0).sum()) > 0, "the refresh stamped no page"
+                stamps = stamp if stamps is None else stamps
+                assert torch.equal(stamp, stamps), f"{name}: other stamps than {REFRESH_VARIANTS[0][0]}"
             got = torch.cat([t.float().flatten() for t in (out if isinstance(out, tuple) else (out,))])
             want = got if want is None else want
             ms = timed(cfg["reps"], lambda call=call, layers=layers: [call(layer) for layer in layers]) / L

@@ -22,14 +22,20 @@ def lazy_jit(fn, helpers=()):
     """Apply triton.jit on first use, so TRITON_INTERPRET is read when the kernel is first launched
     (tests set it before that), not when its module happens to be imported. Returns a getter.
 
-    helpers: plain functions of the same module that the kernel calls; they are jitted at the same
-    moment and bound to their names in the module, so kernel and helpers run in the same mode."""
+    helpers: plain functions that the kernel calls, directly or through another helper (they may live
+    in another module of the package); each is jitted once, at the first use of a kernel that lists it,
+    and bound to its name in its own module and in the kernel's, so kernel and helpers run in the same
+    mode."""
     holder: dict = {}
 
     def get():
         if "k" not in holder:
             for helper in helpers:
-                fn.__globals__[helper.__name__] = triton.jit(helper)
+                name = helper.__name__
+                jitted = helper.__globals__.get(name)
+                if jitted is helper:  # not jitted yet (another kernel may have done it)
+                    jitted = helper.__globals__[name] = triton.jit(helper)
+                fn.__globals__[name] = jitted
             holder["k"] = triton.jit(fn)
         return holder["k"]
 

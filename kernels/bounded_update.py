@@ -61,8 +61,8 @@ def _bounded_update_kernel(
     ss = tl.arange(0, BLOCK_S)
     ids_row = ids_ptr + b * stride_ib + h * stride_ih
     val_row = val_ptr + b * stride_vb + h * stride_vh
-    v = tl.load(val_row + ss * stride_vs, mask=ss < S, other=0.0)
     if RULE == 3:
+        v = tl.load(val_row + ss * stride_vs, mask=ss < S, other=0.0)
         pid = tl.load(ids_row + ss * stride_is, mask=ss < S, other=-1)
         listed = pid >= 0
         at = tl.where(listed, pid, 0).to(tl.int64) * stride_mn + h * stride_mh
@@ -70,34 +70,54 @@ def _bounded_update_kernel(
         tl.store(mass_ptr + at, tl.load(mass_ptr + at, mask=listed, other=0.0) + v, mask=listed)
     else:
         slot = tl.load(slot_ptr + b).to(tl.int64)
-        pos = tl.load(pos_ptr + b).to(tl.int64)
-        cur = tl.load(cur_ptr + slot * stride_ss + h * stride_sh)
-        listed, ok, page, f = _row_ok(ids_row, fill_ptr, pinned_ptr, h, cur, ss, S, stride_is,
-                                      stride_mn, stride_mh, REFRESH_PINNED)
-        if RULE == 0:
-            rank = tl.zeros([BLOCK_S], tl.int32)
-            for j0 in range(0, S, BLOCK_J):
-                jj = j0 + tl.arange(0, BLOCK_J)
-                _, ok_j, _, _ = _row_ok(ids_row, fill_ptr, pinned_ptr, h, cur, jj, S, stride_is,
-                                        stride_mn, stride_mh, REFRESH_PINNED)
-                v_j = tl.load(val_row + jj * stride_vs, mask=jj < S, other=0.0)
-                before = (v_j[None, :] > v[:, None]) | ((v_j[None, :] == v[:, None]) & (jj[None, :] < ss[:, None]))
-                rank += tl.sum((before & ok_j[None, :]).to(tl.int32), axis=1)
-            refresh = ok & (rank < tl.load(top_ptr + slot))
-        elif RULE == 1:
-            logit = v * scale + tl.log(tl.maximum(f, 1).to(tl.float32))
-            logit = tl.where(listed & (f > 0), logit, float("-inf"))
-            e = tl.exp(logit - tl.max(logit, axis=0))
-            refresh = ok & (e / tl.sum(e, axis=0) > alpha)
-        else:
-            refresh = ok & (v > alpha)
-        at = page * stride_mn + h * stride_mh
-        if REFRESH_PINNED:  # (otherwise `ok` already excludes pinned pages)
-            refresh = refresh & (tl.load(pinned_ptr + at, mask=listed, other=1) == 0)
-        tl.store(stamp_ptr + at, tl.zeros([BLOCK_S], tl.int64) + pos, mask=refresh)
+        _refresh_row(ids_row, stride_is, val_row, stride_vs, S, h, slot, tl.load(pos_ptr + b).to(tl.int64),
+                     cur_ptr, top_ptr, fill_ptr, pinned_ptr, stamp_ptr, stride_ss, stride_sh, stride_mn, stride_mh,
+                     alpha, scale, RULE, REFRESH_PINNED, BLOCK_S, BLOCK_J)
 
 
-_kernel = lazy_jit(_bounded_update_kernel, helpers=(_row_ok,))
+def _refresh_row(ids_row, stride_is, val_row, stride_vs, S, h, slot, pos,
+                 cur_ptr, top_ptr, fill_ptr, pinned_ptr, stamp_ptr, stride_ss, stride_sh, stride_mn, stride_mh,
+                 alpha, scale,
+                 RULE: tl.constexpr, REFRESH_PINNED: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_J: tl.constexpr):
+    """Rules top_half (0), alpha (1) and mass (2) over one (sequence, KV head) row of S entries: the
+    refreshed pages get stamp = pos. Shared by this kernel and the decode attention, which runs it on the
+    bounds it has just computed when one program holds a whole row (kernels/decode_attention.py)."""
+    ss = tl.arange(0, BLOCK_S)
+    v = tl.load(val_row + ss * stride_vs, mask=ss < S, other=0.0)
+    cur = tl.load(cur_ptr + slot * stride_ss + h * stride_sh)
+    listed, ok, page, f = _row_ok(ids_row, fill_ptr, pinned_ptr, h, cur, ss, S, stride_is,
+                                  stride_mn, stride_mh, REFRESH_PINNED)
+    if RULE == 0:
+        rank = tl.zeros([BLOCK_S], tl.int32)
+        for j0 in range(0, S, BLOCK_J):
+            jj = j0 + tl.arange(0, BLOCK_J)
+            _, ok_j, _, _ = _row_ok(ids_row, fill_ptr, pinned_ptr, h, cur, jj, S, stride_is,
+                                    stride_mn, stride_mh, REFRESH_PINNED)
+            v_j = tl.load(val_row + jj * stride_vs, mask=jj < S, other=0.0)
+            before = (v_j[None, :] > v[:, None]) | ((v_j[None, :] == v[:, None]) & (jj[None, :] < ss[:, None]))
+            rank += tl.sum((before & ok_j[None, :]).to(tl.int32), axis=1)
+        refresh = ok & (rank < tl.load(top_ptr + slot))
+    elif RULE == 1:
+        logit = v * scale + tl.log(tl.maximum(f, 1).to(tl.float32))
+        logit = tl.where(listed & (f > 0), logit, float("-inf"))
+        e = tl.exp(logit - tl.max(logit, axis=0))
+        refresh = ok & (e / tl.sum(e, axis=0) > alpha)
+    else:
+        refresh = ok & (v > alpha)
+    at = page * stride_mn + h * stride_mh
+    if REFRESH_PINNED:  # (otherwise `ok` already excludes pinned pages)
+        refresh = refresh & (tl.load(pinned_ptr + at, mask=listed, other=1) == 0)
+    tl.store(stamp_ptr + at, tl.zeros([BLOCK_S], tl.int64) + pos, mask=refresh)
+
+
+_kernel = lazy_jit(_bounded_update_kernel, helpers=(_row_ok, _refresh_row))
+
+
+def refresh_blocks(S: int) -> tuple[int, int]:
+    """(BLOCK_S, BLOCK_J) of `_refresh_row` for rows of S entries: the row in one block, the top-half
+    rank's pairwise comparisons BLOCK_J columns at a time (at most 4,096 pairs at once)."""
+    block_s = max(16, triton.next_power_of_2(S))
+    return block_s, max(1, min(32, 4096 // block_s))
 
 
 def bounded_update(page_ids, values, cur, slot_ids, positions, top, fill, pinned, stamp, mass,
@@ -117,16 +137,16 @@ def bounded_update(page_ids, values, cur, slot_ids, positions, top, fill, pinned
 
         values = page_scores(q, kmin, kmax, page_ids)
     assert values.shape == page_ids.shape and values.dtype == torch.float32
-    block_s = max(16, triton.next_power_of_2(S))
+    block_s, block_j = refresh_blocks(S)
     _kernel()[(B, Hkv)](
         page_ids, values, cur, slot_ids, positions, top,
         fill, pinned.view(torch.uint8), stamp, mass,
         *page_ids.stride(), *values.stride(), cur.stride(0), cur.stride(1), fill.stride(0), fill.stride(1),
         S, float(alpha), float(scale),
         RULE=_RULES[rule], REFRESH_PINNED=refresh_pinned, BLOCK_S=block_s,
-        BLOCK_J=max(1, min(32, 4096 // block_s)),
+        BLOCK_J=block_j,
         num_warps=4 if block_s >= 128 else 1, **pdl_args(page_ids.device),
     )
 
 
-__all__ = ["bounded_update"]
+__all__ = ["bounded_update", "refresh_blocks"]

@@ -19,7 +19,14 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from .reference import _limit_pages, page_scores, prefill_attention, with_key_bounds  # noqa: F401  (other ops)
+from .reference import (  # noqa: F401  (other ops)
+    _limit_pages,
+    bounded_update,
+    page_scores,
+    prefill_attention,
+    refresh_after,
+    with_key_bounds,
+)
 
 backend = "cpu"
 
@@ -69,11 +76,13 @@ def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def paged_decode_attention(q, k_cache, v_cache, page_ids, fill, scale, return_mass=False, num_pages=None,
-                           key_bounds=None):
+                           key_bounds=None, refresh=None):
     """Same contract as reference.paged_decode_attention, except that slots past a page's fill must hold
     finite values (true of the engine's pool)."""
     result = _decode_attention(q, k_cache, v_cache, page_ids, fill, scale, return_mass, num_pages)
-    return with_key_bounds(result, return_mass, q, page_ids, num_pages, key_bounds)
+    result = with_key_bounds(result, return_mass, q, page_ids, num_pages, key_bounds)
+    refresh_after(bounded_update, result, page_ids, fill, refresh, num_pages)
+    return result
 
 
 def _decode_attention(q, k_cache, v_cache, page_ids, fill, scale, return_mass, num_pages):

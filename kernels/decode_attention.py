@@ -31,6 +31,9 @@ arXiv 2406.10774):
   kmin / kmax loads beside the tile's K / V (run 37), 4% longer (the 1.5B job's RaaS attention 4.33 ms a
   step against 4.15; run 37 in docs/gpu-notes.md). A separate loop keeps the main loop as
   it was.
+  With a RaaS refresh by the bounds and one split, the program then holds its row's every bound: it
+  runs the refresh itself (`_refresh_row` of kernels/bounded_update.py, the same code as that kernel),
+  which saves the job's step one launch and one read of the row per layer.
 * With one split and no mass, stage 1 divides by l and writes the output itself (no stage 2).
 * Stage 2, grid (B, Hkv): for each head, M = max_split m, L = sum_split 2^(m - M) l,
   out = sum_split 2^(m - M) acc / L. The page mass is 2^(lse_page - (M + log2 L)), i.e. the page's
@@ -49,6 +52,8 @@ import triton
 import triton.language as tl
 
 from ._jit import interpreting, lazy_jit, pdl_args
+from .bounded_update import _RULES, _refresh_row, _row_ok, bounded_update, refresh_blocks
+from .reference import Refresh, refresh_after
 
 _LOG2E = 1.4426950408889634
 
@@ -62,12 +67,15 @@ def _decode_stage1(
     stride_vn, stride_vh, stride_vp, stride_vd,
     stride_ib, stride_ih, stride_is,
     stride_fn, stride_fh,
+    cur_ptr, slot_ptr, pos_ptr, top_ptr, pinned_ptr, stamp_ptr, stride_cs, stride_ch,
     qk_scale_log2,  # softmax scale * log2(e)
-    S, pages_per_split, num_splits,
+    S, pages_per_split, num_splits, refresh_alpha, refresh_scale,
     HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, PPI: tl.constexpr,
     RETURN_MASS: tl.constexpr, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr, HAS_NUM_PAGES: tl.constexpr,
     DIRECT: tl.constexpr, RETURN_BOUNDS: tl.constexpr,
+    REFRESH: tl.constexpr, RULE: tl.constexpr, REFRESH_PINNED: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_J: tl.constexpr,
     PDL: tl.constexpr,
 ):
     if PDL:  # programmatic dependent launch (kernels/_jit.py): the kernel before must have finished
@@ -181,6 +189,14 @@ def _decode_stage1(
             best = tl.max(tl.where(row_ok[:, None], bnd, float("-inf")), axis=0)
             tl.store(bounds_ptr + (b * HKV + kvh) * S + pidx, tl.where(has_j, best, float("-inf")),
                      mask=pidx < row_end)
+        if REFRESH:  # one split: this program has just written its row's every bound; RaaS's refresh
+            # over the entries read (those past the row's page count are not: as -1, refresh_after)
+            tl.debug_barrier()  # the row as stored above, seen by every thread of the program
+            slot = tl.load(slot_ptr + b).to(tl.int64)
+            _refresh_row(ids_base, stride_is, bounds_ptr + (b * HKV + kvh) * S, 1, num_listed, kvh, slot,
+                         tl.load(pos_ptr + b).to(tl.int64), cur_ptr, top_ptr, fill_ptr, pinned_ptr, stamp_ptr,
+                         stride_cs, stride_ch, stride_fn, stride_fh, refresh_alpha, refresh_scale,
+                         RULE, REFRESH_PINNED, BLOCK_S, BLOCK_J)
 
     if DIRECT:  # one split and no mass: the program holds the whole softmax, so it writes the output
         o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
@@ -259,7 +275,7 @@ def _decode_stage2(
             tl.store(mass_ptr + (b * HKV + kvh) * S + sidx, mass, mask=sidx < S)
 
 
-_stage1 = lazy_jit(_decode_stage1)
+_stage1 = lazy_jit(_decode_stage1, helpers=(_row_ok, _refresh_row))
 _stage2 = lazy_jit(_decode_stage2)
 
 # Tuning knobs of the split heuristic (shapes only; see choose_num_splits). Measured on nothing yet:
@@ -308,7 +324,9 @@ def paged_decode_attention_impl(
     return_mass: bool = False,
     num_pages: torch.Tensor | None = None,
     key_bounds: tuple[torch.Tensor, torch.Tensor] | None = None,
+    refresh: Refresh | None = None,
     *,
+    fuse_refresh: bool = True,
     num_splits: int | None = None,
     pages_per_iter: int | None = None,
     num_warps: int = 2,
@@ -321,6 +339,11 @@ def paged_decode_attention_impl(
     (run 41: raas L=1024 0.150 vs 0.158 ms a layer, dense at 3,100 tokens 0.386 vs 0.415; run 44: 0.153
     vs 0.161 and 0.394 vs 0.427); 1 and 8 warps, 2 splits, 1 or 3 stages, 2 or 8 pages a tile are slower
     (benchmarks/bench_step_kernels.py, tables in benchmarks/results/bench_step_kernels*.md).
+
+    refresh (reference.Refresh): RaaS's refresh by the bounds (rules top_half and alpha) runs at the end
+    of the stage-1 program when one split holds a whole row (the job's case), which then has every
+    bound of its row (`_refresh_row`, the same code as kernels/bounded_update.py); otherwise, or with
+    fuse_refresh False, the `bounded_update` kernel runs after the attention, on its results.
 
     batch_invariant: one split per (sequence, KV head) and a fixed tile of pages per iteration, so a
     row's result depends only on its own pages (not on the batch size or the table width, which set
@@ -380,6 +403,20 @@ def paged_decode_attention_impl(
 
     npages = num_pages if num_pages is not None else fill  # (unused when None)
     direct = num_splits == 1 and not return_mass
+    fused = (fuse_refresh and refresh is not None and num_splits == 1 and key_bounds is not None
+             and not refresh.on_mass)
+    if fused:
+        r = refresh
+        assert all(t.shape == fill.shape and t.stride() == fill.stride() for t in (r.pinned, r.stamp))
+        block_s, block_j = refresh_blocks(S)
+        meta = (r.cur, r.slot_ids, r.positions, r.top, r.pinned.view(torch.uint8), r.stamp, *r.cur.stride())
+        rule_args = {"RULE": _RULES[r.rule], "REFRESH_PINNED": r.refresh_pinned, "BLOCK_S": block_s,
+                     "BLOCK_J": block_j}
+        floats = (float(r.alpha), float(r.scale))
+    else:  # (unused: dead code under REFRESH=False)
+        meta = (page_ids,) * 6 + (0, 0)
+        rule_args = {"RULE": 0, "REFRESH_PINNED": False, "BLOCK_S": 16, "BLOCK_J": 16}
+        floats = (0.0, 1.0)
     _stage1()[(B, Hkv, num_splits)](
         q, k_cache, v_cache, page_ids, fill, npages,
         acc, m, l, lse, out, out.stride(0), out.stride(1), out.stride(2),
@@ -388,14 +425,17 @@ def paged_decode_attention_impl(
         *k_cache.stride(), *v_cache.stride(),
         page_ids.stride(0), page_ids.stride(1), page_ids.stride(2),
         fill.stride(0), fill.stride(1),
+        *meta,
         float(scale) * _LOG2E,
-        S, pages_per_split, num_splits,
+        S, pages_per_split, num_splits, *floats,
         HQ=Hq, HKV=Hkv, G=G, GP=GP, D=D, BLOCK_D=BLOCK_D, BLOCK_P=BLOCK_P, PPI=pages_per_iter,
         RETURN_MASS=return_mass, DOT_PREC=dot_prec, DOT_F32=dot_f32, HAS_NUM_PAGES=num_pages is not None,
-        DIRECT=direct, RETURN_BOUNDS=key_bounds is not None, num_warps=num_warps, num_stages=num_stages,
-        **pdl_args(dev),
+        DIRECT=direct, RETURN_BOUNDS=key_bounds is not None, REFRESH=fused, **rule_args,
+        num_warps=num_warps, num_stages=num_stages, **pdl_args(dev),
     )
     if direct:
+        if not fused:
+            refresh_after(bounded_update, result(), page_ids, fill, refresh, num_pages)
         return result()
     _stage2()[(B, Hkv)](
         acc, m, l, lse, out, mass, npages,
@@ -406,6 +446,8 @@ def paged_decode_attention_impl(
         BLOCK_S=min(128, max(16, triton.next_power_of_2(S))), RETURN_MASS=return_mass,
         HAS_NUM_PAGES=num_pages is not None, num_warps=4, **pdl_args(dev),
     )
+    if not fused:
+        refresh_after(bounded_update, result(), page_ids, fill, refresh, num_pages)
     return result()
 
 
@@ -419,6 +461,7 @@ def paged_decode_attention(
     return_mass: bool = False,
     num_pages: torch.Tensor | None = None,
     key_bounds: tuple[torch.Tensor, torch.Tensor] | None = None,
+    refresh: Refresh | None = None,
 ):
     """Exact softmax attention of one query token per sequence over the listed pages (Triton).
 
@@ -429,10 +472,12 @@ def paged_decode_attention(
     query heads, 0 for -1 and unread entries); with key_bounds = (kmin, kmax) ([N, Hkv, D]), also the
     pages' Quest bounds [B, Hkv, S] float32, equal to page_scores(q, kmin, kmax, page_ids) with unread
     entries -inf. Returns out alone, or the tuple (out, mass), (out, bounds) or (out, mass, bounds).
+    refresh: a bounded policy's update after attention (reference.Refresh), run on this call's bounds or
+    mass; RaaS's refresh runs inside the kernel where it can (paged_decode_attention_impl).
     Split-KV (FlashDecoding); no host sync, CUDA-graph capturable. See the module docstring.
     """
     return paged_decode_attention_impl(q, k_cache, v_cache, page_ids, fill, scale, return_mass, num_pages,
-                                       key_bounds)
+                                       key_bounds, refresh)
 
 
 __all__ = ["choose_num_splits", "paged_decode_attention", "paged_decode_attention_impl"]

@@ -10,6 +10,7 @@ Page id lists use -1 for "no page".
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 
 import torch
 
@@ -38,6 +39,7 @@ def paged_decode_attention(
     return_mass: bool = False,
     num_pages: torch.Tensor | None = None,
     key_bounds: tuple[torch.Tensor, torch.Tensor] | None = None,
+    refresh: Refresh | None = None,
 ):
     """Exact softmax attention of one query token per sequence over the listed pages.
 
@@ -50,9 +52,13 @@ def paged_decode_attention(
     key_bounds = (kmin, kmax) [N, Hkv, D]: also the Quest bound of every entry,
     page_scores(q, kmin, kmax, page_ids limited by num_pages) (what RaaS's refresh ranks; a kernel reads
     the bounds with the pages). Returns out, or (out, mass), (out, bounds), (out, mass, bounds).
+    refresh: a bounded policy's update after attention (`Refresh`), run on this call's mass or bounds
+    before returning: `refresh_after` is the meaning; the Triton kernel runs RaaS's refresh inside.
     """
     result = _decode_attention(q, k_cache, v_cache, page_ids, fill, scale, return_mass, num_pages)
-    return with_key_bounds(result, return_mass, q, page_ids, num_pages, key_bounds)
+    result = with_key_bounds(result, return_mass, q, page_ids, num_pages, key_bounds)
+    refresh_after(bounded_update, result, page_ids, fill, refresh, num_pages)
+    return result
 
 
 def with_key_bounds(result, return_mass: bool, q, page_ids, num_pages, key_bounds):
@@ -61,6 +67,44 @@ def with_key_bounds(result, return_mass: bool, q, page_ids, num_pages, key_bound
         return result
     bounds = page_scores(q, key_bounds[0], key_bounds[1], _limit_pages(page_ids, num_pages))
     return (*result, bounds) if return_mass else (result, bounds)
+
+
+@dataclass(frozen=True)
+class Refresh:
+    """A bounded policy's state update after attention, handed to the attention op so that a kernel can
+    run it where it has the values at hand (RaaS: the Quest bounds of a row's pages, in the decode
+    attention's program for that row). The fields are `bounded_update`'s arguments other than page_ids,
+    values and fill, which the attention call supplies (values: its mass for the rules mass and
+    accumulate, its bounds for top_half and alpha)."""
+
+    cur: torch.Tensor
+    slot_ids: torch.Tensor
+    positions: torch.Tensor
+    top: torch.Tensor
+    pinned: torch.Tensor
+    stamp: torch.Tensor
+    mass: torch.Tensor
+    rule: str
+    refresh_pinned: bool = False
+    alpha: float = 0.0
+    scale: float = 1.0
+
+    @property
+    def on_mass(self) -> bool:
+        """Whether the rule reads the attention's mass (else its Quest bounds)."""
+        return self.rule in ("mass", "accumulate")
+
+
+def refresh_after(update, result, page_ids, fill, refresh: Refresh | None, num_pages=None) -> None:
+    """Run `refresh` with `update` (a backend's bounded_update) on an attention call's result: its mass
+    (the result's second entry) or its Quest bounds (the last), over the pages the call read (entries
+    past num_pages count as -1). What paged_decode_attention(refresh=...) means on every backend."""
+    if refresh is None:
+        return
+    values = result[1] if refresh.on_mass else result[-1]
+    update(_limit_pages(page_ids, num_pages), values, refresh.cur, refresh.slot_ids, refresh.positions, refresh.top, fill, refresh.pinned,
+           refresh.stamp, refresh.mass, rule=refresh.rule, refresh_pinned=refresh.refresh_pinned,
+           alpha=refresh.alpha, scale=refresh.scale)
 
 
 def _decode_attention(q, k_cache, v_cache, page_ids, fill, scale, return_mass, num_pages):

@@ -44,9 +44,10 @@ def test_benchmark_smoke_runs(tmp_path, script, stem):
     if script == "bench_step_kernels.py":  # every variant ran and gave the default's result
         rows = json.loads((tmp_path / "bench_step_kernels_smoke.json").read_text())["rows"]
         sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-        from bench_step_kernels import ATTN_VARIANTS, SAMPLER_VARIANTS
+        from bench_step_kernels import ATTN_VARIANTS, REFRESH_VARIANTS, SAMPLER_VARIANTS
 
-        assert len(rows) == 2 * len(ATTN_VARIANTS) + 2 + len(SAMPLER_VARIANTS)  # (no PDL chain on a CPU)
+        # (raas with the refresh both ways: the script asserts they leave the same stamps; no PDL chain on a CPU)
+        assert len(rows) == 2 * len(ATTN_VARIANTS) + len(REFRESH_VARIANTS) + 2 + len(SAMPLER_VARIANTS)
         assert all(r["rel_err_vs_default"] <= 2e-2 for r in rows if r["kernel"] == "decode attention"), rows
         assert all(r["rel_err_vs_default"] == 0 for r in rows if r["kernel"] == "sampler"), rows
     if script == "bench_gpu_decode.py":  # batch 1, dense and the bounded RaaS steady state all decoded

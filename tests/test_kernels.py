@@ -196,24 +196,30 @@ def test_decode_reads_only_the_first_num_pages(ns):
         assert torch.all(got_mass[cut < 0] == 0)
 
 
+def _bounds_case(g, limit: bool):
+    """3 bounded-policy rows (listed pages first) of 9 entries, bf16, Hq 12 / Hkv 2 / D 32 / pages of 16,
+    with integer-valued q, kmin and kmax: Quest bounds exact in fp32 whatever the order of the sums.
+    -> (q, k_cache, v_cache, ids, fill, kmin, kmax, num_pages or None)."""
+    dtype = torch.bfloat16
+    q, k_cache, v_cache, ids, fill = make_decode_case(g, B=3, Hq=12, Hkv=2, D=32, P=16, S=9, budget="large",
+                                                      dtype=dtype)
+    ids = ids.sort(dim=-1, descending=True).values
+    N, Hkv, _, D = k_cache.shape
+    kmin = torch.randint(-4, 1, (N, Hkv, D), generator=g).to(dtype).to(DEVICE)
+    kmax = kmin + torch.randint(0, 4, (N, Hkv, D), generator=g).to(dtype).to(DEVICE)
+    qi = torch.randint(-3, 4, q.shape, generator=g).to(dtype).to(DEVICE)
+    num_pages = torch.tensor([9, 2, 5], dtype=torch.int32, device=DEVICE) if limit else None
+    return qi, k_cache, v_cache, ids, fill, kmin, kmax, num_pages
+
+
 @pytest.mark.parametrize("ns,ppi,mass,limit", [(1, 4, False, False), (1, 1, True, True), (3, 2, False, True),
                                                 (4, 1, True, False), (1, 8, False, True)])
 def test_decode_returns_quest_bounds(ns, ppi, mass, limit):
     """key_bounds=(kmin, kmax): the kernel also returns each entry's Quest bound, equal to page_scores
     over the pages read (-inf for -1 entries and for entries past num_pages), in every split / tile
     layout, alone or with the mass; the output and mass are unchanged by it."""
-    dtype = torch.bfloat16
     g = _gen("decode-bounds", ns, ppi, mass, limit)
-    B, Hq, Hkv, D, P, S = 3, 12, 2, 32, 16, 9
-    q, k_cache, v_cache, ids, fill = make_decode_case(g, B=B, Hq=Hq, Hkv=Hkv, D=D, P=P, S=S, budget="large",
-                                                      dtype=dtype)
-    ids = ids.sort(dim=-1, descending=True).values  # listed pages first, as a bounded policy's row
-    N = k_cache.shape[0]
-    # integer-valued bounds: exact in fp32 whatever the order of the sums
-    kmin = torch.randint(-4, 1, (N, Hkv, D), generator=g).to(dtype).to(DEVICE)
-    kmax = kmin + torch.randint(0, 4, (N, Hkv, D), generator=g).to(dtype).to(DEVICE)
-    qi = torch.randint(-3, 4, q.shape, generator=g).to(dtype).to(DEVICE)
-    num_pages = torch.tensor([9, 2, 5], dtype=torch.int32, device=DEVICE) if limit else None
+    qi, k_cache, v_cache, ids, fill, kmin, kmax, num_pages = _bounds_case(g, limit)
     cut = ref._limit_pages(ids, num_pages)
     assert (cut >= 0).flatten(1).any(1).all()
     want_bounds = ref.page_scores(qi, kmin, kmax, cut)
@@ -231,6 +237,59 @@ def test_decode_returns_quest_bounds(ns, ppi, mass, limit):
     for ops in (kops.get_ops("torch"), kops.get_ops("cpu")):
         other = ops.paged_decode_attention(qi, k_cache, v_cache, ids, fill, 0.2, mass, num_pages, (kmin, kmax))
         assert len(other) == len(got) and torch.equal(other[-1], want_bounds)
+
+
+@pytest.mark.parametrize("rule,refresh_pinned,ns,limit", [
+    ("top_half", False, 1, False), ("top_half", True, 1, True), ("alpha", False, 1, True),
+    ("alpha", True, 1, False), ("top_half", False, 3, True), ("mass", False, 1, False)])
+def test_decode_runs_the_refresh(rule, refresh_pinned, ns, limit, monkeypatch):
+    """refresh=Refresh(...): the op leaves the stamps that the reference attention followed by the
+    reference bounded_update leaves, whether the stage-1 program runs the refresh on the bounds it has
+    just written (one split, the engine's case), or the bounded_update kernel runs after the attention
+    (several splits, the mass rule, or fuse_refresh=False); output and bounds are unchanged by it."""
+    g = _gen("decode-refresh", rule, refresh_pinned, ns, limit)
+    qi, k_cache, v_cache, ids, fill, kmin, kmax, num_pages = _bounds_case(g, limit)  # (integer bounds: many ties)
+    N, Hkv, _, D = k_cache.shape
+    pinned = (torch.rand(N, Hkv, generator=g) < 0.3).to(DEVICE)
+    stamp0 = torch.randint(0, 50, (N, Hkv), generator=g).to(DEVICE)
+    slots = torch.tensor([4, 0, 2], device=DEVICE)
+    cur = torch.full((5, Hkv), -1, dtype=torch.int64, device=DEVICE)
+    cur[slots] = ids[:, :, 0].long()  # each row's current page (its largest id), never refreshed
+    top = torch.tensor([2, 1, 3, 9, 4], device=DEVICE)
+    mass_rule = rule == "mass"
+
+    def run(attention, update=None, **kw):
+        stamp = stamp0.clone()
+        refresh = ref.Refresh(cur, slots, torch.tensor([100, 101, 102], device=DEVICE), top, pinned, stamp,
+                              torch.zeros(N, Hkv, device=DEVICE), rule, refresh_pinned, alpha=0.05, scale=D ** -0.5)
+        if update is None:
+            out = attention(qi, k_cache, v_cache, ids, fill, D ** -0.5, mass_rule, num_pages, (kmin, kmax),
+                            refresh, **kw)
+        else:  # the policy's own op after the attention (RaasPolicy.after_attention)
+            out = attention(qi, k_cache, v_cache, ids, fill, D ** -0.5, mass_rule, num_pages, (kmin, kmax), **kw)
+            ref.refresh_after(update, out, ids, fill, refresh, num_pages)
+        return out, stamp
+
+    impl = dec_mod.paged_decode_attention_impl
+    if mass_rule:  # the mass comes out of stage 2: the kernel's own mass, then the bounded_update kernel
+        want_out, want = run(impl, TRI.bounded_update, num_splits=ns)
+    else:
+        want_out, want = run(ref.paged_decode_attention, ref.bounded_update)
+        _, composed = run(ref.paged_decode_attention)  # the reference op with refresh= means the same
+        assert torch.equal(composed, want)
+    assert (want != stamp0).any()  # some page was refreshed
+    plain, _ = run(impl, num_splits=ns, fuse_refresh=False)
+    if ns == 1 and not mass_rule:  # the stage-1 program runs the refresh: no bounded_update launch
+        monkeypatch.setattr(dec_mod, "bounded_update", lambda *a, **k: pytest.fail("refresh not fused"))
+    fused, got = run(impl, num_splits=ns)
+    monkeypatch.undo()
+    assert torch.equal(got, want)
+    assert torch.equal(run(impl, num_splits=ns, fuse_refresh=False)[1], want)
+    for a, b in zip(plain, fused):
+        assert torch.equal(a, b)
+    assert torch.equal(fused[-1], want_out[-1])  # the bounds
+    if not mass_rule:
+        assert torch.equal(run(kops.get_ops("cpu").paged_decode_attention)[1], want)
 
 
 def test_decode_ignores_garbage_and_strided_q():

@@ -32,7 +32,7 @@ def test_kernels_compile_for_sm90():
 
 
 SM90 = None  # GPUTarget("cuda", 90, 32), set by main()
-FLOATS = {"qk_scale_log2", "alpha", "scale", "eps"}
+FLOATS = {"qk_scale_log2", "alpha", "scale", "eps", "refresh_alpha", "refresh_scale"}
 OPTIONS = ("num_warps", "num_stages")  # launch options, given with the constexprs
 
 
@@ -91,13 +91,20 @@ def attention_variants():
     from raas_batch.kernels import decode_attention
 
     ptrs = {"ids_ptr": "i32", "fill_ptr": "i32", "npages_ptr": "i32", "acc_ptr": "fp32", "m_ptr": "fp32",
-            "l_ptr": "fp32", "lse_ptr": "fp32", "bounds_ptr": "fp32"}
-    for bounds, mass, direct in ((True, False, True), (False, False, True), (False, True, False),
-                                 (True, True, False), (True, False, False)):
+            "l_ptr": "fp32", "lse_ptr": "fp32", "bounds_ptr": "fp32", "cur_ptr": "i64", "slot_ptr": "i64",
+            "pos_ptr": "i64", "top_ptr": "i64", "pinned_ptr": "u8", "stamp_ptr": "i64"}
+    no_refresh = {"REFRESH": False, "RULE": 0, "REFRESH_PINNED": False, "BLOCK_S": 16, "BLOCK_J": 16}
+    # (bounds, mass, direct, refresh settings): the last three are RaaS's refresh run in the program
+    for bounds, mass, direct, refresh in (
+            (True, False, True, no_refresh), (False, False, True, no_refresh), (False, True, False, no_refresh),
+            (True, True, False, no_refresh), (True, False, False, no_refresh),
+            (True, False, True, {"REFRESH": True, "RULE": 0, "REFRESH_PINNED": False, "BLOCK_S": 64, "BLOCK_J": 32}),
+            (True, False, True, {"REFRESH": True, "RULE": 1, "REFRESH_PINNED": True, "BLOCK_S": 128, "BLOCK_J": 32}),
+            (True, True, False, {"REFRESH": True, "RULE": 0, "REFRESH_PINNED": True, "BLOCK_S": 64, "BLOCK_J": 32})):
         yield (decode_attention._stage1, ptrs,
                {"HQ": 12, "HKV": 2, "G": 6, "GP": 16, "D": 128, "BLOCK_D": 128, "BLOCK_P": 16, "PPI": 4,
                 "RETURN_MASS": mass, "DOT_PREC": "tf32", "DOT_F32": False, "HAS_NUM_PAGES": False,
-                "DIRECT": direct, "RETURN_BOUNDS": bounds, "num_warps": 2, "num_stages": 2})
+                "DIRECT": direct, "RETURN_BOUNDS": bounds, **refresh, "num_warps": 2, "num_stages": 2})
 
 
 def other_variants():

@@ -8,7 +8,8 @@ after the reference write step, pool B with the Triton policy's `append` (the wr
 append in one kernel, the engine's path), and both policies get the same attention mass (the
 reference attention's, on pool A).
 RaaS's Quest bounds take each path's own route: the Triton policy gets them from the Triton attention
-kernel (as in the engine), the reference policy computes them with page_scores.
+kernel and hands that kernel its refresh (`attention_refresh`, as in the engine: the refresh runs in
+the attention program), the reference policy computes them with page_scores in its after_attention.
 Keys and queries are small integers, so Quest bounds are exact integers in fp32 whatever the order
 of the sums: the two paths must agree bit for bit, and ties (frequent with integers) exercise the
 tie rules (stable ranks, the older page).
@@ -42,9 +43,11 @@ CASES = [
 
 
 class Lockstep:
-    def __init__(self, name, options, budget=6 * P, seed=0, num_pages=300, dtype=torch.float32, fused=True):
+    def __init__(self, name, options, budget=6 * P, seed=0, num_pages=300, dtype=torch.float32, fused=True,
+                 refresh_in_attention=True):
         self.gen = torch.Generator().manual_seed(seed)
         self.fused = fused
+        self.refresh_in_attention = refresh_in_attention
         self.pools, self.policies = [], []
         for ops in (kops.get_ops("torch"), TRITON):
             pool = PagePool(LAYERS, num_pages, HKV, P, D, dtype, DEVICE)
@@ -106,14 +109,19 @@ class Lockstep:
                                                      pool.fill[layer], D ** -0.5, return_mass=True)
             # The Triton policy ranks by the bounds its attention kernel returns (the engine's path); the
             # reference policy gets none, so its bounded_update scores the pages with page_scores.
-            bounds = [None, None]
+            # With refresh_in_attention (the engine's path) the Triton policy's refresh is handed to that
+            # kernel, which runs it on the row's bounds in the same program.
+            bounds, refresh = [None, None], None
             if self.policies[1].needs_bounds:
                 pool = self.pools[1]
+                if self.refresh_in_attention:
+                    refresh = self.policies[1].attention_refresh(layer, ctxs[1])
                 _, bounds[1] = TRITON.paged_decode_attention(
                     q, pool.k_cache[layer], pool.v_cache[layer], reads[1], pool.fill[layer], D ** -0.5,
-                    key_bounds=(pool.kmin[layer], pool.kmax[layer]))
-            for pol, ctx, r, bd in zip(self.policies, ctxs, reads, bounds):
-                pol.after_attention(layer, q, ctx, r, mass, bd)
+                    key_bounds=(pool.kmin[layer], pool.kmax[layer]), refresh=refresh)
+            self.policies[0].after_attention(layer, q, ctxs[0], reads[0], mass, bounds[0])
+            if refresh is None:
+                self.policies[1].after_attention(layer, q, ctxs[1], reads[1], mass, bounds[1])
         for s in slots:
             self.seqs[s][1] += 1
         self.check()
@@ -146,6 +154,18 @@ def test_write_kernel_alone_equals_reference():
     for _ in range(6 * P):
         run.step()
     assert int(run.policies[0].evicted.max()) > 0
+
+
+def test_refresh_kernel_alone_equals_reference():
+    """RaaS's refresh as its own `bounded_update` kernel after the attention (the path where one program
+    does not hold a whole row: several splits), for both bound rules."""
+    for options in ({}, {"refresh_rule": "alpha", "refresh_pinned": True, "pin_prompt": True}):
+        run = Lockstep("raas", options, refresh_in_attention=False)
+        for slot, n in {0: 2 * P + 3, 1: 5, 2: 7 * P}.items():
+            run.admit(slot, n)
+        for _ in range(6 * P):
+            run.step()
+        assert int(run.policies[0].evicted.max()) > 0
 
 
 def test_fused_refresh_in_bf16():

@@ -6,6 +6,8 @@ kernel reads only those:
 
     append (write_pages + kv_append) -> read_pages -> paged_decode_attention -> after_attention
 
+(or the policy's `attention_refresh` handed to paged_decode_attention, which runs it: RaaS's refresh)
+
 (the bounded policies' append is one kernel on the Triton backend: kernels/kv_append.py).
 """
 
@@ -51,6 +53,13 @@ def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
     # RaaS ranks pages by their Quest bounds: the kernel computes them from kmin / kmax while it reads
     # the pages (1/page_size more bytes), instead of a scoring kernel per layer.
     bounds = (kmin, kmax) if policy.needs_bounds and kmin is not None else None
+    # The policy's update after attention (RaaS's refresh), given to the op when the values it reads come
+    # out of this call: the Triton kernel runs it in the program that has them.
+    refresh = policy.attention_refresh(layer, dec)
+    if refresh is not None and (policy.needs_mass if refresh.on_mass else bounds is not None):
+        return _first(ops.paged_decode_attention(q, k_cache, v_cache, page_ids, fill, scale,
+                                                 return_mass=policy.needs_mass, num_pages=limit, key_bounds=bounds,
+                                                 refresh=refresh))
     result = ops.paged_decode_attention(q, k_cache, v_cache, page_ids, fill, scale, return_mass=policy.needs_mass,
                                         num_pages=limit, key_bounds=bounds)
     if not isinstance(result, tuple):
@@ -60,3 +69,7 @@ def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
     scores = result[-1] if bounds is not None else None
     policy.after_attention(layer, q, dec, page_ids, mass, scores)
     return out
+
+
+def _first(result):
+    return result[0] if isinstance(result, tuple) else result

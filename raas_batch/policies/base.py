@@ -12,7 +12,10 @@ Each hook does what its name says:
   it and writes the token there (a policy may do both in one kernel: the bounded policies on Triton);
 - `read_pages` is a pure read: it changes no state (calling it twice gives the same pages);
 - `after_attention` is the one hook that updates state from what attention saw (RaaS refreshes
-  stamps from the query's page bounds or the pages' attention mass; H2O accumulates mass).
+  stamps from the query's page bounds or the pages' attention mass; H2O accumulates mass). A policy
+  may also give that update as data, `attention_refresh` (a `kernels.reference.Refresh`): the step
+  then hands it to the attention op, which runs it on its own results (the Triton kernel inside the
+  program that computed them), and does not call after_attention. Both forms mean the same update.
 
 Per-sequence settings: a sequence may carry `kv_override` (the scheduler passes it to the host-side
 hooks): for a single policy it is that sequence's kv_budget in tokens (None = the policy's own); for a
@@ -24,9 +27,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
+
+if TYPE_CHECKING:
+    from raas_batch.kernels.reference import Refresh
 
 
 @dataclass
@@ -144,6 +150,15 @@ class KVPolicy:
         """The state update from this step's attention: q [B, Hq, D]; page_ids [B, Hkv, S] as read;
         mass [B, Hkv, S] float32 per page read (None unless needs_mass); bounds [B, Hkv, S] float32,
         the Quest bound of q over each page read (ops.page_scores; None unless needs_bounds)."""
+
+    def attention_refresh(self, layer: int, ctx: DecodeContext) -> Refresh | None:
+        """Optional: this layer's `after_attention` as a `kernels.reference.Refresh`, which the decode
+        step hands to the attention op instead of calling `after_attention` (the Triton kernel then runs
+        RaaS's refresh inside the attention program that computed the bounds). It must mean exactly
+        what after_attention does with the attention's mass or bounds. None: the step calls
+        after_attention."""
+        del layer, ctx
+        return None
 
     def seq_stats(self, slot: int, pages: list[int]) -> tuple[int, int]:
         """Host-side (synchronises): (peak_kv_tokens, evicted_pages) of the sequence now. The engine

@@ -6,7 +6,9 @@ Spec: docs/kv-policies.md. Per decode step, layer and KV head:
    s = sum_i max(q_i * kmax_i, q_i * kmin_i), max over the query heads of the group;
 3. attend exactly over all retained pages (O(L));
 4. refresh: the top floor((L/P)/2) scored pages get stamp = position (`refresh_rule="top_half"`), or
-   those whose bound-estimated share of attention exceeds `alpha` (`refresh_rule="alpha"`).
+   those whose bound-estimated share of attention exceeds `alpha` (`refresh_rule="alpha"`). The decode
+   step hands it to the attention op (`attention_refresh`); the Triton kernel runs it in the program
+   that computed the row's bounds.
 Eviction (when a new page is needed and all L/P slots are held): the unpinned page with the oldest
 stamp, ties to the older page, never one of the last `recent_pages` completed pages. Prompt pages are
 pinned with `pin_prompt` (the paper's setting; off by default here, `"auto"` pins a prompt that takes at
@@ -30,6 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from raas_batch.kernels.reference import Refresh
 from raas_batch.policies.bounded import BoundedPolicy
 
 
@@ -72,18 +75,27 @@ class RaasPolicy(BoundedPolicy):
     def window_pages(self, sparse_pages: int, pinned_pages: int) -> int:
         return self.recent_pages + 1  # victims: logical <= newest completed page - recent_pages
 
-    def after_attention(self, layer, q, ctx, page_ids, mass, bounds=None):
-        """Refresh: the refreshable pages (held, not the current one, unpinned unless refresh_pinned)
-        chosen by the rule get stamp = position. RaaS's step 4; one `bounded_update` op per layer."""
+    def attention_refresh(self, layer, ctx):
+        """Refresh (RaaS's step 4) as the attention op's `refresh`: the refreshable pages (held, not the
+        current one, unpinned unless refresh_pinned) chosen by the rule get stamp = position."""
         if layer < self.dense_layers:
+            return None
+        pool = self.pool
+        return Refresh(self.cur[layer], ctx.slot_ids, ctx.positions, self.top, pool.pinned[layer],
+                       pool.stamp[layer], pool.mass[layer], rule=self.refresh_rule,
+                       refresh_pinned=self.refresh_pinned, alpha=self.alpha, scale=pool.head_dim ** -0.5)
+
+    def after_attention(self, layer, q, ctx, page_ids, mass, bounds=None):
+        """The refresh as its own `bounded_update` op (what `attention_refresh` hands the attention op)."""
+        r = self.attention_refresh(layer, ctx)
+        if r is None:
             return
         pool = self.pool
         # mass, or the Quest bounds the attention computed (None: the op scores the pages itself)
-        values = mass if self.refresh_rule == "mass" else bounds
-        self._ops().bounded_update(page_ids, values, self.cur[layer], ctx.slot_ids, ctx.positions, self.top,
-                                   pool.fill[layer], pool.pinned[layer], pool.stamp[layer], pool.mass[layer],
-                                   rule=self.refresh_rule, refresh_pinned=self.refresh_pinned, alpha=self.alpha,
-                                   scale=pool.head_dim ** -0.5, q=q, kmin=pool.kmin[layer], kmax=pool.kmax[layer])
+        values = mass if r.on_mass else bounds
+        self._ops().bounded_update(page_ids, values, r.cur, r.slot_ids, r.positions, r.top, pool.fill[layer],
+                                   r.pinned, r.stamp, r.mass, rule=r.rule, refresh_pinned=r.refresh_pinned,
+                                   alpha=r.alpha, scale=r.scale, q=q, kmin=pool.kmin[layer], kmax=pool.kmax[layer])
 
 
 @dataclass
