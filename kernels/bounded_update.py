@@ -7,11 +7,13 @@ stride-0 view over heads); values [B, Hkv, S] float32 (Quest bounds or attention
 [num_slots, Hkv] int64; slot_ids, positions [B] int64; top [num_slots] int64; fill [N, Hkv] int32,
 pinned [N, Hkv] bool, stamp [N, Hkv] int64, mass [N, Hkv] float32 (in/out).
 
-Grid (B, Hkv). A program loads its row of S pages and their metadata once and applies the rule:
+Grid (B, Hkv). A program loads its row of S pages and their metadata once and applies the rule (the
+decode attention applies the same rules with the same helpers, `_row_ok` and `_refresh_mask`, when it
+runs RaaS's refresh itself: kernels/decode_attention.py):
 - top_half (RaaS, arXiv 2502.11147: "the top 50%" of pages by the Quest bound, arXiv 2406.10774):
   a refreshable page's rank is the number of refreshable pages with a larger value, plus those with
-  an equal value in an earlier column (a stable descending sort's position, computed as pairwise
-  comparisons against BLOCK_J columns at a time); rank < top[slot] -> stamp = position;
+  an equal value in an earlier column (a stable descending sort's position, from one `tl.sort` of
+  the row: `_refresh_mask`); rank < top[slot] -> stamp = position;
 - alpha: softmax over the listed, non-empty pages of (value * scale + log fill) > alpha -> stamp;
 - mass (RaaS with exact attention mass, our extension): value > alpha -> stamp;
 - accumulate (H2O, arXiv 2306.14048): mass[page] += value (pages are distinct in a row, so no races).
@@ -31,18 +33,41 @@ from ._jit import lazy_jit, pdl_args
 _RULES = {"top_half": 0, "alpha": 1, "mass": 2, "accumulate": 3}
 
 
-def _row_ok(ids_row, fill_ptr, pinned_ptr, h, cur, cols, S, stride_is, stride_mn, stride_mh,
-            REFRESH_PINNED: tl.constexpr):
-    """(listed, refreshable, page, fill) of the row's columns `cols`."""
+def _row_ok(ids_row, fill_ptr, pinned_ptr, h, cur, cols, S, stride_is, stride_mn, stride_mh):
+    """(listed, refreshable but for the pin, page, fill, unpinned) of the row's columns `cols` (entries
+    from S on count as -1)."""
     pid = tl.load(ids_row + cols * stride_is, mask=cols < S, other=-1)
     listed = pid >= 0
     page = tl.where(listed, pid, 0).to(tl.int64)
     meta = page * stride_mn + h * stride_mh
     f = tl.load(fill_ptr + meta, mask=listed, other=0)
-    ok = listed & (f > 0) & (page != cur)
-    if not REFRESH_PINNED:
-        ok = ok & (tl.load(pinned_ptr + meta, mask=listed, other=1) == 0)
-    return listed, ok, page, f
+    unpinned = tl.load(pinned_ptr + meta, mask=listed, other=1) == 0
+    return listed, listed & (f > 0) & (page != cur), page, f, unpinned
+
+
+def _refresh_mask(v, listed, ok, f, cols, top, alpha, scale, RULE: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Which refreshable entries (`ok`) of a row the rule refreshes, from the row's values v [BLOCK_S].
+    top_half: the entries whose rank under a stable descending sort of the refreshable entries' values is
+    below `top`. The rank comes from one sort of the row: a key per entry that orders like (value
+    descending, column ascending) - the value's fp32 bits made order-preserving as an int32, shifted
+    above the column - with the other entries' keys below every refreshable one; an entry is refreshed
+    when its key is at least the top-th largest key (every refreshable entry when fewer than top exist)."""
+    if RULE == 0:
+        bits = (v + 0.0).to(tl.int32, bitcast=True)  # (+ 0.0: -0.0 becomes +0.0, equal values tie)
+        ordered = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64)  # int order = float order
+        low = tl.full([BLOCK_S], -(1 << 63), tl.int64)  # below every refreshable entry's key
+        key = tl.where(ok, (ordered << 32) | (BLOCK_S - 1 - cols), low + (BLOCK_S - 1 - cols))
+        desc = tl.sort(key, descending=True)
+        kth = tl.max(tl.where(cols == top - 1, desc, low), axis=0)
+        refresh = ok & (key >= kth) & ((cols * 0 + top) > 0)  # (vector: the interpreter rejects scalar masks)
+    elif RULE == 1:
+        logit = v * scale + tl.log(tl.maximum(f, 1).to(tl.float32))
+        logit = tl.where(listed & (f > 0), logit, float("-inf"))
+        e = tl.exp(logit - tl.max(logit, axis=0))
+        refresh = ok & (e / tl.sum(e, axis=0) > alpha)
+    else:
+        refresh = ok & (v > alpha)
+    return refresh
 
 
 def _bounded_update_kernel(
@@ -51,7 +76,7 @@ def _bounded_update_kernel(
     stride_ib, stride_ih, stride_is, stride_vb, stride_vh, stride_vs,
     stride_ss, stride_sh, stride_mn, stride_mh,
     S, alpha, scale,
-    RULE: tl.constexpr, REFRESH_PINNED: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_J: tl.constexpr,
+    RULE: tl.constexpr, REFRESH_PINNED: tl.constexpr, BLOCK_S: tl.constexpr,
     PDL: tl.constexpr,
 ):
     if PDL:  # programmatic dependent launch (kernels/_jit.py): the kernel before must have finished
@@ -60,9 +85,8 @@ def _bounded_update_kernel(
     h = tl.program_id(1)
     ss = tl.arange(0, BLOCK_S)
     ids_row = ids_ptr + b * stride_ib + h * stride_ih
-    val_row = val_ptr + b * stride_vb + h * stride_vh
+    v = tl.load(val_ptr + b * stride_vb + h * stride_vh + ss * stride_vs, mask=ss < S, other=0.0)
     if RULE == 3:
-        v = tl.load(val_row + ss * stride_vs, mask=ss < S, other=0.0)
         pid = tl.load(ids_row + ss * stride_is, mask=ss < S, other=-1)
         listed = pid >= 0
         at = tl.where(listed, pid, 0).to(tl.int64) * stride_mn + h * stride_mh
@@ -70,54 +94,23 @@ def _bounded_update_kernel(
         tl.store(mass_ptr + at, tl.load(mass_ptr + at, mask=listed, other=0.0) + v, mask=listed)
     else:
         slot = tl.load(slot_ptr + b).to(tl.int64)
-        _refresh_row(ids_row, stride_is, val_row, stride_vs, S, h, slot, tl.load(pos_ptr + b).to(tl.int64),
-                     cur_ptr, top_ptr, fill_ptr, pinned_ptr, stamp_ptr, stride_ss, stride_sh, stride_mn, stride_mh,
-                     alpha, scale, RULE, REFRESH_PINNED, BLOCK_S, BLOCK_J)
+        cur = tl.load(cur_ptr + slot * stride_ss + h * stride_sh)
+        listed, ok, page, f, unpinned = _row_ok(ids_row, fill_ptr, pinned_ptr, h, cur, ss, S, stride_is,
+                                                stride_mn, stride_mh)
+        if not REFRESH_PINNED:
+            ok = ok & unpinned
+        refresh = _refresh_mask(v, listed, ok, f, ss, tl.load(top_ptr + slot), alpha, scale, RULE, BLOCK_S)
+        # a pinned page's stamp is never written (refresh_pinned lets it take a refresh slot only)
+        tl.store(stamp_ptr + page * stride_mn + h * stride_mh, tl.zeros([BLOCK_S], tl.int64) + tl.load(pos_ptr + b),
+                 mask=refresh & unpinned)
 
 
-def _refresh_row(ids_row, stride_is, val_row, stride_vs, S, h, slot, pos,
-                 cur_ptr, top_ptr, fill_ptr, pinned_ptr, stamp_ptr, stride_ss, stride_sh, stride_mn, stride_mh,
-                 alpha, scale,
-                 RULE: tl.constexpr, REFRESH_PINNED: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_J: tl.constexpr):
-    """Rules top_half (0), alpha (1) and mass (2) over one (sequence, KV head) row of S entries: the
-    refreshed pages get stamp = pos. Shared by this kernel and the decode attention, which runs it on the
-    bounds it has just computed when one program holds a whole row (kernels/decode_attention.py)."""
-    ss = tl.arange(0, BLOCK_S)
-    v = tl.load(val_row + ss * stride_vs, mask=ss < S, other=0.0)
-    cur = tl.load(cur_ptr + slot * stride_ss + h * stride_sh)
-    listed, ok, page, f = _row_ok(ids_row, fill_ptr, pinned_ptr, h, cur, ss, S, stride_is,
-                                  stride_mn, stride_mh, REFRESH_PINNED)
-    if RULE == 0:
-        rank = tl.zeros([BLOCK_S], tl.int32)
-        for j0 in range(0, S, BLOCK_J):
-            jj = j0 + tl.arange(0, BLOCK_J)
-            _, ok_j, _, _ = _row_ok(ids_row, fill_ptr, pinned_ptr, h, cur, jj, S, stride_is,
-                                    stride_mn, stride_mh, REFRESH_PINNED)
-            v_j = tl.load(val_row + jj * stride_vs, mask=jj < S, other=0.0)
-            before = (v_j[None, :] > v[:, None]) | ((v_j[None, :] == v[:, None]) & (jj[None, :] < ss[:, None]))
-            rank += tl.sum((before & ok_j[None, :]).to(tl.int32), axis=1)
-        refresh = ok & (rank < tl.load(top_ptr + slot))
-    elif RULE == 1:
-        logit = v * scale + tl.log(tl.maximum(f, 1).to(tl.float32))
-        logit = tl.where(listed & (f > 0), logit, float("-inf"))
-        e = tl.exp(logit - tl.max(logit, axis=0))
-        refresh = ok & (e / tl.sum(e, axis=0) > alpha)
-    else:
-        refresh = ok & (v > alpha)
-    at = page * stride_mn + h * stride_mh
-    if REFRESH_PINNED:  # (otherwise `ok` already excludes pinned pages)
-        refresh = refresh & (tl.load(pinned_ptr + at, mask=listed, other=1) == 0)
-    tl.store(stamp_ptr + at, tl.zeros([BLOCK_S], tl.int64) + pos, mask=refresh)
+_kernel = lazy_jit(_bounded_update_kernel, helpers=(_row_ok, _refresh_mask))
 
 
-_kernel = lazy_jit(_bounded_update_kernel, helpers=(_row_ok, _refresh_row))
-
-
-def refresh_blocks(S: int) -> tuple[int, int]:
-    """(BLOCK_S, BLOCK_J) of `_refresh_row` for rows of S entries: the row in one block, the top-half
-    rank's pairwise comparisons BLOCK_J columns at a time (at most 4,096 pairs at once)."""
-    block_s = max(16, triton.next_power_of_2(S))
-    return block_s, max(1, min(32, 4096 // block_s))
+def refresh_block(S: int) -> int:
+    """BLOCK_S of the refresh over rows of S entries: the whole row in one block (a power of two)."""
+    return max(16, triton.next_power_of_2(S))
 
 
 def bounded_update(page_ids, values, cur, slot_ids, positions, top, fill, pinned, stamp, mass,
@@ -137,16 +130,15 @@ def bounded_update(page_ids, values, cur, slot_ids, positions, top, fill, pinned
 
         values = page_scores(q, kmin, kmax, page_ids)
     assert values.shape == page_ids.shape and values.dtype == torch.float32
-    block_s, block_j = refresh_blocks(S)
+    block_s = refresh_block(S)
     _kernel()[(B, Hkv)](
         page_ids, values, cur, slot_ids, positions, top,
         fill, pinned.view(torch.uint8), stamp, mass,
         *page_ids.stride(), *values.stride(), cur.stride(0), cur.stride(1), fill.stride(0), fill.stride(1),
         S, float(alpha), float(scale),
         RULE=_RULES[rule], REFRESH_PINNED=refresh_pinned, BLOCK_S=block_s,
-        BLOCK_J=block_j,
         num_warps=4 if block_s >= 128 else 1, **pdl_args(page_ids.device),
     )
 
 
-__all__ = ["bounded_update", "refresh_blocks"]
+__all__ = ["bounded_update", "refresh_block"]

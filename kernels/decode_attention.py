@@ -31,9 +31,12 @@ arXiv 2406.10774):
   kmin / kmax loads beside the tile's K / V (run 37), 4% longer (the 1.5B job's RaaS attention 4.33 ms a
   step against 4.15; run 37 in docs/gpu-notes.md). A separate loop keeps the main loop as
   it was.
-  With a RaaS refresh by the bounds and one split, the program then holds its row's every bound: it
-  runs the refresh itself (`_refresh_row` of kernels/bounded_update.py, the same code as that kernel),
-  which saves the job's step one launch and one read of the row per layer.
+  With a RaaS refresh by the bounds and one split, the program holds its row's every bound: it runs
+  the refresh itself with the helpers of kernels/bounded_update.py (`_row_ok`, `_refresh_mask`: the
+  same rules, the top half from one sort of the row), which saves the step one launch per layer. The
+  row's page metadata (fill, pinned, the current page) is loaded before the main loop, so its latency
+  hides behind the page reads, and the bounds are gathered into a register row as the bounds pass
+  computes them: the refresh adds no memory round trip to the program's tail.
 * With one split and no mass, stage 1 divides by l and writes the output itself (no stage 2).
 * Stage 2, grid (B, Hkv): for each head, M = max_split m, L = sum_split 2^(m - M) l,
   out = sum_split 2^(m - M) acc / L. The page mass is 2^(lse_page - (M + log2 L)), i.e. the page's
@@ -52,7 +55,7 @@ import triton
 import triton.language as tl
 
 from ._jit import interpreting, lazy_jit, pdl_args
-from .bounded_update import _RULES, _refresh_row, _row_ok, bounded_update, refresh_blocks
+from .bounded_update import _RULES, _refresh_mask, _row_ok, bounded_update, refresh_block
 from .reference import Refresh, refresh_after
 
 _LOG2E = 1.4426950408889634
@@ -75,7 +78,6 @@ def _decode_stage1(
     RETURN_MASS: tl.constexpr, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr, HAS_NUM_PAGES: tl.constexpr,
     DIRECT: tl.constexpr, RETURN_BOUNDS: tl.constexpr,
     REFRESH: tl.constexpr, RULE: tl.constexpr, REFRESH_PINNED: tl.constexpr, BLOCK_S: tl.constexpr,
-    BLOCK_J: tl.constexpr,
     PDL: tl.constexpr,
 ):
     if PDL:  # programmatic dependent launch (kernels/_jit.py): the kernel before must have finished
@@ -108,6 +110,16 @@ def _decode_stage1(
     split_start = split * pages_per_split
     split_end = tl.minimum(split_start + pages_per_split, num_listed)
     ids_base = ids_ptr + b * stride_ib + kvh * stride_ih
+
+    if REFRESH:  # RaaS's refresh of this row (one split): its metadata now, used after the bounds
+        rs = tl.arange(0, BLOCK_S)
+        r_slot = tl.load(slot_ptr + b).to(tl.int64)
+        r_listed, r_ok, r_page, r_f, r_unpinned = _row_ok(
+            ids_base, fill_ptr, pinned_ptr, kvh, tl.load(cur_ptr + r_slot * stride_cs + kvh * stride_ch), rs,
+            num_listed, stride_is, stride_fn, stride_fh)  # (entries past the row's page count: -1)
+        if not REFRESH_PINNED:
+            r_ok = r_ok & r_unpinned
+        r_v = tl.zeros([BLOCK_S], tl.float32)  # the row's bounds, gathered by the bounds pass
 
     m_i = tl.full([GP], float("-inf"), tl.float32)
     l_i = tl.zeros([GP], tl.float32)
@@ -187,16 +199,15 @@ def _decode_stage1(
             bnd = (tl.dot(qp, tl.trans(hi), input_precision=DOT_PREC)
                    + tl.dot(qn, tl.trans(lo), input_precision=DOT_PREC))  # [GP, 16]
             best = tl.max(tl.where(row_ok[:, None], bnd, float("-inf")), axis=0)
-            tl.store(bounds_ptr + (b * HKV + kvh) * S + pidx, tl.where(has_j, best, float("-inf")),
-                     mask=pidx < row_end)
-        if REFRESH:  # one split: this program has just written its row's every bound; RaaS's refresh
-            # over the entries read (those past the row's page count are not: as -1, refresh_after)
-            tl.debug_barrier()  # the row as stored above, seen by every thread of the program
-            slot = tl.load(slot_ptr + b).to(tl.int64)
-            _refresh_row(ids_base, stride_is, bounds_ptr + (b * HKV + kvh) * S, 1, num_listed, kvh, slot,
-                         tl.load(pos_ptr + b).to(tl.int64), cur_ptr, top_ptr, fill_ptr, pinned_ptr, stamp_ptr,
-                         stride_cs, stride_ch, stride_fn, stride_fh, refresh_alpha, refresh_scale,
-                         RULE, REFRESH_PINNED, BLOCK_S, BLOCK_J)
+            best = tl.where(has_j, best, float("-inf"))
+            tl.store(bounds_ptr + (b * HKV + kvh) * S + pidx, best, mask=pidx < row_end)
+            if REFRESH:  # this chunk's bounds into the row vector, at columns s0 .. s0 + 15
+                r_v += tl.sum(tl.where(sb[:, None] == rs[None, :] - s0, best[:, None], 0.0), axis=0)
+        if REFRESH:  # the rule on the row (the same helpers as kernels/bounded_update.py), then the stamps
+            refresh = _refresh_mask(r_v, r_listed, r_ok, r_f, rs, tl.load(top_ptr + r_slot), refresh_alpha,
+                                    refresh_scale, RULE, BLOCK_S)
+            tl.store(stamp_ptr + r_page * stride_fn + kvh * stride_fh, tl.zeros([BLOCK_S], tl.int64)
+                     + tl.load(pos_ptr + b), mask=refresh & r_unpinned)
 
     if DIRECT:  # one split and no mass: the program holds the whole softmax, so it writes the output
         o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
@@ -275,7 +286,7 @@ def _decode_stage2(
             tl.store(mass_ptr + (b * HKV + kvh) * S + sidx, mass, mask=sidx < S)
 
 
-_stage1 = lazy_jit(_decode_stage1, helpers=(_row_ok, _refresh_row))
+_stage1 = lazy_jit(_decode_stage1, helpers=(_row_ok, _refresh_mask))
 _stage2 = lazy_jit(_decode_stage2)
 
 # Tuning knobs of the split heuristic (shapes only; see choose_num_splits). Measured on nothing yet:
@@ -342,7 +353,7 @@ def paged_decode_attention_impl(
 
     refresh (reference.Refresh): RaaS's refresh by the bounds (rules top_half and alpha) runs at the end
     of the stage-1 program when one split holds a whole row (the job's case), which then has every
-    bound of its row (`_refresh_row`, the same code as kernels/bounded_update.py); otherwise, or with
+    bound of its row (`_refresh_mask`, the same rules as kernels/bounded_update.py); otherwise, or with
     fuse_refresh False, the `bounded_update` kernel runs after the attention, on its results.
 
     batch_invariant: one split per (sequence, KV head) and a fixed tile of pages per iteration, so a
@@ -408,14 +419,12 @@ def paged_decode_attention_impl(
     if fused:
         r = refresh
         assert all(t.shape == fill.shape and t.stride() == fill.stride() for t in (r.pinned, r.stamp))
-        block_s, block_j = refresh_blocks(S)
         meta = (r.cur, r.slot_ids, r.positions, r.top, r.pinned.view(torch.uint8), r.stamp, *r.cur.stride())
-        rule_args = {"RULE": _RULES[r.rule], "REFRESH_PINNED": r.refresh_pinned, "BLOCK_S": block_s,
-                     "BLOCK_J": block_j}
+        rule_args = {"RULE": _RULES[r.rule], "REFRESH_PINNED": r.refresh_pinned, "BLOCK_S": refresh_block(S)}
         floats = (float(r.alpha), float(r.scale))
     else:  # (unused: dead code under REFRESH=False)
         meta = (page_ids,) * 6 + (0, 0)
-        rule_args = {"RULE": 0, "REFRESH_PINNED": False, "BLOCK_S": 16, "BLOCK_J": 16}
+        rule_args = {"RULE": 0, "REFRESH_PINNED": False, "BLOCK_S": 16}
         floats = (0.0, 1.0)
     _stage1()[(B, Hkv, num_splits)](
         q, k_cache, v_cache, page_ids, fill, npages,

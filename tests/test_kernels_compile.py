@@ -93,14 +93,14 @@ def attention_variants():
     ptrs = {"ids_ptr": "i32", "fill_ptr": "i32", "npages_ptr": "i32", "acc_ptr": "fp32", "m_ptr": "fp32",
             "l_ptr": "fp32", "lse_ptr": "fp32", "bounds_ptr": "fp32", "cur_ptr": "i64", "slot_ptr": "i64",
             "pos_ptr": "i64", "top_ptr": "i64", "pinned_ptr": "u8", "stamp_ptr": "i64"}
-    no_refresh = {"REFRESH": False, "RULE": 0, "REFRESH_PINNED": False, "BLOCK_S": 16, "BLOCK_J": 16}
+    no_refresh = {"REFRESH": False, "RULE": 0, "REFRESH_PINNED": False, "BLOCK_S": 16}
     # (bounds, mass, direct, refresh settings): the last three are RaaS's refresh run in the program
     for bounds, mass, direct, refresh in (
             (True, False, True, no_refresh), (False, False, True, no_refresh), (False, True, False, no_refresh),
             (True, True, False, no_refresh), (True, False, False, no_refresh),
-            (True, False, True, {"REFRESH": True, "RULE": 0, "REFRESH_PINNED": False, "BLOCK_S": 64, "BLOCK_J": 32}),
-            (True, False, True, {"REFRESH": True, "RULE": 1, "REFRESH_PINNED": True, "BLOCK_S": 128, "BLOCK_J": 32}),
-            (True, True, False, {"REFRESH": True, "RULE": 0, "REFRESH_PINNED": True, "BLOCK_S": 64, "BLOCK_J": 32})):
+            (True, False, True, {"REFRESH": True, "RULE": 0, "REFRESH_PINNED": False, "BLOCK_S": 64}),
+            (True, False, True, {"REFRESH": True, "RULE": 1, "REFRESH_PINNED": True, "BLOCK_S": 128}),
+            (True, True, False, {"REFRESH": True, "RULE": 0, "REFRESH_PINNED": True, "BLOCK_S": 64})):
         yield (decode_attention._stage1, ptrs,
                {"HQ": 12, "HKV": 2, "G": 6, "GP": 16, "D": 128, "BLOCK_D": 128, "BLOCK_P": 16, "PPI": 4,
                 "RETURN_MASS": mass, "DOT_PREC": "tf32", "DOT_F32": False, "HAS_NUM_PAGES": False,
@@ -130,7 +130,7 @@ def other_variants():
     for rule in range(4):
         for refresh_pinned in (False, True):
             yield (bounded_update._kernel, meta,
-                   {"RULE": rule, "REFRESH_PINNED": refresh_pinned, "BLOCK_S": 128, "BLOCK_J": 32, "num_warps": 4})
+                   {"RULE": rule, "REFRESH_PINNED": refresh_pinned, "BLOCK_S": 128, "num_warps": 4})
     for key in range(3):
         yield (bounded_write._kernel, dict(APPEND_INTS, out_ptr="i32"),
                {"HKV": 2, "BLOCK_W": 128, "KEY": key, "STAMP_ON_WRITE": key == 0, "num_warps": 1})

@@ -179,8 +179,8 @@ def test_fused_refresh_in_bf16():
 
 
 def test_fused_refresh_with_more_pages_than_one_block():
-    """A budget of 140 pages: the ranks come from the chunked comparison (kernels/bounded_update.py,
-    BLOCK_J columns at a time)."""
+    """A budget of 140 pages: the ranks come from a sort of 256 keys (kernels/bounded_update.py,
+    `_refresh_mask`), in the attention's program."""
     run = Lockstep("raas", {}, budget=140 * P, num_pages=700)
     for slot, n in {0: 2 * P + 3, 1: 5, 2: 3 * P + 1}.items():
         run.admit(slot, n, max_new=4000)
