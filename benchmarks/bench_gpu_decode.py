@@ -129,6 +129,17 @@ def profile_steps(engine: Engine, name: str, num_steps: int = 3) -> None:
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60)
     with open(os.path.join(PROFILE_DIR, f"profile_{name}.txt"), "w") as f:
         f.write(f"{num_steps} decode steps\n{table}\n")
+    # where the steps leave the GPU idle (trace_gaps.py): the timeline, not only the kernels' sums
+    import tempfile
+
+    from trace_gaps import load_trace, summarize
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        gaps = summarize(load_trace(path), num_steps=num_steps)
+    with open(os.path.join(PROFILE_DIR, f"gaps_{name}.txt"), "w") as f:
+        f.write(f"{num_steps} decode steps (benchmarks/trace_gaps.py)\n{gaps}")
 
 
 def bench_batch1(model, prompt_len: int, steps: int) -> dict:

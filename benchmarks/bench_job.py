@@ -174,6 +174,15 @@ class WatchedLLM(LLM):
             "top_kernels": [{"ms_per_step": t / n, "name": nm, "category": c, "calls": k} for t, nm, c, k in kernels[:25]],
             "window_wall_s": time.perf_counter() - t_window,
         }
+        if cuda:  # where the window left the GPU idle (trace_gaps.py)
+            import tempfile
+
+            from trace_gaps import load_trace, summarize
+
+            with tempfile.TemporaryDirectory() as tmp:
+                prof.export_chrome_trace(os.path.join(tmp, "trace.json"))
+                self.profile["gaps"] = summarize(load_trace(os.path.join(tmp, "trace.json")), num_steps=n)
+            self.profile["window_wall_s"] = time.perf_counter() - t_window
         self._last_end = time.perf_counter()  # the next step's gap is the host's, not the window's
         return finished
 

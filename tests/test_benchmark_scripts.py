@@ -97,3 +97,21 @@ def test_gpu_only_overlap_probe_imports_and_refuses_a_cpu():
                           capture_output=True, text=True, timeout=300,
                           env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, check=False)
     assert proc.returncode != 0 and "needs a CUDA device" in proc.stderr + proc.stdout, proc.stderr[-2000:]
+
+
+def test_trace_gaps_finds_the_idle_time():
+    """trace_gaps.summarize: idle = time when no kernel runs (overlapping kernels on two streams count
+    once), the largest gap named by its neighbours, with the runtime calls made during it."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from trace_gaps import summarize
+
+    kernels = [("a", 0, 10), ("b", 12, 20), ("c", 15, 30), ("d", 130, 10)]  # (name, ts, dur) in us
+    trace = {"traceEvents": [{"cat": "kernel", "name": n, "ts": t, "dur": d} for n, t, d in kernels]
+             + [{"cat": "cuda_runtime", "name": "cudaStreamSynchronize", "ts": 50, "dur": 60},
+                {"cat": "cpu_op", "name": "aten::mm", "ts": 50, "dur": 5}]}
+    text = summarize(trace, top=2, num_steps=2)
+    # span 0..140 us; busy 10 + (12..45) 33 + 10 = 53; gaps 2 (10..12) and 85 (45..130)
+    assert "over 0.140 ms: busy 0.053 ms, idle 0.087 ms (0.043 ms a step over 2 steps) in 2 gaps" in text
+    first = text.splitlines()[4]
+    assert first.split()[0] == "85.0" and "c -> d" in first and "cudaStreamSynchronize" in first
+    assert "aten::mm" not in text
