@@ -67,7 +67,7 @@ COLS = ["kernel", "policy", "variant", "ms_per_call", "ms_per_step", "pct_copy",
 
 
 # RaaS's refresh (top-half by the bounds) with the attention: run by the bounded_update kernel after it
-# (before this session's change, the engine's path), or inside the attention's program (the default now)
+# (the engine's path up to run 44), or inside the attention's program (the engine's path since run 45)
 REFRESH_VARIANTS = [("+ refresh kernel after", {"fuse_refresh": False}), ("+ refresh in the program", {})]
 
 

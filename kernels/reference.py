@@ -94,17 +94,19 @@ class Refresh:
         """Whether the rule reads the attention's mass (else its Quest bounds)."""
         return self.rule in ("mass", "accumulate")
 
+    def run(self, update, page_ids, values, fill, **scoring) -> None:
+        """`update` (a backend's bounded_update) with these fields; scoring: q, kmin, kmax for values None."""
+        update(page_ids, values, self.cur, self.slot_ids, self.positions, self.top, fill, self.pinned, self.stamp,
+               self.mass, rule=self.rule, refresh_pinned=self.refresh_pinned, alpha=self.alpha, scale=self.scale,
+               **scoring)
+
 
 def refresh_after(update, result, page_ids, fill, refresh: Refresh | None, num_pages=None) -> None:
     """Run `refresh` with `update` (a backend's bounded_update) on an attention call's result: its mass
     (the result's second entry) or its Quest bounds (the last), over the pages the call read (entries
     past num_pages count as -1). What paged_decode_attention(refresh=...) means on every backend."""
-    if refresh is None:
-        return
-    values = result[1] if refresh.on_mass else result[-1]
-    update(_limit_pages(page_ids, num_pages), values, refresh.cur, refresh.slot_ids, refresh.positions, refresh.top, fill, refresh.pinned,
-           refresh.stamp, refresh.mass, rule=refresh.rule, refresh_pinned=refresh.refresh_pinned,
-           alpha=refresh.alpha, scale=refresh.scale)
+    if refresh is not None:
+        refresh.run(update, _limit_pages(page_ids, num_pages), result[1] if refresh.on_mass else result[-1], fill)
 
 
 def _decode_attention(q, k_cache, v_cache, page_ids, fill, scale, return_mass, num_pages):

@@ -56,20 +56,14 @@ def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
     # The policy's update after attention (RaaS's refresh), given to the op when the values it reads come
     # out of this call: the Triton kernel runs it in the program that has them.
     refresh = policy.attention_refresh(layer, dec)
-    if refresh is not None and (policy.needs_mass if refresh.on_mass else bounds is not None):
-        return _first(ops.paged_decode_attention(q, k_cache, v_cache, page_ids, fill, scale,
-                                                 return_mass=policy.needs_mass, num_pages=limit, key_bounds=bounds,
-                                                 refresh=refresh))
+    if refresh is not None and not (policy.needs_mass if refresh.on_mass else bounds is not None):
+        refresh = None  # its values do not come out of this call: after_attention runs it
     result = ops.paged_decode_attention(q, k_cache, v_cache, page_ids, fill, scale, return_mass=policy.needs_mass,
-                                        num_pages=limit, key_bounds=bounds)
+                                        num_pages=limit, key_bounds=bounds, refresh=refresh)
     if not isinstance(result, tuple):
         result = (result,)
-    out = result[0]
-    mass = result[1] if policy.needs_mass else None
-    scores = result[-1] if bounds is not None else None
-    policy.after_attention(layer, q, dec, page_ids, mass, scores)
-    return out
-
-
-def _first(result):
-    return result[0] if isinstance(result, tuple) else result
+    if refresh is None:
+        mass = result[1] if policy.needs_mass else None
+        scores = result[-1] if bounds is not None else None
+        policy.after_attention(layer, q, dec, page_ids, mass, scores)
+    return result[0]

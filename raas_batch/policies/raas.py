@@ -88,14 +88,11 @@ class RaasPolicy(BoundedPolicy):
     def after_attention(self, layer, q, ctx, page_ids, mass, bounds=None):
         """The refresh as its own `bounded_update` op (what `attention_refresh` hands the attention op)."""
         r = self.attention_refresh(layer, ctx)
-        if r is None:
-            return
-        pool = self.pool
-        # mass, or the Quest bounds the attention computed (None: the op scores the pages itself)
-        values = mass if r.on_mass else bounds
-        self._ops().bounded_update(page_ids, values, r.cur, r.slot_ids, r.positions, r.top, pool.fill[layer],
-                                   r.pinned, r.stamp, r.mass, rule=r.rule, refresh_pinned=r.refresh_pinned,
-                                   alpha=r.alpha, scale=r.scale, q=q, kmin=pool.kmin[layer], kmax=pool.kmax[layer])
+        if r is not None:
+            pool = self.pool
+            # mass, or the Quest bounds the attention computed (None: the op scores the pages itself)
+            r.run(self._ops().bounded_update, page_ids, mass if r.on_mass else bounds, pool.fill[layer],
+                  q=q, kmin=pool.kmin[layer], kmax=pool.kmax[layer])
 
 
 @dataclass
