@@ -9,8 +9,7 @@ few percent, run 32 vs run 35):
   top-half refresh, run by the bounded_update kernel after the attention or inside its program (the
   same stamps);
 - the sampler over a [512, 49152] logits row block (temperature 0.6, top-p 0.95): bf16 in, fp32 in
-  (the same tokens), the decode path (three kernels over chunks of the rows) with other chunk sizes and
-  warps, and the one-program-a-row kernel it replaced (the same tokens).
+  (the same tokens).
 Each attention variant runs one call per layer over 28 layers' own caches (so L2 holds no layer's
 pages for the next), timed with bench_matmul.py's CUDA-graph timer; the table gives ms per call and per
 step (x 28 for attention, x 1 for the sampler), the share of copy bandwidth the attention reaches on
@@ -61,9 +60,9 @@ ATTN_VARIANTS = [  # (name, launch keywords); the default is 2 warps (run 41), 4
     ("2 splits", {"num_splits": 2}),
     ("1 warp", {"num_warps": 1}),
 ]
-SAMPLER_VARIANTS = [("one program a row (run 46's)", {"split": False}), ("chunks of 1024", {"chunk": 1024}),
-                    ("chunks of 4096", {"chunk": 4096}), ("chunks of 4096, 8 warps", {"chunk": 4096, "chunk_warps": 8}),
-                    ("chunk programs of 2 warps", {"chunk_warps": 2}), ("chunk programs of 8 warps", {"chunk_warps": 8})]
+SAMPLER_VARIANTS = [("8 warps", {"num_warps": 8}), ("4 warps", {"num_warps": 4}),
+                    ("block 1024", {"block_v": 1024}), ("block 4096", {"block_v": 4096, "num_warps": 16}),
+                    ("1 stage", {"num_stages": 1}), ("4 stages", {"num_stages": 4})]
 COLS = ["kernel", "policy", "variant", "ms_per_call", "ms_per_step", "pct_copy", "rel_err_vs_default"]
 
 

@@ -66,14 +66,9 @@ def sampler_variants():
     from raas_batch.kernels import sample
 
     for dtype in ("bf16", "fp32"):
-        ptrs = {"logits_ptr": dtype, "temp_ptr": "fp32", "inv_t_ptr": "fp32", "top_p_ptr": "fp32", "top_k_ptr": "i64",
-                "keys_ptr": "i64", "steps_ptr": "i64", "out_ptr": "i64", "part_ptr": "fp32", "win_ptr": "i32"}
-        yield (sample._kernel, ptrs, {"BLOCK_V": 2048, "MAX_ROUNDS": 64, "num_warps": 16})
-        # the decode path: chunks of 2048 (24 of a 49K vocabulary: 32 partials a row; 75 of 152K: 128)
-        yield (sample._chunk, ptrs, {"CHUNK": 2048, "num_warps": 4})
-        for cp in (32, 128):
-            yield (sample._mass, ptrs, {"CHUNK": 2048, "CP": cp, "num_warps": 4})
-            yield (sample._finish, ptrs, {"CP": cp, "BLOCK_V": 2048, "MAX_ROUNDS": 64, "num_warps": 16})
+        yield (sample._kernel, {"logits_ptr": dtype, "temp_ptr": "fp32", "inv_t_ptr": "fp32", "top_p_ptr": "fp32",
+                                "top_k_ptr": "i64", "keys_ptr": "i64", "steps_ptr": "i64", "out_ptr": "i64"},
+               {"BLOCK_V": 2048, "MAX_ROUNDS": 64, "num_warps": 16})
 
 
 APPEND_INTS = {"fill_ptr": "i32", "wp_ptr": "i32", "pos_ptr": "i64", "table_ptr": "i32", "slot_ptr": "i64",

@@ -164,19 +164,12 @@ def test_sampler_kernel_equals_reference():
     keys = torch.tensor([seed_key(11, j) for j in range(B)], dtype=torch.int64, device=dev)
     steps = torch.arange(B, dtype=torch.int64, device=dev) * 3
     want = ref.sample_tokens(logits, temperature, top_p, top_k, keys, steps)
-    tri = kops.get_ops("triton")
-    # the decode path (chunks of 2048: one partial), small chunks (9 of them, fewer than their power-of-two
-    # block of partials), and the one-program-a-row kernel
-    for kw in ({}, {"chunk": 512}, {"split": False}):
-        got = tri.sample_tokens(logits, temperature, top_p, top_k, keys, steps, **kw)
-        assert torch.equal(got, want), (kw, (got != want).nonzero().flatten().tolist())
+    got = kops.get_ops("triton").sample_tokens(logits, temperature, top_p, top_k, keys, steps)
+    assert torch.equal(got, want), (got != want).nonzero().flatten().tolist()
     assert len(set(got[temperature > 0].tolist())) > B // 2  # the race really samples
-    # some rows' first winner was outside the kept set: the rejection rounds ran
-    unfiltered = ref.sample_tokens(logits, temperature, torch.ones_like(top_p), torch.zeros_like(top_k), keys, steps)
-    assert int((unfiltered != want).sum()) >= 3
     # the decode step hands the sampler the lm_head's bf16 output: the tokens of its exact fp32 copy
     half = logits.to(torch.bfloat16)
     want_half = ref.sample_tokens(half.float(), temperature, top_p, top_k, keys, steps)
-    got_half = tri.sample_tokens(half, temperature, top_p, top_k, keys, steps)
+    got_half = kops.get_ops("triton").sample_tokens(half, temperature, top_p, top_k, keys, steps)
     assert torch.equal(got_half, want_half), (got_half != want_half).nonzero().flatten().tolist()
     assert torch.equal(ref.sample_tokens(half, temperature, top_p, top_k, keys, steps), want_half)
