@@ -230,8 +230,12 @@ def bench_raas_steady(model, budget: int, batch: int, prompt_len: int, steps: in
     for _ in range(2 * P):  # graph capture, compile, two evictions per sequence
         eng.step()
     fill_s = time.perf_counter() - t0
+    stamps = [time.strftime("%H:%M:%S")]  # wall-clock marks, to line the phases up with a clock log
     step_s = time_steps(eng, steps)
+    stamps.append(time.strftime("%H:%M:%S"))
     profile_steps(eng, f"raas_b{batch}")
+    stamps.append(time.strftime("%H:%M:%S"))
+    print(f"raas b{batch}: {steps} timed steps {stamps[0]}-{stamps[1]}, profiled steps to {stamps[2]}", flush=True)
     peak = int(eng.pool.fill.sum(dim=1).max().item())  # tokens held by the busiest (layer, head) pool-wide
     evicted = int(eng.policy.evicted.max().item())
     free_engine(eng)

@@ -10,6 +10,12 @@ mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 parts=${*:-tests kernels decode}
 nvidia-smi -L
+if [ -n "${CLOCKS_LOG:-}" ]; then  # the GPU's clocks, power and throttle reasons every 200 ms, for the whole session
+  nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_throttle_reasons.active \
+    --format=csv -lms 200 > "$OUT/clocks.csv" 2>&1 &
+  clocks_pid=$!
+  trap 'kill $clocks_pid 2>/dev/null' EXIT
+fi
 python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 for part in $parts; do
   start=$(date +%s)
@@ -42,5 +48,5 @@ for part in $parts; do
     decode)  timeout 300 python benchmarks/bench_gpu_decode.py 2>&1 | tail -40 ;;
     ray)     timeout 300 python benchmarks/bench_ray_scaling.py 2>&1 | tail -30 ;;
   esac
-  echo "== $part took $(( $(date +%s) - start )) s"
+  echo "== $part took $(( $(date +%s) - start )) s (ended $(date +%H:%M:%S.%N | cut -c1-12))"
 done

@@ -167,6 +167,9 @@ def test_sampler_kernel_equals_reference():
     got = kops.get_ops("triton").sample_tokens(logits, temperature, top_p, top_k, keys, steps)
     assert torch.equal(got, want), (got != want).nonzero().flatten().tolist()
     assert len(set(got[temperature > 0].tolist())) > B // 2  # the race really samples
+    # some rows' first winner was outside the kept set: the kernel's rejection rounds ran
+    unfiltered = ref.sample_tokens(logits, temperature, torch.ones_like(top_p), torch.zeros_like(top_k), keys, steps)
+    assert int((unfiltered != want).sum()) >= 3
     # the decode step hands the sampler the lm_head's bf16 output: the tokens of its exact fp32 copy
     half = logits.to(torch.bfloat16)
     want_half = ref.sample_tokens(half.float(), temperature, top_p, top_k, keys, steps)
