@@ -77,3 +77,33 @@ def test_unsupported_architecture_is_named(tmp_path, smollm_tokenizer):
     smollm_tokenizer.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="not supported.*LlamaForCausalLM.*Qwen3ForCausalLM"):
         LLM(model=str(tmp_path), device="cpu")
+
+
+def test_loading_skips_the_initialisers_and_loads_every_weight(tmp_path, smollm_tokenizer, monkeypatch):
+    """load_model builds the model on the meta device without running nn.Linear's / nn.Embedding's
+    initialisers (their first use costs ~1 s in a fresh process), puts them back afterwards, and every
+    weight is the checkpoint's."""
+    from torch import nn
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from raas_batch.models.loader import load_model
+
+    cfg = LlamaConfig(vocab_size=smollm_tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False)
+    hf = AutoModelForCausalLM.from_config(cfg)
+    hf.save_pretrained(tmp_path)
+    smollm_tokenizer.save_pretrained(tmp_path)
+    calls = []
+    for name in ("kaiming_uniform_", "uniform_", "normal_"):
+        original = getattr(nn.init, name)
+        monkeypatch.setattr(nn.init, name, lambda t, *a, _f=original, **k: (calls.append(t.shape), _f(t, *a, **k))[1])
+    counting = nn.init.normal_
+    net = load_model(str(tmp_path), torch.float32, torch.device("cpu")).model
+    assert calls == [] and nn.init.normal_ is counting
+    ours = dict(net.named_parameters())
+    theirs = hf.state_dict()
+    assert torch.equal(ours["embed_tokens.weight"], theirs["model.embed_tokens.weight"])
+    assert torch.equal(ours["lm_head.weight"], theirs["lm_head.weight"])
+    q, k, v = (theirs[f"model.layers.1.self_attn.{n}_proj.weight"] for n in "qkv")
+    assert torch.equal(ours["layers.1.self_attn.qkv_proj.weight"], torch.cat([q, k, v]))
+    assert torch.equal(ours["layers.1.mlp.down_proj.weight"], theirs["model.layers.1.mlp.down_proj.weight"])
