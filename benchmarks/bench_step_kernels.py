@@ -7,7 +7,7 @@ few percent, run 32 vs run 35):
   kv_budget 1024 (66 pages a row, Quest bounds returned) and dense at 3,100 tokens (the fixed job's
   mean context), each with a few launch settings (which must not change the result), and RaaS with its
   top-half refresh, run by the bounded_update kernel after the attention or inside its program (the
-  same stamps);
+  same stamps), the latter also with the bounds pass moved before the main loop on every other row;
 - the sampler over a [512, 49152] logits row block (temperature 0.6, top-p 0.95): bf16 in, fp32 in
   (the same tokens).
 Each attention variant runs one call per layer over 28 layers' own caches (so L2 holds no layer's
@@ -68,7 +68,9 @@ COLS = ["kernel", "policy", "variant", "ms_per_call", "ms_per_step", "pct_copy",
 
 # RaaS's refresh (top-half by the bounds) with the attention: run by the bounded_update kernel after it
 # (the engine's path up to run 44), or inside the attention's program (the engine's path since run 45)
-REFRESH_VARIANTS = [("+ refresh kernel after", {"fuse_refresh": False}), ("+ refresh in the program", {})]
+REFRESH_VARIANTS = [("+ refresh kernel after", {"fuse_refresh": False}), ("+ refresh in the program", {}),
+                    # even rows run their bounds pass before the main loop, odd rows after it
+                    ("+ refresh in the program, bounds first on even rows", {"stagger_bounds": True})]
 
 
 def layer_caches(cfg, pages_per_row: int, seed: int):

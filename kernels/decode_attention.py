@@ -49,6 +49,7 @@ are allocated with torch.empty, so the op can be captured in a CUDA graph.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -59,6 +60,37 @@ from .bounded_update import _RULES, _refresh_mask, _row_ok, bounded_update, refr
 from .reference import Refresh, refresh_after
 
 _LOG2E = 1.4426950408889634
+
+
+def _bounds_pass(q, ids_base, kmin_ptr, kmax_ptr, bounds_ptr, stride_is, stride_mn, stride_mh, stride_md,
+                 b, kvh, split_start, split_end, pages_per_split, S, r_v, rs, dd, d_ok, row_ok,
+                 HKV: tl.constexpr, DOT_PREC: tl.constexpr, REFRESH: tl.constexpr):
+    """Quest bound of each entry of the split, 16 pages at a time on the tensor cores:
+    sum_d max(q_d * hi_d, q_d * lo_d) = q+ . hi + q- . lo with q+ = max(q, 0), q- = q - q+ (products exact
+    in fp32). Entries past the row's page count or -1: -inf. Stores them; with REFRESH also gathers them
+    into the row vector r_v (returned)."""
+    qp = tl.where(q > 0, q, tl.zeros_like(q))
+    qn = q - qp
+    sb = tl.arange(0, 16)
+    row_end = tl.minimum(split_start + pages_per_split, S)
+    for s0 in range(split_start, row_end, 16):
+        pidx = s0 + sb
+        pj = tl.load(ids_base + pidx * stride_is, mask=pidx < split_end, other=-1)
+        has_j = pj >= 0
+        page_j = tl.where(has_j, pj, 0).to(tl.int64)
+        mj = has_j[:, None] & d_ok[None, :]
+        lo = tl.load(kmin_ptr + page_j[:, None] * stride_mn + kvh * stride_mh + dd[None, :] * stride_md,
+                     mask=mj, other=0.0).to(q.dtype)
+        hi = tl.load(kmax_ptr + page_j[:, None] * stride_mn + kvh * stride_mh + dd[None, :] * stride_md,
+                     mask=mj, other=0.0).to(q.dtype)
+        bnd = (tl.dot(qp, tl.trans(hi), input_precision=DOT_PREC)
+               + tl.dot(qn, tl.trans(lo), input_precision=DOT_PREC))  # [GP, 16]
+        best = tl.max(tl.where(row_ok[:, None], bnd, float("-inf")), axis=0)
+        best = tl.where(has_j, best, float("-inf"))
+        tl.store(bounds_ptr + (b * HKV + kvh) * S + pidx, best, mask=pidx < row_end)
+        if REFRESH:  # this chunk's bounds into the row vector, at columns s0 .. s0 + 15
+            r_v += tl.sum(tl.where(sb[:, None] == rs[None, :] - s0, best[:, None], 0.0), axis=0)
+    return r_v
 
 
 def _decode_stage1(
@@ -78,7 +110,7 @@ def _decode_stage1(
     RETURN_MASS: tl.constexpr, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr, HAS_NUM_PAGES: tl.constexpr,
     DIRECT: tl.constexpr, RETURN_BOUNDS: tl.constexpr,
     REFRESH: tl.constexpr, RULE: tl.constexpr, REFRESH_PINNED: tl.constexpr, BLOCK_S: tl.constexpr,
-    PDL: tl.constexpr,
+    STAGGER: tl.constexpr, PDL: tl.constexpr,
 ):
     if PDL:  # programmatic dependent launch (kernels/_jit.py): the kernel before must have finished
         tl.extra.cuda.gdc_wait()
@@ -111,15 +143,23 @@ def _decode_stage1(
     split_end = tl.minimum(split_start + pages_per_split, num_listed)
     ids_base = ids_ptr + b * stride_ib + kvh * stride_ih
 
+    rs = tl.arange(0, BLOCK_S)
+    r_v = tl.zeros([BLOCK_S], tl.float32)  # with REFRESH: the row's bounds, gathered by the bounds pass
     if REFRESH:  # RaaS's refresh of this row (one split): its metadata now, used after the bounds
-        rs = tl.arange(0, BLOCK_S)
         r_slot = tl.load(slot_ptr + b).to(tl.int64)
         r_listed, r_ok, r_page, r_f, r_unpinned = _row_ok(
             ids_base, fill_ptr, pinned_ptr, kvh, tl.load(cur_ptr + r_slot * stride_cs + kvh * stride_ch), rs,
             num_listed, stride_is, stride_fn, stride_fh)  # (entries past the row's page count: -1)
         if not REFRESH_PINNED:
             r_ok = r_ok & r_unpinned
-        r_v = tl.zeros([BLOCK_S], tl.float32)  # the row's bounds, gathered by the bounds pass
+
+    # even rows take their bounds pass first: its dependent round trips then overlap the page reads of the
+    # odd rows, instead of every program's tail coinciding (compile-time switches, then the runtime test)
+    if RETURN_BOUNDS and STAGGER:  # noqa: SIM102
+        if b % 2 == 0:
+            r_v = _bounds_pass(q, ids_base, kmin_ptr, kmax_ptr, bounds_ptr, stride_is, stride_mn, stride_mh,
+                               stride_md, b, kvh, split_start, split_end, pages_per_split, S, r_v, rs, dd, d_ok,
+                               row_ok, HKV, DOT_PREC, REFRESH)
 
     m_i = tl.full([GP], float("-inf"), tl.float32)
     l_i = tl.zeros([GP], tl.float32)
@@ -179,30 +219,15 @@ def _decode_stage1(
             )
 
     if RETURN_BOUNDS:
-        # Quest bound of each entry of the split, 16 pages at a time on the tensor cores:
-        # sum_d max(q_d * hi_d, q_d * lo_d) = q+ . hi + q- . lo with q+ = max(q, 0), q- = q - q+
-        # (products exact in fp32). Entries past the row's page count or -1: -inf.
-        qp = tl.where(q > 0, q, tl.zeros_like(q))
-        qn = q - qp
-        sb = tl.arange(0, 16)
-        row_end = tl.minimum(split_start + pages_per_split, S)
-        for s0 in range(split_start, row_end, 16):
-            pidx = s0 + sb
-            pj = tl.load(ids_base + pidx * stride_is, mask=pidx < split_end, other=-1)
-            has_j = pj >= 0
-            page_j = tl.where(has_j, pj, 0).to(tl.int64)
-            mj = has_j[:, None] & d_ok[None, :]
-            lo = tl.load(kmin_ptr + page_j[:, None] * stride_mn + kvh * stride_mh + dd[None, :] * stride_md,
-                         mask=mj, other=0.0).to(q.dtype)
-            hi = tl.load(kmax_ptr + page_j[:, None] * stride_mn + kvh * stride_mh + dd[None, :] * stride_md,
-                         mask=mj, other=0.0).to(q.dtype)
-            bnd = (tl.dot(qp, tl.trans(hi), input_precision=DOT_PREC)
-                   + tl.dot(qn, tl.trans(lo), input_precision=DOT_PREC))  # [GP, 16]
-            best = tl.max(tl.where(row_ok[:, None], bnd, float("-inf")), axis=0)
-            best = tl.where(has_j, best, float("-inf"))
-            tl.store(bounds_ptr + (b * HKV + kvh) * S + pidx, best, mask=pidx < row_end)
-            if REFRESH:  # this chunk's bounds into the row vector, at columns s0 .. s0 + 15
-                r_v += tl.sum(tl.where(sb[:, None] == rs[None, :] - s0, best[:, None], 0.0), axis=0)
+        if STAGGER:  # rows of one parity: the other half of the rows take their bounds pass last
+            if b % 2 == 1:
+                r_v = _bounds_pass(q, ids_base, kmin_ptr, kmax_ptr, bounds_ptr, stride_is, stride_mn, stride_mh,
+                                   stride_md, b, kvh, split_start, split_end, pages_per_split, S, r_v, rs, dd, d_ok,
+                                   row_ok, HKV, DOT_PREC, REFRESH)
+        else:
+            r_v = _bounds_pass(q, ids_base, kmin_ptr, kmax_ptr, bounds_ptr, stride_is, stride_mn, stride_mh,
+                               stride_md, b, kvh, split_start, split_end, pages_per_split, S, r_v, rs, dd, d_ok,
+                               row_ok, HKV, DOT_PREC, REFRESH)
         if REFRESH:  # the rule on the row (the same helpers as kernels/bounded_update.py), then the stamps
             refresh = _refresh_mask(r_v, r_listed, r_ok, r_f, rs, tl.load(top_ptr + r_slot), refresh_alpha,
                                     refresh_scale, RULE, BLOCK_S)
@@ -286,7 +311,7 @@ def _decode_stage2(
             tl.store(mass_ptr + (b * HKV + kvh) * S + sidx, mass, mask=sidx < S)
 
 
-_stage1 = lazy_jit(_decode_stage1, helpers=(_row_ok, _refresh_mask))
+_stage1 = lazy_jit(_decode_stage1, helpers=(_row_ok, _refresh_mask, _bounds_pass))
 _stage2 = lazy_jit(_decode_stage2)
 
 # Tuning knobs of the split heuristic (shapes only; see choose_num_splits). Measured on nothing yet:
@@ -297,6 +322,9 @@ CTAS_PER_SM = 4
 MIN_TOKENS_PER_SPLIT = 256  # a split's (m, l, acc) traffic stays ~5% of its K/V bytes
 MAX_SPLITS = 64
 TILE_TOKENS = 64
+# paged_decode_attention's stagger_bounds (see paged_decode_attention_impl); RAAS_BATCH_STAGGER_BOUNDS=1
+# turns it on for the engine, to measure a job both ways
+STAGGER_BOUNDS = os.environ.get("RAAS_BATCH_STAGGER_BOUNDS", "0") == "1"
 
 
 @functools.cache
@@ -343,6 +371,7 @@ def paged_decode_attention_impl(
     num_warps: int = 2,
     num_stages: int = 2,
     batch_invariant: bool = False,
+    stagger_bounds: bool | None = None,
 ):
     """`paged_decode_attention` with its launch parameters exposed (for benchmarks and tuning).
 
@@ -358,7 +387,11 @@ def paged_decode_attention_impl(
 
     batch_invariant: one split per (sequence, KV head) and a fixed tile of pages per iteration, so a
     row's result depends only on its own pages (not on the batch size or the table width, which set
-    the split heuristic): `LLM(batch_invariant=True)`. Slower where few rows would leave SMs idle."""
+    the split heuristic): `LLM(batch_invariant=True)`. Slower where few rows would leave SMs idle.
+
+    stagger_bounds: with key_bounds, even rows run their bounds pass before the main loop and odd rows
+    after it (the default: every row after), so that the pass's dependent round trips do not fall in
+    every program's tail at once (the same values either way). None: STAGGER_BOUNDS."""
     B, Hq, D = q.shape
     N, Hkv, P, Dk = k_cache.shape
     S = page_ids.shape[2]
@@ -368,6 +401,8 @@ def paged_decode_attention_impl(
     GP = max(16, triton.next_power_of_2(G))
     BLOCK_D = triton.next_power_of_2(D)
     BLOCK_P = triton.next_power_of_2(P)
+    if stagger_bounds is None:
+        stagger_bounds = STAGGER_BOUNDS
     if batch_invariant:
         num_splits, pages_per_iter = 1, max(1, TILE_TOKENS // BLOCK_P)
     if num_splits is None:
@@ -439,7 +474,7 @@ def paged_decode_attention_impl(
         S, pages_per_split, num_splits, *floats,
         HQ=Hq, HKV=Hkv, G=G, GP=GP, D=D, BLOCK_D=BLOCK_D, BLOCK_P=BLOCK_P, PPI=pages_per_iter,
         RETURN_MASS=return_mass, DOT_PREC=dot_prec, DOT_F32=dot_f32, HAS_NUM_PAGES=num_pages is not None,
-        DIRECT=direct, RETURN_BOUNDS=key_bounds is not None, REFRESH=fused, **rule_args,
+        DIRECT=direct, RETURN_BOUNDS=key_bounds is not None, REFRESH=fused, STAGGER=stagger_bounds, **rule_args,
         num_warps=num_warps, num_stages=num_stages, **pdl_args(dev),
     )
     if direct:

@@ -101,10 +101,12 @@ def attention_variants():
             (True, False, True, {"REFRESH": True, "RULE": 0, "REFRESH_PINNED": False, "BLOCK_S": 64}),
             (True, False, True, {"REFRESH": True, "RULE": 1, "REFRESH_PINNED": True, "BLOCK_S": 128}),
             (True, True, False, {"REFRESH": True, "RULE": 0, "REFRESH_PINNED": True, "BLOCK_S": 64})):
-        yield (decode_attention._stage1, ptrs,
-               {"HQ": 12, "HKV": 2, "G": 6, "GP": 16, "D": 128, "BLOCK_D": 128, "BLOCK_P": 16, "PPI": 4,
-                "RETURN_MASS": mass, "DOT_PREC": "tf32", "DOT_F32": False, "HAS_NUM_PAGES": False,
-                "DIRECT": direct, "RETURN_BOUNDS": bounds, **refresh, "num_warps": 2, "num_stages": 2})
+        for stagger in (False, True) if bounds else (False,):  # stagger: the bounds pass first on even rows
+            yield (decode_attention._stage1, ptrs,
+                   {"HQ": 12, "HKV": 2, "G": 6, "GP": 16, "D": 128, "BLOCK_D": 128, "BLOCK_P": 16, "PPI": 4,
+                    "RETURN_MASS": mass, "DOT_PREC": "tf32", "DOT_F32": False, "HAS_NUM_PAGES": False,
+                    "DIRECT": direct, "RETURN_BOUNDS": bounds, **refresh, "STAGGER": stagger, "num_warps": 2,
+                    "num_stages": 2})
 
 
 def other_variants():
