@@ -247,7 +247,7 @@ def test_decode_runs_the_refresh(rule, refresh_pinned, ns, limit, monkeypatch):
     reference bounded_update leaves, whether the stage-1 program runs the refresh on the bounds it has
     just written (one split, the engine's case), or the bounded_update kernel runs after the attention
     (several splits, the mass rule, or fuse_refresh=False); output and bounds are unchanged by it, and
-    by the bounds pass running before the main loop on even rows (stagger_bounds)."""
+    by where the bounds pass runs (before the main loop on even rows, stagger_bounds, or after it)."""
     g = _gen("decode-refresh", rule, refresh_pinned, ns, limit)
     qi, k_cache, v_cache, ids, fill, kmin, kmax, num_pages = _bounds_case(g, limit)  # (integer bounds: many ties)
     N, Hkv, _, D = k_cache.shape
@@ -284,10 +284,11 @@ def test_decode_runs_the_refresh(rule, refresh_pinned, ns, limit, monkeypatch):
     if ns == 1 and not mass_rule:  # the stage-1 program runs the refresh: no bounded_update launch
         monkeypatch.setattr(dec_mod, "bounded_update", lambda *a, **k: pytest.fail("refresh not fused"))
     fused, got = run(impl, num_splits=ns)
-    staggered, got_staggered = run(impl, num_splits=ns, stagger_bounds=True)  # rows 0 and 2: bounds pass first
+    # the default runs the bounds pass first on rows 0 and 2; here every row runs it after the main loop
+    last, got_last = run(impl, num_splits=ns, stagger_bounds=False)
     monkeypatch.undo()
-    assert torch.equal(got, want) and torch.equal(got_staggered, want)
-    for a, b, c in zip(plain, fused, staggered):
+    assert torch.equal(got, want) and torch.equal(got_last, want)
+    for a, b, c in zip(plain, fused, last):
         assert torch.equal(a, b) and torch.equal(a, c)
     assert torch.equal(fused[-1], want_out[-1])  # the bounds
     if not mass_rule:
