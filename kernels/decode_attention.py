@@ -23,14 +23,16 @@ arXiv 2406.10774):
   page's log2-sum-exp  lse_page = m_run + log2(sum_{tokens of page} 2^(s - m_run)), taken against
   the running max m_run at the time the page is read (m_run <= the global max, so nothing that
   matters underflows; an empty or -1 page gives -inf).
-  With key bounds, the program then walks its chunk again 16 pages at a time, loads their kmin / kmax
+  With key bounds, the program also walks its chunk 16 pages at a time, loads their kmin / kmax
   rows (2 * D values a page, 1/P of its K and V bytes) and writes each page's bound, max over the
   group's heads: sum_d max(q_d kmax_d, q_d kmin_d) = q+ . kmax + q- . kmin (q+ = max(q, 0), q- = q - q+),
   two tensor-core products with fp32 accumulation. Inside the main loop they cost more: computed
   elementwise (run 15) the attention took 2.3 ms a step longer; as the same two products per tile, their
   kmin / kmax loads beside the tile's K / V (run 37), 4% longer (the 1.5B job's RaaS attention 4.33 ms a
   step against 4.15; run 37 in docs/gpu-notes.md). A separate loop keeps the main loop as
-  it was.
+  it was. Even rows run it before the main loop and odd rows after it (`stagger_bounds`): run after
+  it on every row, its dependent round trips fell in all programs' tails at once (0.156 against
+  0.154 ms a layer, run 54).
   With a RaaS refresh by the bounds and one split, the program holds its row's every bound: it runs
   the refresh itself with the helpers of kernels/bounded_update.py (`_row_ok`, `_refresh_mask`: the
   same rules, the top half from one sort of the row), which saves the step one launch per layer. The
