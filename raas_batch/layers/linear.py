@@ -40,6 +40,12 @@ class Linear(nn.Linear):
     # number of rows.
     kernels = None
 
+    def reset_parameters(self) -> None:
+        """nn.Linear's initialiser, skipped on the meta device (models/loader.py builds there, then loads or
+        draws every weight): there it does no work, yet its first use costs ~1 s in a fresh process."""
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         matmul = getattr(self.kernels, "matmul", None)
         if matmul is not None and x.is_cuda:

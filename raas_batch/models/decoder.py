@@ -150,7 +150,9 @@ class DecoderForCausalLM(nn.Module):
         spec = DecoderSpec.from_hf(hf_config, **self.family_switches(hf_config))
         self.spec = spec
         rotary = RotaryEmbedding(hf_config, spec.head_dim, spec.max_positions)
-        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        # (an initial weight given: nn.Embedding's initialiser is not run; the loader fills every weight)
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size,
+                                         _weight=torch.empty(spec.vocab_size, spec.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(spec, i, rotary) for i in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.lm_head = Linear(spec.hidden_size, spec.vocab_size, bias=False)

@@ -8,7 +8,6 @@ a `.gguf` file, or a hub id (downloaded to the local cache with huggingface_hub,
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import importlib.util
 import json
@@ -17,7 +16,6 @@ import os
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from raas_batch.models import model_class_for
 
@@ -194,22 +192,6 @@ def _gguf_tensors(directory: str, gguf: str):
     yield from hf.state_dict().items()
 
 
-@contextlib.contextmanager
-def _no_init():
-    """The modules' own initialisers (nn.Linear's, nn.Embedding's) skipped while the model is built on the
-    meta device: every weight is loaded or drawn afterwards. On meta they would do no work, yet the
-    first of them sends torch through its Python reference ops, a one-time ~1 s in a fresh process."""
-    names = ("kaiming_uniform_", "uniform_", "normal_", "zeros_", "ones_", "trunc_normal_", "xavier_uniform_")
-    saved = {name: getattr(nn.init, name) for name in names}
-    for name in names:
-        setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
-    try:
-        yield
-    finally:
-        for name, fn in saved.items():
-            setattr(nn.init, name, fn)
-
-
 def load_model(model: str | None, dtype: torch.dtype, device: torch.device, load_format: str = "auto",
                hf_config=None) -> LoadedModel:
     """Build our model for `model` on `device` in `dtype` (see the module docstring for sources)."""
@@ -227,7 +209,7 @@ def load_model(model: str | None, dtype: torch.dtype, device: torch.device, load
     if getattr(hf_config, "sliding_window", None) and getattr(hf_config, "use_sliding_window", True):
         log.warning("%s has a sliding window of %s tokens; raas_batch attends to the full cache instead.",
                     name, hf_config.sliding_window)
-    with torch.device("meta"), _no_init():
+    with torch.device("meta"):  # (no initialiser runs: layers/linear.py, models/decoder.py)
         net = cls(hf_config)
     net = net.to_empty(device=device).to(dtype)
     if net.spec.tie_word_embeddings:
