@@ -59,6 +59,7 @@ import triton.language as tl
 
 from ._jit import interpreting, lazy_jit, pdl_args
 from .bounded_update import _RULES, _refresh_mask, _row_ok, bounded_update, refresh_block
+from .page_scores import _page_key_bounds
 from .reference import Refresh, refresh_after
 
 _LOG2E = 1.4426950408889634
@@ -77,14 +78,9 @@ def _bounds_pass(q, ids_base, kmin_ptr, kmax_ptr, bounds_ptr, stride_is, stride_
     row_end = tl.minimum(split_start + pages_per_split, S)
     for s0 in range(split_start, row_end, 16):
         pidx = s0 + sb
-        pj = tl.load(ids_base + pidx * stride_is, mask=pidx < split_end, other=-1)
-        has_j = pj >= 0
-        page_j = tl.where(has_j, pj, 0).to(tl.int64)
-        mj = has_j[:, None] & d_ok[None, :]
-        lo = tl.load(kmin_ptr + page_j[:, None] * stride_mn + kvh * stride_mh + dd[None, :] * stride_md,
-                     mask=mj, other=0.0).to(q.dtype)
-        hi = tl.load(kmax_ptr + page_j[:, None] * stride_mn + kvh * stride_mh + dd[None, :] * stride_md,
-                     mask=mj, other=0.0).to(q.dtype)
+        has_j, lo, hi = _page_key_bounds(ids_base + pidx * stride_is, pidx < split_end, kvh, dd, d_ok, kmin_ptr,
+                                         kmax_ptr, stride_mn, stride_mh, stride_md, stride_mn, stride_mh, stride_md)
+        lo, hi = lo.to(q.dtype), hi.to(q.dtype)
         bnd = (tl.dot(qp, tl.trans(hi), input_precision=DOT_PREC)
                + tl.dot(qn, tl.trans(lo), input_precision=DOT_PREC))  # [GP, 16]
         best = tl.max(tl.where(row_ok[:, None], bnd, float("-inf")), axis=0)
@@ -155,10 +151,11 @@ def _decode_stage1(
         if not REFRESH_PINNED:
             r_ok = r_ok & r_unpinned
 
-    # even rows take their bounds pass first: its dependent round trips then overlap the page reads of the
-    # odd rows, instead of every program's tail coinciding (compile-time switches, then the runtime test)
-    if RETURN_BOUNDS and STAGGER:  # noqa: SIM102
-        if b % 2 == 0:
+    # with STAGGER even rows take their bounds pass first: its dependent round trips then overlap the page
+    # reads of the odd rows, instead of every program's tail coinciding; the other rows take it last
+    lead = (b % 2) < STAGGER
+    if RETURN_BOUNDS:  # noqa: SIM102  (a compile-time switch, then the runtime test)
+        if lead:
             r_v = _bounds_pass(q, ids_base, kmin_ptr, kmax_ptr, bounds_ptr, stride_is, stride_mn, stride_mh,
                                stride_md, b, kvh, split_start, split_end, pages_per_split, S, r_v, rs, dd, d_ok,
                                row_ok, HKV, DOT_PREC, REFRESH)
@@ -221,12 +218,7 @@ def _decode_stage1(
             )
 
     if RETURN_BOUNDS:
-        if STAGGER:  # rows of one parity: the other half of the rows take their bounds pass last
-            if b % 2 == 1:
-                r_v = _bounds_pass(q, ids_base, kmin_ptr, kmax_ptr, bounds_ptr, stride_is, stride_mn, stride_mh,
-                                   stride_md, b, kvh, split_start, split_end, pages_per_split, S, r_v, rs, dd, d_ok,
-                                   row_ok, HKV, DOT_PREC, REFRESH)
-        else:
+        if not lead:
             r_v = _bounds_pass(q, ids_base, kmin_ptr, kmax_ptr, bounds_ptr, stride_is, stride_mn, stride_mh,
                                stride_md, b, kvh, split_start, split_end, pages_per_split, S, r_v, rs, dd, d_ok,
                                row_ok, HKV, DOT_PREC, REFRESH)
@@ -313,7 +305,7 @@ def _decode_stage2(
             tl.store(mass_ptr + (b * HKV + kvh) * S + sidx, mass, mask=sidx < S)
 
 
-_stage1 = lazy_jit(_decode_stage1, helpers=(_row_ok, _refresh_mask, _bounds_pass))
+_stage1 = lazy_jit(_decode_stage1, helpers=(_row_ok, _refresh_mask, _bounds_pass, _page_key_bounds))
 _stage2 = lazy_jit(_decode_stage2)
 
 # Tuning knobs of the split heuristic (shapes only; see choose_num_splits). Measured on nothing yet:

@@ -20,6 +20,20 @@ import triton.language as tl
 from ._jit import lazy_jit, pdl_args
 
 
+def _page_key_bounds(ids_at, ok, kvh, dd, d_ok, kmin_ptr, kmax_ptr, stride_mn, stride_mh, stride_md,
+                     stride_xn, stride_xh, stride_xd):
+    """The key bounds of a block of listed pages (page ids at `ids_at` where `ok`, -1 = none) ->
+    (listed [n], kmin rows [n, BLOCK_D], kmax rows [n, BLOCK_D]) in the cache's dtype, 0 where unlisted.
+    Shared with the decode attention's bounds pass (kernels/decode_attention.py)."""
+    pid = tl.load(ids_at, mask=ok, other=-1)
+    has = pid >= 0
+    page = tl.where(has, pid, 0).to(tl.int64)
+    m2 = has[:, None] & d_ok[None, :]
+    lo = tl.load(kmin_ptr + page[:, None] * stride_mn + kvh * stride_mh + dd[None, :] * stride_md, mask=m2, other=0.0)
+    hi = tl.load(kmax_ptr + page[:, None] * stride_xn + kvh * stride_xh + dd[None, :] * stride_xd, mask=m2, other=0.0)
+    return has, lo, hi
+
+
 def _page_scores_kernel(
     q_ptr, kmin_ptr, kmax_ptr, ids_ptr, out_ptr,
     stride_qb, stride_qh, stride_qd,
@@ -40,14 +54,9 @@ def _page_scores_kernel(
     dd = tl.arange(0, BLOCK_D)
     d_ok = dd < D
 
-    pid = tl.load(ids_ptr + b * stride_ib + kvh * stride_ih + ss * stride_is, mask=s_ok, other=-1)
-    has = pid >= 0
-    page = tl.where(has, pid, 0).to(tl.int64)
-    m2 = has[:, None] & d_ok[None, :]
-    lo = tl.load(kmin_ptr + page[:, None] * stride_mn + kvh * stride_mh + dd[None, :] * stride_md,
-                 mask=m2, other=0.0).to(tl.float32)
-    hi = tl.load(kmax_ptr + page[:, None] * stride_xn + kvh * stride_xh + dd[None, :] * stride_xd,
-                 mask=m2, other=0.0).to(tl.float32)
+    has, lo, hi = _page_key_bounds(ids_ptr + b * stride_ib + kvh * stride_ih + ss * stride_is, s_ok, kvh, dd, d_ok,
+                                   kmin_ptr, kmax_ptr, stride_mn, stride_mh, stride_md, stride_xn, stride_xh, stride_xd)
+    lo, hi = lo.to(tl.float32), hi.to(tl.float32)
 
     best = tl.full([BLOCK_S], float("-inf"), tl.float32)
     for g in range(G):
@@ -59,7 +68,7 @@ def _page_scores_kernel(
     tl.store(out_ptr + (b * HKV + kvh) * S + ss, best, mask=s_ok)
 
 
-_kernel = lazy_jit(_page_scores_kernel)
+_kernel = lazy_jit(_page_scores_kernel, helpers=(_page_key_bounds,))
 
 
 def page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, page_ids: torch.Tensor) -> torch.Tensor:

@@ -283,9 +283,8 @@ def test_decode_runs_the_refresh(rule, refresh_pinned, ns, limit, monkeypatch):
     assert torch.equal(unfused, want)
     if ns == 1 and not mass_rule:  # the stage-1 program runs the refresh: no bounded_update launch
         monkeypatch.setattr(dec_mod, "bounded_update", lambda *a, **k: pytest.fail("refresh not fused"))
-    fused, got = run(impl, num_splits=ns)
-    # the default runs the bounds pass first on rows 0 and 2; here every row runs it after the main loop
-    last, got_last = run(impl, num_splits=ns, stagger_bounds=False)
+    fused, got = run(impl, num_splits=ns, stagger_bounds=True)  # the bounds pass first on rows 0 and 2
+    last, got_last = run(impl, num_splits=ns, stagger_bounds=False)  # after the main loop on every row
     monkeypatch.undo()
     assert torch.equal(got, want) and torch.equal(got_last, want)
     for a, b, c in zip(plain, fused, last):
