@@ -69,6 +69,62 @@ CATEGORIES = [  # (category, regex on the kernel name), first match wins
 
 
 # ------------------------------------------------------------------------------------------------
+# Where the job's edges go: the product's functions that run before the first and after the last step
+# ------------------------------------------------------------------------------------------------
+# (module, attribute): wrapped for the benchmark's process only, to time each call
+EDGE_FUNCTIONS = [
+    ("raas_batch.runner", "load_engine"), ("raas_batch.shard_stream", "plan_shard"),
+    ("raas_batch.llm_engine", "LLMEngine.prepare"), ("raas_batch.llm_engine", "decode_texts"),
+    ("raas_batch.llm_engine", "fill_completion"), ("raas_batch.shard_stream", "write_shard_file"),
+    ("raas_batch.shards", "write_shard"), ("raas_batch.data.writer", "rows_to_table"),
+    ("raas_batch.data.writer", "pq.write_table"), ("raas_batch.data.writer", "file_sha256"),
+    ("raas_batch.data.writer", "os.fsync"), ("raas_batch.runner", "write_summary"),
+]
+EDGE_CALLS: list[tuple[str, float, float]] = []  # (name, start, end), perf_counter
+
+
+def watch_edges() -> None:
+    """Wrap EDGE_FUNCTIONS (once) so that every call appends (name, start, end) to EDGE_CALLS."""
+    import functools
+    import importlib
+
+    for module, attr in EDGE_FUNCTIONS:
+        owner = importlib.import_module(module)
+        *path, name = attr.split(".")
+        for part in path:
+            owner = getattr(owner, part)
+        fn = getattr(owner, name)
+        if getattr(fn, "_edge_timed", False):
+            continue
+
+        label = f"{module.rsplit('.', 1)[-1]}.{attr}"
+
+        def timed(*a, _fn=fn, _label=label, **k):
+            t = time.perf_counter()
+            try:
+                return _fn(*a, **k)
+            finally:
+                EDGE_CALLS.append((_label, t, time.perf_counter()))
+
+        timed._edge_timed = True
+        functools.update_wrapper(timed, fn)
+        setattr(owner, name, timed)
+
+
+def edge_times(t_first: float, t_last: float) -> dict:
+    """Seconds spent in each watched function before the first step starts and after the last ends."""
+    before: dict[str, float] = {}
+    after: dict[str, float] = {}
+    for name, t0, t1 in EDGE_CALLS:
+        if t1 <= t_first:
+            before[name] = before.get(name, 0.0) + t1 - t0
+        elif t0 >= t_last:
+            after[name] = after.get(name, 0.0) + t1 - t0
+    return {"before_first_step": {k: round(v, 4) for k, v in before.items()},
+            "after_last_step": {k: round(v, 4) for k, v in after.items()}}
+
+
+# ------------------------------------------------------------------------------------------------
 # The watcher: an LLM whose engine records every step (the job builds it through RAAS_BATCH_ENGINE)
 # ------------------------------------------------------------------------------------------------
 class WatchedLLM(LLM):
@@ -283,6 +339,8 @@ def run_one(args, model_dir: str, data: str, policy: str, shard_size: int, bw: f
     cfg = resolve(flags)
     WatchedLLM.profile_at = None if warmup else args.profile_at
     os.environ["RAAS_BATCH_ENGINE"] = "bench_job:WatchedLLM"
+    watch_edges()
+    EDGE_CALLS.clear()
     t0 = time.perf_counter()
     summary = run_job(cfg)
     wall = time.perf_counter() - t0
@@ -331,6 +389,8 @@ def run_one(args, model_dir: str, data: str, policy: str, shard_size: int, bw: f
         "before_first_step_s": llm.steps[0]["t_start"] - t0 if llm.steps else None,
         "after_last_step_s": t0 + wall - llm.steps[-1]["t_end"] if llm.steps else None,
         "engine_load_s": summary.get("engine_load_s"),
+        # the watched functions' time inside those edges (EDGE_FUNCTIONS; nested calls count in each)
+        "edges": edge_times(llm.steps[0]["t_start"], llm.steps[-1]["t_end"]) if llm.steps else None,
         "decode_steps": len(decode), "prefill_steps": len(prefill),
         "prefill_s": sum(s["wall_s"] for s in prefill),
         # A decode step's period is its call's wall plus the host's gap before it: the engine launches
@@ -453,6 +513,7 @@ def main() -> None:
             r = run_one(args, model_dir, data, policy, shard_size, bw)
             results.append(r)
             print(json.dumps({k: v for k, v in r.items() if k != "profile"}), flush=True)
+            print("edges", json.dumps(r.get("edges")), flush=True)
             if r.get("profile"):
                 print(json.dumps(r["profile"]["by_category_ms_per_step"]), "host gap",
                       round(r["profile"]["host_gap_ms_per_step"], 3), flush=True)
