@@ -21,6 +21,9 @@ Invariants:
 - `ttft_s` and `e2e_s` are measured from the sequence's admission into the running batch.
 - When no request is left unfinished the engine is idle too (a decode step still in flight for
   sequences that had stopped, engine/engine.py's overlap, is drained).
+- A completion's text is exactly `tokenizer.decode(token_ids, skip_special_tokens=True)`. Long ones are
+  decoded while they run, a few sequences a step (`advance_texts`), so that a step that finishes many
+  rows (every row of a fixed-length job at once) only decodes their last tokens.
 - `abort_all` releases every sequence (their pages and slots) and forgets every request: the engine
   is idle and reusable afterwards. The engine never sees keys: they are opaque here too.
 """
@@ -71,6 +74,8 @@ class LLMEngine:
         self._done: list[_Request] = []  # finished before reaching the engine (errors), out at next step
         # (prompt ids, kv_override) -> the PromptGroup that requests with that prompt may still join
         self._groups: dict[Hashable, PromptGroup] = {}
+        self._texts = text_backend(tokenizer)  # None: texts are decoded when a sequence finishes only
+        self._text_cursor = 0  # where the next step's advance_texts starts in the running list
 
     # ---- requests in ----
     def prepare(self, prompt: Any) -> tuple[str | None, list[int], str | None]:
@@ -174,7 +179,23 @@ class LLMEngine:
                     done.append(request)
             while not self._running and self.engine.has_work():
                 self.engine.step()  # an overlapped decode step of sequences that had already stopped
+            if self._texts is not None:
+                self._advance_some_texts()
         return [(r.key, r.output) for r in done], num_tokens
+
+    def _advance_some_texts(self) -> None:
+        """advance_texts on the next 1/TEXT_PERIOD_STEPS of the running sequences (round robin), so that
+        each one's text is extended about every TEXT_PERIOD_STEPS steps while the device computes."""
+        running = getattr(getattr(self.engine, "scheduler", None), "running", None)
+        if not running:
+            return
+        count = -(-len(running) // TEXT_PERIOD_STEPS)
+        start = self._text_cursor % len(running)
+        picked = running[start:start + count]
+        if len(picked) < count:
+            picked += running[:count - len(picked)]
+        self._text_cursor = start + count
+        advance_texts(self._texts, [s for s in picked if s.detok is None and not s.finished])
 
     def key_of(self, seq: Sequence) -> Hashable:
         """The key of the request a running sequence belongs to (for step observers, e.g. scoring)."""
@@ -188,19 +209,64 @@ class LLMEngine:
         self._groups.clear()
 
 
-def decode_texts(tokenizer, seqs: list[Sequence]) -> dict[int, str]:
-    """The texts of sequences that finished in one step, decoded together: id(seq) -> text.
+# Texts decoded while sequences run (advance_texts): each running sequence gets a turn about every
+# TEXT_PERIOD_STEPS steps, and its text is extended when at least TEXT_MIN_TOKENS tokens wait; a seam is
+# checked on SEAM_TOKENS tokens either side.
+TEXT_PERIOD_STEPS = 128
+TEXT_MIN_TOKENS = 32
+SEAM_TOKENS = 8
 
-    A fast tokenizer decodes the batch in parallel in Rust (`decode_batch`); when every row of a fixed-
-    length job finishes in the same step that is thousands of tokens per row at once. Equal to
-    `tokenizer.decode(ids, skip_special_tokens=True)` per sequence, which is the path when the
-    tokenizer has no backend, one sequence finished, or the tokenizer cleans up spaces after decoding."""
+
+def text_backend(tokenizer):
+    """The tokenizer's Rust backend when its batch decode equals `tokenizer.decode(ids,
+    skip_special_tokens=True)` (a fast tokenizer that does not clean up spaces after decoding), else None."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if (len(seqs) < 2 or backend is None or not hasattr(backend, "decode_batch")
-            or getattr(tokenizer, "clean_up_tokenization_spaces", False)):
+    if backend is None or not hasattr(backend, "decode_batch") or getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return None
+    return backend
+
+
+def advance_texts(backend, seqs: list[Sequence]) -> None:
+    """Extend the decoded prefix (text_done, text_upto) of each running sequence, up to SEAM_TOKENS before
+    its last token, where that is safe; one `decode_batch` for all of them.
+
+    A prefix may end at token c only where decoding is additive: decode(ids) == decode(ids[:c]) +
+    decode(ids[c:]) for any continuation. Decoders act on neighbouring tokens only (UTF-8 characters
+    split over byte tokens, a leading space a SentencePiece decoder strips, WordPiece's joins), so the
+    check decodes SEAM_TOKENS tokens each side of c: the two halves must give the window's text. Where
+    they do not, the prefix stays and a later turn tries a later seam; the rest of the text is always
+    decoded when the sequence finishes (decode_texts)."""
+    w = SEAM_TOKENS
+    jobs, pieces = [], []
+    for s in seqs:
+        ids = s.output_token_ids
+        cut = len(ids) - w
+        if cut - s.text_upto < TEXT_MIN_TOKENS:
+            continue
+        jobs.append((s, cut))
+        pieces += [ids[s.text_upto:cut], ids[cut - w:cut], ids[cut:cut + w], ids[cut - w:cut + w]]
+    if not jobs:
+        return
+    texts = backend.decode_batch(pieces, skip_special_tokens=True)
+    for k, (s, cut) in enumerate(jobs):
+        chunk, before, after, window = texts[4 * k:4 * k + 4]
+        if before + after == window:
+            s.text_done += chunk
+            s.text_upto = cut
+
+
+def decode_texts(tokenizer, seqs: list[Sequence]) -> dict[int, str]:
+    """The texts of sequences that finished in one step: id(seq) -> text, equal to
+    `tokenizer.decode(ids, skip_special_tokens=True)`.
+
+    The tokens past each sequence's decoded prefix (advance_texts: all of them for a short generation)
+    are decoded in one parallel `decode_batch` in Rust. {} when the tokenizer has no such backend
+    (text_backend): fill_completion then calls tokenizer.decode per sequence."""
+    backend = text_backend(tokenizer)
+    if backend is None or not seqs:
         return {}
-    texts = backend.decode_batch([s.output_token_ids for s in seqs], skip_special_tokens=True)
-    return {id(s): t for s, t in zip(seqs, texts)}
+    texts = backend.decode_batch([s.output_token_ids[s.text_upto:] for s in seqs], skip_special_tokens=True)
+    return {id(s): s.text_done + t for s, t in zip(seqs, texts)}
 
 
 def fill_completion(out: CompletionOutput, seq: Sequence, tokenizer, text: str | None = None) -> None:
@@ -213,7 +279,7 @@ def fill_completion(out: CompletionOutput, seq: Sequence, tokenizer, text: str |
         elif tokenizer is None:  # random weights from a config (benchmarks): tokens only
             text = ""
         else:
-            text = tokenizer.decode(out.token_ids, skip_special_tokens=True)
+            text = seq.text_done + tokenizer.decode(out.token_ids[seq.text_upto:], skip_special_tokens=True)
     out.text = text
     out.reasoning, out.answer = split_reasoning(text, seq.starts_in_think)
     if seq.params.thinking_budget is not None:

@@ -119,20 +119,120 @@ def test_valid_prompts_in_normal_form_and_text_as_chat():
 
 def test_texts_of_a_step_decoded_together_equal_one_by_one(smollm_tokenizer):
     """Sequences finishing in one step are decoded in one parallel batch: the same texts as decoding each
-    (special tokens skipped), and the per-sequence path when the batch path cannot promise that."""
+    (special tokens skipped); {} when the tokenizer has no batch decode that promises that."""
     import random
-    from types import SimpleNamespace
 
     from raas_batch.llm_engine import decode_texts
 
     tok = smollm_tokenizer
     rng = random.Random(0)
     special = tok.all_special_ids
-    seqs = [SimpleNamespace(output_token_ids=[rng.choice(special) if rng.random() < 0.05 else rng.randrange(len(tok))
-                                              for _ in range(rng.randrange(0, 300))]) for _ in range(12)]
+    seqs = [_seq([rng.choice(special) if rng.random() < 0.05 else rng.randrange(len(tok))
+                  for _ in range(rng.randrange(0, 300))]) for _ in range(12)]
     texts = decode_texts(tok, seqs)
     assert len(texts) == 12
     for s in seqs:
         assert texts[id(s)] == tok.decode(s.output_token_ids, skip_special_tokens=True)
-    assert decode_texts(tok, seqs[:1]) == {}  # one sequence: tokenizer.decode, as before
+    one = seqs[0]
+    assert decode_texts(tok, [one]) == {id(one): tok.decode(one.output_token_ids, skip_special_tokens=True)}
     assert decode_texts(None, seqs) == {}
+
+
+def _seq(ids):
+    return Sequence(request_idx=0, sample_idx=0, prompt_token_ids=[1], params=SamplingParams(), seed_key=0, seed=0,
+                    max_new_tokens=10**6, output_token_ids=list(ids))
+
+
+def _wordpiece_and_metaspace_tokenizers():
+    """Two small fast tokenizers whose decoders are not additive at every token boundary: WordPiece joins
+    tokens with spaces (except ## pieces), Metaspace turns a leading \u2581 into a space and strips the
+    text's first one."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["the", "cat", "##s", "sat", "##ting", "on", "mat", "\u2581the", "\u2581cat", "s", "\u2581on", "ing", "\u2581"]
+    vocab = {w: i for i, w in enumerate(["[UNK]", *words])}
+    made = []
+    for decoder in (decoders.WordPiece(), decoders.Metaspace()):
+        t = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+        t.decoder = decoder
+        made.append(PreTrainedTokenizerFast(tokenizer_object=t, unk_token="[UNK]", clean_up_tokenization_spaces=False))
+    return made
+
+
+def _grow(tok, seqs, rng, pieces, rest):
+    """Each sequence gets random tokens, a special token, or the tokens of a text with multi-byte
+    characters: whole, or cut so that a character's first tokens end this growth and the rest starts the
+    next (rest: id(seq) -> those tokens)."""
+    special = tok.all_special_ids
+    for s in seqs:
+        s.output_token_ids += rest.pop(id(s), [])
+        r = rng.random()
+        if pieces and r < 0.4:
+            p = rng.choice(pieces)
+            if r < 0.2 and len(p) > 1:
+                k = rng.randrange(1, len(p))
+                p, rest[id(s)] = p[:k], p[k:]
+            s.output_token_ids += p
+        elif r < 0.45 and special:
+            s.output_token_ids.append(rng.choice(special))
+        else:
+            s.output_token_ids += [rng.randrange(len(tok)) for _ in range(rng.randrange(1, 12))]
+
+
+def test_texts_decoded_while_running_equal_the_whole_decode(smollm_tokenizer, monkeypatch):
+    """advance_texts extends running sequences' texts in chunks; with the rest decoded at the end the
+    text is exactly tokenizer.decode of all tokens, for a byte-level BPE (UTF-8 characters split over
+    byte tokens), WordPiece and Metaspace decoders. The seam check is what keeps it exact: it refuses
+    some seams, and without it (SEAM_TOKENS 0: every seam taken) the texts differ."""
+    import random
+
+    from raas_batch import llm_engine
+    from raas_batch.llm_engine import advance_texts, decode_texts, text_backend
+
+    byte_level = smollm_tokenizer
+    chars = [byte_level.encode(x, add_special_tokens=False) for x in ("日本語のテキスト", "😀👍🏽", "naïve café", " the")]
+    for tok in (byte_level, *_wordpiece_and_metaspace_tokenizers()):
+        backend = text_backend(tok)
+        assert backend is not None
+        for seam in (llm_engine.SEAM_TOKENS, 0):
+            monkeypatch.setattr(llm_engine, "SEAM_TOKENS", seam)
+            rng = random.Random(3)
+            seqs = [_seq([]) for _ in range(6)]
+            refused, rest = 0, {}
+            for _ in range(60):
+                _grow(tok, seqs, rng, chars if tok is byte_level else None, rest)
+                before = [s.text_upto for s in seqs]
+                advance_texts(backend, seqs)
+                refused += sum(s.text_upto == b and len(s.output_token_ids) - seam - b >= llm_engine.TEXT_MIN_TOKENS
+                               for s, b in zip(seqs, before))
+            texts = decode_texts(tok, seqs)
+            exact = [texts[id(s)] == tok.decode(s.output_token_ids, skip_special_tokens=True) for s in seqs]
+            assert all(s.text_upto > 0 for s in seqs)
+            if seam:
+                assert all(exact) and refused > 0, (tok.backend_tokenizer.decoder, refused)
+            else:
+                assert not all(exact), tok.backend_tokenizer.decoder
+
+
+def test_engine_decodes_texts_while_running(tiny, monkeypatch):
+    """Through the request core: texts are extended during the run (the decoded prefix covers nearly
+    every token when the rows finish) and each completion's text is the decode of its tokens."""
+    from raas_batch import llm_engine
+
+    tok = tiny.tokenizer
+    seen = []
+    real = llm_engine.decode_texts
+
+    def spy(tokenizer, seqs):
+        seen.extend(s.text_upto for s in seqs)
+        return real(tokenizer, seqs)
+
+    monkeypatch.setattr(llm_engine, "decode_texts", spy)
+    outs = tiny.generate([{"prompt_token_ids": [30 + i, 31]} for i in range(3)],
+                         SamplingParams(max_new_tokens=150, temperature=1.0, seed=1, ignore_eos=True))
+    slack = llm_engine.TEXT_MIN_TOKENS + llm_engine.SEAM_TOKENS + 3  # at most one turn's tokens wait
+    assert len(seen) == 3 and all(upto >= 150 - slack for upto in seen), seen
+    for out in outs:
+        c = out.outputs[0]
+        assert len(c.token_ids) == 150 and c.text == tok.decode(c.token_ids, skip_special_tokens=True)

@@ -61,6 +61,10 @@ class Sequence:
     thinking_budget_hit: bool = False
     forced: list[int] = field(default_factory=list)
     stop_text_end: int | None = None  # text cut here when a stop string matched
+    # the text of output_token_ids[:text_upto], decoded while the sequence ran (llm_engine.advance_texts;
+    # without stop strings or a thinking budget, whose `detok` holds the text)
+    text_done: str = ""
+    text_upto: int = 0
     # per-sequence KV setting (kv_budget, or (member, kv_budget) for a PolicyMixture); see policies/base.py
     kv_override: object = None
     kv_over_budget: bool = False  # set at admission: the quota exceeds kv_budget (prompt too long)
