@@ -34,6 +34,7 @@ import itertools
 import random
 import time
 from collections.abc import Callable, Hashable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,6 +77,9 @@ class LLMEngine:
         self._groups: dict[Hashable, PromptGroup] = {}
         self._texts = text_backend(tokenizer)  # None: texts are decoded when a sequence finishes only
         self._text_cursor = 0  # where the next step's advance_texts starts in the running list
+        self._text_worker: ThreadPoolExecutor | None = None  # runs advance_texts off the step loop
+        self._text_job: Future | None = None  # the advance_texts in flight, if any
+        self._text_job_seqs: set[int] = set()  # id() of its sequences
 
     # ---- requests in ----
     def prepare(self, prompt: Any) -> tuple[str | None, list[int], str | None]:
@@ -168,6 +172,8 @@ class LLMEngine:
         num_tokens = 0
         if self.engine.has_work():
             finished, num_tokens = self.engine.step()
+            if self._text_job is not None and any(id(s) in self._text_job_seqs for s in finished):
+                self._text_job.result()  # their prefixes are being extended: let that finish first
             texts = decode_texts(self.tokenizer, [s for s in finished if s.detok is None])
             for seq in finished:
                 request = self._running[seq.request_idx]
@@ -185,7 +191,15 @@ class LLMEngine:
 
     def _advance_some_texts(self) -> None:
         """advance_texts on the next 1/TEXT_PERIOD_STEPS of the running sequences (round robin), so that
-        each one's text is extended about every TEXT_PERIOD_STEPS steps while the device computes."""
+        each one's text is extended about every TEXT_PERIOD_STEPS steps. It runs on a worker thread:
+        `decode_batch` releases the GIL, so the step loop, whose host work at large batches is close to
+        the device's step time, is not slowed (run 57: on the loop it cost the H200 job 1 ms a step).
+        One job at a time: a step whose previous job is still running starts none."""
+        if self._text_job is not None:
+            if not self._text_job.done():
+                return
+            self._text_job.result()  # (raises what the job raised)
+            self._text_job, self._text_job_seqs = None, set()
         running = getattr(getattr(self.engine, "scheduler", None), "running", None)
         if not running:
             return
@@ -195,7 +209,14 @@ class LLMEngine:
         if len(picked) < count:
             picked += running[:count - len(picked)]
         self._text_cursor = start + count
-        advance_texts(self._texts, [s for s in picked if s.detok is None and not s.finished])
+        picked = [s for s in picked if s.detok is None and not s.finished
+                  and len(s.output_token_ids) - SEAM_TOKENS - s.text_upto >= TEXT_MIN_TOKENS]
+        if not picked:
+            return
+        if self._text_worker is None:
+            self._text_worker = ThreadPoolExecutor(1, thread_name_prefix="raas-texts")
+        self._text_job_seqs = {id(s) for s in picked}
+        self._text_job = self._text_worker.submit(advance_texts, self._texts, picked)
 
     def key_of(self, seq: Sequence) -> Hashable:
         """The key of the request a running sequence belongs to (for step observers, e.g. scoring)."""
@@ -203,6 +224,9 @@ class LLMEngine:
 
     def abort_all(self) -> None:
         """Drop every request and release every sequence (after an engine error, or a stream closed early)."""
+        if self._text_job is not None:
+            self._text_job.exception()  # wait for it; what it raised no longer matters
+            self._text_job, self._text_job_seqs = None, set()
         self.engine.abort()
         self._running.clear()
         self._done.clear()
