@@ -1,8 +1,10 @@
-"""CUDA graphs of the decode forward, one per (batch-size bucket, page-table width bucket).
+"""CUDA graphs of the decode step, one per (batch-size bucket, page-table width bucket, whole step or not).
 
 A decode step on the GPU launches hundreds of small kernels (per layer: norms, projections, the
 policy's page choice, kv_append, attention); replaying a captured graph removes their launch cost.
-The forward inside is the model runner's `decode_forward`, which never synchronises with the host.
+What a graph holds never synchronises with the host: the model runner's `decode_step` (the forward,
+the head, the sampler, the last-token write and the policy's counters) when no logits hook needs the
+logits on the way, else its `decode_forward` alone.
 
 Padding rows (a batch of B runs in the graph of the smallest bucket >= B) use the padding slot
 (`pad_slot`, one past the real slots) whose page table is the engine's scratch page; its fill is
@@ -30,8 +32,8 @@ class DecodeGraphs:
         # copy, which has completed (the host recorded step t's tokens before launching t+2).
         self.staging = [torch.zeros(2, n, dtype=torch.int64).pin_memory() for _ in range(2)]
         self._turn = 0
-        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[tuple[int, int], torch.Tensor] = {}
+        self.graphs: dict[tuple[int, int, bool], torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[tuple[int, int, bool], tuple] = {}
         self.mempool = torch.cuda.graph_pool_handle()
 
     def width_bucket(self, width: int) -> int:
@@ -43,29 +45,31 @@ class DecodeGraphs:
     def _reset_scratch(self) -> None:
         self.runner.pool.fill[:, self.scratch_page] = 0
 
-    def _capture(self, bs: int, width: int) -> None:
+    def _capture(self, bs: int, width: int, sample: bool) -> None:
         self.inputs[0, :bs] = 0
         self.inputs[1, :bs] = self.pad_slot
         pos, slots = self.inputs[0, :bs], self.inputs[1, :bs]
+        step = self.runner.decode_step if sample else self.runner.decode_forward
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up: compiles Triton kernels, sizes the allocator
             for _ in range(2):
                 self._reset_scratch()
-                self.runner.decode_forward(pos, slots, width)
+                step(pos, slots, width)
         torch.cuda.current_stream().wait_stream(stream)
         self._reset_scratch()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.mempool):
-            out = self.runner.decode_forward(pos, slots, width)
-        self.graphs[(bs, width)], self.outputs[(bs, width)] = graph, out
+            out = step(pos, slots, width)
+        self.graphs[(bs, width, sample)], self.outputs[(bs, width, sample)] = graph, out
 
-    def run(self, positions: list[int], slots: list[int], width: int):
-        """-> (hidden [B, hidden], positions [B], slots [B]): device views of the graph's output and
-        inputs for the B given sequences. Enqueues only (the inputs travel from pinned memory)."""
+    def run(self, positions: list[int], slots: list[int], width: int, sample: bool = False):
+        """Enqueue the graph for the B given sequences (the inputs travel from pinned memory) -> device
+        views of its outputs: (tokens [B], the policy's stats) with sample (the runner's `decode_step`),
+        else (hidden [B, hidden], positions [B], slots [B]) (`decode_forward`, and the inputs)."""
         B = len(positions)
         bs = next(b for b in self.buckets if b >= B)
-        key = (bs, self.width_bucket(width))
+        key = (bs, self.width_bucket(width), sample)
         if key not in self.graphs:
             self._capture(*key)
         staging = self.staging[self._turn]
@@ -77,4 +81,7 @@ class DecodeGraphs:
         self.inputs[:, :bs].copy_(staging[:, :bs], non_blocking=True)
         self._reset_scratch()
         self.graphs[key].replay()
-        return self.outputs[key][:B], self.inputs[0, :B], self.inputs[1, :B]
+        out = self.outputs[key]
+        if sample:
+            return out[0][:B], out[1]
+        return out[:B], self.inputs[0, :B], self.inputs[1, :B]

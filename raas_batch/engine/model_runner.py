@@ -162,19 +162,23 @@ class ModelRunner:
         already in `last_token`): forward, sample, write `last_token`. Returns without waiting."""
         slots = [s.slot for s in seqs]
         width = max(self.policy.table_width(len(s.pages), p + 1) for s, p in zip(seqs, positions))
-        if self.graphs is not None:
-            hidden, pos_t, slot_t = self.graphs.run(positions, slots, width)
-        else:
-            pos_t, slot_t = self._tensor(positions), self._tensor(slots)
-            hidden = self.decode_forward(pos_t, slot_t, width, host_slot_ids=slots)
-        if self.logits_hook is not None:
+        if self.logits_hook is None:  # the whole step in one graph: forward, head, sampler, counters
+            if self.graphs is not None:
+                tokens, stats = self.graphs.run(positions, slots, width, sample=True)
+            else:
+                tokens, stats = self.decode_step(self._tensor(positions), self._tensor(slots), width,
+                                                 host_slot_ids=slots)
+        else:  # the hook reads the fp32 logits on the host's side of the step, before sampling
+            if self.graphs is not None:
+                hidden, pos_t, slot_t = self.graphs.run(positions, slots, width)
+            else:
+                pos_t, slot_t = self._tensor(positions), self._tensor(slots)
+                hidden = self.decode_forward(pos_t, slot_t, width, host_slot_ids=slots)
             logits = self.model.compute_logits(hidden)  # [B, V] fp32
             self.logits_hook(seqs, logits)
-        else:  # the sampler reads the head's bf16 output and upcasts it exactly (kernels/sample.py)
-            logits = self.model.compute_logits(hidden, fp32=False)
-        tokens = self._sample(logits, slot_t, pos_t)
-        self.last_token[slot_t] = tokens
-        stats = self.policy.device_stats()
+            tokens = self._sample(logits, slot_t, pos_t)
+            self.last_token[slot_t] = tokens
+            stats = self.policy.device_stats()
         if not self._pinned:
             return DecodeLaunch(seqs, tokens, stats, None)
         host_tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
@@ -190,6 +194,18 @@ class ModelRunner:
     def set_last_tokens(self, seqs: list[Sequence]) -> None:
         """The host replaced these sequences' sampled tokens (forced tokens): the next step reads these."""
         self.last_token[self._tensor([s.slot for s in seqs])] = self._tensor([s.last_token for s in seqs])
+
+    @torch.inference_mode()
+    def decode_step(self, positions: torch.Tensor, slot_ids: torch.Tensor, width: int,
+                    host_slot_ids: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`decode_forward`, then the head, the sampler and the last-token write -> (tokens [B] int64, the
+        policy's device_stats()). The sampler reads the head's bf16 output and upcasts it exactly
+        (kernels/sample.py). Never synchronises with the host: the decode graphs capture it whole, so the
+        sampler's per-slot gathers and the writes after it are not launched one by one every step."""
+        hidden = self.decode_forward(positions, slot_ids, width, host_slot_ids)
+        tokens = self._sample(self.model.compute_logits(hidden, fp32=False), slot_ids, positions)
+        self.last_token[slot_ids] = tokens
+        return tokens, self.policy.device_stats()
 
     @torch.inference_mode()
     def decode_forward(self, positions: torch.Tensor, slot_ids: torch.Tensor, width: int,
