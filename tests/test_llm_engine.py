@@ -236,3 +236,28 @@ def test_engine_decodes_texts_while_running(tiny, monkeypatch):
     for out in outs:
         c = out.outputs[0]
         assert len(c.token_ids) == 150 and c.text == tok.decode(c.token_ids, skip_special_tokens=True)
+
+
+def test_the_texts_worker_ends_with_its_engine(smollm_tokenizer):
+    """The worker thread that extends texts starts with the first job and ends when its LLMEngine is gone."""
+    import gc
+    import threading
+    from types import SimpleNamespace
+
+    from raas_batch.llm_engine import LLMEngine
+
+    def workers():
+        return {t for t in threading.enumerate() if t.name.startswith("raas-texts")}
+
+    before = workers()
+    seqs = [_seq(list(range(100, 200)))]
+    core = LLMEngine(SimpleNamespace(scheduler=SimpleNamespace(running=seqs, waiting=[])), smollm_tokenizer,
+                     max_model_len=10**6, seed_key=lambda seed, j: 0)
+    core._advance_some_texts()
+    core._text_job.result()
+    (mine,) = workers() - before
+    assert seqs[0].text_upto > 0
+    del core
+    gc.collect()
+    mine.join(timeout=10)
+    assert not mine.is_alive()
