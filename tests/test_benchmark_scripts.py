@@ -26,7 +26,8 @@ def run_smoke(script: str, out, *args: str) -> str:
                                          ("bench_invariance.py", "bench_invariance_smoke"),
                                          ("bench_kernels.py", "bench_kernels_smoke"),
                                          ("bench_step_kernels.py", "bench_step_kernels_smoke"),
-                                         ("bench_gpu_decode.py", None)])
+                                         ("bench_gpu_decode.py", None),
+                                         ("bench_detok.py", "bench_detok_smoke")])
 def test_benchmark_smoke_runs(tmp_path, script, stem):
     stdout = run_smoke(script, tmp_path)
     assert stdout.strip()
@@ -50,6 +51,9 @@ def test_benchmark_smoke_runs(tmp_path, script, stem):
         assert len(rows) == 2 * len(ATTN_VARIANTS) + len(REFRESH_VARIANTS) + 2 + len(SAMPLER_VARIANTS)
         assert all(r["rel_err_vs_default"] <= 2e-2 for r in rows if r["kernel"] == "decode attention"), rows
         assert all(r["rel_err_vs_default"] == 0 for r in rows if r["kernel"] == "sampler"), rows
+    if script == "bench_detok.py":  # texts were extended while running (the script checks every text)
+        res = json.loads((tmp_path / "bench_detok_smoke.json").read_text())
+        assert res["tokens_left_at_finish"] < res["tokens"] // 2, res
     if script == "bench_gpu_decode.py":  # batch 1, dense and the bounded RaaS steady state all decoded
         assert stdout.count("'tokens_per_s'") == 3 and "'evictions_per_seq_head'" in stdout
 

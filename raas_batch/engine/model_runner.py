@@ -168,17 +168,13 @@ class ModelRunner:
             else:
                 tokens, stats = self.decode_step(self._tensor(positions), self._tensor(slots), width,
                                                  host_slot_ids=slots)
-        else:  # the hook reads the fp32 logits on the host's side of the step, before sampling
+        else:  # the hook reads the fp32 logits between the forward (a graph) and the sampler (eager)
             if self.graphs is not None:
                 hidden, pos_t, slot_t = self.graphs.run(positions, slots, width)
             else:
                 pos_t, slot_t = self._tensor(positions), self._tensor(slots)
                 hidden = self.decode_forward(pos_t, slot_t, width, host_slot_ids=slots)
-            logits = self.model.compute_logits(hidden)  # [B, V] fp32
-            self.logits_hook(seqs, logits)
-            tokens = self._sample(logits, slot_t, pos_t)
-            self.last_token[slot_t] = tokens
-            stats = self.policy.device_stats()
+            tokens, stats = self._head_and_sample(hidden, slot_t, pos_t, seqs)
         if not self._pinned:
             return DecodeLaunch(seqs, tokens, stats, None)
         host_tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
@@ -202,8 +198,19 @@ class ModelRunner:
         policy's device_stats()). The sampler reads the head's bf16 output and upcasts it exactly
         (kernels/sample.py). Never synchronises with the host: the decode graphs capture it whole, so the
         sampler's per-slot gathers and the writes after it are not launched one by one every step."""
-        hidden = self.decode_forward(positions, slot_ids, width, host_slot_ids)
-        tokens = self._sample(self.model.compute_logits(hidden, fp32=False), slot_ids, positions)
+        return self._head_and_sample(self.decode_forward(positions, slot_ids, width, host_slot_ids), slot_ids,
+                                     positions)
+
+    def _head_and_sample(self, hidden: torch.Tensor, slot_ids: torch.Tensor, positions: torch.Tensor,
+                         hook_seqs: list[Sequence] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The head, the sampler and the last-token write after the forward -> (tokens, device_stats()).
+        With hook_seqs the logits hook first gets the fp32 logits of those sequences."""
+        if hook_seqs is not None:
+            logits = self.model.compute_logits(hidden)  # [B, V] fp32
+            self.logits_hook(hook_seqs, logits)
+        else:
+            logits = self.model.compute_logits(hidden, fp32=False)
+        tokens = self._sample(logits, slot_ids, positions)
         self.last_token[slot_ids] = tokens
         return tokens, self.policy.device_stats()
 
