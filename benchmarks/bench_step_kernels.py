@@ -68,13 +68,11 @@ COLS = ["kernel", "policy", "variant", "ms_per_call", "ms_per_step", "pct_copy",
 
 # RaaS's refresh (top-half by the bounds) with the attention: run by the bounded_update kernel after it
 # (the engine's path up to run 44), or inside the attention's program (the engine's path since run 45)
-REFRESH_VARIANTS = [("+ refresh kernel after", {"fuse_refresh": False, "tile_bounds": False}),
+REFRESH_VARIANTS = [("+ refresh kernel after", {"fuse_refresh": False}),
                     # the bounds pass after the main loop on every row (the engine's path up to run 53)
-                    ("+ refresh in the program, bounds last on every row", {"stagger_bounds": False, "tile_bounds": False}),
+                    ("+ refresh in the program, bounds last on every row", {"stagger_bounds": False}),
                     # even rows run their bounds pass before the main loop, odd rows after it (since run 54)
-                    ("+ refresh in the program, bounds first on even rows", {"tile_bounds": False}),
-                    # no bounds pass: each page's key min / max from the main loop's K tiles
-                    ("+ refresh in the program, bounds from the K tiles", {"tile_bounds": True})]
+                    ("+ refresh in the program, bounds first on even rows", {})]
 
 
 def layer_caches(cfg, pages_per_row: int, seed: int):

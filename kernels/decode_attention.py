@@ -29,8 +29,10 @@ arXiv 2406.10774):
   two tensor-core products with fp32 accumulation. Inside the main loop they cost more: computed
   elementwise (run 15) the attention took 2.3 ms a step longer; as the same two products per tile, their
   kmin / kmax loads beside the tile's K / V (run 37), 4% longer (the 1.5B job's RaaS attention 4.33 ms a
-  step against 4.15; run 37 in docs/gpu-notes.md). A separate loop keeps the main loop as
-  it was. Even rows run it before the main loop and odd rows after it (`stagger_bounds`): run after
+  step against 4.15; run 37 in docs/gpu-notes.md); taken from the K tiles the main loop loads anyway
+  (each page's min / max over its valid keys, then the same two products per 16 pages, no kmin / kmax
+  read: commit b4475aa, run 61), the same bounds and stamps but 3.6x slower (0.558 against 0.154 ms a
+  layer). A separate loop keeps the main loop as it was. Even rows run it before the main loop and odd rows after it (`stagger_bounds`): run after
   it on every row, its dependent round trips fell in all programs' tails at once (0.156 against
   0.154 ms a layer, run 54).
   With a RaaS refresh by the bounds and one split, the program holds its row's every bound: it runs
@@ -91,25 +93,6 @@ def _bounds_pass(q, ids_base, kmin_ptr, kmax_ptr, bounds_ptr, stride_is, stride_
     return r_v
 
 
-def _tile_bounds_flush(qp, qn, hi_g, lo_g, has_g, bounds_ptr, b, kvh, g0, n_chunks, row_end, S, r_v, rs, row_ok,
-                       HKV: tl.constexpr, PPI: tl.constexpr, NG: tl.constexpr, DOT_PREC: tl.constexpr,
-                       REFRESH: tl.constexpr):
-    """The Quest bounds of one group of NG listed pages whose key min / max rows the main loop gathered
-    (tile_bounds): the same two products as _bounds_pass, on the same values. Rows of chunks the group
-    did not reach (n_chunks of NG // PPI) and pages without a valid key: -inf. Stores them; with REFRESH
-    also gathers them into the row vector r_v (returned)."""
-    gr = tl.arange(0, NG)
-    bnd = (tl.dot(qp, tl.trans(hi_g), input_precision=DOT_PREC)
-           + tl.dot(qn, tl.trans(lo_g), input_precision=DOT_PREC))  # [GP, NG]
-    best = tl.max(tl.where(row_ok[:, None], bnd, float("-inf")), axis=0)
-    best = tl.where((has_g > 0) & (gr // PPI < n_chunks), best, float("-inf"))
-    pidx = g0 + gr
-    tl.store(bounds_ptr + (b * HKV + kvh) * S + pidx, best, mask=pidx < row_end)
-    if REFRESH:
-        r_v += tl.sum(tl.where(gr[:, None] == rs[None, :] - g0, best[:, None], 0.0), axis=0)
-    return r_v
-
-
 def _decode_stage1(
     q_ptr, k_ptr, v_ptr, ids_ptr, fill_ptr, npages_ptr,
     acc_ptr, m_ptr, l_ptr, lse_ptr, out_ptr, stride_ob, stride_oh, stride_od,
@@ -127,7 +110,7 @@ def _decode_stage1(
     RETURN_MASS: tl.constexpr, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr, HAS_NUM_PAGES: tl.constexpr,
     DIRECT: tl.constexpr, RETURN_BOUNDS: tl.constexpr,
     REFRESH: tl.constexpr, RULE: tl.constexpr, REFRESH_PINNED: tl.constexpr, BLOCK_S: tl.constexpr,
-    STAGGER: tl.constexpr, TILE_BOUNDS: tl.constexpr, PDL: tl.constexpr,
+    STAGGER: tl.constexpr, PDL: tl.constexpr,
 ):
     if PDL:  # programmatic dependent launch (kernels/_jit.py): the kernel before must have finished
         tl.extra.cuda.gdc_wait()
@@ -173,19 +156,7 @@ def _decode_stage1(
     # with STAGGER even rows take their bounds pass first: its dependent round trips then overlap the page
     # reads of the odd rows, instead of every program's tail coinciding; the other rows take it last
     lead = (b % 2) < STAGGER
-    # with TILE_BOUNDS the main loop takes each page's key min / max from the K tile it has loaded anyway
-    # and the bounds of NG pages at a time come from _tile_bounds_flush: no bounds pass, no kmin / kmax read
-    NG: tl.constexpr = 16 if PPI < 16 else PPI  # noqa: FURB136  pages a bounds group (tl.dot: >= 16 columns)
-    NCH: tl.constexpr = NG // PPI  # main-loop tiles a group
-    row_end = tl.minimum(split_start + pages_per_split, S)
-    if TILE_BOUNDS:
-        qp = tl.where(q > 0, q, tl.zeros_like(q))
-        qn = q - qp
-        hi_g = tl.zeros([NG, BLOCK_D], q.dtype)
-        lo_g = tl.zeros([NG, BLOCK_D], q.dtype)
-        has_g = tl.zeros([NG], tl.int32)
-        gsel = tl.arange(0, NG) // PPI  # the tile of the group each row comes from
-    if RETURN_BOUNDS and not TILE_BOUNDS:  # noqa: SIM102  (a compile-time switch, then the runtime test)
+    if RETURN_BOUNDS:  # noqa: SIM102  (a compile-time switch, then the runtime test)
         if lead:
             r_v = _bounds_pass(q, ids_base, kmin_ptr, kmax_ptr, bounds_ptr, stride_is, stride_mn, stride_mh,
                                stride_md, b, kvh, split_start, split_end, pages_per_split, S, r_v, rs, dd, d_ok,
@@ -210,27 +181,6 @@ def _decode_stage1(
         )
         if DOT_F32:
             k = k.to(tl.float32)
-        if TILE_BOUNDS:  # this tile's pages' key min / max over their valid tokens, into the group's rows
-            valid_pt = tl.reshape(valid, (PPI, BLOCK_P))
-            k3 = tl.reshape(k, (PPI, BLOCK_P, BLOCK_D)).to(q.dtype)
-            t_has = tl.max(valid_pt.to(tl.int32), axis=1)  # [PPI]: the page has a valid key
-            t_hi = tl.max(tl.where(valid_pt[:, :, None], k3, float("-inf")), axis=1)
-            t_lo = tl.min(tl.where(valid_pt[:, :, None], k3, float("inf")), axis=1)
-            t_hi = tl.where(t_has[:, None] > 0, t_hi, 0.0).to(q.dtype)  # (no inf into the products)
-            t_lo = tl.where(t_has[:, None] > 0, t_lo, 0.0).to(q.dtype)
-            chunk = ((start - split_start) // PPI) % NCH
-            if NCH == 1:
-                hi_g, lo_g, has_g = t_hi, t_lo, t_has
-            else:
-                sel = gsel == chunk
-                hi_g = tl.where(sel[:, None], tl.reshape(tl.broadcast_to(t_hi[None, :, :], (NCH, PPI, BLOCK_D)),
-                                                         (NG, BLOCK_D)), hi_g)
-                lo_g = tl.where(sel[:, None], tl.reshape(tl.broadcast_to(t_lo[None, :, :], (NCH, PPI, BLOCK_D)),
-                                                         (NG, BLOCK_D)), lo_g)
-                has_g = tl.where(sel, tl.reshape(tl.broadcast_to(t_has[None, :], (NCH, PPI)), (NG,)), has_g)
-            if (chunk == NCH - 1) | (start + PPI >= split_end):
-                r_v = _tile_bounds_flush(qp, qn, hi_g, lo_g, has_g, bounds_ptr, b, kvh, start - chunk * PPI,
-                                         chunk + 1, row_end, S, r_v, rs, row_ok, HKV, PPI, NG, DOT_PREC, REFRESH)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale_log2  # [GP, BN], log2 units
         s = tl.where(valid[None, :], s, float("-inf"))
 
@@ -269,14 +219,8 @@ def _decode_stage1(
                 mask=row_ok[:, None] & (pidx[None, :] < split_end),
             )
 
-    if TILE_BOUNDS:  # entries past the groups the loop flushed (past the row's page count): -inf
-        n_groups = tl.cdiv(tl.cdiv(tl.maximum(split_end - split_start, 0), PPI), NCH)
-        for s0 in range(split_start + n_groups * NG, row_end, NG):
-            pidx = s0 + tl.arange(0, NG)
-            tl.store(bounds_ptr + (b * HKV + kvh) * S + pidx, tl.full([NG], float("-inf"), tl.float32),
-                     mask=pidx < row_end)
     if RETURN_BOUNDS:
-        if not lead and not TILE_BOUNDS:
+        if not lead:
             r_v = _bounds_pass(q, ids_base, kmin_ptr, kmax_ptr, bounds_ptr, stride_is, stride_mn, stride_mh,
                                stride_md, b, kvh, split_start, split_end, pages_per_split, S, r_v, rs, dd, d_ok,
                                row_ok, HKV, DOT_PREC, REFRESH)
@@ -363,8 +307,7 @@ def _decode_stage2(
             tl.store(mass_ptr + (b * HKV + kvh) * S + sidx, mass, mask=sidx < S)
 
 
-_stage1 = lazy_jit(_decode_stage1, helpers=(_row_ok, _refresh_mask, _bounds_pass, _page_key_bounds,
-                                           _tile_bounds_flush))
+_stage1 = lazy_jit(_decode_stage1, helpers=(_row_ok, _refresh_mask, _bounds_pass, _page_key_bounds))
 _stage2 = lazy_jit(_decode_stage2)
 
 # Tuning knobs of the split heuristic (shapes only; see choose_num_splits). Measured on nothing yet:
@@ -379,9 +322,6 @@ TILE_TOKENS = 64
 # job's step 7.27 against 7.32 ms, attention 0.154 against 0.156 ms a layer); RAAS_BATCH_STAGGER_BOUNDS=0
 # turns it off, to measure a job both ways
 STAGGER_BOUNDS = os.environ.get("RAAS_BATCH_STAGGER_BOUNDS", "1") == "1"
-# paged_decode_attention's tile_bounds default (see paged_decode_attention_impl); RAAS_BATCH_TILE_BOUNDS=1 / 0
-# picks it for a job, to measure a job both ways
-TILE_BOUNDS = os.environ.get("RAAS_BATCH_TILE_BOUNDS", "0") == "1"
 
 
 @functools.cache
@@ -429,7 +369,6 @@ def paged_decode_attention_impl(
     num_stages: int = 2,
     batch_invariant: bool = False,
     stagger_bounds: bool | None = None,
-    tile_bounds: bool | None = None,
 ):
     """`paged_decode_attention` with its launch parameters exposed (for benchmarks and tuning).
 
@@ -449,12 +388,7 @@ def paged_decode_attention_impl(
 
     stagger_bounds: with key_bounds, even rows run their bounds pass before the main loop and odd rows
     after it (False: every row after), so that the pass's dependent round trips do not fall in every
-    program's tail at once (the same values either way). None: STAGGER_BOUNDS (on).
-
-    tile_bounds: with key_bounds, the main loop takes each page's key min / max over its valid tokens from
-    the K tile it loads anyway, and no bounds pass reads kmin / kmax. The bounds are the same values
-    whenever kmin / kmax hold the min / max of each page's valid keys, as the engine keeps them
-    (kv_append, the prefill); a listed page with no valid key gets -inf. None: TILE_BOUNDS."""
+    program's tail at once (the same values either way). None: STAGGER_BOUNDS (on)."""
     B, Hq, D = q.shape
     N, Hkv, P, Dk = k_cache.shape
     S = page_ids.shape[2]
@@ -466,8 +400,6 @@ def paged_decode_attention_impl(
     BLOCK_P = triton.next_power_of_2(P)
     if stagger_bounds is None:
         stagger_bounds = STAGGER_BOUNDS
-    if tile_bounds is None:
-        tile_bounds = TILE_BOUNDS
     if batch_invariant:
         num_splits, pages_per_iter = 1, max(1, TILE_TOKENS // BLOCK_P)
     if num_splits is None:
@@ -539,8 +471,7 @@ def paged_decode_attention_impl(
         S, pages_per_split, num_splits, *floats,
         HQ=Hq, HKV=Hkv, G=G, GP=GP, D=D, BLOCK_D=BLOCK_D, BLOCK_P=BLOCK_P, PPI=pages_per_iter,
         RETURN_MASS=return_mass, DOT_PREC=dot_prec, DOT_F32=dot_f32, HAS_NUM_PAGES=num_pages is not None,
-        DIRECT=direct, RETURN_BOUNDS=key_bounds is not None, REFRESH=fused, STAGGER=stagger_bounds,
-        TILE_BOUNDS=tile_bounds and key_bounds is not None, **rule_args,
+        DIRECT=direct, RETURN_BOUNDS=key_bounds is not None, REFRESH=fused, STAGGER=stagger_bounds, **rule_args,
         num_warps=num_warps, num_stages=num_stages, **pdl_args(dev),
     )
     if direct:

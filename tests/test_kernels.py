@@ -196,19 +196,19 @@ def test_decode_reads_only_the_first_num_pages(ns):
         assert torch.all(got_mass[cut < 0] == 0)
 
 
-def _bounds_case(g, limit: bool, S: int = 9):
-    """3 bounded-policy rows (listed pages first) of S entries, bf16, Hq 12 / Hkv 2 / D 32 / pages of 16,
+def _bounds_case(g, limit: bool):
+    """3 bounded-policy rows (listed pages first) of 9 entries, bf16, Hq 12 / Hkv 2 / D 32 / pages of 16,
     with integer-valued q, kmin and kmax: Quest bounds exact in fp32 whatever the order of the sums.
     -> (q, k_cache, v_cache, ids, fill, kmin, kmax, num_pages or None)."""
     dtype = torch.bfloat16
-    q, k_cache, v_cache, ids, fill = make_decode_case(g, B=3, Hq=12, Hkv=2, D=32, P=16, S=S, budget="large",
+    q, k_cache, v_cache, ids, fill = make_decode_case(g, B=3, Hq=12, Hkv=2, D=32, P=16, S=9, budget="large",
                                                       dtype=dtype)
     ids = ids.sort(dim=-1, descending=True).values
     N, Hkv, _, D = k_cache.shape
     kmin = torch.randint(-4, 1, (N, Hkv, D), generator=g).to(dtype).to(DEVICE)
     kmax = kmin + torch.randint(0, 4, (N, Hkv, D), generator=g).to(dtype).to(DEVICE)
     qi = torch.randint(-3, 4, q.shape, generator=g).to(dtype).to(DEVICE)
-    num_pages = torch.tensor([S, 2, S - 4], dtype=torch.int32, device=DEVICE) if limit else None
+    num_pages = torch.tensor([9, 2, 5], dtype=torch.int32, device=DEVICE) if limit else None
     return qi, k_cache, v_cache, ids, fill, kmin, kmax, num_pages
 
 
@@ -292,60 +292,6 @@ def test_decode_runs_the_refresh(rule, refresh_pinned, ns, limit, monkeypatch):
     assert torch.equal(fused[-1], want_out[-1])  # the bounds
     if not mass_rule:
         assert torch.equal(run(kops.get_ops("cpu").paged_decode_attention)[1], want)
-
-
-def _keys_bounds_case(g, limit: bool, S: int):
-    """`_bounds_case` with integer-valued keys and kmin / kmax the min / max of each page's valid keys, as
-    the engine keeps them (a page with no valid key: 0 rows, its bound -inf) -> (..., want_bounds)."""
-    qi, k_cache, v_cache, ids, fill, _, _, num_pages = _bounds_case(g, limit, S)
-    Hkv, P = k_cache.shape[1:3]
-    valid = (torch.arange(P, device=DEVICE).view(1, 1, P) < fill.unsqueeze(-1)).unsqueeze(-1)
-    k_int = torch.randint(-5, 6, k_cache.shape, generator=g).to(k_cache.dtype).to(DEVICE)
-    k_cache = torch.where(valid, k_int, k_cache)  # the garbage (NaN) past each fill stays
-    kmin = torch.where(valid, k_cache, float("inf")).amin(2)
-    kmax = torch.where(valid, k_cache, float("-inf")).amax(2)
-    empty = fill == 0
-    kmin[empty], kmax[empty] = 0, 0
-    cut = ref._limit_pages(ids, num_pages)
-    want = ref.page_scores(qi, kmin, kmax, cut)
-    kv = torch.arange(Hkv, device=DEVICE).view(1, Hkv, 1).expand_as(cut)
-    want[(cut >= 0) & empty[cut.clamp(min=0).long(), kv]] = float("-inf")
-    return qi, k_cache, v_cache, ids, fill, kmin, kmax, num_pages, want
-
-
-@pytest.mark.parametrize("ns,ppi,limit,S", [(1, 4, False, 9), (1, 1, True, 9), (1, 2, False, 37), (3, 2, True, 37),
-                                             (2, 4, True, 40), (1, 4, True, 45), (1, 8, True, 9), (1, 16, False, 37)])
-def test_decode_bounds_from_the_key_tiles(ns, ppi, limit, S):
-    """tile_bounds: the main loop's own K tiles give every listed page's Quest bound (no bounds pass),
-    equal to the bounds of kmin / kmax kept as the min / max of each page's valid keys, for every split
-    and tile layout (groups of 16 pages cut by a split's end or the row's page count); a page with no
-    valid key gets -inf; the output is the same bits as with the bounds pass."""
-    g = _gen("decode-tile-bounds", ns, ppi, limit, S)
-    qi, k_cache, v_cache, ids, fill, kmin, kmax, num_pages, want = _keys_bounds_case(g, limit, S)
-    impl = dec_mod.paged_decode_attention_impl
-    passed = impl(qi, k_cache, v_cache, ids, fill, 0.2, False, num_pages, (kmin, kmax), num_splits=ns,
-                  pages_per_iter=ppi, tile_bounds=False)
-    # the pass reads kmin / kmax: poison them to show the tile path does not
-    tiled = impl(qi, k_cache, v_cache, ids, fill, 0.2, False, num_pages, (kmin * float("nan"), kmax * float("nan")),
-                 num_splits=ns, pages_per_iter=ppi, tile_bounds=True)
-    assert torch.equal(tiled[1], want)
-    assert torch.equal(tiled[0], passed[0])
-    listed_full = want > float("-inf")
-    assert torch.equal(passed[1][listed_full], want[listed_full])
-    # RaaS's refresh on those bounds (inside the program with one split): the same stamps either way
-    N, Hkv = fill.shape
-    cur = torch.full((3, Hkv), -1, dtype=torch.int64, device=DEVICE)
-    cur[:] = ids[:, :, 0].long()
-    stamps = []
-    for tile, bounds in ((False, (kmin, kmax)), (True, (kmin * float("nan"), kmax * float("nan")))):
-        stamp = torch.zeros((N, Hkv), dtype=torch.int64, device=DEVICE)
-        refresh = ref.Refresh(cur, torch.arange(3, device=DEVICE), torch.tensor([100, 101, 102], device=DEVICE),
-                              torch.tensor([3, 1, 6], device=DEVICE), torch.zeros((N, Hkv), dtype=torch.bool, device=DEVICE),
-                              stamp, torch.zeros(N, Hkv, device=DEVICE), "top_half", scale=0.2)
-        impl(qi, k_cache, v_cache, ids, fill, 0.2, False, num_pages, bounds, refresh, num_splits=ns, pages_per_iter=ppi,
-             tile_bounds=tile)
-        stamps.append(stamp)
-    assert (stamps[0] > 0).any() and torch.equal(stamps[0], stamps[1])
 
 
 def test_decode_ignores_garbage_and_strided_q():

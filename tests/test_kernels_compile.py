@@ -101,15 +101,12 @@ def attention_variants():
             (True, False, True, {"REFRESH": True, "RULE": 0, "REFRESH_PINNED": False, "BLOCK_S": 64}),
             (True, False, True, {"REFRESH": True, "RULE": 1, "REFRESH_PINNED": True, "BLOCK_S": 128}),
             (True, True, False, {"REFRESH": True, "RULE": 0, "REFRESH_PINNED": True, "BLOCK_S": 64})):
-        # stagger: the bounds pass first on even rows; tile: the bounds from the K tiles, in groups of 16 pages
-        # (4 tiles of 4 pages) or of one 16-page tile
-        for stagger, tile, ppi in ((False, False, 4), (True, False, 4), (False, True, 4), (False, True, 16)) \
-                if bounds else ((False, False, 4),):
+        for stagger in (False, True) if bounds else (False,):  # stagger: the bounds pass first on even rows
             yield (decode_attention._stage1, ptrs,
-                   {"HQ": 12, "HKV": 2, "G": 6, "GP": 16, "D": 128, "BLOCK_D": 128, "BLOCK_P": 16, "PPI": ppi,
+                   {"HQ": 12, "HKV": 2, "G": 6, "GP": 16, "D": 128, "BLOCK_D": 128, "BLOCK_P": 16, "PPI": 4,
                     "RETURN_MASS": mass, "DOT_PREC": "tf32", "DOT_F32": False, "HAS_NUM_PAGES": False,
-                    "DIRECT": direct, "RETURN_BOUNDS": bounds, **refresh, "STAGGER": stagger, "TILE_BOUNDS": tile,
-                    "num_warps": 2, "num_stages": 2})
+                    "DIRECT": direct, "RETURN_BOUNDS": bounds, **refresh, "STAGGER": stagger, "num_warps": 2,
+                    "num_stages": 2})
 
 
 def other_variants():
