@@ -80,6 +80,11 @@ EDGE_FUNCTIONS = [
     ("raas_batch.data.writer", "pq.write_table"), ("raas_batch.data.writer", "file_sha256"),
     ("raas_batch.data.writer", "os.fsync"), ("raas_batch.runner", "write_summary"),
 ]
+# watched over the whole job: a decode graph's capture (its eager warm-up step, which compiles any kernel
+# the new shape needs, then the capture itself), whenever a step meets a new (batch bucket, table width)
+# shape
+CAPTURE_FUNCTIONS = [("raas_batch.engine.cuda_graph", "DecodeGraphs._capture"),
+                     ("raas_batch.engine.cuda_graph", "DecodeGraphs._warm_up_once")]
 EDGE_CALLS: list[tuple[str, float, float]] = []  # (name, start, end), perf_counter
 
 
@@ -88,7 +93,7 @@ def watch_edges() -> None:
     import functools
     import importlib
 
-    for module, attr in EDGE_FUNCTIONS:
+    for module, attr in EDGE_FUNCTIONS + (CAPTURE_FUNCTIONS if torch.cuda.is_available() else []):
         owner = importlib.import_module(module)
         *path, name = attr.split(".")
         for part in path:
@@ -109,6 +114,16 @@ def watch_edges() -> None:
         timed._edge_timed = True
         functools.update_wrapper(timed, fn)
         setattr(owner, name, timed)
+
+
+def capture_times(t_start: float, t_end: float) -> dict:
+    """The job's decode-graph captures between t_start and t_end: their count and seconds, and the
+    seconds of their first warm-up steps (each compiles what its new shape needs) and of any later ones."""
+    caps = [(t0, t1) for name, t0, t1 in EDGE_CALLS if name.endswith("_capture") and t_start <= t0 and t1 <= t_end]
+    warm = [t1 - t0 for name, t0, t1 in EDGE_CALLS if name.endswith("_warm_up_once") and t_start <= t0 and t1 <= t_end]
+    return {"count": len(caps), "s": round(sum(t1 - t0 for t0, t1 in caps), 4),
+            "max_s": round(max((t1 - t0 for t0, t1 in caps), default=0.0), 4),
+            "warm_up_s": round(sum(warm), 4), "warm_ups": len(warm)}
 
 
 def edge_times(t_first: float, t_last: float) -> dict:
@@ -391,6 +406,7 @@ def run_one(args, model_dir: str, data: str, policy: str, shard_size: int, bw: f
         "engine_load_s": summary.get("engine_load_s"),
         # the watched functions' time inside those edges (EDGE_FUNCTIONS; nested calls count in each)
         "edges": edge_times(llm.steps[0]["t_start"], llm.steps[-1]["t_end"]) if llm.steps else None,
+        "graph_captures": capture_times(t0, t0 + wall),
         "decode_steps": len(decode), "prefill_steps": len(prefill),
         "prefill_s": sum(s["wall_s"] for s in prefill),
         # A decode step's period is its call's wall plus the host's gap before it: the engine launches
@@ -514,6 +530,7 @@ def main() -> None:
             results.append(r)
             print(json.dumps({k: v for k, v in r.items() if k != "profile"}), flush=True)
             print("edges", json.dumps(r.get("edges")), flush=True)
+            print("graph captures", json.dumps(r.get("graph_captures")), flush=True)
             if r.get("profile"):
                 print(json.dumps(r["profile"]["by_category_ms_per_step"]), "host gap",
                       round(r["profile"]["host_gap_ms_per_step"], 3), flush=True)

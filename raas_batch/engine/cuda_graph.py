@@ -17,6 +17,10 @@ from __future__ import annotations
 
 import torch
 
+# eager steps before a capture: one compiles what the new shape needs and sets up the side stream's cuBLAS
+# workspace; a second (the rule up to run 63) only repeated it, and a draining job captures a graph at every
+# batch bucket it reaches (run 64 in docs/gpu-notes.md times them)
+WARM_UPS = 1
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512, 640, 768, 896, 1024)
 
 
@@ -35,6 +39,7 @@ class DecodeGraphs:
         self.graphs: dict[tuple[int, int, bool], torch.cuda.CUDAGraph] = {}
         self.outputs: dict[tuple[int, int, bool], tuple] = {}
         self.mempool = torch.cuda.graph_pool_handle()
+        self.warm_up_stream, self.capture_stream = torch.cuda.Stream(), torch.cuda.Stream()
 
     def width_bucket(self, width: int) -> int:
         w = 16
@@ -45,22 +50,34 @@ class DecodeGraphs:
     def _reset_scratch(self) -> None:
         self.runner.pool.fill[:, self.scratch_page] = 0
 
+    def _warm_up_once(self, step, pos: torch.Tensor, slots: torch.Tensor, width: int) -> None:
+        """One eager step on dummy inputs before a capture (the first for a new shape compiles its kernels)."""
+        self._reset_scratch()
+        step(pos, slots, width)
+
     def _capture(self, bs: int, width: int, sample: bool) -> None:
         self.inputs[0, :bs] = 0
         self.inputs[1, :bs] = self.pad_slot
         pos, slots = self.inputs[0, :bs], self.inputs[1, :bs]
         step = self.runner.decode_step if sample else self.runner.decode_forward
-        stream = torch.cuda.Stream()
+        stream = self.warm_up_stream
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up: compiles Triton kernels, sizes the allocator
-            for _ in range(2):
-                self._reset_scratch()
-                step(pos, slots, width)
+        with torch.cuda.stream(stream):  # warm-up: compiles the Triton kernels this shape needs, sets up cuBLAS
+            for _ in range(WARM_UPS):
+                self._warm_up_once(step, pos, slots, width)
         torch.cuda.current_stream().wait_stream(stream)
         self._reset_scratch()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.mempool):
-            out = step(pos, slots, width)
+        # The graph API itself, not the torch.cuda.graph context: that one also synchronises the device and
+        # empties the device and pinned-host caching allocators before every capture (memory for a one-off
+        # capture), which a job that captures as its batch drains would pay again at every new bucket, and
+        # then again in the allocations of the steps after it.
+        with torch.cuda.stream(self.capture_stream):
+            graph.capture_begin(pool=self.mempool)
+            try:
+                out = step(pos, slots, width)
+            finally:
+                graph.capture_end()
         self.graphs[(bs, width, sample)], self.outputs[(bs, width, sample)] = graph, out
 
     def run(self, positions: list[int], slots: list[int], width: int, sample: bool = False):
