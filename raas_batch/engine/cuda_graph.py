@@ -19,7 +19,7 @@ import torch
 
 # eager steps before a capture: one compiles what the new shape needs and sets up the side stream's cuBLAS
 # workspace; a second (the rule up to run 63) only repeated it, and a draining job captures a graph at every
-# batch bucket it reaches (run 64 in docs/gpu-notes.md times them)
+# batch bucket it reaches (runs 64-65 in docs/gpu-notes.md time them)
 WARM_UPS = 1
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512, 640, 768, 896, 1024)
 
