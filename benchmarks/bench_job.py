@@ -117,13 +117,13 @@ def watch_edges() -> None:
 
 
 def capture_times(t_start: float, t_end: float) -> dict:
-    """The job's decode-graph captures between t_start and t_end: their count and seconds, and the
-    seconds of their first warm-up steps (each compiles what its new shape needs) and of any later ones."""
+    """The job's decode-graph captures between t_start and t_end: their count and seconds, and the seconds
+    of their warm-up steps (each compiles what its new shape needs)."""
     caps = [(t0, t1) for name, t0, t1 in EDGE_CALLS if name.endswith("_capture") and t_start <= t0 and t1 <= t_end]
     warm = [t1 - t0 for name, t0, t1 in EDGE_CALLS if name.endswith("_warm_up_once") and t_start <= t0 and t1 <= t_end]
     return {"count": len(caps), "s": round(sum(t1 - t0 for t0, t1 in caps), 4),
             "max_s": round(max((t1 - t0 for t0, t1 in caps), default=0.0), 4),
-            "warm_up_s": round(sum(warm), 4), "warm_ups": len(warm)}
+            "warm_up_s": round(sum(warm), 4)}
 
 
 def edge_times(t_first: float, t_last: float) -> dict:

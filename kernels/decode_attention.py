@@ -32,9 +32,9 @@ arXiv 2406.10774):
   step against 4.15; run 37 in docs/gpu-notes.md); taken from the K tiles the main loop loads anyway
   (each page's min / max over its valid keys, then the same two products per 16 pages, no kmin / kmax
   read: commit b4475aa, run 61), the same bounds and stamps but 3.6x slower (0.558 against 0.154 ms a
-  layer). A separate loop keeps the main loop as it was. Even rows run it before the main loop and odd rows after it (`stagger_bounds`): run after
-  it on every row, its dependent round trips fell in all programs' tails at once (0.156 against
-  0.154 ms a layer, run 54).
+  layer). A separate loop keeps the main loop as it was. Even rows run it before the main loop and odd
+  rows after it (`stagger_bounds`): run after it on every row, its dependent round trips fell in all
+  programs' tails at once (0.156 against 0.154 ms a layer, run 54).
   With a RaaS refresh by the bounds and one split, the program holds its row's every bound: it runs
   the refresh itself with the helpers of kernels/bounded_update.py (`_row_ok`, `_refresh_mask`: the
   same rules, the top half from one sort of the row), which saves the step one launch per layer. The

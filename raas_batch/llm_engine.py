@@ -209,8 +209,7 @@ class LLMEngine:
         if len(picked) < count:
             picked += running[:count - len(picked)]
         self._text_cursor = start + count
-        picked = [s for s in picked if s.detok is None and not s.finished
-                  and len(s.output_token_ids) - SEAM_TOKENS - s.text_upto >= TEXT_MIN_TOKENS]
+        picked = [s for s in picked if s.detok is None and not s.finished and _text_due(s)]
         if not picked:
             return
         if self._text_worker is None:
@@ -250,6 +249,11 @@ def text_backend(tokenizer):
     return backend
 
 
+def _text_due(seq: Sequence) -> bool:
+    """Whether at least TEXT_MIN_TOKENS tokens wait between the decoded prefix and the seam's window."""
+    return len(seq.output_token_ids) - SEAM_TOKENS - seq.text_upto >= TEXT_MIN_TOKENS
+
+
 def advance_texts(backend, seqs: list[Sequence]) -> None:
     """Extend the decoded prefix (text_done, text_upto) of each running sequence, up to SEAM_TOKENS before
     its last token, where that is safe; one `decode_batch` for all of them.
@@ -263,10 +267,10 @@ def advance_texts(backend, seqs: list[Sequence]) -> None:
     w = SEAM_TOKENS
     jobs, pieces = [], []
     for s in seqs:
+        if not _text_due(s):
+            continue
         ids = s.output_token_ids
         cut = len(ids) - w
-        if cut - s.text_upto < TEXT_MIN_TOKENS:
-            continue
         jobs.append((s, cut))
         pieces += [ids[s.text_upto:cut], ids[cut - w:cut], ids[cut:cut + w], ids[cut - w:cut + w]]
     if not jobs:

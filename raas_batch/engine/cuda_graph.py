@@ -17,10 +17,6 @@ from __future__ import annotations
 
 import torch
 
-# eager steps before a capture: one compiles what the new shape needs and sets up the side stream's cuBLAS
-# workspace; a second (the rule up to run 63) only repeated it, and a draining job captures a graph at every
-# batch bucket it reaches (runs 64-65 in docs/gpu-notes.md time them)
-WARM_UPS = 1
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512, 640, 768, 896, 1024)
 
 
@@ -62,9 +58,11 @@ class DecodeGraphs:
         step = self.runner.decode_step if sample else self.runner.decode_forward
         stream = self.warm_up_stream
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up: compiles the Triton kernels this shape needs, sets up cuBLAS
-            for _ in range(WARM_UPS):
-                self._warm_up_once(step, pos, slots, width)
+        # One eager warm-up step: it compiles the Triton kernels this shape needs and sets up the side stream's
+        # cuBLAS workspace. A second (the rule up to run 63) only repeated it, and a draining job captures a
+        # graph at every batch bucket it reaches (runs 64-65 in docs/gpu-notes.md time them).
+        with torch.cuda.stream(stream):
+            self._warm_up_once(step, pos, slots, width)
         torch.cuda.current_stream().wait_stream(stream)
         self._reset_scratch()
         graph = torch.cuda.CUDAGraph()
