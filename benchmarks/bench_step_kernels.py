@@ -32,6 +32,9 @@ import torch
 def _parse():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny sizes (CPU: Triton interpreter)")
+    ap.add_argument("--skip", default="", help="comma-separated attention variants to leave out (the default "
+                    "always runs), e.g. the launch settings an earlier run already swept")
+    ap.add_argument("--no-sampler", action="store_true", help="leave the sampler rows out")
     return ap.parse_args()
 
 
@@ -59,7 +62,17 @@ ATTN_VARIANTS = [  # (name, launch keywords); the default is 2 warps (run 41), 4
     ("3 stages", {"num_stages": 3}),
     ("2 splits", {"num_splits": 2}),
     ("1 warp", {"num_warps": 1}),
+    # RaaS: the bounds pass over more pages at a time (fewer dependent round trips, bigger tiles)
+    ("bounds 32 pages a block", {"bounds_pages": 32}),
+    ("bounds 64 pages a block", {"bounds_pages": 64}),
+    # K tiles loaded without waiting for the pages' fill (the scores past fill are masked all the same)
+    ("K not masked by fill", {"k_fill_mask": False}),
+    ("K not masked by fill, bounds 32", {"k_fill_mask": False, "bounds_pages": 32}),
+    # diagnostic (RaaS): the same pages without the bounds pass, to see what the pass costs beyond its bytes
+    ("no bounds (diagnostic)", {"no_bounds": True}),
 ]
+BOUNDS_ONLY = {"bounds 32 pages a block", "bounds 64 pages a block", "K not masked by fill, bounds 32",
+               "no bounds (diagnostic)"}
 SAMPLER_VARIANTS = [("8 warps", {"num_warps": 8}), ("4 warps", {"num_warps": 4}),
                     ("block 1024", {"block_v": 1024}), ("block 4096", {"block_v": 4096, "num_warps": 16}),
                     ("1 stage", {"num_stages": 1}), ("4 stages", {"num_stages": 4})]
@@ -72,7 +85,9 @@ REFRESH_VARIANTS = [("+ refresh kernel after", {"fuse_refresh": False}),
                     # the bounds pass after the main loop on every row (the engine's path up to run 53)
                     ("+ refresh in the program, bounds last on every row", {"stagger_bounds": False}),
                     # even rows run their bounds pass before the main loop, odd rows after it (since run 54)
-                    ("+ refresh in the program, bounds first on even rows", {})]
+                    ("+ refresh in the program, bounds first on even rows", {}),
+                    ("+ refresh in the program, K not masked by fill, bounds 32",
+                     {"k_fill_mask": False, "bounds_pages": 32})]
 
 
 def layer_caches(cfg, pages_per_row: int, seed: int):
@@ -92,7 +107,7 @@ def layer_caches(cfg, pages_per_row: int, seed: int):
     return k, v, k.amin(2), k.amax(2), fill, ids, refresh
 
 
-def attention_rows(cfg, copy_bw) -> list[dict]:
+def attention_rows(cfg, copy_bw, skip=()) -> list[dict]:
     """Every variant must give the default's output (and bounds): the launch settings change only speed."""
     B, Hq, Hkv, D, P, L = cfg["B"], cfg["Hq"], cfg["Hkv"], cfg["D"], cfg["P"], cfg["layers"]
     q = torch.randn((B, Hq, D), device=DEV, dtype=torch.bfloat16)
@@ -103,9 +118,13 @@ def attention_rows(cfg, copy_bw) -> list[dict]:
         nbytes = B * Hkv * pages * (2 * P * D * 2 + (2 * D * 2 if bounds else 0))
         want = stamps = None
         for name, kw in ATTN_VARIANTS + (REFRESH_VARIANTS if bounds else []):
+            if name in skip or (name in BOUNDS_ONLY and not bounds):
+                continue
             with_refresh = (name, kw) in REFRESH_VARIANTS
+            kw = dict(kw)
+            use_bounds = bounds and not kw.pop("no_bounds", False)
 
-            def call(layer, kw=kw, bounds=bounds, with_refresh=with_refresh):
+            def call(layer, kw=kw, bounds=use_bounds, with_refresh=with_refresh):
                 k, v, kmin, kmax, fill, ids, refresh = layer
                 return DEC.paged_decode_attention_impl(q, k, v, ids, fill, D ** -0.5,
                                                        key_bounds=(kmin, kmax) if bounds else None,
@@ -121,10 +140,11 @@ def attention_rows(cfg, copy_bw) -> list[dict]:
                 assert torch.equal(stamp, stamps), f"{name}: other stamps than {REFRESH_VARIANTS[0][0]}"
             got = torch.cat([t.float().flatten() for t in (out if isinstance(out, tuple) else (out,))])
             want = got if want is None else want
+            row_bytes = nbytes if use_bounds or not bounds else B * Hkv * pages * 2 * P * D * 2
             ms = timed(cfg["reps"], lambda call=call, layers=layers: [call(layer) for layer in layers]) / L
             rows.append({"kernel": "decode attention", "policy": policy, "variant": name, "ms_per_call": ms,
-                         "ms_per_step": ms * L, "pct_copy": 100 * nbytes / (ms * 1e-3) / copy_bw,
-                         "rel_err_vs_default": rel(got, want)})
+                         "ms_per_step": ms * L, "pct_copy": 100 * row_bytes / (ms * 1e-3) / copy_bw,
+                         "rel_err_vs_default": rel(got, want[:got.numel()])})
             print(f"  {policy:12s} {name:16s} {ms * 1e3:8.1f} us/call  {ms * L:6.3f} ms/step  "
                   f"{rows[-1]['pct_copy']:5.1f}% of copy", flush=True)
         layers.clear()  # free this policy's caches before the next one's
@@ -200,7 +220,9 @@ def main():
     copy_bw = copy_bandwidth(cfg["copy_bytes"])
     print(f"# decode-step kernels, {torch.cuda.get_device_name() if CUDA else 'cpu'}; copy {copy_bw / 1e12:.2f} TB/s",
           flush=True)
-    rows = attention_rows(cfg, copy_bw) + sampler_rows(cfg) + (pdl_rows(cfg) if CUDA else [])
+    skip = {name.strip() for name in args.skip.split(",") if name.strip()}
+    rows = (attention_rows(cfg, copy_bw, skip) + ([] if args.no_sampler else sampler_rows(cfg))
+            + (pdl_rows(cfg) if CUDA and not args.no_sampler else []))
     text = "\n".join([f"# Decode-step kernels at the 1.5B job shape (copy bandwidth {copy_bw / 1e12:.2f} TB/s)", "",
                       ("`python benchmarks/bench_step_kernels.py`: CUDA graphs of one call per layer over 28 "
                       "layers' caches; rel_err_vs_default: each variant's output (bounds included) against the "

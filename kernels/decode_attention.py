@@ -69,26 +69,26 @@ _LOG2E = 1.4426950408889634
 
 def _bounds_pass(q, ids_base, kmin_ptr, kmax_ptr, bounds_ptr, stride_is, stride_mn, stride_mh, stride_md,
                  b, kvh, split_start, split_end, pages_per_split, S, r_v, rs, dd, d_ok, row_ok,
-                 HKV: tl.constexpr, DOT_PREC: tl.constexpr, REFRESH: tl.constexpr):
-    """Quest bound of each entry of the split, 16 pages at a time on the tensor cores:
+                 HKV: tl.constexpr, DOT_PREC: tl.constexpr, REFRESH: tl.constexpr, BOUNDS_PAGES: tl.constexpr):
+    """Quest bound of each entry of the split, BOUNDS_PAGES pages at a time on the tensor cores:
     sum_d max(q_d * hi_d, q_d * lo_d) = q+ . hi + q- . lo with q+ = max(q, 0), q- = q - q+ (products exact
     in fp32). Entries past the row's page count or -1: -inf. Stores them; with REFRESH also gathers them
     into the row vector r_v (returned)."""
     qp = tl.where(q > 0, q, tl.zeros_like(q))
     qn = q - qp
-    sb = tl.arange(0, 16)
+    sb = tl.arange(0, BOUNDS_PAGES)
     row_end = tl.minimum(split_start + pages_per_split, S)
-    for s0 in range(split_start, row_end, 16):
+    for s0 in range(split_start, row_end, BOUNDS_PAGES):
         pidx = s0 + sb
         has_j, lo, hi = _page_key_bounds(ids_base + pidx * stride_is, pidx < split_end, kvh, dd, d_ok, kmin_ptr,
                                          kmax_ptr, stride_mn, stride_mh, stride_md, stride_mn, stride_mh, stride_md)
         lo, hi = lo.to(q.dtype), hi.to(q.dtype)
         bnd = (tl.dot(qp, tl.trans(hi), input_precision=DOT_PREC)
-               + tl.dot(qn, tl.trans(lo), input_precision=DOT_PREC))  # [GP, 16]
+               + tl.dot(qn, tl.trans(lo), input_precision=DOT_PREC))  # [GP, BOUNDS_PAGES]
         best = tl.max(tl.where(row_ok[:, None], bnd, float("-inf")), axis=0)
         best = tl.where(has_j, best, float("-inf"))
         tl.store(bounds_ptr + (b * HKV + kvh) * S + pidx, best, mask=pidx < row_end)
-        if REFRESH:  # this chunk's bounds into the row vector, at columns s0 .. s0 + 15
+        if REFRESH:  # this chunk's bounds into the row vector, at columns s0 .. s0 + BOUNDS_PAGES - 1
             r_v += tl.sum(tl.where(sb[:, None] == rs[None, :] - s0, best[:, None], 0.0), axis=0)
     return r_v
 
@@ -110,7 +110,7 @@ def _decode_stage1(
     RETURN_MASS: tl.constexpr, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr, HAS_NUM_PAGES: tl.constexpr,
     DIRECT: tl.constexpr, RETURN_BOUNDS: tl.constexpr,
     REFRESH: tl.constexpr, RULE: tl.constexpr, REFRESH_PINNED: tl.constexpr, BLOCK_S: tl.constexpr,
-    STAGGER: tl.constexpr, PDL: tl.constexpr,
+    STAGGER: tl.constexpr, BOUNDS_PAGES: tl.constexpr, K_FILL_MASK: tl.constexpr, PDL: tl.constexpr,
 ):
     if PDL:  # programmatic dependent launch (kernels/_jit.py): the kernel before must have finished
         tl.extra.cuda.gdc_wait()
@@ -160,7 +160,7 @@ def _decode_stage1(
         if lead:
             r_v = _bounds_pass(q, ids_base, kmin_ptr, kmax_ptr, bounds_ptr, stride_is, stride_mn, stride_mh,
                                stride_md, b, kvh, split_start, split_end, pages_per_split, S, r_v, rs, dd, d_ok,
-                               row_ok, HKV, DOT_PREC, REFRESH)
+                               row_ok, HKV, DOT_PREC, REFRESH, BOUNDS_PAGES)
 
     m_i = tl.full([GP], float("-inf"), tl.float32)
     l_i = tl.zeros([GP], tl.float32)
@@ -174,10 +174,11 @@ def _decode_stage1(
         f = tl.load(fill_ptr + page * stride_fn + kvh * stride_fh, mask=has, other=0)
         valid = has & (tok_off < f)
 
+        k_ok = valid if K_FILL_MASK else has  # the scores of offsets >= fill are masked below either way
         k = tl.load(
             k_ptr + page[:, None] * stride_kn + kvh * stride_kh + tok_off[:, None] * stride_kp
             + dd[None, :] * stride_kd,
-            mask=valid[:, None] & d_ok[None, :], other=0.0,
+            mask=k_ok[:, None] & d_ok[None, :], other=0.0,
         )
         if DOT_F32:
             k = k.to(tl.float32)
@@ -223,7 +224,7 @@ def _decode_stage1(
         if not lead:
             r_v = _bounds_pass(q, ids_base, kmin_ptr, kmax_ptr, bounds_ptr, stride_is, stride_mn, stride_mh,
                                stride_md, b, kvh, split_start, split_end, pages_per_split, S, r_v, rs, dd, d_ok,
-                               row_ok, HKV, DOT_PREC, REFRESH)
+                               row_ok, HKV, DOT_PREC, REFRESH, BOUNDS_PAGES)
         if REFRESH:  # the rule on the row (the same helpers as kernels/bounded_update.py), then the stamps
             refresh = _refresh_mask(r_v, r_listed, r_ok, r_f, rs, tl.load(top_ptr + r_slot), refresh_alpha,
                                     refresh_scale, RULE, BLOCK_S)
@@ -369,6 +370,8 @@ def paged_decode_attention_impl(
     num_stages: int = 2,
     batch_invariant: bool = False,
     stagger_bounds: bool | None = None,
+    bounds_pages: int = 16,
+    k_fill_mask: bool = True,
 ):
     """`paged_decode_attention` with its launch parameters exposed (for benchmarks and tuning).
 
@@ -472,6 +475,7 @@ def paged_decode_attention_impl(
         HQ=Hq, HKV=Hkv, G=G, GP=GP, D=D, BLOCK_D=BLOCK_D, BLOCK_P=BLOCK_P, PPI=pages_per_iter,
         RETURN_MASS=return_mass, DOT_PREC=dot_prec, DOT_F32=dot_f32, HAS_NUM_PAGES=num_pages is not None,
         DIRECT=direct, RETURN_BOUNDS=key_bounds is not None, REFRESH=fused, STAGGER=stagger_bounds, **rule_args,
+        BOUNDS_PAGES=bounds_pages, K_FILL_MASK=k_fill_mask,
         num_warps=num_warps, num_stages=num_stages, **pdl_args(dev),
     )
     if direct:
