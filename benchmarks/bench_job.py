@@ -28,7 +28,10 @@ only watches the engine:
   left out (small at these shapes);
 - a profile of a window of decode steps (torch.profiler, CUDA kernel time by category: attention,
   GEMMs, policy, sampler, norm/rotary/append, other) and the host gap (window wall time minus kernel
-  time, per step).
+  time, per step);
+- the decode-graph captures and every Triton kernel variant the job built (`kernel_builds`: kernel,
+  seconds, its signature, constexprs and pointer alignments, through Triton's JIT hooks), and what the
+  warm-up job built (`warm_up`), so a compile inside the measured job shows with its cause.
 Writes bench_job[_<tag>].json / .md to $OUT (default benchmarks/results/). `--smoke` runs a tiny model
 on the CPU through the same path (numbers meaningless) to check the script.
 """
@@ -124,6 +127,40 @@ def capture_times(t_start: float, t_end: float) -> dict:
     return {"count": len(caps), "s": round(sum(t1 - t0 for t0, t1 in caps), 4),
             "max_s": round(max((t1 - t0 for t0, t1 in caps), default=0.0), 4),
             "warm_up_s": round(sum(warm), 4)}
+
+
+COMPILES: list[tuple[str, float, float, str]] = []  # (kernel, start, end, what Triton shows of its arguments)
+
+
+def watch_compiles() -> None:
+    """Record every Triton kernel variant the process builds (a miss of the kernel's in-memory cache:
+    compiled, or loaded from the on-disk cache when that holds it), through Triton's JIT hooks (triton
+    >= 3.4; older ones record nothing)."""
+    import triton
+
+    runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
+    if runtime is None or not hasattr(runtime, "jit_post_compile_hook") or getattr(runtime, "_bench_job", False):
+        return
+    started: dict[str, float] = {}
+
+    def before(*, key, **_):
+        started[str(key)] = time.perf_counter()
+
+    def after(*, key, fn, compile=None, **_):
+        t0 = started.pop(str(key), None)
+        if t0 is not None:
+            what = {k: str((compile or {}).get(k))[:3000] for k in ("signature", "constants", "configs")}
+            COMPILES.append((getattr(fn, "name", "?"), t0, time.perf_counter(), json.dumps(what)))
+
+    runtime.jit_cache_hook, runtime.jit_post_compile_hook, runtime._bench_job = before, after, True
+
+
+def compile_times(t_start: float, t_end: float) -> dict:
+    """The kernel variants built between t_start and t_end: count, seconds, and each one's kernel and
+    seconds (over ~0.1 s: compiled; under: loaded from Triton's on-disk cache)."""
+    got = [(name, t1 - t0, what) for name, t0, t1, what in COMPILES if t_start <= t0 and t1 <= t_end]
+    return {"count": len(got), "s": round(sum(s for _, s, _ in got), 4),
+            "variants": [{"kernel": name, "s": round(s, 4), "args": what} for name, s, what in got]}
 
 
 def edge_times(t_first: float, t_last: float) -> dict:
@@ -355,6 +392,7 @@ def run_one(args, model_dir: str, data: str, policy: str, shard_size: int, bw: f
     WatchedLLM.profile_at = None if warmup else args.profile_at
     os.environ["RAAS_BATCH_ENGINE"] = "bench_job:WatchedLLM"
     watch_edges()
+    watch_compiles()
     EDGE_CALLS.clear()
     t0 = time.perf_counter()
     summary = run_job(cfg)
@@ -407,6 +445,7 @@ def run_one(args, model_dir: str, data: str, policy: str, shard_size: int, bw: f
         # the watched functions' time inside those edges (EDGE_FUNCTIONS; nested calls count in each)
         "edges": edge_times(llm.steps[0]["t_start"], llm.steps[-1]["t_end"]) if llm.steps else None,
         "graph_captures": capture_times(t0, t0 + wall),
+        "kernel_builds": compile_times(t0, t0 + wall),
         "decode_steps": len(decode), "prefill_steps": len(prefill),
         "prefill_s": sum(s["wall_s"] for s in prefill),
         # A decode step's period is its call's wall plus the host's gap before it: the engine launches
@@ -416,6 +455,7 @@ def run_one(args, model_dir: str, data: str, policy: str, shard_size: int, bw: f
         "ms_per_decode_step_wall": dec_wall / max(1, len(decode)) * 1e3,
         "decode_tokens_per_s": dec_tokens / (dec_wall + sum(gaps)) if dec_wall else 0.0,
         "mean_rows_per_decode_step": dec_tokens / max(1, len(decode)),
+        "max_rows_per_decode_step": max((s["rows"] for s in decode), default=0),
         "ms_per_decode_step": (dec_wall + sum(gaps)) / max(1, len(decode)) * 1e3,
         "roofline_ms_per_decode_step": sum(roof) / max(1, len(roof)) * 1e3,
         "step_over_roofline": (dec_wall + sum(gaps)) / sum(roof) if roof else None,
@@ -522,15 +562,24 @@ def main() -> None:
     stem = "bench_job" + (f"_{args.tag}" if args.tag else "")
     for policy in args.policies.split(","):
         for shard_size in (int(s) for s in args.shard_size.split(",")):
+            w = None
             if args.warmup:
                 t = time.perf_counter()
-                run_one(args, model_dir, data, policy, shard_size, bw, warmup=True)
-                print(f"warm-up job ({policy}): {time.perf_counter() - t:.1f} s", flush=True)
+                w = run_one(args, model_dir, data, policy, shard_size, bw, warmup=True)
+                print(f"warm-up job ({policy}): {time.perf_counter() - t:.1f} s, largest decode batch "
+                      f"{w['max_rows_per_decode_step']}, {w['kernel_builds']['count']} kernel variants built in "
+                      f"{w['kernel_builds']['s']:.1f} s", flush=True)
             r = run_one(args, model_dir, data, policy, shard_size, bw)
+            if w is not None:  # what the warm-up built, to compare with what the measured job still had to
+                r["warm_up"] = {"max_rows_per_decode_step": w["max_rows_per_decode_step"],
+                                "kernel_builds": w["kernel_builds"]}
             results.append(r)
             print(json.dumps({k: v for k, v in r.items() if k != "profile"}), flush=True)
             print("edges", json.dumps(r.get("edges")), flush=True)
             print("graph captures", json.dumps(r.get("graph_captures")), flush=True)
+            builds = r.get("kernel_builds") or {}
+            print("kernel builds", builds.get("count"), builds.get("s"),
+                  [(v["kernel"], v["s"]) for v in builds.get("variants", [])], flush=True)
             if r.get("profile"):
                 print(json.dumps(r["profile"]["by_category_ms_per_step"]), "host gap",
                       round(r["profile"]["host_gap_ms_per_step"], 3), flush=True)

@@ -65,8 +65,8 @@ ATTN_VARIANTS = [  # (name, launch keywords); the default is 2 warps (run 41), 4
     # RaaS: the bounds pass's pages a block (32 since run 66; 16 before)
     ("bounds 16 pages a block", {"bounds_pages": 16}),
     ("bounds 64 pages a block", {"bounds_pages": 64}),
-    # V tiles loaded whole, then zeroed past the fill (the loads need not wait for it)
-    ("V not masked by fill", {"v_fill_mask": False}),
+    # K tiles masked by the pages' fill, as up to run 66 (the loads then wait for it)
+    ("K masked by fill", {"k_fill_mask": True}),
     # diagnostic (RaaS): the same pages without the bounds pass, to see what the pass costs beyond its bytes
     ("no bounds (diagnostic)", {"no_bounds": True}),
 ]
@@ -84,7 +84,7 @@ REFRESH_VARIANTS = [("+ refresh kernel after", {"fuse_refresh": False}),
                     ("+ refresh in the program, bounds last on every row", {"stagger_bounds": False}),
                     # even rows run their bounds pass before the main loop, odd rows after it (since run 54)
                     ("+ refresh in the program, bounds first on even rows", {}),
-                    ("+ refresh in the program, V not masked by fill", {"v_fill_mask": False})]
+                    ("+ refresh in the program, K masked by fill, bounds 16", {"k_fill_mask": True, "bounds_pages": 16})]
 
 
 def layer_caches(cfg, pages_per_row: int, seed: int):

@@ -113,7 +113,7 @@ def _decode_stage1(
     RETURN_MASS: tl.constexpr, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr, HAS_NUM_PAGES: tl.constexpr,
     DIRECT: tl.constexpr, RETURN_BOUNDS: tl.constexpr,
     REFRESH: tl.constexpr, RULE: tl.constexpr, REFRESH_PINNED: tl.constexpr, BLOCK_S: tl.constexpr,
-    STAGGER: tl.constexpr, BOUNDS_PAGES: tl.constexpr, V_FILL_MASK: tl.constexpr, PDL: tl.constexpr,
+    STAGGER: tl.constexpr, BOUNDS_PAGES: tl.constexpr, K_FILL_MASK: tl.constexpr, PDL: tl.constexpr,
 ):
     if PDL:  # programmatic dependent launch (kernels/_jit.py): the kernel before must have finished
         tl.extra.cuda.gdc_wait()
@@ -179,10 +179,13 @@ def _decode_stage1(
 
         # K: whole pages, so the loads need not wait for the pages' fill (the scores of offsets >= fill are
         # masked below): 3.0-3.5% faster a call than masking the loads by it, dense and RaaS alike (run 66)
+        k_ok = has
+        if K_FILL_MASK:  # (benchmarks/bench_step_kernels.py's comparison)
+            k_ok = valid
         k = tl.load(
             k_ptr + page[:, None] * stride_kn + kvh * stride_kh + tok_off[:, None] * stride_kp
             + dd[None, :] * stride_kd,
-            mask=has[:, None] & d_ok[None, :], other=0.0,
+            mask=k_ok[:, None] & d_ok[None, :], other=0.0,
         )
         if DOT_F32:
             k = k.to(tl.float32)
@@ -202,19 +205,11 @@ def _decode_stage1(
         else:
             l_i = l_i * alpha + tl.sum(p, axis=1)
 
-        if V_FILL_MASK:
-            v = tl.load(
-                v_ptr + page[:, None] * stride_vn + kvh * stride_vh + tok_off[:, None] * stride_vp
-                + dd[None, :] * stride_vd,
-                mask=valid[:, None] & d_ok[None, :], other=0.0,
-            )
-        else:  # whole pages, then the rows past the fill zeroed (p is 0 there, but 0 * NaN is not 0)
-            v = tl.load(
-                v_ptr + page[:, None] * stride_vn + kvh * stride_vh + tok_off[:, None] * stride_vp
-                + dd[None, :] * stride_vd,
-                mask=has[:, None] & d_ok[None, :], other=0.0,
-            )
-            v = tl.where(valid[:, None], v, tl.zeros_like(v))
+        v = tl.load(
+            v_ptr + page[:, None] * stride_vn + kvh * stride_vh + tok_off[:, None] * stride_vp
+            + dd[None, :] * stride_vd,
+            mask=valid[:, None] & d_ok[None, :], other=0.0,
+        )
         pv = p.to(v.dtype)
         if DOT_F32:
             pv = pv.to(tl.float32)
@@ -383,7 +378,7 @@ def paged_decode_attention_impl(
     batch_invariant: bool = False,
     stagger_bounds: bool | None = None,
     bounds_pages: int = 32,
-    v_fill_mask: bool = True,
+    k_fill_mask: bool = False,
 ):
     """`paged_decode_attention` with its launch parameters exposed (for benchmarks and tuning).
 
@@ -489,7 +484,7 @@ def paged_decode_attention_impl(
         HQ=Hq, HKV=Hkv, G=G, GP=GP, D=D, BLOCK_D=BLOCK_D, BLOCK_P=BLOCK_P, PPI=pages_per_iter,
         RETURN_MASS=return_mass, DOT_PREC=dot_prec, DOT_F32=dot_f32, HAS_NUM_PAGES=num_pages is not None,
         DIRECT=direct, RETURN_BOUNDS=key_bounds is not None, REFRESH=fused, STAGGER=stagger_bounds, **rule_args,
-        BOUNDS_PAGES=bounds_pages, V_FILL_MASK=v_fill_mask,
+        BOUNDS_PAGES=bounds_pages, K_FILL_MASK=k_fill_mask,
         num_warps=num_warps, num_stages=num_stages, **pdl_args(dev),
     )
     if direct:

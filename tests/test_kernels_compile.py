@@ -103,15 +103,15 @@ def attention_variants():
             (True, True, False, {"REFRESH": True, "RULE": 0, "REFRESH_PINNED": True, "BLOCK_S": 64})):
         # stagger: the bounds pass first on even rows; the bounds pass's pages a block (32 the engine's, the
         # others bench_step_kernels.py's)
-        settings = [(stagger, 32, True) for stagger in ((False, True) if bounds else (False,))]
+        settings = [(stagger, 32, False) for stagger in ((False, True) if bounds else (False,))]
         if bounds and direct and refresh["REFRESH"]:
-            settings += [(True, 16, True), (True, 64, True), (True, 32, False)]
-        for stagger, bounds_pages, v_fill_mask in settings:
+            settings += [(True, 16, False), (True, 64, False), (True, 16, True)]
+        for stagger, bounds_pages, k_fill_mask in settings:
             yield (decode_attention._stage1, ptrs,
                    {"HQ": 12, "HKV": 2, "G": 6, "GP": 16, "D": 128, "BLOCK_D": 128, "BLOCK_P": 16, "PPI": 4,
                     "RETURN_MASS": mass, "DOT_PREC": "tf32", "DOT_F32": False, "HAS_NUM_PAGES": False,
                     "DIRECT": direct, "RETURN_BOUNDS": bounds, **refresh, "STAGGER": stagger,
-                    "BOUNDS_PAGES": bounds_pages, "V_FILL_MASK": v_fill_mask, "num_warps": 2, "num_stages": 2})
+                    "BOUNDS_PAGES": bounds_pages, "K_FILL_MASK": k_fill_mask, "num_warps": 2, "num_stages": 2})
 
 
 def other_variants():

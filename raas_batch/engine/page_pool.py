@@ -35,11 +35,19 @@ class PagePool:
         self.v_cache = torch.zeros_like(self.k_cache)
         self.kmin = torch.zeros(*shape, head_dim, dtype=dtype, device=device)
         self.kmax = torch.zeros_like(self.kmin)
-        self.fill = torch.zeros(shape, dtype=torch.int32, device=device)
-        self.stamp = torch.zeros(shape, dtype=torch.int64, device=device)
-        self.pinned = torch.zeros(shape, dtype=torch.bool, device=device)
-        self.logical = torch.full(shape, -1, dtype=torch.int32, device=device)
-        self.mass = torch.zeros(shape, dtype=torch.float32, device=device)
+        # The pages' metadata is allocated for a multiple of 16 pages and sliced to num_pages, so that
+        # every layer's slice (the kernels get one layer at a time) starts 16-byte aligned. Triton builds
+        # a kernel variant per pointer alignment, and the page count follows the GPU's free memory: with
+        # unpadded rows a layer's slice was aligned on some layers only, and a job built variants again
+        # whenever the free memory moved the count (run 68: 2.2-4.3 s of compiles inside a measured job
+        # whose warm-up had built them for another count).
+        rows = -(-num_pages // 16) * 16
+        padded = (num_layers, rows, num_kv_heads)
+        self.fill = torch.zeros(padded, dtype=torch.int32, device=device)[:, :num_pages]
+        self.stamp = torch.zeros(padded, dtype=torch.int64, device=device)[:, :num_pages]
+        self.pinned = torch.zeros(padded, dtype=torch.bool, device=device)[:, :num_pages]
+        self.logical = torch.full(padded, -1, dtype=torch.int32, device=device)[:, :num_pages]
+        self.mass = torch.zeros(padded, dtype=torch.float32, device=device)[:, :num_pages]
         self._free = deque(range(num_pages))
         self.zero_on_admit = True  # the engine turns it off for backends that mask slots past the fill
         # per layer: (k_cache, v_cache, kmin, kmax, fill) views, sliced once (a decode step uses them
