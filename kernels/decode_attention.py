@@ -330,6 +330,11 @@ TILE_TOKENS = 64
 # job's step 7.27 against 7.32 ms, attention 0.154 against 0.156 ms a layer); RAAS_BATCH_STAGGER_BOUNDS=0
 # turns it off, to measure a job both ways
 STAGGER_BOUNDS = os.environ.get("RAAS_BATCH_STAGGER_BOUNDS", "1") == "1"
+# paged_decode_attention_impl's bounds_pages and k_fill_mask defaults (run 66: 32, False); the variables
+# set them for a whole process, to compare a job or the 7B step both ways (RAAS_BATCH_BOUNDS_PAGES=16
+# RAAS_BATCH_K_FILL_MASK=1: the kernel up to run 66)
+BOUNDS_PAGES = int(os.environ.get("RAAS_BATCH_BOUNDS_PAGES", "32"))
+K_FILL_MASK = os.environ.get("RAAS_BATCH_K_FILL_MASK", "0") == "1"
 
 
 @functools.cache
@@ -377,8 +382,8 @@ def paged_decode_attention_impl(
     num_stages: int = 2,
     batch_invariant: bool = False,
     stagger_bounds: bool | None = None,
-    bounds_pages: int = 32,
-    k_fill_mask: bool = False,
+    bounds_pages: int | None = None,
+    k_fill_mask: bool | None = None,
 ):
     """`paged_decode_attention` with its launch parameters exposed (for benchmarks and tuning).
 
@@ -400,7 +405,9 @@ def paged_decode_attention_impl(
     after it (False: every row after), so that the pass's dependent round trips do not fall in every
     program's tail at once (the same values either way). None: STAGGER_BOUNDS (on).
 
-    bounds_pages: the bounds pass's pages a block (a power of two >= 16): 32, run 66's fastest."""
+    bounds_pages: the bounds pass's pages a block (a power of two >= 16); None: BOUNDS_PAGES (32, run 66's
+    fastest). k_fill_mask: mask the K loads by the pages' fill (the kernel up to run 66; the same values,
+    slower); None: K_FILL_MASK (off)."""
     B, Hq, D = q.shape
     N, Hkv, P, Dk = k_cache.shape
     S = page_ids.shape[2]
@@ -412,6 +419,8 @@ def paged_decode_attention_impl(
     BLOCK_P = triton.next_power_of_2(P)
     if stagger_bounds is None:
         stagger_bounds = STAGGER_BOUNDS
+    bounds_pages = BOUNDS_PAGES if bounds_pages is None else bounds_pages
+    k_fill_mask = K_FILL_MASK if k_fill_mask is None else k_fill_mask
     if batch_invariant:
         num_splits, pages_per_iter = 1, max(1, TILE_TOKENS // BLOCK_P)
     if num_splits is None:
