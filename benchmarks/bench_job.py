@@ -130,6 +130,7 @@ def capture_times(t_start: float, t_end: float) -> dict:
 
 
 COMPILES: list[tuple[str, float, float, str]] = []  # (kernel, start, end, what Triton shows of its arguments)
+_COMPILE_HOOKS: list = []  # the (before, after) pair watch_compiles installed, once per process
 
 
 def watch_compiles() -> None:
@@ -139,7 +140,7 @@ def watch_compiles() -> None:
     import triton
 
     runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
-    if runtime is None or not hasattr(runtime, "jit_post_compile_hook") or getattr(runtime, "_bench_job", False):
+    if runtime is None or not hasattr(runtime, "jit_post_compile_hook") or _COMPILE_HOOKS:
         return
     started: dict[str, float] = {}
 
@@ -152,7 +153,8 @@ def watch_compiles() -> None:
             what = {k: str((compile or {}).get(k))[:3000] for k in ("signature", "constants", "configs")}
             COMPILES.append((getattr(fn, "name", "?"), t0, time.perf_counter(), json.dumps(what)))
 
-    runtime.jit_cache_hook, runtime.jit_post_compile_hook, runtime._bench_job = before, after, True
+    runtime.jit_cache_hook, runtime.jit_post_compile_hook = before, after
+    _COMPILE_HOOKS[:] = [before, after]
 
 
 def compile_times(t_start: float, t_end: float) -> dict:

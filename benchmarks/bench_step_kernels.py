@@ -112,7 +112,6 @@ def attention_rows(cfg, copy_bw, skip=()) -> list[dict]:
     for policy, pages, bounds in (("raas L=1024", cfg["raas_pages"], True),
                                   ("dense", -(-cfg["dense_tokens"] // P), False)):
         layers = [layer_caches(cfg, pages, seed) for seed in range(L)]
-        nbytes = B * Hkv * pages * (2 * P * D * 2 + (2 * D * 2 if bounds else 0))
         want = stamps = None
         for name, kw in ATTN_VARIANTS + (REFRESH_VARIANTS if bounds else []):
             if name in skip or (name in BOUNDS_ONLY and not bounds):
@@ -137,7 +136,7 @@ def attention_rows(cfg, copy_bw, skip=()) -> list[dict]:
                 assert torch.equal(stamp, stamps), f"{name}: other stamps than {REFRESH_VARIANTS[0][0]}"
             got = torch.cat([t.float().flatten() for t in (out if isinstance(out, tuple) else (out,))])
             want = got if want is None else want
-            row_bytes = nbytes if use_bounds or not bounds else B * Hkv * pages * 2 * P * D * 2
+            row_bytes = B * Hkv * pages * (2 * P * D * 2 + (2 * D * 2 if use_bounds else 0))  # K, V (and bounds)
             ms = timed(cfg["reps"], lambda call=call, layers=layers: [call(layer) for layer in layers]) / L
             rows.append({"kernel": "decode attention", "policy": policy, "variant": name, "ms_per_call": ms,
                          "ms_per_step": ms * L, "pct_copy": 100 * row_bytes / (ms * 1e-3) / copy_bw,

@@ -25,8 +25,9 @@ arXiv 2406.10774):
   page's log2-sum-exp  lse_page = m_run + log2(sum_{tokens of page} 2^(s - m_run)), taken against
   the running max m_run at the time the page is read (m_run <= the global max, so nothing that
   matters underflows; an empty or -1 page gives -inf).
-  With key bounds, the program also walks its chunk `bounds_pages` (32) pages at a time (16 a block
-  took 3% longer a call, 64 1% longer; run 66), loads their kmin / kmax
+  With key bounds, the program also walks its chunk `bounds_pages` (32) pages at a time (with the K
+  loads masked by fill, 16 a block took 3% longer a call, 64 1% longer, run 66; with K read whole 0.6%
+  and 0.9%, run 67), loads their kmin / kmax
   rows (2 * D values a page, 1/P of its K and V bytes) and writes each page's bound, max over the
   group's heads: sum_d max(q_d kmax_d, q_d kmin_d) = q+ . kmax + q- . kmin (q+ = max(q, 0), q- = q - q+),
   two tensor-core products with fp32 accumulation. Inside the main loop they cost more: computed
@@ -420,6 +421,9 @@ def paged_decode_attention_impl(
     if stagger_bounds is None:
         stagger_bounds = STAGGER_BOUNDS
     bounds_pages = BOUNDS_PAGES if bounds_pages is None else bounds_pages
+    if bounds_pages < 16 or bounds_pages & (bounds_pages - 1):
+        raise ValueError(f"bounds_pages (RAAS_BATCH_BOUNDS_PAGES) must be a power of two >= 16 (tl.dot's "
+                         f"smallest tile), got {bounds_pages}")
     k_fill_mask = K_FILL_MASK if k_fill_mask is None else k_fill_mask
     if batch_invariant:
         num_splits, pages_per_iter = 1, max(1, TILE_TOKENS // BLOCK_P)

@@ -99,6 +99,45 @@ def test_job_benchmark_smoke_records_the_job_edges(tmp_path, smollm_tokenizer):
         assert r["graph_captures"] == {"count": 0, "s": 0.0, "max_s": 0.0, "warm_up_s": 0.0}
 
 
+def test_job_benchmark_records_the_kernel_builds(monkeypatch):
+    """watch_compiles keeps what Triton's JIT hooks report of a variant built (its kernel, seconds and
+    arguments, pointer alignments included), and compile_times returns those inside a job's window: the
+    record that found run 68's rebuilds."""
+    runtime = getattr(getattr(pytest.importorskip("triton"), "knobs", None), "runtime", None)
+    if runtime is None or not hasattr(runtime, "jit_post_compile_hook"):
+        pytest.skip("this Triton has no JIT hooks (the record is empty there)")
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import time
+
+    import bench_job
+
+    monkeypatch.setattr(runtime, "jit_cache_hook", None)
+    monkeypatch.setattr(runtime, "jit_post_compile_hook", None)
+    monkeypatch.setattr(bench_job, "COMPILES", [])
+    monkeypatch.setattr(bench_job, "_COMPILE_HOOKS", [])
+    bench_job.watch_compiles()
+
+    class Fn:
+        name = "_decode_stage1"
+
+    compiled = {"signature": {"fill_ptr": "*i32"}, "constants": {(61,): True}, "configs": [{(4,): [["tt.divisibility", 16]]}]}
+    t0 = time.perf_counter()
+    runtime.jit_cache_hook(key=("a",), repr="", fn=Fn(), compile=compiled, is_manual_warmup=False, already_compiled=False)
+    runtime.jit_post_compile_hook(key=("a",), repr="", fn=Fn(), compile=compiled, is_manual_warmup=False,
+                                  already_compiled=False)
+    # a post hook without its pre hook (nothing started under that key) records nothing
+    runtime.jit_post_compile_hook(key=("b",), repr="", fn=Fn(), compile=compiled, is_manual_warmup=False,
+                                  already_compiled=False)
+    t1 = time.perf_counter()
+    got = bench_job.compile_times(t0, t1)
+    assert got["count"] == 1 and got["variants"][0]["kernel"] == "_decode_stage1"
+    args = json.loads(got["variants"][0]["args"])
+    assert "*i32" in args["signature"] and "tt.divisibility" in args["configs"] and "61" in args["constants"]
+    assert bench_job.compile_times(t1, t1 + 60)["count"] == 0  # another job's window
+    bench_job.watch_compiles()  # once per process: the hooks stay the first pair
+    assert runtime.jit_post_compile_hook is bench_job._COMPILE_HOOKS[1]
+
+
 def test_gpu_only_overlap_probe_imports_and_refuses_a_cpu():
     """bench_overlap.py needs CUDA streams and green contexts, so CI cannot run it: it must at least
     import (it reuses bench_step_kernels' caches and bench_matmul's timer) and, without a GPU, say so."""

@@ -196,13 +196,14 @@ def test_decode_reads_only_the_first_num_pages(ns):
         assert torch.all(got_mass[cut < 0] == 0)
 
 
-def _bounds_case(g, limit: bool):
-    """3 bounded-policy rows (listed pages first) of 9 entries, bf16, Hq 12 / Hkv 2 / D 32 / pages of 16,
+def _bounds_case(g, limit: bool, S: int = 9):
+    """3 bounded-policy rows (listed pages first) of S entries, bf16, Hq 12 / Hkv 2 / D 32 / pages of 16,
     with integer-valued q, kmin and kmax: Quest bounds exact in fp32 whatever the order of the sums.
+    S > 16: every entry listed, so a row crosses the bounds pass's blocks (16 or 32 pages).
     -> (q, k_cache, v_cache, ids, fill, kmin, kmax, num_pages or None)."""
     dtype = torch.bfloat16
-    q, k_cache, v_cache, ids, fill = make_decode_case(g, B=3, Hq=12, Hkv=2, D=32, P=16, S=9, budget="large",
-                                                      dtype=dtype)
+    q, k_cache, v_cache, ids, fill = make_decode_case(g, B=3, Hq=12, Hkv=2, D=32, P=16, S=S,
+                                                      budget="large" if S <= 16 else "small", dtype=dtype)
     ids = ids.sort(dim=-1, descending=True).values
     N, Hkv, _, D = k_cache.shape
     kmin = torch.randint(-4, 1, (N, Hkv, D), generator=g).to(dtype).to(DEVICE)
@@ -212,21 +213,26 @@ def _bounds_case(g, limit: bool):
     return qi, k_cache, v_cache, ids, fill, kmin, kmax, num_pages
 
 
-@pytest.mark.parametrize("ns,ppi,mass,limit", [(1, 4, False, False), (1, 1, True, True), (3, 2, False, True),
-                                                (4, 1, True, False), (1, 8, False, True)])
-def test_decode_returns_quest_bounds(ns, ppi, mass, limit):
+@pytest.mark.parametrize("ns,ppi,mass,limit,S,bounds_pages", [
+    (1, 4, False, False, 9, None), (1, 1, True, True, 9, None), (3, 2, False, True, 9, None),
+    (4, 1, True, False, 9, None), (1, 8, False, True, 9, None),
+    (1, 4, False, False, 40, 16), (1, 4, True, False, 40, 32), (2, 4, False, True, 40, 16)])
+def test_decode_returns_quest_bounds(ns, ppi, mass, limit, S, bounds_pages):
     """key_bounds=(kmin, kmax): the kernel also returns each entry's Quest bound, equal to page_scores
     over the pages read (-inf for -1 entries and for entries past num_pages), in every split / tile
-    layout, alone or with the mass; the output and mass are unchanged by it."""
-    g = _gen("decode-bounds", ns, ppi, mass, limit)
-    qi, k_cache, v_cache, ids, fill, kmin, kmax, num_pages = _bounds_case(g, limit)
+    layout and bounds-pass block (rows of 40 entries: blocks of 16 + 16 + 8, or 32 + 8), alone or with
+    the mass; the output and mass are unchanged by it."""
+    g = _gen("decode-bounds", ns, ppi, mass, limit, S)
+    qi, k_cache, v_cache, ids, fill, kmin, kmax, num_pages = _bounds_case(g, limit, S)
     cut = ref._limit_pages(ids, num_pages)
     assert (cut >= 0).flatten(1).any(1).all()
+    if S > 32 and not limit:
+        assert (cut >= 0).sum(-1).max() > 32  # a row reaches the last block
     want_bounds = ref.page_scores(qi, kmin, kmax, cut)
     plain = dec_mod.paged_decode_attention_impl(qi, k_cache, v_cache, ids, fill, 0.2, mass, num_pages,
                                                 num_splits=ns, pages_per_iter=ppi)
     got = dec_mod.paged_decode_attention_impl(qi, k_cache, v_cache, ids, fill, 0.2, mass, num_pages, (kmin, kmax),
-                                              num_splits=ns, pages_per_iter=ppi)
+                                              num_splits=ns, pages_per_iter=ppi, bounds_pages=bounds_pages)
     assert len(got) == (3 if mass else 2)
     assert torch.equal(got[-1], want_bounds)
     assert torch.isneginf(got[-1][cut < 0]).all() and torch.isfinite(got[-1][cut >= 0]).all()
@@ -239,17 +245,29 @@ def test_decode_returns_quest_bounds(ns, ppi, mass, limit):
         assert len(other) == len(got) and torch.equal(other[-1], want_bounds)
 
 
-@pytest.mark.parametrize("rule,refresh_pinned,ns,limit", [
-    ("top_half", False, 1, False), ("top_half", True, 1, True), ("alpha", False, 1, True),
-    ("alpha", True, 1, False), ("top_half", False, 3, True), ("mass", False, 1, False)])
-def test_decode_runs_the_refresh(rule, refresh_pinned, ns, limit, monkeypatch):
+def test_bounds_pages_must_be_a_power_of_two_of_at_least_16():
+    """The bounds pass's block is a tl.dot tile: any other value is refused by name before a launch."""
+    qi, k_cache, v_cache, ids, fill, kmin, kmax, _ = _bounds_case(_gen("bounds-pages"), False)
+    for bad in (8, 24):
+        with pytest.raises(ValueError, match="bounds_pages"):
+            dec_mod.paged_decode_attention_impl(qi, k_cache, v_cache, ids, fill, 0.2, False, None, (kmin, kmax),
+                                                bounds_pages=bad)
+
+
+@pytest.mark.parametrize("rule,refresh_pinned,ns,limit,S", [
+    ("top_half", False, 1, False, 9), ("top_half", True, 1, True, 9), ("alpha", False, 1, True, 9),
+    ("alpha", True, 1, False, 9), ("top_half", False, 3, True, 9), ("mass", False, 1, False, 9),
+    ("top_half", False, 1, False, 40), ("alpha", True, 1, False, 40)])
+def test_decode_runs_the_refresh(rule, refresh_pinned, ns, limit, S, monkeypatch):
     """refresh=Refresh(...): the op leaves the stamps that the reference attention followed by the
     reference bounded_update leaves, whether the stage-1 program runs the refresh on the bounds it has
     just written (one split, the engine's case), or the bounded_update kernel runs after the attention
-    (several splits, the mass rule, or fuse_refresh=False); output and bounds are unchanged by it, and
-    by where the bounds pass runs (before the main loop on even rows, stagger_bounds, or after it)."""
-    g = _gen("decode-refresh", rule, refresh_pinned, ns, limit)
-    qi, k_cache, v_cache, ids, fill, kmin, kmax, num_pages = _bounds_case(g, limit)  # (integer bounds: many ties)
+    (several splits, the mass rule, or fuse_refresh=False); output and bounds are unchanged by it, by
+    where the bounds pass runs (before the main loop on even rows, stagger_bounds, or after it), by its
+    block (16 or 32 pages: a row of 40 entries gathers its bounds from several blocks) and by masking
+    the K loads by the pages' fill (k_fill_mask, the kernel up to run 66)."""
+    g = _gen("decode-refresh", rule, refresh_pinned, ns, limit, S)
+    qi, k_cache, v_cache, ids, fill, kmin, kmax, num_pages = _bounds_case(g, limit, S)  # (integer bounds: ties)
     N, Hkv, _, D = k_cache.shape
     pinned = (torch.rand(N, Hkv, generator=g) < 0.3).to(DEVICE)
     stamp0 = torch.randint(0, 50, (N, Hkv), generator=g).to(DEVICE)
@@ -285,10 +303,13 @@ def test_decode_runs_the_refresh(rule, refresh_pinned, ns, limit, monkeypatch):
         monkeypatch.setattr(dec_mod, "bounded_update", lambda *a, **k: pytest.fail("refresh not fused"))
     fused, got = run(impl, num_splits=ns, stagger_bounds=True)  # the bounds pass first on rows 0 and 2
     last, got_last = run(impl, num_splits=ns, stagger_bounds=False)  # after the main loop on every row
+    small, got_small = run(impl, num_splits=ns, bounds_pages=16)
+    masked, got_masked = run(impl, num_splits=ns, k_fill_mask=True)
     monkeypatch.undo()
     assert torch.equal(got, want) and torch.equal(got_last, want)
-    for a, b, c in zip(plain, fused, last):
-        assert torch.equal(a, b) and torch.equal(a, c)
+    assert torch.equal(got_small, want) and torch.equal(got_masked, want)
+    for a, b, c, d, e in zip(plain, fused, last, small, masked):
+        assert torch.equal(a, b) and torch.equal(a, c) and torch.equal(a, d) and torch.equal(a, e)
     assert torch.equal(fused[-1], want_out[-1])  # the bounds
     if not mass_rule:
         assert torch.equal(run(kops.get_ops("cpu").paged_decode_attention)[1], want)

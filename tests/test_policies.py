@@ -82,6 +82,22 @@ def run_to(h: Harness, slot: int, pos: int) -> None:
 
 
 # ---- registry ----
+@pytest.mark.parametrize("num_pages", [37, 48, 3])
+def test_pool_metadata_layer_slices_are_16_byte_aligned(num_pages):
+    """Every layer's slice of the pages' metadata starts 16-byte aligned whatever the page count (Triton
+    builds a kernel variant per pointer alignment, and the engine's page count follows the free memory),
+    and holds exactly num_pages pages, contiguous, that pool-wide writes and per-layer views share."""
+    pool = PagePool(3, num_pages, HKV, P, D, torch.float32, torch.device("cpu"))
+    for t in (pool.fill, pool.stamp, pool.pinned, pool.logical, pool.mass):
+        assert t.shape == (3, num_pages, HKV)
+        for layer in range(3):
+            view = t[layer]
+            assert view.is_contiguous() and view.data_ptr() % 16 == 0, (t.dtype, layer)
+    assert bool((pool.logical == -1).all()) and int(pool.fill.sum()) == 0
+    pool.fill[:, num_pages - 1] = 5  # a write through the whole tensor shows in each layer's view
+    assert all(int(pool.layer_views[layer][4][num_pages - 1].sum()) == 5 * HKV for layer in range(3))
+
+
 def test_registry_names_and_options():
     assert set(POLICIES) == {"dense", "raas", "raas-mass", "raas-paper", "quest", "h2o", "streaming"}
     for name in POLICIES:
