@@ -8,6 +8,8 @@ few percent, run 32 vs run 35):
   mean context), each with a few launch settings (which must not change the result), and RaaS with its
   top-half refresh, run by the bounded_update kernel after the attention or inside its program (the
   same stamps), the latter also with the bounds pass moved before the main loop on every other row;
+- RaaS's refresh in a layer (the attention, then the layer's cuBLAS products): inside the attention's
+  program, or on a second stream beside the attention and the products (the same stamps);
 - the sampler over a [512, 49152] logits row block (temperature 0.6, top-p 0.95): bf16 in, fp32 in
   (the same tokens).
 Each attention variant runs one call per layer over 28 layers' own caches (so L2 holds no layer's
@@ -52,9 +54,9 @@ from bench_kernels import CUDA, DEC, DEV, TRI, copy_bandwidth, make_pool, md_tab
 from bench_matmul import timed
 
 FULL = {"layers": 28, "B": 512, "Hq": 12, "Hkv": 2, "D": 128, "P": 16, "raas_pages": 66, "dense_tokens": 3100,
-        "V": 49152, "reps": 20, "copy_bytes": 2 << 30}
+        "V": 49152, "reps": 20, "copy_bytes": 2 << 30, "hidden": 1536, "intermediate": 8960}
 SMOKE = {"layers": 2, "B": 3, "Hq": 12, "Hkv": 2, "D": 32, "P": 16, "raas_pages": 5, "dense_tokens": 100,
-         "V": 3000, "reps": 1, "copy_bytes": 1 << 20}
+         "V": 3000, "reps": 1, "copy_bytes": 1 << 20, "hidden": 64, "intermediate": 96}
 ATTN_VARIANTS = [  # (name, launch keywords); the default is 2 warps (run 41), 4 before
     ("default", {}),
     ("4 warps", {"num_warps": 4}),
@@ -147,6 +149,69 @@ def attention_rows(cfg, copy_bw, skip=()) -> list[dict]:
     return rows
 
 
+# RaaS's refresh placed three ways in a layer of the step (the attention, then the layer's products)
+LAYER_VARIANTS = [("refresh in the attention's program", "inside"),
+                  # the attention without bounds; the bounds pass and rule alone on a second stream, joined
+                  # after the last layer (RAAS_BATCH_REFRESH_STREAM=1)
+                  ("refresh on a side stream", "side"),
+                  ("no refresh (diagnostic)", "none")]
+
+
+def layer_rows(cfg, copy_bw, skip=()) -> list[dict]:
+    """RaaS's refresh (top half by the Quest bounds) in a layer: the decode attention over 66 pages a row,
+    then the layer's products through cuBLAS (o, gate_up, SiLU and mul, down, the next layer's qkv; the
+    1.5B shapes), 28 layers in one graph. Inside the attention's program it lengthens the attention; on a
+    side stream it runs beside the attention and the products. Both must leave the same stamps; the
+    diagnostic row, without a refresh, is the floor."""
+    from raas_batch.engine.step_context import SideStream
+
+    B, Hq, Hkv, D, L = cfg["B"], cfg["Hq"], cfg["Hkv"], cfg["D"], cfg["layers"]
+    H, inter = cfg["hidden"], cfg["intermediate"]
+    g = torch.Generator(device=DEV).manual_seed(11)
+
+    def weight(n, k):
+        return (torch.randn((n, k), generator=g, device=DEV) * k ** -0.5).to(torch.bfloat16)
+
+    wo, wgu, wd, wqkv = weight(H, Hq * D), weight(2 * inter, H), weight(H, inter), weight((Hq + 2 * Hkv) * D, H)
+    q = torch.randn((B, Hq, D), device=DEV, dtype=torch.bfloat16)
+    layers = [layer_caches(cfg, cfg["raas_pages"], seed) for seed in range(L)]
+    side = SideStream(torch.cuda.Stream() if CUDA else None)
+    linear = torch.nn.functional.linear
+
+    def step(how):
+        for k, v, kmin, kmax, fill, ids, refresh in layers:
+            if how == "side":
+                side.fork()
+            out = DEC.paged_decode_attention_impl(q, k, v, ids, fill, D ** -0.5,
+                                                  key_bounds=(kmin, kmax) if how == "inside" else None,
+                                                  refresh=refresh if how == "inside" else None)
+            out = out[0] if isinstance(out, tuple) else out  # (the bounds, with the refresh inside)
+            if how == "side":
+                side.run(DEC.bounds_refresh, q, kmin, kmax, ids, fill, refresh)
+            gate, up = linear(linear(out.view(B, Hq * D), wo), wgu).chunk(2, dim=-1)
+            linear(linear(torch.nn.functional.silu(gate) * up, wd), wqkv)
+        side.join()
+
+    rows, stamps = [], None
+    for name, how in LAYER_VARIANTS:
+        if name in skip:
+            continue
+        for layer in layers:
+            layer[-1].stamp.zero_()
+        step(how)
+        if how != "none":  # both placements leave the same stamps in every layer
+            got = torch.stack([layer[-1].stamp for layer in layers])
+            assert int((got > 0).sum()) > 0, f"{name}: the refresh stamped no page"
+            stamps = got if stamps is None else stamps
+            assert torch.equal(got, stamps), f"{name}: other stamps than {LAYER_VARIANTS[0][0]}"
+        ms = timed(cfg["reps"], step, how) / L
+        rows.append({"kernel": "layer: attention + products", "policy": "raas L=1024", "variant": name,
+                     "ms_per_call": ms, "ms_per_step": ms * L, "pct_copy": float("nan"), "rel_err_vs_default": 0.0})
+        print(f"  layer {name:40s} {ms * 1e3:8.1f} us/layer  {ms * L:6.3f} ms/step", flush=True)
+    layers.clear()
+    return rows
+
+
 def sampler_rows(cfg) -> list[dict]:
     """bf16 logits (the decode step's) and their fp32 copy must give the same tokens."""
     B, V = cfg["B"], cfg["V"]
@@ -217,7 +282,8 @@ def main():
     print(f"# decode-step kernels, {torch.cuda.get_device_name() if CUDA else 'cpu'}; copy {copy_bw / 1e12:.2f} TB/s",
           flush=True)
     skip = {name.strip() for name in args.skip.split(",") if name.strip()}
-    rows = (attention_rows(cfg, copy_bw, skip) + ([] if args.no_sampler else sampler_rows(cfg))
+    rows = (attention_rows(cfg, copy_bw, skip) + layer_rows(cfg, copy_bw, skip)
+            + ([] if args.no_sampler else sampler_rows(cfg))
             + (pdl_rows(cfg) if CUDA and not args.no_sampler else []))
     text = "\n".join([f"# Decode-step kernels at the 1.5B job shape (copy bandwidth {copy_bw / 1e12:.2f} TB/s)", "",
                       ("`python benchmarks/bench_step_kernels.py`: CUDA graphs of one call per layer over 28 "

@@ -115,6 +115,7 @@ def _decode_stage1(
     DIRECT: tl.constexpr, RETURN_BOUNDS: tl.constexpr,
     REFRESH: tl.constexpr, RULE: tl.constexpr, REFRESH_PINNED: tl.constexpr, BLOCK_S: tl.constexpr,
     STAGGER: tl.constexpr, BOUNDS_PAGES: tl.constexpr, K_FILL_MASK: tl.constexpr, PDL: tl.constexpr,
+    MAIN: tl.constexpr = True,
 ):
     if PDL:  # programmatic dependent launch (kernels/_jit.py): the kernel before must have finished
         tl.extra.cuda.gdc_wait()
@@ -159,7 +160,10 @@ def _decode_stage1(
 
     # with STAGGER even rows take their bounds pass first: its dependent round trips then overlap the page
     # reads of the odd rows, instead of every program's tail coinciding; the other rows take it last
-    lead = (b % 2) < STAGGER
+    if MAIN:
+        lead = (b % 2) < STAGGER
+    else:  # the bounds pass (and the refresh) alone: `bounds_refresh`
+        lead = b >= 0
     if RETURN_BOUNDS:  # noqa: SIM102  (a compile-time switch, then the runtime test)
         if lead:
             r_v = _bounds_pass(q, ids_base, kmin_ptr, kmax_ptr, bounds_ptr, stride_is, stride_mn, stride_mh,
@@ -170,7 +174,7 @@ def _decode_stage1(
     l_i = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, BLOCK_D], tl.float32)
 
-    for start in range(split_start, split_end, PPI):
+    for start in range(split_start, split_end if MAIN else split_start, PPI):
         idx = start + tok_page
         pid = tl.load(ids_base + idx * stride_is, mask=idx < split_end, other=-1)
         has = pid >= 0
@@ -239,7 +243,9 @@ def _decode_stage1(
             tl.store(stamp_ptr + r_page * stride_fn + kvh * stride_fh, tl.zeros([BLOCK_S], tl.int64)
                      + tl.load(pos_ptr + b), mask=refresh & r_unpinned)
 
-    if DIRECT:  # one split and no mass: the program holds the whole softmax, so it writes the output
+    if not MAIN:
+        pass
+    elif DIRECT:  # one split and no mass: the program holds the whole softmax, so it writes the output
         o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         tl.store(out_ptr + b * stride_ob + qh[:, None] * stride_oh + dd[None, :] * stride_od,
                  o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
@@ -364,6 +370,18 @@ def choose_num_splits(B: int, Hkv: int, S: int, P: int, device: torch.device) ->
     return best
 
 
+def _refresh_args(refresh: Refresh | None, page_ids, fill, S: int):
+    """Stage 1's refresh arguments: (metadata pointers and strides, the rule's constexprs, alpha and scale);
+    without a refresh, placeholders (dead code under REFRESH=False)."""
+    if refresh is None:
+        return (page_ids,) * 6 + (0, 0), {"RULE": 0, "REFRESH_PINNED": False, "BLOCK_S": 16}, (0.0, 1.0)
+    r = refresh
+    assert all(t.shape == fill.shape and t.stride() == fill.stride() for t in (r.pinned, r.stamp))
+    meta = (r.cur, r.slot_ids, r.positions, r.top, r.pinned.view(torch.uint8), r.stamp, *r.cur.stride())
+    rule_args = {"RULE": _RULES[r.rule], "REFRESH_PINNED": r.refresh_pinned, "BLOCK_S": refresh_block(S)}
+    return meta, rule_args, (float(r.alpha), float(r.scale))
+
+
 def paged_decode_attention_impl(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -473,16 +491,7 @@ def paged_decode_attention_impl(
     direct = num_splits == 1 and not return_mass
     fused = (fuse_refresh and refresh is not None and num_splits == 1 and key_bounds is not None
              and not refresh.on_mass)
-    if fused:
-        r = refresh
-        assert all(t.shape == fill.shape and t.stride() == fill.stride() for t in (r.pinned, r.stamp))
-        meta = (r.cur, r.slot_ids, r.positions, r.top, r.pinned.view(torch.uint8), r.stamp, *r.cur.stride())
-        rule_args = {"RULE": _RULES[r.rule], "REFRESH_PINNED": r.refresh_pinned, "BLOCK_S": refresh_block(S)}
-        floats = (float(r.alpha), float(r.scale))
-    else:  # (unused: dead code under REFRESH=False)
-        meta = (page_ids,) * 6 + (0, 0)
-        rule_args = {"RULE": 0, "REFRESH_PINNED": False, "BLOCK_S": 16}
-        floats = (0.0, 1.0)
+    meta, rule_args, floats = _refresh_args(refresh if fused else None, page_ids, fill, S)
     _stage1()[(B, Hkv, num_splits)](
         q, k_cache, v_cache, page_ids, fill, npages,
         acc, m, l, lse, out, out.stride(0), out.stride(1), out.stride(2),
@@ -520,6 +529,46 @@ def paged_decode_attention_impl(
     return result()
 
 
+def bounds_refresh(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, page_ids: torch.Tensor,
+                   fill: torch.Tensor, refresh: Refresh, num_pages: torch.Tensor | None = None, *,
+                   bounds_pages: int | None = None) -> torch.Tensor:
+    """RaaS's refresh by the Quest bounds (rules top_half and alpha) without the attention: stage 1's
+    bounds pass and rule with its page loop compiled out (MAIN=False), so the bounds, bit for bit, and
+    the stamps are those of `paged_decode_attention(..., key_bounds=(kmin, kmax), refresh=refresh)`.
+    For a step that runs the refresh beside an attention without bounds, on a second stream
+    (raas_batch/layers/attention.py). Shapes as paged_decode_attention's; returns the bounds [B, Hkv, S]."""
+    B, Hq, D = q.shape
+    N, Hkv, Dk = kmin.shape
+    S = page_ids.shape[2]
+    assert Dk == D and kmax.shape == kmin.shape and kmin.stride() == kmax.stride() and Hq % Hkv == 0
+    assert page_ids.shape[:2] == (B, Hkv) and fill.shape == (N, Hkv) and not refresh.on_mass
+    bounds_pages = BOUNDS_PAGES if bounds_pages is None else bounds_pages
+    bounds = torch.empty((B, Hkv, S), dtype=torch.float32, device=q.device)
+    if B == 0 or S == 0:
+        return bounds.fill_(float("-inf"))
+    G = Hq // Hkv
+    meta, rule_args, floats = _refresh_args(refresh, page_ids, fill, S)
+    unused = (0, 0, 0, 0)  # the page loop's K / V strides (no page loop)
+    _stage1()[(B, Hkv, 1)](
+        q, kmin, kmax, page_ids, fill, num_pages if num_pages is not None else fill,
+        bounds, bounds, bounds, bounds, bounds, 0, 0, 0,
+        kmin, kmax, bounds, *kmin.stride(),
+        q.stride(0), q.stride(1), q.stride(2),
+        *unused, *unused,
+        page_ids.stride(0), page_ids.stride(1), page_ids.stride(2),
+        fill.stride(0), fill.stride(1),
+        *meta,
+        1.0, S, S, 1, *floats,
+        HQ=Hq, HKV=Hkv, G=G, GP=max(16, triton.next_power_of_2(G)), D=D, BLOCK_D=triton.next_power_of_2(D),
+        BLOCK_P=16, PPI=1, RETURN_MASS=False, DOT_PREC="ieee" if kmin.dtype == torch.float32 else "tf32",
+        DOT_F32=interpreting() and kmin.dtype == torch.bfloat16, HAS_NUM_PAGES=num_pages is not None,
+        DIRECT=True, RETURN_BOUNDS=True, REFRESH=True, STAGGER=False, **rule_args,
+        BOUNDS_PAGES=bounds_pages, K_FILL_MASK=False, MAIN=False,
+        num_warps=2, num_stages=2, **pdl_args(q.device),
+    )
+    return bounds
+
+
 def paged_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -549,4 +598,4 @@ def paged_decode_attention(
                                        key_bounds, refresh)
 
 
-__all__ = ["choose_num_splits", "paged_decode_attention", "paged_decode_attention_impl"]
+__all__ = ["bounds_refresh", "choose_num_splits", "paged_decode_attention", "paged_decode_attention_impl"]

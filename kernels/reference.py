@@ -109,6 +109,17 @@ def refresh_after(update, result, page_ids, fill, refresh: Refresh | None, num_p
         refresh.run(update, _limit_pages(page_ids, num_pages), result[1] if refresh.on_mass else result[-1], fill)
 
 
+def bounds_refresh(q, kmin, kmax, page_ids, fill, refresh: Refresh, num_pages=None) -> torch.Tensor:
+    """A refresh by the Quest bounds (rules top_half and alpha) without the attention: what
+    `paged_decode_attention(..., key_bounds=(kmin, kmax), refresh=refresh)` does to the stamps, alone.
+    Returns the bounds [B, Hkv, S] (-inf for unlisted entries and those past num_pages)."""
+    assert not refresh.on_mass
+    page_ids = _limit_pages(page_ids, num_pages)
+    bounds = page_scores(q, kmin, kmax, page_ids)
+    refresh.run(bounded_update, page_ids, bounds, fill)
+    return bounds
+
+
 def _decode_attention(q, k_cache, v_cache, page_ids, fill, scale, return_mass, num_pages):
     B, Hq, D = q.shape
     Hkv, P = k_cache.shape[1], k_cache.shape[2]

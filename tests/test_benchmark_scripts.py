@@ -45,12 +45,18 @@ def test_benchmark_smoke_runs(tmp_path, script, stem):
     if script == "bench_step_kernels.py":  # every variant ran and gave the default's result
         rows = json.loads((tmp_path / "bench_step_kernels_smoke.json").read_text())["rows"]
         sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-        from bench_step_kernels import ATTN_VARIANTS, BOUNDS_ONLY, REFRESH_VARIANTS, SAMPLER_VARIANTS
+        from bench_step_kernels import (
+            ATTN_VARIANTS,
+            BOUNDS_ONLY,
+            LAYER_VARIANTS,
+            REFRESH_VARIANTS,
+            SAMPLER_VARIANTS,
+        )
 
         # (raas with the refresh both ways: the script asserts they leave the same stamps; dense has no bounds
         # pass, so no bounds-only variants; no PDL chain on a CPU)
         assert len(rows) == (2 * len(ATTN_VARIANTS) - len(BOUNDS_ONLY) + len(REFRESH_VARIANTS) + 2
-                             + len(SAMPLER_VARIANTS))
+                             + len(LAYER_VARIANTS) + len(SAMPLER_VARIANTS))
         assert {r["variant"] for r in rows if r["policy"] == "raas L=1024"} >= BOUNDS_ONLY
         assert all(r["rel_err_vs_default"] <= 2e-2 for r in rows if r["kernel"] == "decode attention"), rows
         assert all(r["rel_err_vs_default"] == 0 for r in rows if r["kernel"] == "sampler"), rows

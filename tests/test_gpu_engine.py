@@ -96,6 +96,33 @@ def test_programmatic_dependent_launch_changes_nothing(policy, budget, monkeypat
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
 
 
+@pytest.mark.parametrize("eager", [False, True])
+@pytest.mark.parametrize("policy,options", [("raas", {}), ("raas", {"refresh_rule": "alpha"}), ("raas", {"pin_prompt": True})])
+def test_refresh_on_a_side_stream_changes_nothing(policy, options, eager, monkeypatch):
+    """RAAS_BATCH_REFRESH_STREAM=1: RaaS's refresh runs on a second stream beside an attention without
+    bounds (layers/attention.py, ops.bounds_refresh), joined at the end of the step: the same sampled
+    tokens and, after the run, the same stamps in every layer as the refresh inside the attention's
+    program, in CUDA graphs and eagerly. A budget of 4 pages evicts throughout, so a stamp that differed
+    or came late would choose another victim."""
+    params = SamplingParams(max_new_tokens=160, temperature=0.8, top_p=0.9, seed=5, ignore_eos=True)
+    kw = {"enforce_eager": eager, "policy_options": options} if options else {"enforce_eager": eager}
+    inside = make_llm(policy, 64, **kw)
+    assert inside.engine.runner.side is None
+    want = inside.generate(prompts(8), params)
+    monkeypatch.setenv("RAAS_BATCH_REFRESH_STREAM", "1")
+    beside = make_llm(policy, 64, **kw)
+    runner = beside.engine.runner
+    assert runner.side is not None
+    calls = []
+    op = runner.ops.bounds_refresh
+    runner.ops.bounds_refresh = lambda *a: calls.append(1) or op(*a)
+    got = beside.generate(prompts(8), params)
+    assert calls, "the refresh did not run on the side stream"
+    for a, b in zip(want, got):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+    assert torch.equal(inside.engine.pool.stamp, beside.engine.pool.stamp)
+
+
 @pytest.mark.parametrize("policy,budget", POLICY_BUDGETS)
 def test_triton_path_agrees_with_torch_path(policy, budget):
     """The torch path decodes greedily; the Triton path is teacher-forced along the same tokens and

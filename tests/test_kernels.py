@@ -277,10 +277,13 @@ def test_decode_runs_the_refresh(rule, refresh_pinned, ns, limit, S, monkeypatch
     top = torch.tensor([2, 1, 3, 9, 4], device=DEVICE)
     mass_rule = rule == "mass"
 
+    def refresh_of(stamp):
+        return ref.Refresh(cur, slots, torch.tensor([100, 101, 102], device=DEVICE), top, pinned, stamp,
+                           torch.zeros(N, Hkv, device=DEVICE), rule, refresh_pinned, alpha=0.05, scale=D ** -0.5)
+
     def run(attention, update=None, **kw):
         stamp = stamp0.clone()
-        refresh = ref.Refresh(cur, slots, torch.tensor([100, 101, 102], device=DEVICE), top, pinned, stamp,
-                              torch.zeros(N, Hkv, device=DEVICE), rule, refresh_pinned, alpha=0.05, scale=D ** -0.5)
+        refresh = refresh_of(stamp)
         if update is None:
             out = attention(qi, k_cache, v_cache, ids, fill, D ** -0.5, mass_rule, num_pages, (kmin, kmax),
                             refresh, **kw)
@@ -313,6 +316,12 @@ def test_decode_runs_the_refresh(rule, refresh_pinned, ns, limit, S, monkeypatch
     assert torch.equal(fused[-1], want_out[-1])  # the bounds
     if not mass_rule:
         assert torch.equal(run(kops.get_ops("cpu").paged_decode_attention)[1], want)
+        # the refresh alone (a step runs it beside an attention without bounds, on a second stream): the
+        # fused program's bounds pass and rule, so its bounds bit for bit, and the same stamps; the reference
+        for ops in (TRI, kops.get_ops("torch")):
+            stamp = stamp0.clone()
+            bounds = ops.bounds_refresh(qi, kmin, kmax, ids, fill, refresh_of(stamp), num_pages)
+            assert torch.equal(stamp, want) and torch.equal(bounds, want_out[-1])
 
 
 def test_decode_ignores_garbage_and_strided_q():

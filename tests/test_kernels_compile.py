@@ -43,7 +43,11 @@ def compile_sm90(getter, pointers: dict[str, str], constexprs: dict) -> None:
     fn = getter()
     options = {k: constexprs[k] for k in OPTIONS if k in constexprs}
     constexprs = {k: v for k, v in constexprs.items() if k not in OPTIONS}
-    names = list(inspect.signature(fn.fn).parameters)
+    params = inspect.signature(fn.fn).parameters
+    names = list(params)
+    # a constexpr with a default (MAIN of decode_attention's stage 1): its default unless given
+    constexprs = {**{n: p.default for n, p in params.items() if p.default is not inspect.Parameter.empty},
+                  **constexprs}
     assert "PDL" in names, f"{fn.fn.__name__}: every kernel takes PDL and waits on it (kernels/_jit.py)"
     # as the engine launches them on an H100 / H200: with programmatic dependent launch
     constexprs, options = {"PDL": True, **constexprs}, {**options, "launch_pdl": True}
@@ -114,6 +118,22 @@ def attention_variants():
                     "BOUNDS_PAGES": bounds_pages, "K_FILL_MASK": k_fill_mask, "num_warps": 2, "num_stages": 2})
 
 
+def bounds_refresh_variants():
+    """Stage 1 with its page loop compiled out: RaaS's refresh alone (decode_attention.bounds_refresh)."""
+    from raas_batch.kernels import decode_attention
+
+    ptrs = {"ids_ptr": "i32", "fill_ptr": "i32", "npages_ptr": "i32", "acc_ptr": "fp32", "m_ptr": "fp32",
+            "l_ptr": "fp32", "lse_ptr": "fp32", "out_ptr": "fp32", "bounds_ptr": "fp32", "cur_ptr": "i64",
+            "slot_ptr": "i64", "pos_ptr": "i64", "top_ptr": "i64", "pinned_ptr": "u8", "stamp_ptr": "i64"}
+    for rule, block_s in ((0, 128), (1, 64)):
+        yield (decode_attention._stage1, ptrs,
+               {"HQ": 12, "HKV": 2, "G": 6, "GP": 16, "D": 128, "BLOCK_D": 128, "BLOCK_P": 16, "PPI": 1,
+                "RETURN_MASS": False, "DOT_PREC": "tf32", "DOT_F32": False, "HAS_NUM_PAGES": False, "DIRECT": True,
+                "RETURN_BOUNDS": True, "REFRESH": True, "RULE": rule, "REFRESH_PINNED": False, "BLOCK_S": block_s,
+                "STAGGER": False, "BOUNDS_PAGES": 32, "K_FILL_MASK": False, "MAIN": False, "num_warps": 2,
+                "num_stages": 2})
+
+
 def other_variants():
     """The rest of the kernels, at the shapes and settings the engine launches them with."""
     from raas_batch.kernels import (
@@ -167,7 +187,7 @@ def main() -> int:
 
     SM90 = GPUTarget("cuda", 90, 32)
     n = 0
-    for variants in (sampler_variants, append_variants, attention_variants, other_variants):
+    for variants in (sampler_variants, append_variants, attention_variants, bounds_refresh_variants, other_variants):
         for getter, pointers, constexprs in variants():
             compile_sm90(getter, pointers, constexprs)
             n += 1

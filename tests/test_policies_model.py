@@ -10,6 +10,7 @@ import torch
 from raas_batch import LLM, SamplingParams
 from raas_batch.engine.engine import Engine
 from raas_batch.engine.scoring import ScoreRequest, run_scored
+from raas_batch.engine.step_context import SideStream
 from raas_batch.policies import PolicyMixture, make_policy
 
 SPARSE = ["raas", "raas-mass", "raas-paper", "quest", "h2o", "streaming"]
@@ -190,3 +191,51 @@ def test_h2o_prompt_pages_start_with_their_prefill_mass(tiny):
             assert (mass.sum(dim=1) >= 40 - 1e-3).all()
         else:
             assert (mass == 0).all()
+
+
+class CountingSide(SideStream):
+    """The engine's side stream without a stream (each call runs where it is enqueued), counting."""
+
+    def __init__(self):
+        super().__init__(None)
+        self.calls, self.forks, self.joins = 0, 0, 0
+
+    def fork(self):
+        self.forks += 1
+        super().fork()
+
+    def run(self, fn, *args):
+        self.calls += 1
+        return super().run(fn, *args)
+
+    def join(self):
+        self.joins += 1
+        super().join()
+
+
+def test_refresh_beside_the_attention_equals_the_refresh_inside_it(tiny):
+    """The decode step's RaaS refresh handed to the side stream (RAAS_BATCH_REFRESH_STREAM=1 on CUDA; here
+    one without a stream, the Triton kernels in the interpreter): the attention then reads no key bounds,
+    ops.bounds_refresh refreshes the stamps, every step forks and joins, and the tokens and every layer's
+    stamps equal those of the refresh inside the attention's program. A budget of 5 pages of 4 evicts from
+    the first steps on, so a wrong stamp would choose another victim."""
+    path, _ = tiny
+    params = SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True)
+    runs = []
+    for side in (None, CountingSide()):
+        llm = LLM(model=path, device="cpu", dtype="fp32", backend="triton", max_num_seqs=3, kv_policy="raas",
+                  kv_budget=20, page_size=4)
+        runner = llm.engine.runner
+        runner.side = side
+        bounds_given = []
+        attention = runner.ops.paged_decode_attention
+        runner.ops.paged_decode_attention = lambda *a, given=bounds_given, op=attention, **k: given.append(
+            k.get("key_bounds") is not None) or op(*a, **k)
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts_for(llm.model.spec.vocab_size, (5, 9, 13))],
+                            params)
+        assert all(o.outputs[0].evicted_pages > 0 for o in outs)
+        runs.append(([o.outputs[0].token_ids for o in outs], llm.engine.pool.stamp.clone()))
+        assert all(bounds_given) if side is None else not any(bounds_given)
+        if side is not None:
+            assert side.calls == len(bounds_given) > 0 and side.forks == side.calls and side.joins == 23
+    assert runs[0][0] == runs[1][0] and torch.equal(runs[0][1], runs[1][1])

@@ -20,7 +20,7 @@ import torch
 from raas_batch.engine.page_pool import PagePool, PrefillPages
 from raas_batch.engine.sampler import SamplingBatch, sample
 from raas_batch.engine.sequence import Sequence
-from raas_batch.engine.step_context import StepContext, set_context
+from raas_batch.engine.step_context import SideStream, StepContext, refresh_stream_enabled, set_context
 from raas_batch.policies.base import DecodeContext, KVPolicy
 
 
@@ -61,6 +61,11 @@ class ModelRunner:
         # Optional observer of every step's logits: logits_hook(seqs, logits [B, V]) before sampling
         # (teacher-forced scoring, raas_batch/engine/scoring.py).
         self.logits_hook = None
+        # RaaS's refresh by the Quest bounds on a second stream, beside an attention without bounds
+        # (RAAS_BATCH_REFRESH_STREAM=1), instead of inside the attention's program: see layers/attention.py
+        self.side = None
+        if device.type == "cuda" and getattr(ops, "backend", "") == "triton" and refresh_stream_enabled():
+            self.side = SideStream(torch.cuda.Stream(device))
 
     def _tensor(self, values, dtype=torch.int64) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype, device=self.device)
@@ -198,8 +203,12 @@ class ModelRunner:
         policy's device_stats()). The sampler reads the head's bf16 output and upcasts it exactly
         (kernels/sample.py). Never synchronises with the host: the decode graphs capture it whole, so the
         sampler's per-slot gathers and the writes after it are not launched one by one every step."""
-        return self._head_and_sample(self.decode_forward(positions, slot_ids, width, host_slot_ids), slot_ids,
-                                     positions)
+        try:  # the side stream's last refresh may run beside the head and the sampler: joined after them
+            hidden = self.decode_forward(positions, slot_ids, width, host_slot_ids, join=False)
+            return self._head_and_sample(hidden, slot_ids, positions)
+        finally:
+            if self.side is not None:
+                self.side.join()
 
     def _head_and_sample(self, hidden: torch.Tensor, slot_ids: torch.Tensor, positions: torch.Tensor,
                          hook_seqs: list[Sequence] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -216,17 +225,21 @@ class ModelRunner:
 
     @torch.inference_mode()
     def decode_forward(self, positions: torch.Tensor, slot_ids: torch.Tensor, width: int,
-                       host_slot_ids: list[int] | None = None) -> torch.Tensor:
+                       host_slot_ids: list[int] | None = None, join: bool = True) -> torch.Tensor:
         """The decode forward on device tensors ([B] each) -> hidden [B, hidden]; each row's input is
-        its slot's last token. Never synchronises with the host, so it can be captured in a CUDA graph."""
+        its slot's last token. Never synchronises with the host, so it can be captured in a CUDA graph.
+        join False: the caller joins the side stream (`decode_step`, after the sampler)."""
         token_ids = self.last_token[slot_ids]
         dec = DecodeContext(slot_ids=slot_ids, positions=positions, page_tables=self.slot_tables[slot_ids, :width],
                             host_slot_ids=host_slot_ids or [])
-        set_context(StepContext(is_prefill=False, pool=self.pool, policy=self.policy, ops=self.ops, decode=dec))
+        set_context(StepContext(is_prefill=False, pool=self.pool, policy=self.policy, ops=self.ops, decode=dec,
+                                side=self.side))
         try:
             return self.model(token_ids, positions)
         finally:
             set_context(None)
+            if join and self.side is not None:
+                self.side.join()
 
     def _sample(self, logits: torch.Tensor, slot_ids: torch.Tensor,
                 positions: torch.Tensor) -> torch.Tensor:

@@ -6,12 +6,57 @@ The model runner sets it before a forward and clears it after; the attention lay
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 
 import torch
 
 from raas_batch.engine.page_pool import PagePool, PrefillPages
 from raas_batch.policies.base import DecodeContext, KVPolicy
+
+# RaaS's refresh on a second stream, beside the attention (1) or inside the attention's program (0).
+REFRESH_STREAM_ENV = "RAAS_BATCH_REFRESH_STREAM"
+
+
+def refresh_stream_enabled() -> bool:
+    value = os.environ.get(REFRESH_STREAM_ENV, "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"{REFRESH_STREAM_ENV} must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
+@dataclass
+class SideStream:
+    """A second CUDA stream for a decode step's work that nothing later in the step reads (RaaS's refresh:
+    its stamps are read by the next step's page choice), so it can run beside the step's own kernels.
+
+    `fork()` makes the side stream wait for what the step has enqueued so far; `run` enqueues a call on
+    it and keeps its tensor arguments alive; `join()` makes the step's stream wait for the side stream
+    and drops those references. The caching allocator ties a block to the stream that allocated it, so a
+    tensor of the step's stream read on the side stream must not be freed before the join: after it,
+    whatever reuses its block is ordered after the side stream's reads. Works eagerly and under CUDA-graph
+    capture (the side stream joins the capture at the fork and leaves it at the join). stream None: every
+    call runs where it is enqueued (the CPU stand-in of tests and benchmarks)."""
+
+    stream: torch.cuda.Stream | None
+    held: list = field(default_factory=list)
+
+    def fork(self) -> None:
+        if self.stream is not None:
+            self.stream.wait_stream(torch.cuda.current_stream())
+
+    def run(self, fn, *args):
+        if self.stream is None:
+            return fn(*args)
+        with torch.cuda.stream(self.stream):
+            out = fn(*args)
+        self.held.append(args)
+        return out
+
+    def join(self) -> None:
+        if self.stream is not None:
+            torch.cuda.current_stream().wait_stream(self.stream)
+        self.held.clear()
 
 
 @dataclass
@@ -24,6 +69,7 @@ class StepContext:
     max_seqlen: int = 0  # prefill: longest prompt in the batch
     prefill: PrefillPages | None = None
     decode: DecodeContext | None = None
+    side: SideStream | None = None  # decode on CUDA with RAAS_BATCH_REFRESH_STREAM=1: RaaS's refresh runs there
 
 
 _CONTEXT: StepContext | None = None
