@@ -37,6 +37,7 @@ def _parse():
     ap.add_argument("--skip", default="", help="comma-separated attention variants to leave out (the default "
                     "always runs), e.g. the launch settings an earlier run already swept")
     ap.add_argument("--no-sampler", action="store_true", help="leave the sampler rows out")
+    ap.add_argument("--layers-only", action="store_true", help="only the layer rows (RaaS's refresh placements)")
     return ap.parse_args()
 
 
@@ -282,9 +283,10 @@ def main():
     print(f"# decode-step kernels, {torch.cuda.get_device_name() if CUDA else 'cpu'}; copy {copy_bw / 1e12:.2f} TB/s",
           flush=True)
     skip = {name.strip() for name in args.skip.split(",") if name.strip()}
-    rows = (attention_rows(cfg, copy_bw, skip) + layer_rows(cfg, copy_bw, skip)
-            + ([] if args.no_sampler else sampler_rows(cfg))
-            + (pdl_rows(cfg) if CUDA and not args.no_sampler else []))
+    rows = layer_rows(cfg, copy_bw, skip)
+    if not args.layers_only:
+        rows = (attention_rows(cfg, copy_bw, skip) + rows + ([] if args.no_sampler else sampler_rows(cfg))
+                + (pdl_rows(cfg) if CUDA and not args.no_sampler else []))
     text = "\n".join([f"# Decode-step kernels at the 1.5B job shape (copy bandwidth {copy_bw / 1e12:.2f} TB/s)", "",
                       ("`python benchmarks/bench_step_kernels.py`: CUDA graphs of one call per layer over 28 "
                       "layers' caches; rel_err_vs_default: each variant's output (bounds included) against the "

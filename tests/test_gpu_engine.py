@@ -106,6 +106,7 @@ def test_refresh_on_a_side_stream_changes_nothing(policy, options, eager, monkey
     or came late would choose another victim."""
     params = SamplingParams(max_new_tokens=160, temperature=0.8, top_p=0.9, seed=5, ignore_eos=True)
     kw = {"enforce_eager": eager, "policy_options": options} if options else {"enforce_eager": eager}
+    monkeypatch.setenv("RAAS_BATCH_REFRESH_STREAM", "0")
     inside = make_llm(policy, 64, **kw)
     assert inside.engine.runner.side is None
     want = inside.generate(prompts(8), params)
@@ -121,6 +122,18 @@ def test_refresh_on_a_side_stream_changes_nothing(policy, options, eager, monkey
     for a, b in zip(want, got):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
     assert torch.equal(inside.engine.pool.stamp, beside.engine.pool.stamp)
+
+
+@pytest.mark.parametrize("policy,budget", [("dense", None), ("quest", 64), ("h2o", 64), ("raas-mass", 64)])
+def test_refresh_stream_setting_leaves_other_policies_as_they_are(policy, budget, monkeypatch):
+    """RAAS_BATCH_REFRESH_STREAM=1 with a policy that has no refresh by the bounds: no side stream, or one
+    never forked (its join then waits for nothing, which a CUDA-graph capture requires): the same tokens."""
+    params = SamplingParams(max_new_tokens=96, temperature=0.8, top_p=0.9, seed=3, ignore_eos=True)
+    want = make_llm(policy, budget).generate(prompts(8), params)
+    monkeypatch.setenv("RAAS_BATCH_REFRESH_STREAM", "1")
+    got = make_llm(policy, budget).generate(prompts(8), params)
+    for a, b in zip(want, got):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
 
 
 @pytest.mark.parametrize("policy,budget", POLICY_BUDGETS)

@@ -64,7 +64,8 @@ class ModelRunner:
         # RaaS's refresh by the Quest bounds on a second stream, beside an attention without bounds
         # (RAAS_BATCH_REFRESH_STREAM=1), instead of inside the attention's program: see layers/attention.py
         self.side = None
-        if device.type == "cuda" and getattr(ops, "backend", "") == "triton" and refresh_stream_enabled():
+        if (device.type == "cuda" and getattr(ops, "backend", "") == "triton" and policy.needs_bounds
+                and refresh_stream_enabled()):
             self.side = SideStream(torch.cuda.Stream(device))
 
     def _tensor(self, values, dtype=torch.int64) -> torch.Tensor:

@@ -40,10 +40,12 @@ class SideStream:
 
     stream: torch.cuda.Stream | None
     held: list = field(default_factory=list)
+    forked: bool = False  # since the last join: a join without a fork waits for nothing (and may not, in a capture)
 
     def fork(self) -> None:
         if self.stream is not None:
             self.stream.wait_stream(torch.cuda.current_stream())
+        self.forked = True
 
     def run(self, fn, *args):
         if self.stream is None:
@@ -54,9 +56,10 @@ class SideStream:
         return out
 
     def join(self) -> None:
-        if self.stream is not None:
+        if self.stream is not None and self.forked:
             torch.cuda.current_stream().wait_stream(self.stream)
         self.held.clear()
+        self.forked = False
 
 
 @dataclass
