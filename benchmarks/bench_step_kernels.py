@@ -72,8 +72,15 @@ ATTN_VARIANTS = [  # (name, launch keywords); the default is 2 warps (run 41), 4
     ("K masked by fill", {"k_fill_mask": True}),
     # diagnostic (RaaS): the same pages without the bounds pass, to see what the pass costs beyond its bytes
     ("no bounds (diagnostic)", {"no_bounds": True}),
+    # registers a thread capped (224 uncapped, 4 programs an SM): 200 -> 5 programs an SM, 168 -> 6 (ptxas spills
+    # the rest); RaaS without bounds is its attention when the refresh runs on the side stream
+    ("200 registers", {"maxnreg": 200}),
+    ("168 registers", {"maxnreg": 168}),
+    ("no bounds, 200 registers", {"no_bounds": True, "maxnreg": 200}),
+    ("no bounds, 168 registers", {"no_bounds": True, "maxnreg": 168}),
 ]
-BOUNDS_ONLY = {"bounds 16 pages a block", "bounds 64 pages a block", "no bounds (diagnostic)"}
+BOUNDS_ONLY = {"bounds 16 pages a block", "bounds 64 pages a block", "no bounds (diagnostic)",
+               "no bounds, 200 registers", "no bounds, 168 registers"}
 SAMPLER_VARIANTS = [("8 warps", {"num_warps": 8}), ("4 warps", {"num_warps": 4}),
                     ("block 1024", {"block_v": 1024}), ("block 4096", {"block_v": 4096, "num_warps": 16}),
                     ("1 stage", {"num_stages": 1}), ("4 stages", {"num_stages": 4})]

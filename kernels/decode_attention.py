@@ -403,6 +403,7 @@ def paged_decode_attention_impl(
     stagger_bounds: bool | None = None,
     bounds_pages: int | None = None,
     k_fill_mask: bool | None = None,
+    maxnreg: int | None = None,
 ):
     """`paged_decode_attention` with its launch parameters exposed (for benchmarks and tuning).
 
@@ -426,7 +427,8 @@ def paged_decode_attention_impl(
 
     bounds_pages: the bounds pass's pages a block (a power of two >= 16); None: BOUNDS_PAGES (32, run 66's
     fastest). k_fill_mask: mask the K loads by the pages' fill (the kernel up to run 66; the same values,
-    slower); None: K_FILL_MASK (off)."""
+    slower); None: K_FILL_MASK (off). maxnreg: a cap on stage 1's registers a thread (more programs an SM;
+    ptxas spills what does not fit); None: the compiler's choice (benchmarks/bench_step_kernels.py)."""
     B, Hq, D = q.shape
     N, Hkv, P, Dk = k_cache.shape
     S = page_ids.shape[2]
@@ -508,6 +510,7 @@ def paged_decode_attention_impl(
         DIRECT=direct, RETURN_BOUNDS=key_bounds is not None, REFRESH=fused, STAGGER=stagger_bounds, **rule_args,
         BOUNDS_PAGES=bounds_pages, K_FILL_MASK=k_fill_mask,
         num_warps=num_warps, num_stages=num_stages, **pdl_args(dev),
+        **({"maxnreg": maxnreg} if maxnreg and not interpreting() else {}),
     )
     if direct:
         if not fused:

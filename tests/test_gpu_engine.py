@@ -99,8 +99,8 @@ def test_programmatic_dependent_launch_changes_nothing(policy, budget, monkeypat
 @pytest.mark.parametrize("eager", [False, True])
 @pytest.mark.parametrize("policy,options", [("raas", {}), ("raas", {"refresh_rule": "alpha"}), ("raas", {"pin_prompt": True})])
 def test_refresh_on_a_side_stream_changes_nothing(policy, options, eager, monkeypatch):
-    """RAAS_BATCH_REFRESH_STREAM=1: RaaS's refresh runs on a second stream beside an attention without
-    bounds (layers/attention.py, ops.bounds_refresh), joined at the end of the step: the same sampled
+    """RAAS_BATCH_REFRESH_STREAM=1 (the default): RaaS's refresh runs on a second stream beside an attention
+    without bounds (layers/attention.py, ops.bounds_refresh), joined at the end of the step: the same sampled
     tokens and, after the run, the same stamps in every layer as the refresh inside the attention's
     program, in CUDA graphs and eagerly. A budget of 4 pages evicts throughout, so a stamp that differed
     or came late would choose another victim."""
@@ -129,6 +129,7 @@ def test_refresh_stream_setting_leaves_other_policies_as_they_are(policy, budget
     """RAAS_BATCH_REFRESH_STREAM=1 with a policy that has no refresh by the bounds: no side stream, or one
     never forked (its join then waits for nothing, which a CUDA-graph capture requires): the same tokens."""
     params = SamplingParams(max_new_tokens=96, temperature=0.8, top_p=0.9, seed=3, ignore_eos=True)
+    monkeypatch.setenv("RAAS_BATCH_REFRESH_STREAM", "0")
     want = make_llm(policy, budget).generate(prompts(8), params)
     monkeypatch.setenv("RAAS_BATCH_REFRESH_STREAM", "1")
     got = make_llm(policy, budget).generate(prompts(8), params)

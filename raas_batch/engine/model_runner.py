@@ -61,8 +61,8 @@ class ModelRunner:
         # Optional observer of every step's logits: logits_hook(seqs, logits [B, V]) before sampling
         # (teacher-forced scoring, raas_batch/engine/scoring.py).
         self.logits_hook = None
-        # RaaS's refresh by the Quest bounds on a second stream, beside an attention without bounds
-        # (RAAS_BATCH_REFRESH_STREAM=1), instead of inside the attention's program: see layers/attention.py
+        # RaaS's refresh by the Quest bounds on a second stream, beside an attention without bounds, instead
+        # of inside the attention's program (RAAS_BATCH_REFRESH_STREAM=0): see layers/attention.py
         self.side = None
         if (device.type == "cuda" and getattr(ops, "backend", "") == "triton" and policy.needs_bounds
                 and refresh_stream_enabled()):

@@ -14,12 +14,14 @@ import torch
 from raas_batch.engine.page_pool import PagePool, PrefillPages
 from raas_batch.policies.base import DecodeContext, KVPolicy
 
-# RaaS's refresh on a second stream, beside the attention (1) or inside the attention's program (0).
+# RaaS's refresh on a second stream, beside the attention (1, the default on CUDA) or inside the attention's
+# program (0). The fixed 1.5B job's RaaS decode tokens/s with it: +0.75% and +0.89% (runs 71 and 72 in
+# docs/gpu-notes.md, an A/B in one session each).
 REFRESH_STREAM_ENV = "RAAS_BATCH_REFRESH_STREAM"
 
 
 def refresh_stream_enabled() -> bool:
-    value = os.environ.get(REFRESH_STREAM_ENV, "0")
+    value = os.environ.get(REFRESH_STREAM_ENV, "1")
     if value not in ("0", "1"):
         raise ValueError(f"{REFRESH_STREAM_ENV} must be 0 or 1, got {value!r}")
     return value == "1"
@@ -72,7 +74,7 @@ class StepContext:
     max_seqlen: int = 0  # prefill: longest prompt in the batch
     prefill: PrefillPages | None = None
     decode: DecodeContext | None = None
-    side: SideStream | None = None  # decode on CUDA with RAAS_BATCH_REFRESH_STREAM=1: RaaS's refresh runs there
+    side: SideStream | None = None  # decode on CUDA (RAAS_BATCH_REFRESH_STREAM, on by default): RaaS's refresh there
 
 
 _CONTEXT: StepContext | None = None

@@ -59,10 +59,12 @@ def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
     if refresh is not None and not (policy.needs_mass if refresh.on_mass else bounds is not None):
         refresh = None  # its values do not come out of this call: after_attention runs it
     if ctx.side is not None and refresh is not None and not refresh.on_mass and not policy.needs_mass:
-        # The refresh by the bounds on the side stream (RAAS_BATCH_REFRESH_STREAM=1): it waits for the
-        # append only and runs beside this attention, which then reads no bounds; nothing in this step reads
-        # the stamps it writes (the next step's page choice does, after the join). The same bounds and
-        # stamps as the refresh inside the attention's program (ops.bounds_refresh).
+        # The refresh by the bounds on the side stream (CUDA; RAAS_BATCH_REFRESH_STREAM=0 keeps it inside
+        # the attention's program): it waits for the append only and runs beside this attention, which then
+        # reads no bounds; nothing in this step reads the stamps it writes (the next step's page choice does,
+        # after the join). The same bounds and stamps as inside the program (ops.bounds_refresh). The fixed
+        # 1.5B job's decode gained 0.75-0.9% (runs 71-72, docs/gpu-notes.md): the attention alone runs as
+        # dense's does, and the bounds pass fills SMs that the attention's last wave and the products leave.
         ctx.side.fork()
         out = ops.paged_decode_attention(q, k_cache, v_cache, page_ids, fill, scale, num_pages=limit)
         ctx.side.run(ops.bounds_refresh, q, kmin, kmax, page_ids, fill, refresh, limit)
