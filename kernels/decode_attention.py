@@ -521,10 +521,7 @@ def paged_decode_attention_impl(
         out.stride(0), out.stride(1), out.stride(2),
         S, num_splits,
         HQ=Hq, HKV=Hkv, G=G, GP=GP, D=D, BLOCK_D=BLOCK_D,
-        # one block for every split count the heuristic picks (<= MAX_SPLITS; the masked lanes cost no
-        # traffic), so a job whose batch drains builds one stage-2 variant, not one per power of two (run 74:
-        # NSP 2, 4, 8 and 16, four of the six variants a realistic dense job built while measured)
-        NSP=max(triton.next_power_of_2(MAX_SPLITS), triton.next_power_of_2(num_splits)),
+        NSP=max(2, triton.next_power_of_2(num_splits)),
         # BLOCK_S only sizes the mass loop: without mass a fixed value, so the table's width, which grows
         # through a dense job, builds no variants of its own (run 69: 2 of the 6 stage-2 builds inside a realistic dense job)
         BLOCK_S=min(128, max(16, triton.next_power_of_2(S))) if return_mass else 16, RETURN_MASS=return_mass,

@@ -170,7 +170,7 @@ def other_variants():
     for mass in (False, True):
         yield (decode_attention._stage2, {"acc_ptr": "fp32", "m_ptr": "fp32", "l_ptr": "fp32", "lse_ptr": "fp32",
                                           "mass_ptr": "fp32", "npages_ptr": "i32"},
-               {"HQ": 12, "HKV": 2, "G": 6, "GP": 16, "D": 128, "BLOCK_D": 128, "NSP": 64, "BLOCK_S": 128 if mass else 16,
+               {"HQ": 12, "HKV": 2, "G": 6, "GP": 16, "D": 128, "BLOCK_D": 128, "NSP": 4, "BLOCK_S": 128 if mass else 16,
                 "RETURN_MASS": mass, "HAS_NUM_PAGES": True})
     for cfg in {matmul.config_for(m, 1536, 8960) for m in (1, 64, 512)} | {matmul.config_for(512, 2048, 1536)}:
         for partial in (False, True):
