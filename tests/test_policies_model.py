@@ -239,3 +239,44 @@ def test_refresh_beside_the_attention_equals_the_refresh_inside_it(tiny):
         if side is not None:
             assert side.calls == len(bounds_given) > 0 and side.forks == side.calls and side.joins == 23
     assert runs[0][0] == runs[1][0] and torch.equal(runs[0][1], runs[1][1])
+
+
+def test_side_stream_forks_holds_and_joins(monkeypatch):
+    """SideStream's ordering on stand-in streams (no CUDA here): a fork makes the side stream wait for the
+    step's stream; `run` enqueues the call on the side stream and holds its arguments; a join makes the
+    step's stream wait for the side one only after a fork (a CUDA-graph capture rejects a wait on a stream
+    that took no part in it: run 71 in docs/gpu-notes.md) and drops the references."""
+    import contextlib
+
+    events = []
+
+    class Stream:
+        def __init__(self, name):
+            self.name = name
+
+        def wait_stream(self, other):
+            events.append((self.name, other.name))
+
+    current = [Stream("step")]
+
+    @contextlib.contextmanager
+    def on(stream):
+        before, current[0] = current[0], stream
+        try:
+            yield
+        finally:
+            current[0] = before
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: current[0])
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    side = SideStream(Stream("side"))
+    side.join()
+    assert events == [] and not side.forked  # nothing forked: nothing to wait for
+    side.fork()
+    t = torch.ones(3)
+    assert side.run(lambda x: (current[0].name, float(x.sum())), t) == ("side", 3.0)
+    assert current[0].name == "step" and side.held == [(t,)]
+    side.join()
+    assert events == [("side", "step"), ("step", "side")] and side.held == [] and not side.forked
+    side.join()
+    assert len(events) == 2
