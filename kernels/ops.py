@@ -2,9 +2,9 @@
 `get_ops("triton")` -> the Triton kernels.
 
 All namespaces carry the ops of docs/architecture.md with the same signatures: paged_decode_attention,
-bounds_refresh (RaaS's refresh by the Quest bounds without the attention), page_scores, kv_append, prefill_attention, and the bounded policies' bookkeeping, bounded_write,
-bounded_write_append (the write and the append in one op) and bounded_update, and the sampler,
-sample_tokens. Triton modules are imported only
+bounds_refresh (RaaS's refresh by the Quest bounds without the attention), page_scores, kv_append,
+prefill_attention, and the bounded policies' bookkeeping, bounded_write, bounded_write_append (the write
+and the append in one op) and bounded_update, and the sampler, sample_tokens. Triton modules are imported only
 when asked for, so the torch backend works where Triton cannot run.
 """
 

@@ -63,8 +63,9 @@ def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
         # the attention's program): it waits for the append only and runs beside this attention, which then
         # reads no bounds; nothing in this step reads the stamps it writes (the next step's page choice does,
         # after the join). The same bounds and stamps as inside the program (ops.bounds_refresh). The fixed
-        # 1.5B job's decode gained 0.75-0.9% (runs 71-72, docs/gpu-notes.md): the attention alone runs as
-        # dense's does, and the bounds pass fills SMs that the attention's last wave and the products leave.
+        # 1.5B job's decode gained 0.75-0.9% (runs 71-72, docs/gpu-notes.md) and the 7B step 1.8% (run 75);
+        # a layer of attention and products alone was 0.9% slower (run 73), so (inferred) the gain comes from
+        # the step's other kernels and the attention's last wave leaving SMs to the bounds pass.
         ctx.side.fork()
         out = ops.paged_decode_attention(q, k_cache, v_cache, page_ids, fill, scale, num_pages=limit)
         ctx.side.run(ops.bounds_refresh, q, kmin, kmax, page_ids, fill, refresh, limit)
