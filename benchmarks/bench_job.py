@@ -391,7 +391,7 @@ def run_one(args, model_dir: str, data: str, policy: str, shard_size: int, bw: f
         flags["stop_token_ids"] = rng.sample(range(1000, args.vocab), args.num_stop_ids)
         flags["ignore_eos"] = True  # the model's own EOS is one more random id: keep the mean as set
     cfg = resolve(flags)
-    WatchedLLM.profile_at = None if warmup else args.profile_at
+    WatchedLLM.profile_at = None if warmup or args.profile_at < 0 else args.profile_at
     os.environ["RAAS_BATCH_ENGINE"] = "bench_job:WatchedLLM"
     watch_edges()
     watch_compiles()
@@ -536,7 +536,9 @@ def main() -> None:
     ap.add_argument("--num-stop-ids", type=int, default=16)
     ap.add_argument("--shard-size", default="512", help="comma list: one job per shard size")
     ap.add_argument("--max-num-seqs", default="512")
-    ap.add_argument("--profile-at", type=int, default=600, help="decode step where the profiled window starts")
+    ap.add_argument("--profile-at", type=int, default=600, help="decode step where the profiled window starts "
+                    "(-1: none, so job tokens/s is the product's alone, without the window's correction; the "
+                    "table's kernel columns are then empty)")
     ap.add_argument("--tokenizer", default=".gpu_assets/tok")
     ap.add_argument("--work", default="/tmp/raas_bench")
     ap.add_argument("--tag", default="")
@@ -548,7 +550,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.smoke:
         args.shape, args.rows, args.max_new_tokens, args.device = "tiny", 6, 24, "cpu"
-        args.budget, args.profile_at, args.work = 64, 3, args.work + "-smoke"
+        args.budget, args.work = 64, args.work + "-smoke"
+        args.profile_at = 3 if args.profile_at >= 0 else -1
         WatchedLLM.profile_steps = 3
     os.makedirs(args.work, exist_ok=True)
     out_dir = results_dir(args.work if args.smoke else None)

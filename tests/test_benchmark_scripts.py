@@ -105,6 +105,19 @@ def test_job_benchmark_smoke_records_the_job_edges(tmp_path, smollm_tokenizer):
         assert r["graph_captures"] == {"count": 0, "s": 0.0, "max_s": 0.0, "warm_up_s": 0.0}
 
 
+def test_job_benchmark_without_a_profiled_window(tmp_path, smollm_tokenizer):
+    """--profile-at -1: the measured jobs run without the profiler, so job tokens/s needs no correction (the
+    "without the profiled window" column equals it) and the table's kernel columns are empty."""
+    tok = tmp_path / "tok"
+    smollm_tokenizer.save_pretrained(tok)
+    run_smoke("bench_job.py", tmp_path, "--tokenizer", str(tok), "--work", str(tmp_path / "work"), "--profile-at", "-1")
+    result = json.loads((tmp_path / "bench_job.json").read_text())["results"]
+    assert len(result) == 2 and all(r["completion_tokens"] > 0 and r["profile"] is None for r in result)
+    assert all(r["job_tokens_per_s_unprofiled"] == pytest.approx(r["job_tokens_per_s"], rel=1e-6) for r in result)
+    rows = [line for line in (tmp_path / "bench_job.md").read_text().splitlines() if line.startswith("| dense")]
+    assert rows and rows[0].rstrip(" |").endswith("| - | - | - | - | - | - | -")
+
+
 def test_job_benchmark_records_the_kernel_builds(monkeypatch):
     """watch_compiles keeps what Triton's JIT hooks report of a variant built (its kernel, seconds and
     arguments, pointer alignments included), and compile_times returns those inside a job's window: the
