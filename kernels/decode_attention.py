@@ -45,6 +45,9 @@ arXiv 2406.10774):
   row's page metadata (fill, pinned, the current page) is loaded before the main loop, so its latency
   hides behind the page reads, and the bounds are gathered into a register row as the bounds pass
   computes them: the refresh adds no memory round trip to the program's tail.
+* With MAIN False (`bounds_refresh`) stage 1 compiles its page loop and output out: a program runs the
+  bounds pass and the refresh alone, for a step that runs the refresh on a second stream beside an
+  attention without bounds (the same bounds, bit for bit, and the same stamps).
 * With one split and no mass, stage 1 divides by l and writes the output itself (no stage 2).
 * Stage 2, grid (B, Hkv): for each head, M = max_split m, L = sum_split 2^(m - M) l,
   out = sum_split 2^(m - M) acc / L. The page mass is 2^(lse_page - (M + log2 L)), i.e. the page's
