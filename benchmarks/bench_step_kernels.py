@@ -165,7 +165,7 @@ LAYER_VARIANTS = [("refresh in the attention's program", "inside"),
                   ("no refresh (diagnostic)", "none")]
 
 
-def layer_rows(cfg, copy_bw, skip=()) -> list[dict]:
+def layer_rows(cfg, skip=()) -> list[dict]:
     """RaaS's refresh (top half by the Quest bounds) in a layer: the decode attention over 66 pages a row,
     then the layer's products through cuBLAS (o, gate_up, SiLU and mul, down, the next layer's qkv; the
     1.5B shapes), 28 layers in one graph. Inside the attention's program it lengthens the attention; on a
@@ -290,7 +290,7 @@ def main():
     print(f"# decode-step kernels, {torch.cuda.get_device_name() if CUDA else 'cpu'}; copy {copy_bw / 1e12:.2f} TB/s",
           flush=True)
     skip = {name.strip() for name in args.skip.split(",") if name.strip()}
-    rows = layer_rows(cfg, copy_bw, skip)
+    rows = layer_rows(cfg, skip)
     if not args.layers_only:
         rows = (attention_rows(cfg, copy_bw, skip) + rows + ([] if args.no_sampler else sampler_rows(cfg))
                 + (pdl_rows(cfg) if CUDA and not args.no_sampler else []))
