@@ -31,6 +31,8 @@ def lazy_jit(fn, helpers=()):
     def get():
         if "k" not in holder:
             for helper in helpers:
+                # (a helper imported from a module whose kernel was jitted first is already jitted: its function)
+                helper = getattr(helper, "fn", helper)
                 name = helper.__name__
                 jitted = helper.__globals__.get(name)
                 if jitted is helper:  # not jitted yet (another kernel may have done it)

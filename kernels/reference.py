@@ -10,7 +10,7 @@ Page id lists use -1 for "no page".
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -118,6 +118,34 @@ def bounds_refresh(q, kmin, kmax, page_ids, fill, refresh: Refresh, num_pages=No
     bounds = page_scores(q, kmin, kmax, page_ids)
     refresh.run(bounded_update, page_ids, bounds, fill)
     return bounds
+
+
+def window_refresh(q, kmin, kmax, page_ids, fill, refresh: Refresh, num_pages, ring, first_pos) -> None:
+    """RaaS's refresh by the Quest bounds deferred to the step that fills a row's current page (the
+    reasoning is in kernels/window_refresh.py). ring [num_slots, P, Hq, D] keeps each slot's queries of its
+    last P steps; first_pos [num_slots] is the position of each slot's first decode step. This step's q
+    goes into ring[slot, position % P]; then each row whose current page is now full runs, oldest first,
+    the refresh (`bounds_refresh`) of every step of the page's window, positions
+    max(position - P + 1, first_pos[slot]) .. position, with that step's query from the ring and its position
+    as the stamp. At a window's close the stamps are then those that a refresh at every step leaves. Rule
+    top_half only: alpha's softmax also runs over the current page, whose fill and bounds change every step."""
+    assert refresh.rule == "top_half"
+    P = ring.shape[1]
+    slots, positions = refresh.slot_ids, refresh.positions
+    ring[slots, positions % P] = q.to(ring.dtype)
+    Hkv = kmin.shape[1]
+    heads = torch.arange(Hkv, device=q.device).view(1, -1)
+    cur = refresh.cur[slots]  # [B, Hkv]
+    closing = ((cur >= 0) & (fill[cur.clamp(min=0), heads] >= P)).any(dim=1)  # [B] (every head fills alike)
+    first = torch.maximum(positions - P + 1, first_pos[slots])
+    for j in range(P):  # oldest first: a later refresh of a page overwrites an earlier one
+        x = positions - P + 1 + j
+        rows = torch.nonzero(closing & (x >= first)).flatten()
+        if rows.numel() == 0:
+            continue
+        r = replace(refresh, slot_ids=slots[rows], positions=x[rows])
+        bounds_refresh(ring[slots[rows], x[rows] % P].to(q.dtype), kmin, kmax, page_ids[rows], fill, r,
+                       None if num_pages is None else num_pages[rows])
 
 
 def _decode_attention(q, k_cache, v_cache, page_ids, fill, scale, return_mass, num_pages):

@@ -106,6 +106,7 @@ def test_refresh_on_a_side_stream_changes_nothing(policy, options, eager, monkey
     or came late would choose another victim."""
     params = SamplingParams(max_new_tokens=160, temperature=0.8, top_p=0.9, seed=5, ignore_eos=True)
     kw = {"enforce_eager": eager, "policy_options": options} if options else {"enforce_eager": eager}
+    monkeypatch.setenv("RAAS_BATCH_REFRESH_WINDOW", "0")  # (a refresh at every step: the next test defers it)
     monkeypatch.setenv("RAAS_BATCH_REFRESH_STREAM", "0")
     inside = make_llm(policy, 64, **kw)
     assert inside.engine.runner.side is None
@@ -122,6 +123,41 @@ def test_refresh_on_a_side_stream_changes_nothing(policy, options, eager, monkey
     for a, b in zip(want, got):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
     assert torch.equal(inside.engine.pool.stamp, beside.engine.pool.stamp)
+
+
+@pytest.mark.parametrize("eager", [False, True])
+@pytest.mark.parametrize("options", [{}, {"pin_prompt": True}, {"refresh_pinned": True}])
+def test_refresh_once_a_page_changes_nothing(options, eager, monkeypatch):
+    """RAAS_BATCH_REFRESH_WINDOW=1 (the default with the side stream): RaaS's top_half refresh runs once per
+    page, at the step that fills a row's current page, from the queries of the page's steps
+    (ops.window_refresh, kernels/window_refresh.py): the same sampled tokens as the refresh at every step,
+    in CUDA graphs and eagerly, and the same stamps in every layer at the end, where every row has just
+    filled a page (prompts of 16k + 1 tokens, 160 new tokens). A budget of 4 pages evicts throughout, so a
+    stamp that differed when a page opened would choose another victim. The alpha rule keeps its refresh at
+    every step (its softmax spans the current page): no ring."""
+    params = SamplingParams(max_new_tokens=160, temperature=0.8, top_p=0.9, seed=5, ignore_eos=True)
+    gen = torch.Generator().manual_seed(1)
+    rows = [{"prompt_token_ids": torch.randint(10, 4000, (n,), generator=gen).tolist()}
+            for n in (17, 1, 49, 33, 97, 65, 129, 17)]
+    kw = {"enforce_eager": eager, "policy_options": options}
+    monkeypatch.setenv("RAAS_BATCH_REFRESH_WINDOW", "0")
+    every = make_llm("raas", 64, **kw)
+    assert every.engine.runner.window is None
+    want = every.generate(rows, params)
+    monkeypatch.setenv("RAAS_BATCH_REFRESH_WINDOW", "1")
+    once = make_llm("raas", 64, **kw)
+    runner = once.engine.runner
+    assert runner.window is not None
+    calls = []
+    op = runner.ops.window_refresh
+    runner.ops.window_refresh = lambda *a: calls.append(1) or op(*a)
+    got = once.generate(rows, params)
+    assert calls, "the refresh did not run once a page"
+    assert all(o.outputs[0].evicted_pages > 0 for o in got)
+    for a, b in zip(want, got):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+    assert torch.equal(every.engine.pool.stamp, once.engine.pool.stamp)
+    assert make_llm("raas", 64, policy_options={"refresh_rule": "alpha"}).engine.runner.window is None
 
 
 @pytest.mark.parametrize("policy,budget", [("dense", None), ("quest", 64), ("h2o", 64), ("raas-mass", 64)])

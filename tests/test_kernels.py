@@ -324,6 +324,70 @@ def test_decode_runs_the_refresh(rule, refresh_pinned, ns, limit, S, monkeypatch
             assert torch.equal(stamp, want) and torch.equal(bounds, want_out[-1])
 
 
+@pytest.mark.parametrize("refresh_pinned,limit,S", [(False, False, 9), (True, True, 40), (False, True, 9)])
+def test_window_refresh_leaves_the_per_step_stamps(refresh_pinned, limit, S):
+    """window_refresh (RaaS's refresh deferred to the step that fills a row's current page): over 14 steps
+    of 3 rows whose pages fill at different steps and whose windows start at their first decode position,
+    every row whose current page has just filled holds, on each of its pages, the stamp that the refresh at
+    every step (bounds_refresh) leaves; rows whose page is not full are left alone; the Triton kernel and
+    the reference keep the same ring of queries and stamps. Integer-valued q and bounds: exact scores.
+    Rule top_half only: with alpha (its softmax spans the current page, whose fill changes every step) the
+    stamps would differ, which this case found; the engine keeps alpha's refresh per step."""
+    rule = "top_half"
+    g = _gen("window-refresh", refresh_pinned, limit, S)
+    dtype = torch.bfloat16
+    B, Hq, Hkv, D, P, T = 3, 12, 2, 32, 4, 14
+    N = B * S
+    ids = torch.stack([torch.stack([torch.randperm(S, generator=g) + b * S for _ in range(Hkv)]) for b in range(B)])
+    ids[1, :, S - 2:] = -1  # unlisted entries
+    ids = ids.to(torch.int32).to(DEVICE)
+    fill = torch.randint(0, P + 1, (N, Hkv), generator=g).to(torch.int32).to(DEVICE)
+    pinned = (torch.rand(N, Hkv, generator=g) < 0.3).to(DEVICE)
+    kmin = torch.randint(-4, 1, (N, Hkv, D), generator=g).to(dtype).to(DEVICE)
+    kmax = kmin + torch.randint(0, 4, (N, Hkv, D), generator=g).to(dtype).to(DEVICE)
+    slots = torch.tensor([4, 0, 2], device=DEVICE)
+    cur = torch.full((5, Hkv), -1, dtype=torch.int64, device=DEVICE)
+    cur[slots] = ids[:, :, 0].long()  # each row's current page
+    first_pos = torch.tensor([3, 0, 9, 0, 6], device=DEVICE)  # rows 0, 1, 2: first decode positions 6, 3, 9
+    lead = torch.tensor([2, 0, 3], device=DEVICE)  # prompt tokens in each row's current page at its first step
+    top = torch.tensor([2, 1, 3, 9, 4], device=DEVICE)
+    num_pages = torch.tensor([S, 5, 3], dtype=torch.int32, device=DEVICE) if limit else None
+    stamp0 = torch.randint(0, 5, (N, Hkv), generator=g).to(DEVICE)
+    stamps = {k: stamp0.clone() for k in ("step", "window", "reference")}
+    rings = {k: torch.zeros(5, P, Hq, D, dtype=dtype, device=DEVICE) for k in ("window", "reference")}
+    heads = torch.arange(Hkv, device=DEVICE).view(1, -1)
+    closes = 0
+    for t in range(T):
+        pos = first_pos[slots] + t
+        fill[cur[slots], heads] = ((lead + t) % P + 1).to(torch.int32).view(-1, 1)  # this step's append
+        q = torch.randint(-3, 4, (B, Hq, D), generator=g).to(dtype).to(DEVICE)
+        before = stamps["window"].clone()
+
+        def refresh_of(stamp, pos=pos):
+            return ref.Refresh(cur, slots, pos, top, pinned, stamp, torch.zeros(N, Hkv, device=DEVICE), rule,
+                               refresh_pinned, alpha=0.05, scale=D ** -0.5)
+
+        TRI.bounds_refresh(q, kmin, kmax, ids, fill, refresh_of(stamps["step"]), num_pages)
+        TRI.window_refresh(q, kmin, kmax, ids, fill, refresh_of(stamps["window"]), num_pages, rings["window"],
+                           first_pos)
+        ref.window_refresh(q, kmin, kmax, ids, fill, refresh_of(stamps["reference"]), num_pages,
+                           rings["reference"], first_pos)
+        assert torch.equal(rings["window"], rings["reference"])
+        assert torch.equal(rings["window"][slots, pos % P], q)
+        assert torch.equal(stamps["window"], stamps["reference"])
+        closing = (lead + t) % P == P - 1
+        for b in range(B):
+            pages = ids[b].long()
+            listed = pages >= 0
+            window = stamps["window"][pages.clamp(min=0), heads.T][listed]
+            if closing[b]:
+                closes += 1
+                assert torch.equal(window, stamps["step"][pages.clamp(min=0), heads.T][listed])
+            else:  # deferred: what this row's pages had before the step
+                assert torch.equal(window, before[pages.clamp(min=0), heads.T][listed])
+    assert closes >= 6 and not torch.equal(stamps["window"], stamp0)
+
+
 def test_decode_ignores_garbage_and_strided_q():
     """NaN in V past the fill (which the reference cannot take) changes nothing; q may be a strided
     view (e.g. a slice of a fused qkv projection); head dim not a power of two."""

@@ -134,6 +134,20 @@ def bounds_refresh_variants():
                 "num_stages": 2})
 
 
+def window_refresh_variants():
+    """RaaS's top_half refresh once per page (kernels/window_refresh.py), with and without pinned pages in it."""
+    from raas_batch.kernels import window_refresh
+
+    ptrs = {"ids_ptr": "i32", "fill_ptr": "i32", "npages_ptr": "i32", "first_ptr": "i64", "bounds_ptr": "fp32",
+            "cur_ptr": "i64", "slot_ptr": "i64", "pos_ptr": "i64", "top_ptr": "i64", "pinned_ptr": "u8",
+            "stamp_ptr": "i64"}
+    for refresh_pinned, has_num_pages in ((False, True), (True, False)):
+        yield (window_refresh._kernel, ptrs,
+               {"P": 16, "HKV": 2, "G": 6, "GP": 16, "D": 128, "BLOCK_D": 128, "HAS_NUM_PAGES": has_num_pages,
+                "DOT_PREC": "tf32", "DOT_F32": False, "RULE": 0, "REFRESH_PINNED": refresh_pinned, "BLOCK_S": 64,
+                "BOUNDS_PAGES": 32, "num_warps": 2, "num_stages": 2})
+
+
 def other_variants():
     """The rest of the kernels, at the shapes and settings the engine launches them with."""
     from raas_batch.kernels import (
@@ -187,7 +201,8 @@ def main() -> int:
 
     SM90 = GPUTarget("cuda", 90, 32)
     n = 0
-    for variants in (sampler_variants, append_variants, attention_variants, bounds_refresh_variants, other_variants):
+    for variants in (sampler_variants, append_variants, attention_variants, bounds_refresh_variants,
+                     window_refresh_variants, other_variants):
         for getter, pointers, constexprs in variants():
             compile_sm90(getter, pointers, constexprs)
             n += 1

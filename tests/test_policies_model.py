@@ -218,15 +218,23 @@ def test_refresh_beside_the_attention_equals_the_refresh_inside_it(tiny):
     one without a stream, the Triton kernels in the interpreter): the attention then reads no key bounds,
     ops.bounds_refresh refreshes the stamps, every step forks and joins, and the tokens and every layer's
     stamps equal those of the refresh inside the attention's program. A budget of 5 pages of 4 evicts from
-    the first steps on, so a wrong stamp would choose another victim."""
+    the first steps on, so a wrong stamp would choose another victim. The same with the refresh deferred to
+    each page's last step (RAAS_BATCH_REFRESH_WINDOW=1 on CUDA; ops.window_refresh): the same victims, so
+    the same tokens, and the same stamps at the end (every row's last step fills its page: prompts of
+    4k + 1 tokens, 23 decode steps)."""
     path, _ = tiny
     params = SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True)
     runs = []
-    for side in (None, CountingSide()):
+    for side, window in ((None, False), (CountingSide(), False), (CountingSide(), True)):
         llm = LLM(model=path, device="cpu", dtype="fp32", backend="triton", max_num_seqs=3, kv_policy="raas",
                   kv_budget=20, page_size=4)
         runner = llm.engine.runner
         runner.side = side
+        if window:
+            runner.window = runner.refresh_window(runner.policy, runner.slot_tables.shape[0])
+            windows = []
+            window_op = runner.ops.window_refresh
+            runner.ops.window_refresh = lambda *a, op=window_op, calls=windows: calls.append(1) or op(*a)
         bounds_given = []
         attention = runner.ops.paged_decode_attention
         runner.ops.paged_decode_attention = lambda *a, given=bounds_given, op=attention, **k: given.append(
@@ -238,7 +246,10 @@ def test_refresh_beside_the_attention_equals_the_refresh_inside_it(tiny):
         assert all(bounds_given) if side is None else not any(bounds_given)
         if side is not None:
             assert side.calls == len(bounds_given) > 0 and side.forks == side.calls and side.joins == 23
-    assert runs[0][0] == runs[1][0] and torch.equal(runs[0][1], runs[1][1])
+        if window:
+            assert len(windows) == side.calls
+    for tokens, stamps in runs[1:]:
+        assert tokens == runs[0][0] and torch.equal(stamps, runs[0][1])
 
 
 def test_side_stream_forks_holds_and_joins(monkeypatch):

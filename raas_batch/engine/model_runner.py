@@ -20,7 +20,14 @@ import torch
 from raas_batch.engine.page_pool import PagePool, PrefillPages
 from raas_batch.engine.sampler import SamplingBatch, sample
 from raas_batch.engine.sequence import Sequence
-from raas_batch.engine.step_context import SideStream, StepContext, refresh_stream_enabled, set_context
+from raas_batch.engine.step_context import (
+    RefreshWindow,
+    SideStream,
+    StepContext,
+    refresh_stream_enabled,
+    refresh_window_enabled,
+    set_context,
+)
 from raas_batch.policies.base import DecodeContext, KVPolicy
 
 
@@ -67,6 +74,22 @@ class ModelRunner:
         if (device.type == "cuda" and getattr(ops, "backend", "") == "triton" and policy.needs_bounds
                 and refresh_stream_enabled()):
             self.side = SideStream(torch.cuda.Stream(device))
+        # With the refresh on the side stream, RaaS's top_half refresh runs once per page, at the step that fills
+        # a row's current page (RAAS_BATCH_REFRESH_WINDOW=0: every step): kernels/window_refresh.py
+        self.window = None
+        if self.side is not None and refresh_window_enabled():
+            self.window = self.refresh_window(policy, num_slots)
+
+    def refresh_window(self, policy: KVPolicy, num_slots: int) -> RefreshWindow | None:
+        """The deferred refresh's state for `policy`, or None where its refresh is not top_half by the bounds.
+        The ring takes num_layers * P * Hq * D values a slot (1.5B shape, P = 16: 1.4 MB a slot, 5% of a
+        1024-token KV budget), out of what --gpu-memory-utilization leaves for activations."""
+        if getattr(policy, "refresh_rule", None) != "top_half" or not policy.needs_bounds:
+            return None
+        spec, pool = self.model.spec, self.pool
+        ring = torch.zeros((spec.num_layers, num_slots, pool.page_size, spec.num_heads, spec.head_dim),
+                           dtype=pool.kmin.dtype, device=self.device)
+        return RefreshWindow(ring, self.prompt_len)
 
     def _tensor(self, values, dtype=torch.int64) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype, device=self.device)
@@ -234,7 +257,7 @@ class ModelRunner:
         dec = DecodeContext(slot_ids=slot_ids, positions=positions, page_tables=self.slot_tables[slot_ids, :width],
                             host_slot_ids=host_slot_ids or [])
         set_context(StepContext(is_prefill=False, pool=self.pool, policy=self.policy, ops=self.ops, decode=dec,
-                                side=self.side))
+                                side=self.side, window=self.window if self.side is not None else None))
         try:
             return self.model(token_ids, positions)
         finally:

@@ -21,10 +21,34 @@ REFRESH_STREAM_ENV = "RAAS_BATCH_REFRESH_STREAM"
 
 
 def refresh_stream_enabled() -> bool:
-    value = os.environ.get(REFRESH_STREAM_ENV, "1")
+    return _flag(REFRESH_STREAM_ENV)
+
+
+# RaaS's top_half refresh once per page, at the step that fills a row's current page, from the queries of the
+# page's steps kept in a ring (1, the default where the refresh runs on the side stream), or at every step (0):
+# kernels/window_refresh.py.
+REFRESH_WINDOW_ENV = "RAAS_BATCH_REFRESH_WINDOW"
+
+
+def _flag(name: str) -> bool:
+    value = os.environ.get(name, "1")
     if value not in ("0", "1"):
-        raise ValueError(f"{REFRESH_STREAM_ENV} must be 0 or 1, got {value!r}")
+        raise ValueError(f"{name} must be 0 or 1, got {value!r}")
     return value == "1"
+
+
+def refresh_window_enabled() -> bool:
+    return _flag(REFRESH_WINDOW_ENV)
+
+
+@dataclass
+class RefreshWindow:
+    """What the deferred refresh keeps across steps (kernels/window_refresh.py): ring [layers, num_slots, P,
+    Hq, D], every slot's rotated queries of its last P decode steps, each layer's; first_pos [num_slots]
+    int64, the position of each slot's first decode step (its prompt's length: the runner's prompt_len)."""
+
+    ring: torch.Tensor
+    first_pos: torch.Tensor
 
 
 @dataclass
@@ -75,6 +99,7 @@ class StepContext:
     prefill: PrefillPages | None = None
     decode: DecodeContext | None = None
     side: SideStream | None = None  # decode on CUDA (RAAS_BATCH_REFRESH_STREAM, on by default): RaaS's refresh there
+    window: RefreshWindow | None = None  # with side: RaaS's top_half refresh deferred to each page's last step
 
 
 _CONTEXT: StepContext | None = None

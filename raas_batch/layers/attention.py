@@ -68,7 +68,11 @@ def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
         # the step's other kernels and the attention's last wave leaving SMs to the bounds pass.
         ctx.side.fork()
         out = ops.paged_decode_attention(q, k_cache, v_cache, page_ids, fill, scale, num_pages=limit)
-        ctx.side.run(ops.bounds_refresh, q, kmin, kmax, page_ids, fill, refresh, limit)
+        if ctx.window is not None and refresh.rule == "top_half":  # once per page (kernels/window_refresh.py)
+            ctx.side.run(ops.window_refresh, q, kmin, kmax, page_ids, fill, refresh, limit, ctx.window.ring[layer],
+                         ctx.window.first_pos)
+        else:
+            ctx.side.run(ops.bounds_refresh, q, kmin, kmax, page_ids, fill, refresh, limit)
         return out
     result = ops.paged_decode_attention(q, k_cache, v_cache, page_ids, fill, scale, return_mass=policy.needs_mass,
                                         num_pages=limit, key_bounds=bounds, refresh=refresh)

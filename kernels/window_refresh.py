@@ -1,0 +1,142 @@
+"""RaaS's refresh by the Quest bounds, run once per page instead of once per step: the deferred refresh.
+
+Same contract as `kernels.reference.window_refresh` (the specification; tests compare the two exactly).
+
+Why it is exact. A RaaS step refreshes the stamps of a row's pages from that step's query and the pages'
+key bounds, and the only reader of the stamps is the victim choice, which runs when the row opens a page.
+Between two page openings nothing that the refresh reads changes, except the query: the row's set of
+pages, their fills and pins and key bounds stay as they are (only the current page takes tokens, and the
+refresh never scores it), and so do the row's current page and its `top`. So, under the top_half rule,
+which ranks the refreshable pages alone, the refreshes of the steps
+that fill one page can all run at the step that fills it, from the queries of those steps kept in a ring
+of P entries a slot, and leave the stamps that the steps would have left one by one: a page's stamp is
+the position of the last of those steps that refreshed it. The victim choice at the next opening then
+sees exactly the stamps it would have seen; in between, a row's stamps lag behind by up to P - 1 steps,
+and nothing reads them. The alpha rule is not deferrable: its softmax runs over every listed page, the
+current one included, whose fill and bounds change at every step (the per-step refresh serves it).
+
+What it saves: the per-step refresh reads every held page's kmin / kmax rows (1/P of its K and V bytes)
+from memory at every step; this one reads them once a page, for the rows whose current page has just
+filled (1/P of the rows at a step, when the rows' prompts have spread lengths), from L2 for all steps but
+the first. Every row still stores its query into the ring every step (its G query heads, D values each).
+
+Grid (B, Hkv). A program stores its row's query into ring[slot, position % P] (the heads of its KV
+head's group); if the row's current page is full after this step's append, it then runs, for each step
+of the page's window (positions max(position - P + 1, first_pos[slot]) .. position, oldest first), the
+decode attention's bounds pass and the refresh rule on that step's query from the ring - the same
+helpers as the per-step refresh (`_bounds_pass`, `_row_ok`, `_refresh_mask`), on the same operands, so
+the same bounds bit for bit and the same choices - and stores, for each page any of them refreshed, the
+position of the last one. first_pos is the position of the slot's first decode step (its prompt's
+length): the positions before it were prefilled, and a prefill refreshes nothing.
+No host synchronisation; CUDA-graph capturable.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._jit import interpreting, lazy_jit, pdl_args
+from .bounded_update import _refresh_mask, _row_ok
+from .decode_attention import BOUNDS_PAGES, _bounds_pass, _refresh_args
+from .page_scores import _page_key_bounds
+from .reference import Refresh
+
+
+def _window_refresh_kernel(
+    q_ptr, kmin_ptr, kmax_ptr, ids_ptr, fill_ptr, npages_ptr, ring_ptr, first_ptr, bounds_ptr,
+    cur_ptr, slot_ptr, pos_ptr, top_ptr, pinned_ptr, stamp_ptr, stride_cs, stride_ch,
+    stride_qb, stride_qh, stride_qd,
+    stride_mn, stride_mh, stride_md,
+    stride_ib, stride_ih, stride_is,
+    stride_fn, stride_fh,
+    stride_rs, stride_rp, stride_rh, stride_rd,
+    S, refresh_alpha, refresh_scale,
+    P: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+    BLOCK_D: tl.constexpr, HAS_NUM_PAGES: tl.constexpr, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr,
+    RULE: tl.constexpr, REFRESH_PINNED: tl.constexpr, BLOCK_S: tl.constexpr, BOUNDS_PAGES: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    if PDL:  # programmatic dependent launch (kernels/_jit.py): the kernel before must have finished
+        tl.extra.cuda.gdc_wait()
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    slot = tl.load(slot_ptr + b).to(tl.int64)
+    pos = tl.load(pos_ptr + b).to(tl.int64)
+    rows = tl.arange(0, GP)  # query head within the group (padded, as in the decode attention)
+    row_ok = rows < G
+    dd = tl.arange(0, BLOCK_D)
+    d_ok = dd < D
+    m2 = row_ok[:, None] & d_ok[None, :]
+    qh = kvh * G + rows
+    q = tl.load(q_ptr + b * stride_qb + qh[:, None] * stride_qh + dd[None, :] * stride_qd, mask=m2, other=0.0)
+    ring_row = ring_ptr + slot * stride_rs + qh[:, None] * stride_rh + dd[None, :] * stride_rd
+    tl.store(ring_row + (pos % P) * stride_rp, q.to(ring_ptr.dtype.element_ty), mask=m2)
+
+    cur = tl.load(cur_ptr + slot * stride_cs + kvh * stride_ch)
+    f_cur = tl.load(fill_ptr + tl.maximum(cur, 0) * stride_fn + kvh * stride_fh, mask=cur >= 0, other=0)
+    if f_cur >= P:  # the current page is full: this step closes its window
+        tl.debug_barrier()  # (the ring row just stored, read back below by the program's other threads)
+        num_listed = S
+        if HAS_NUM_PAGES:
+            num_listed = tl.minimum(tl.load(npages_ptr + b).to(tl.int32), S)
+        ids_base = ids_ptr + b * stride_ib + kvh * stride_ih
+        rs = tl.arange(0, BLOCK_S)
+        listed, ok, page, f, unpinned = _row_ok(ids_base, fill_ptr, pinned_ptr, kvh, cur, rs, num_listed,
+                                                stride_is, stride_fn, stride_fh)
+        if not REFRESH_PINNED:
+            ok = ok & unpinned
+        top = tl.load(top_ptr + slot)
+        w0 = tl.maximum(pos - P + 1, tl.load(first_ptr + slot).to(tl.int64))
+        last = tl.full([BLOCK_S], -1, tl.int64)  # position of the last step that refreshed each entry
+        for x in range(w0, pos + 1):
+            qx = tl.load(ring_row + (x % P) * stride_rp, mask=m2, other=0.0).to(kmin_ptr.dtype.element_ty)
+            if DOT_F32:
+                qx = qx.to(tl.float32)
+            r_v = _bounds_pass(qx, ids_base, kmin_ptr, kmax_ptr, bounds_ptr, stride_is, stride_mn, stride_mh,
+                               stride_md, b, kvh, 0, num_listed, S, S, tl.zeros([BLOCK_S], tl.float32), rs, dd,
+                               d_ok, row_ok, HKV, DOT_PREC, True, BOUNDS_PAGES)
+            refresh = _refresh_mask(r_v, listed, ok, f, rs, top, refresh_alpha, refresh_scale, RULE, BLOCK_S)
+            last = tl.where(refresh & unpinned, x, last)
+        tl.store(stamp_ptr + page * stride_fn + kvh * stride_fh, last, mask=last >= 0)
+
+
+_kernel = lazy_jit(_window_refresh_kernel, helpers=(_row_ok, _refresh_mask, _bounds_pass, _page_key_bounds))
+
+
+def window_refresh(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, page_ids: torch.Tensor,
+                   fill: torch.Tensor, refresh: Refresh, num_pages: torch.Tensor | None, ring: torch.Tensor,
+                   first_pos: torch.Tensor, *, bounds_pages: int | None = None) -> None:
+    """The deferred refresh of one layer's decode step (module docstring). q [B, Hq, D] (rotated), kmin /
+    kmax [N, Hkv, D], page_ids [B, Hkv, S], fill [N, Hkv], num_pages [B] or None: as `bounds_refresh`'s;
+    ring [num_slots, P, Hq, D] (the layer's queries of the last P steps of each slot, in the cache's dtype),
+    first_pos [num_slots] int64. Rule top_half only (module docstring). Updates the ring and, for the rows whose current
+    page is full, the stamps."""
+    B, Hq, D = q.shape
+    N, Hkv, Dk = kmin.shape
+    S = page_ids.shape[2]
+    P = ring.shape[1]
+    assert Dk == D and kmax.shape == kmin.shape and kmin.stride() == kmax.stride() and Hq % Hkv == 0
+    assert page_ids.shape[:2] == (B, Hkv) and fill.shape == (N, Hkv) and refresh.rule == "top_half"
+    assert ring.shape[2:] == (Hq, D) and ring.dtype == kmin.dtype
+    if B == 0 or S == 0:
+        return
+    G = Hq // Hkv
+    meta, rule_args, floats = _refresh_args(refresh, page_ids, fill, S)
+    bounds = torch.empty((B, Hkv, S), dtype=torch.float32, device=q.device)  # the bounds pass's scratch
+    _kernel()[(B, Hkv)](
+        q, kmin, kmax, page_ids, fill, num_pages if num_pages is not None else fill, ring, first_pos, bounds,
+        *meta,
+        q.stride(0), q.stride(1), q.stride(2),
+        *kmin.stride(),
+        page_ids.stride(0), page_ids.stride(1), page_ids.stride(2),
+        fill.stride(0), fill.stride(1),
+        *ring.stride(),
+        S, *floats,
+        P=P, HKV=Hkv, G=G, GP=max(16, triton.next_power_of_2(G)), D=D, BLOCK_D=triton.next_power_of_2(D),
+        HAS_NUM_PAGES=num_pages is not None, DOT_PREC="ieee" if kmin.dtype == torch.float32 else "tf32",
+        DOT_F32=interpreting() and kmin.dtype == torch.bfloat16, **rule_args,
+        BOUNDS_PAGES=BOUNDS_PAGES if bounds_pages is None else bounds_pages,
+        num_warps=2, num_stages=2, **pdl_args(q.device),
+    )
