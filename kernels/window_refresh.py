@@ -38,8 +38,8 @@ import triton
 import triton.language as tl
 
 from ._jit import interpreting, lazy_jit, pdl_args
-from .bounded_update import _refresh_mask, _row_ok
-from .decode_attention import BOUNDS_PAGES, _bounds_pass, _refresh_args
+from .bounded_update import _row_ok
+from .decode_attention import BOUNDS_PAGES, _refresh_args
 from .page_scores import _page_key_bounds
 from .reference import Refresh
 
@@ -53,7 +53,7 @@ def _window_refresh_kernel(
     stride_fn, stride_fh,
     stride_rs, stride_rp, stride_rh, stride_rd,
     S, refresh_alpha, refresh_scale,
-    P: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+    P: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GW: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
     BLOCK_D: tl.constexpr, HAS_NUM_PAGES: tl.constexpr, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr,
     RULE: tl.constexpr, REFRESH_PINNED: tl.constexpr, BLOCK_S: tl.constexpr, BOUNDS_PAGES: tl.constexpr,
     PDL: tl.constexpr,
@@ -64,7 +64,7 @@ def _window_refresh_kernel(
     kvh = tl.program_id(1)
     slot = tl.load(slot_ptr + b).to(tl.int64)
     pos = tl.load(pos_ptr + b).to(tl.int64)
-    rows = tl.arange(0, GP)  # query head within the group (padded, as in the decode attention)
+    rows = tl.arange(0, GW)  # query head within the group (padded to a power of two)
     row_ok = rows < G
     dd = tl.arange(0, BLOCK_D)
     d_ok = dd < D
@@ -87,22 +87,64 @@ def _window_refresh_kernel(
                                                 stride_is, stride_fn, stride_fh)
         if not REFRESH_PINNED:
             ok = ok & unpinned
-        top = tl.load(top_ptr + slot)
-        w0 = tl.maximum(pos - P + 1, tl.load(first_ptr + slot).to(tl.int64))
-        last = tl.full([BLOCK_S], -1, tl.int64)  # position of the last step that refreshed each entry
-        for x in range(w0, pos + 1):
-            qx = tl.load(ring_row + (x % P) * stride_rp, mask=m2, other=0.0).to(kmin_ptr.dtype.element_ty)
+        w0 = tl.maximum(pos - P + 1, tl.load(first_ptr + slot).to(tl.int64))  # the window's first step
+        # The window's bounds, step j (position pos - P + 1 + j) in row j of the scratch [P, BLOCK_S]: each block
+        # of BOUNDS_PAGES pages loaded once, then SPP = GP / GW steps a product. SPP steps of GW query heads make
+        # the GP rows of the bounds pass's product (kernels/decode_attention.py), so each bound is the same
+        # product on the same operands as the refresh at that step: the same bits.
+        SPP: tl.constexpr = GP // GW
+        pr = tl.arange(0, GP)
+        pg = pr % GW  # query head of the row
+        pg_ok = pg < G
+        ring_heads = ring_ptr + slot * stride_rs + (kvh * G + pg)[:, None] * stride_rh + dd[None, :] * stride_rd
+        scratch_row = bounds_ptr + (b * HKV + kvh) * (P * BLOCK_S)
+        sb = tl.arange(0, BOUNDS_PAGES)
+        steps = tl.arange(0, SPP)
+        for s0 in range(0, S, BOUNDS_PAGES):
+            pidx = s0 + sb
+            has_j, lo, hi = _page_key_bounds(ids_base + pidx * stride_is, pidx < num_listed, kvh, dd, d_ok, kmin_ptr,
+                                             kmax_ptr, stride_mn, stride_mh, stride_md, stride_mn, stride_mh, stride_md)
             if DOT_F32:
-                qx = qx.to(tl.float32)
-            r_v = _bounds_pass(qx, ids_base, kmin_ptr, kmax_ptr, bounds_ptr, stride_is, stride_mn, stride_mh,
-                               stride_md, b, kvh, 0, num_listed, S, S, tl.zeros([BLOCK_S], tl.float32), rs, dd,
-                               d_ok, row_ok, HKV, DOT_PREC, True, BOUNDS_PAGES)
-            refresh = _refresh_mask(r_v, listed, ok, f, rs, top, refresh_alpha, refresh_scale, RULE, BLOCK_S)
-            last = tl.where(refresh & unpinned, x, last)
+                lo, hi = lo.to(tl.float32), hi.to(tl.float32)
+            for i in tl.static_range((P + SPP - 1) // SPP):
+                j = i * SPP + pr // GW  # [GP] the rows' steps
+                x = pos - P + 1 + j
+                qx = tl.load(ring_heads + (x % P)[:, None] * stride_rp,
+                             mask=(pg_ok & (j < P) & (x >= w0))[:, None] & d_ok[None, :], other=0.0)
+                qx = qx.to(kmin_ptr.dtype.element_ty)
+                if DOT_F32:
+                    qx = qx.to(tl.float32)
+                qp = tl.where(qx > 0, qx, tl.zeros_like(qx))
+                qn = qx - qp
+                bnd = (tl.dot(qp, tl.trans(hi), input_precision=DOT_PREC)
+                       + tl.dot(qn, tl.trans(lo), input_precision=DOT_PREC))  # [GP, BOUNDS_PAGES]
+                best = tl.max(tl.reshape(tl.where(pg_ok[:, None], bnd, float("-inf")), (SPP, GW, BOUNDS_PAGES)), axis=1)
+                best = tl.where(has_j[None, :], best, float("-inf"))
+                tl.store(scratch_row + (i * SPP + steps)[:, None] * BLOCK_S + pidx[None, :], best,
+                         mask=(i * SPP + steps < P)[:, None] & (pidx < S)[None, :])
+        tl.debug_barrier()
+        jj = tl.arange(0, P)
+        xj = pos - P + 1 + jj  # [P] each row's position
+        v = tl.load(scratch_row + jj[:, None] * BLOCK_S + rs[None, :], mask=(rs < S)[None, :], other=0.0)
+        refresh = _top_half_rows(v, ok, rs, tl.load(top_ptr + slot), P, BLOCK_S)
+        last = tl.max(tl.where(refresh & (xj >= w0)[:, None] & unpinned[None, :], xj[:, None], -1), axis=0)
         tl.store(stamp_ptr + page * stride_fn + kvh * stride_fh, last, mask=last >= 0)
 
 
-_kernel = lazy_jit(_window_refresh_kernel, helpers=(_row_ok, _refresh_mask, _bounds_pass, _page_key_bounds))
+def _top_half_rows(v, ok, cols, top, R: tl.constexpr, BLOCK_S: tl.constexpr):
+    """`_refresh_mask`'s top_half rule (kernels/bounded_update.py) on R rows of values v [R, BLOCK_S] at once,
+    the refreshable entries `ok` [BLOCK_S] the same in every row: the same keys and one sort a row."""
+    bits = (v + 0.0).to(tl.int32, bitcast=True)  # (+ 0.0: -0.0 becomes +0.0, equal values tie)
+    ordered = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64)  # int order = float order
+    low = tl.full([R, BLOCK_S], -(1 << 63), tl.int64)  # below every refreshable entry's key
+    col_key = (BLOCK_S - 1 - cols)[None, :]
+    key = tl.where(ok[None, :], (ordered << 32) | col_key, low + col_key)
+    desc = tl.sort(key, descending=True)
+    kth = tl.max(tl.where(cols[None, :] == top - 1, desc, low), axis=1)
+    return ok[None, :] & (key >= kth[:, None]) & ((cols[None, :] * 0 + top) > 0)
+
+
+_kernel = lazy_jit(_window_refresh_kernel, helpers=(_row_ok, _top_half_rows, _page_key_bounds))
 
 
 def window_refresh(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, page_ids: torch.Tensor,
@@ -124,7 +166,8 @@ def window_refresh(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, page
         return
     G = Hq // Hkv
     meta, rule_args, floats = _refresh_args(refresh, page_ids, fill, S)
-    bounds = torch.empty((B, Hkv, S), dtype=torch.float32, device=q.device)  # the bounds pass's scratch
+    block_s = rule_args["BLOCK_S"]
+    bounds = torch.empty((B, Hkv, P, block_s), dtype=torch.float32, device=q.device)  # the window's bounds
     _kernel()[(B, Hkv)](
         q, kmin, kmax, page_ids, fill, num_pages if num_pages is not None else fill, ring, first_pos, bounds,
         *meta,
@@ -134,9 +177,9 @@ def window_refresh(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, page
         fill.stride(0), fill.stride(1),
         *ring.stride(),
         S, *floats,
-        P=P, HKV=Hkv, G=G, GP=max(16, triton.next_power_of_2(G)), D=D, BLOCK_D=triton.next_power_of_2(D),
+        P=P, HKV=Hkv, G=G, GW=triton.next_power_of_2(G), GP=max(16, triton.next_power_of_2(G)), D=D, BLOCK_D=triton.next_power_of_2(D),
         HAS_NUM_PAGES=num_pages is not None, DOT_PREC="ieee" if kmin.dtype == torch.float32 else "tf32",
         DOT_F32=interpreting() and kmin.dtype == torch.bfloat16, **rule_args,
         BOUNDS_PAGES=BOUNDS_PAGES if bounds_pages is None else bounds_pages,
-        num_warps=2, num_stages=2, **pdl_args(q.device),
+        num_warps=4, num_stages=2, **pdl_args(q.device),
     )
