@@ -83,8 +83,8 @@ def _window_refresh_kernel(
             num_listed = tl.minimum(tl.load(npages_ptr + b).to(tl.int32), S)
         ids_base = ids_ptr + b * stride_ib + kvh * stride_ih
         rs = tl.arange(0, BLOCK_S)
-        listed, ok, page, f, unpinned = _row_ok(ids_base, fill_ptr, pinned_ptr, kvh, cur, rs, num_listed,
-                                                stride_is, stride_fn, stride_fh)
+        _, ok, page, _, unpinned = _row_ok(ids_base, fill_ptr, pinned_ptr, kvh, cur, rs, num_listed,
+                                           stride_is, stride_fn, stride_fh)
         if not REFRESH_PINNED:
             ok = ok & unpinned
         w0 = tl.maximum(pos - P + 1, tl.load(first_ptr + slot).to(tl.int64))  # the window's first step
