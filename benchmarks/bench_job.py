@@ -24,7 +24,9 @@ only watches the engine:
   step's wall time is the device's step period plus whatever the host could not hide);
 - roofline of each decode step: (weight bytes + KV bytes the policy reads) / copy bandwidth measured in
   the same run. KV bytes read: every token held for dense; min(tokens, quota) for the bounded policies,
-  plus the pages' key bounds for those that score pages (raas, raas-paper). Logits and activations are
+  plus the pages' key bounds for those that score pages (raas, raas-paper): every step, or, with RaaS's
+  refresh once a page (kernels/window_refresh.py), once a page (1/P of them a step) plus the ring of
+  queries it keeps (each row's query written every step and read back once). Logits and activations are
   left out (small at these shapes);
 - a profile of a window of decode steps (torch.profiler, CUDA kernel time by category: attention,
   GEMMs, policy, sampler, norm/rotary/append, other) and the host gap (window wall time minus kernel
@@ -198,6 +200,8 @@ class WatchedLLM(LLM):
         quota_tokens = getattr(policy, "kv_budget", None)
         self._bounded = hasattr(policy, "sparse_pages")
         self._bounds = policy.name in ("raas", "raas-paper") and getattr(policy, "refresh_rule", "") != "mass"
+        # the refresh once a page (kernels/window_refresh.py): the key bounds read once a page, the queries kept
+        self._window = getattr(runner, "window", None) is not None
         self._budget = quota_tokens
         self._current: dict = {}
         self._last_end: float | None = None
@@ -407,7 +411,14 @@ def run_one(args, model_dir: str, data: str, policy: str, shard_size: int, bw: f
     bounds_per_token = spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim * 2 / engine.pool.page_size
     decode = [s for s in llm.steps if s.get("kind") == "decode"]
     prefill = [s for s in llm.steps if s.get("kind") == "prefill"]
-    kv_read = [s["kv_tokens"] * (kv_per_token + (bounds_per_token if llm._bounds else 0)) for s in decode]
+    # the key bounds (1/P of K and V) every step, or with the refresh once a page a row's once a page (1/P of
+    # the rows a step on average) plus its ring of queries (each row's query stored, and read back once)
+    if llm._window:
+        ring_per_row = spec.num_layers * spec.num_heads * spec.head_dim * 2 * 2
+        kv_read = [s["kv_tokens"] * (kv_per_token + bounds_per_token / engine.pool.page_size)
+                   + s["rows"] * ring_per_row for s in decode]
+    else:
+        kv_read = [s["kv_tokens"] * (kv_per_token + (bounds_per_token if llm._bounds else 0)) for s in decode]
     roof = [(weight_bytes + b) / bw for b in kv_read]
     # serial floor: attention at copy bandwidth, then the weight products at the larger of their bytes
     # and their FLOPs (2 per weight and row) at the matrix ceiling: GEMMs at batch 512 are FLOP-bound
