@@ -201,7 +201,7 @@ class WatchedLLM(LLM):
         self._bounded = hasattr(policy, "sparse_pages")
         self._bounds = policy.name in ("raas", "raas-paper") and getattr(policy, "refresh_rule", "") != "mass"
         # the refresh once a page (kernels/window_refresh.py): the key bounds read once a page, the queries kept
-        self._window = getattr(runner, "window", None) is not None
+        self._window = runner.window is not None
         self._budget = quota_tokens
         self._current: dict = {}
         self._last_end: float | None = None

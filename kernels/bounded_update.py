@@ -45,6 +45,15 @@ def _row_ok(ids_row, fill_ptr, pinned_ptr, h, cur, cols, S, stride_is, stride_mn
     return listed, listed & (f > 0) & (page != cur), page, f, unpinned
 
 
+def _rank_key(v, ok, cols, low, BLOCK_S: tl.constexpr):
+    """top_half's sort key of each entry (any shape that v, ok and cols broadcast to, `low` of that shape
+    filled with -2^63): the value's fp32 bits made order-preserving as an int32, shifted above the column, so
+    that int order is (value descending, column ascending) order; entries not `ok` below every one that is."""
+    bits = (v + 0.0).to(tl.int32, bitcast=True)  # (+ 0.0: -0.0 becomes +0.0, equal values tie)
+    ordered = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64)  # int order = float order
+    return tl.where(ok, (ordered << 32) | (BLOCK_S - 1 - cols), low + (BLOCK_S - 1 - cols))
+
+
 def _refresh_mask(v, listed, ok, f, cols, top, alpha, scale, RULE: tl.constexpr, BLOCK_S: tl.constexpr):
     """Which refreshable entries (`ok`) of a row the rule refreshes, from the row's values v [BLOCK_S].
     top_half: the entries whose rank under a stable descending sort of the refreshable entries' values is
@@ -53,10 +62,8 @@ def _refresh_mask(v, listed, ok, f, cols, top, alpha, scale, RULE: tl.constexpr,
     above the column - with the other entries' keys below every refreshable one; an entry is refreshed
     when its key is at least the top-th largest key (every refreshable entry when fewer than top exist)."""
     if RULE == 0:
-        bits = (v + 0.0).to(tl.int32, bitcast=True)  # (+ 0.0: -0.0 becomes +0.0, equal values tie)
-        ordered = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64)  # int order = float order
         low = tl.full([BLOCK_S], -(1 << 63), tl.int64)  # below every refreshable entry's key
-        key = tl.where(ok, (ordered << 32) | (BLOCK_S - 1 - cols), low + (BLOCK_S - 1 - cols))
+        key = _rank_key(v, ok, cols, low, BLOCK_S)
         desc = tl.sort(key, descending=True)
         kth = tl.max(tl.where(cols == top - 1, desc, low), axis=0)
         refresh = ok & (key >= kth) & ((cols * 0 + top) > 0)  # (vector: the interpreter rejects scalar masks)
@@ -105,7 +112,7 @@ def _bounded_update_kernel(
                  mask=refresh & unpinned)
 
 
-_kernel = lazy_jit(_bounded_update_kernel, helpers=(_row_ok, _refresh_mask))
+_kernel = lazy_jit(_bounded_update_kernel, helpers=(_row_ok, _rank_key, _refresh_mask))
 
 
 def refresh_block(S: int) -> int:

@@ -67,7 +67,7 @@ import triton
 import triton.language as tl
 
 from ._jit import interpreting, lazy_jit, pdl_args
-from .bounded_update import _RULES, _refresh_mask, _row_ok, bounded_update, refresh_block
+from .bounded_update import _RULES, _rank_key, _refresh_mask, _row_ok, bounded_update, refresh_block
 from .page_scores import _page_key_bounds
 from .reference import Refresh, refresh_after
 
@@ -325,7 +325,7 @@ def _decode_stage2(
             tl.store(mass_ptr + (b * HKV + kvh) * S + sidx, mass, mask=sidx < S)
 
 
-_stage1 = lazy_jit(_decode_stage1, helpers=(_row_ok, _refresh_mask, _bounds_pass, _page_key_bounds))
+_stage1 = lazy_jit(_decode_stage1, helpers=(_row_ok, _rank_key, _refresh_mask, _bounds_pass, _page_key_bounds))
 _stage2 = lazy_jit(_decode_stage2)
 
 # Tuning knobs of the split heuristic (shapes only; see choose_num_splits). Measured on nothing yet:

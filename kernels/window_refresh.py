@@ -17,17 +17,21 @@ current one included, whose fill and bounds change at every step (the per-step r
 
 What it saves: the per-step refresh reads every held page's kmin / kmax rows (1/P of its K and V bytes)
 from memory at every step; this one reads them once a page, for the rows whose current page has just
-filled (1/P of the rows at a step, when the rows' prompts have spread lengths), from L2 for all steps but
-the first. Every row still stores its query into the ring every step (its G query heads, D values each).
+filled (1/P of the rows at a step, when the rows' prompts have spread lengths). Every row still stores
+its query into the ring every step (its G query heads, D values each).
 
 Grid (B, Hkv). A program stores its row's query into ring[slot, position % P] (the heads of its KV
-head's group); if the row's current page is full after this step's append, it then runs, for each step
-of the page's window (positions max(position - P + 1, first_pos[slot]) .. position, oldest first), the
-decode attention's bounds pass and the refresh rule on that step's query from the ring - the same
-helpers as the per-step refresh (`_bounds_pass`, `_row_ok`, `_refresh_mask`), on the same operands, so
-the same bounds bit for bit and the same choices - and stores, for each page any of them refreshed, the
-position of the last one. first_pos is the position of the slot's first decode step (its prompt's
-length): the positions before it were prefilled, and a prefill refreshes nothing.
+head's group). If the row's current page is full after this step's append, it then scores the page's
+window, positions max(position - P + 1, first_pos[slot]) .. position, with those steps' queries from
+the ring: each block of BOUNDS_PAGES pages' kmin / kmax rows is loaded once, and GP / GW steps of GW
+query-head rows go through each product, so every product has the GP rows and the operands of the
+per-step bounds pass (`_bounds_pass` in kernels/decode_attention.py) and every bound is the same bits.
+The scores go to a scratch [P, BLOCK_S] a row, one sort a step ranks them with top_half's keys
+(`_rank_key`, shared with `_refresh_mask`), and the program stores, for each page a step of the window
+refreshed, the position of the last such step. first_pos is the position of the slot's first decode
+step (its prompt's length): the positions before it were prefilled, and a prefill refreshes nothing.
+A first version ran `_bounds_pass` and `_refresh_mask` once per step of the window: 95 us a layer, the
+dependent chain of the few rows whose page filled, and 8% slower decode steps (run 77, docs/gpu-notes.md).
 No host synchronisation; CUDA-graph capturable.
 """
 
@@ -38,7 +42,7 @@ import triton
 import triton.language as tl
 
 from ._jit import interpreting, lazy_jit, pdl_args
-from .bounded_update import _row_ok
+from .bounded_update import _rank_key, _row_ok
 from .decode_attention import BOUNDS_PAGES, _refresh_args
 from .page_scores import _page_key_bounds
 from .reference import Refresh
@@ -133,18 +137,15 @@ def _window_refresh_kernel(
 
 def _top_half_rows(v, ok, cols, top, R: tl.constexpr, BLOCK_S: tl.constexpr):
     """`_refresh_mask`'s top_half rule (kernels/bounded_update.py) on R rows of values v [R, BLOCK_S] at once,
-    the refreshable entries `ok` [BLOCK_S] the same in every row: the same keys and one sort a row."""
-    bits = (v + 0.0).to(tl.int32, bitcast=True)  # (+ 0.0: -0.0 becomes +0.0, equal values tie)
-    ordered = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64)  # int order = float order
+    the refreshable entries `ok` [BLOCK_S] the same in every row: its keys (`_rank_key`) and one sort a row."""
     low = tl.full([R, BLOCK_S], -(1 << 63), tl.int64)  # below every refreshable entry's key
-    col_key = (BLOCK_S - 1 - cols)[None, :]
-    key = tl.where(ok[None, :], (ordered << 32) | col_key, low + col_key)
+    key = _rank_key(v, ok[None, :], cols[None, :], low, BLOCK_S)
     desc = tl.sort(key, descending=True)
     kth = tl.max(tl.where(cols[None, :] == top - 1, desc, low), axis=1)
     return ok[None, :] & (key >= kth[:, None]) & ((cols[None, :] * 0 + top) > 0)
 
 
-_kernel = lazy_jit(_window_refresh_kernel, helpers=(_row_ok, _top_half_rows, _page_key_bounds))
+_kernel = lazy_jit(_window_refresh_kernel, helpers=(_row_ok, _rank_key, _top_half_rows, _page_key_bounds))
 
 
 def window_refresh(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, page_ids: torch.Tensor,

@@ -257,7 +257,7 @@ class ModelRunner:
         dec = DecodeContext(slot_ids=slot_ids, positions=positions, page_tables=self.slot_tables[slot_ids, :width],
                             host_slot_ids=host_slot_ids or [])
         set_context(StepContext(is_prefill=False, pool=self.pool, policy=self.policy, ops=self.ops, decode=dec,
-                                side=self.side, window=self.window if self.side is not None else None))
+                                side=self.side, window=self.window))
         try:
             return self.model(token_ids, positions)
         finally:

@@ -99,7 +99,7 @@ class StepContext:
     prefill: PrefillPages | None = None
     decode: DecodeContext | None = None
     side: SideStream | None = None  # decode on CUDA (RAAS_BATCH_REFRESH_STREAM, on by default): RaaS's refresh there
-    window: RefreshWindow | None = None  # with side: RaaS's top_half refresh deferred to each page's last step
+    window: RefreshWindow | None = None  # read with side only: RaaS's top_half refresh once a page
 
 
 _CONTEXT: StepContext | None = None

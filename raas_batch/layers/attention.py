@@ -68,7 +68,7 @@ def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
         # the step's other kernels and the attention's last wave leaving SMs to the bounds pass.
         ctx.side.fork()
         out = ops.paged_decode_attention(q, k_cache, v_cache, page_ids, fill, scale, num_pages=limit)
-        if ctx.window is not None and refresh.rule == "top_half":  # once per page (kernels/window_refresh.py)
+        if ctx.window is not None:  # top_half, once a page (the runner keeps a window for that rule only)
             ctx.side.run(ops.window_refresh, q, kmin, kmax, page_ids, fill, refresh, limit, ctx.window.ring[layer],
                          ctx.window.first_pos)
         else:
