@@ -13,6 +13,7 @@ settings. Operand types are the engine's.
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import subprocess
 import sys
@@ -36,7 +37,7 @@ FLOATS = {"qk_scale_log2", "alpha", "scale", "eps", "refresh_alpha", "refresh_sc
 OPTIONS = ("num_warps", "num_stages")  # launch options, given with the constexprs
 
 
-def compile_sm90(getter, pointers: dict[str, str], constexprs: dict) -> None:
+def compile_sm90(getter, pointers: dict[str, str], constexprs: dict) -> str:
     """Compile a lazy_jit kernel for sm_90: pointers name -> element type ('bf16', 'i32', ...; every
     other *_ptr is bf16), scalars i32 (fp32 for FLOATS), constexprs by value (num_warps / num_stages
     among them are the launch's options)."""
@@ -64,6 +65,17 @@ def compile_sm90(getter, pointers: dict[str, str], constexprs: dict) -> None:
 
     compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=SM90, options=options)
     assert compiled.asm["cubin"]
+    return compiled.asm["ptx"]
+
+
+def ptx_fingerprint(ptx: str) -> str:
+    """The PTX's sha256 without its line tables (.loc / .file lines, comments, labels, debug sections), which
+    follow the source's line numbers: equal before and after a refactor that changes no instruction."""
+    import hashlib
+
+    body = ptx.split(".section\t.debug")[0]
+    kept = [line for line in body.splitlines() if not line.strip().startswith((".loc", ".file", "$L__", "//"))]
+    return hashlib.sha256("\n".join(kept).encode()).hexdigest()[:16]
 
 
 def sampler_variants():
@@ -200,13 +212,17 @@ def main() -> int:
     from triton.backends.compiler import GPUTarget
 
     SM90 = GPUTarget("cuda", 90, 32)
-    n = 0
+    n, fingerprints = 0, {}
     for variants in (sampler_variants, append_variants, attention_variants, bounds_refresh_variants,
                      window_refresh_variants, other_variants):
         for getter, pointers, constexprs in variants():
-            compile_sm90(getter, pointers, constexprs)
+            ptx = compile_sm90(getter, pointers, constexprs)
+            fingerprints[f"{n:02d} {getter().fn.__name__}"] = ptx_fingerprint(ptx)
             n += 1
     print(f"compiled {n} kernel variants for sm_90")
+    if len(sys.argv) > 1:  # `python tests/test_kernels_compile.py FILE.json`: each variant's PTX fingerprint,
+        with open(sys.argv[1], "w") as f:  # to compare two versions of the kernels (docs/gpu-notes.md)
+            json.dump(fingerprints, f, indent=0)
     return 0
 
 
