@@ -163,6 +163,18 @@ LAYER_VARIANTS = [("refresh in the attention's program", "inside"),
                   # after the last layer (RAAS_BATCH_REFRESH_STREAM=1)
                   ("refresh on a side stream", "side"),
                   ("no refresh (diagnostic)", "none")]
+# RaaS's refresh once a page (kernels/window_refresh.py, the engine's default since run 78) on the side stream: 1/P of
+# the rows close a page each step (positions spread over a page). Run 84 tried fewer warps and capped registers (so
+# that a window program fits beside the attention's 4 programs an SM), 4 or 16 rows a program, and run 85 every listed
+# page's bounds in one block without the scratch: all slower or the same. Run 86: loading a product's queries two
+# products ahead instead of one was no faster (261.3 against 257.8 us a layer).
+WINDOW_VARIANTS = [("refresh once a page, side stream", {}),
+                   # each product's queries loaded only after the product before it has been stored (up to run 85)
+                   ("once a page, no prefetch", {"prefetch": False}),
+                   # diagnostics: no row closes its page (the queries stored, nothing scored), or every row does
+                   ("once a page, no row closing (diagnostic)", {"closing": "none"}),
+                   ("once a page, every row closing (diagnostic)", {"closing": "all"}),
+                   ("once a page, no prefetch, every row closing (diagnostic)", {"closing": "all", "prefetch": False})]
 
 
 def layer_rows(cfg, skip=()) -> list[dict]:
@@ -216,7 +228,69 @@ def layer_rows(cfg, skip=()) -> list[dict]:
         rows.append({"kernel": "layer: attention + products", "policy": "raas L=1024", "variant": name,
                      "ms_per_call": ms, "ms_per_step": ms * L, "pct_copy": float("nan"), "rel_err_vs_default": 0.0})
         print(f"  layer {name:40s} {ms * 1e3:8.1f} us/layer  {ms * L:6.3f} ms/step", flush=True)
+    rows += window_rows(cfg, layers, q, D, linear, (wo, wgu, wd, wqkv), side, skip)
     layers.clear()
+    return rows
+
+
+def window_rows(cfg, layers, q, D, linear, weights, side, skip=()) -> list[dict]:
+    """The layer rows with RaaS's refresh once a page on the side stream (WINDOW_VARIANTS): row b at position
+    3000 + (b + 7) mod P, so one row in P (b mod P = 0) closes its current page this step and scores its window
+    (the ring's other entries hold zeros: the same work). Every launch setting must leave the same stamps."""
+    import dataclasses
+    import functools
+
+    from raas_batch.kernels.window_refresh import window_refresh
+
+    B, Hq, Hkv, P = cfg["B"], cfg["Hq"], cfg["Hkv"], cfg["P"]
+    wo, wgu, wd, wqkv = weights
+    first = torch.full((B,), 100, dtype=torch.int64, device=DEV)
+    rings = [torch.zeros((B, P, Hq, D), dtype=layer[0].dtype, device=DEV) for layer in layers]
+
+    def make_state(closing):
+        # position 3000 = 8 mod 16: nobody closes; 3000 + (b + 7) mod P: row b closes when b = 0 mod P
+        shift = {"none": torch.zeros(B, dtype=torch.int64, device=DEV), "all": torch.full((B,), 7, device=DEV),
+                 "spread": (torch.arange(B, device=DEV) + 7) % P}[closing]
+        pos = 3000 + shift
+        state = []
+        for (k, v, kmin, kmax, fill, ids, refresh), ring in zip(layers, rings):
+            wfill = fill.clone()
+            wfill[refresh.cur, torch.arange(Hkv, device=DEV)[None, :]] = (pos % P + 1).to(torch.int32)[:, None]
+            state.append((k, v, kmin, kmax, wfill, ids, dataclasses.replace(refresh, positions=pos), ring))
+        return state
+
+    def step(state, kw):
+        fn = functools.partial(window_refresh, **kw)
+        for k, v, kmin, kmax, wfill, ids, wrefresh, ring in state:
+            side.fork()
+            out = DEC.paged_decode_attention_impl(q, k, v, ids, wfill, D ** -0.5)
+            side.run(fn, q, kmin, kmax, ids, wfill, wrefresh, None, ring, first)
+            gate, up = linear(linear(out.view(B, Hq * D), wo), wgu).chunk(2, dim=-1)
+            linear(linear(torch.nn.functional.silu(gate) * up, wd), wqkv)
+        side.join()
+
+    rows, stamps = [], None
+    for name, kw in WINDOW_VARIANTS:
+        if name in skip:
+            continue
+        kw = dict(kw)
+        closing = kw.pop("closing", "spread")
+        state = make_state(closing)
+        for *_, wrefresh, ring in state:
+            wrefresh.stamp.zero_()
+            ring.zero_()
+        step(state, kw)
+        if closing == "spread":  # every launch setting leaves the same stamps
+            got = torch.stack([layer[6].stamp for layer in state])
+            assert int((got > 0).sum()) > 0, f"{name}: the refresh stamped no page"
+            stamps = got if stamps is None else stamps
+            assert torch.equal(got, stamps), f"{name}: other stamps than {WINDOW_VARIANTS[0][0]}"
+        ms = timed(cfg["reps"], step, state, kw) / cfg["layers"]
+        state.clear()
+        rows.append({"kernel": "layer: attention + products", "policy": "raas L=1024", "variant": name,
+                     "ms_per_call": ms, "ms_per_step": ms * cfg["layers"], "pct_copy": float("nan"),
+                     "rel_err_vs_default": 0.0})
+        print(f"  layer {name:40s} {ms * 1e3:8.1f} us/layer  {ms * cfg['layers']:6.3f} ms/step", flush=True)
     return rows
 
 

@@ -32,6 +32,9 @@ refreshed, the position of the last such step. first_pos is the position of the 
 step (its prompt's length): the positions before it were prefilled, and a prefill refreshes nothing.
 A first version ran `_bounds_pass` and `_refresh_mask` once per step of the window: 95 us a layer, the
 dependent chain of the few rows whose page filled, and 8% slower decode steps (run 77, docs/gpu-notes.md).
+A closing program is a chain of loads from L2, each waited for: with `prefetch` each product's queries are
+loaded before the product ahead of them and its store, which took its cost beside the attention from
+15 to 12 us a layer (run 86); two products ahead was no better.
 No host synchronisation; CUDA-graph capturable.
 """
 
@@ -60,7 +63,7 @@ def _window_refresh_kernel(
     P: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GW: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
     BLOCK_D: tl.constexpr, HAS_NUM_PAGES: tl.constexpr, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr,
     RULE: tl.constexpr, REFRESH_PINNED: tl.constexpr, BLOCK_S: tl.constexpr, BOUNDS_PAGES: tl.constexpr,
-    PDL: tl.constexpr,
+    PREFETCH: tl.constexpr, PDL: tl.constexpr,
 ):
     if PDL:  # programmatic dependent launch (kernels/_jit.py): the kernel before must have finished
         tl.extra.cuda.gdc_wait()
@@ -110,11 +113,13 @@ def _window_refresh_kernel(
                                              kmax_ptr, stride_mn, stride_mh, stride_md, stride_mn, stride_mh, stride_md)
             if DOT_F32:
                 lo, hi = lo.to(tl.float32), hi.to(tl.float32)
+            if PREFETCH:
+                qx = _ring_tile(ring_heads, 0, pos, w0, pr, pg_ok, d_ok, stride_rp, P, GW, SPP)
             for i in tl.static_range((P + SPP - 1) // SPP):
-                j = i * SPP + pr // GW  # [GP] the rows' steps
-                x = pos - P + 1 + j
-                qx = tl.load(ring_heads + (x % P)[:, None] * stride_rp,
-                             mask=(pg_ok & (j < P) & (x >= w0))[:, None] & d_ok[None, :], other=0.0)
+                if PREFETCH:  # the next product's queries, loaded before this product and its store (run 86: -3.4 us a layer)
+                    qx_next = _ring_tile(ring_heads, i + 1, pos, w0, pr, pg_ok, d_ok, stride_rp, P, GW, SPP)
+                else:
+                    qx = _ring_tile(ring_heads, i, pos, w0, pr, pg_ok, d_ok, stride_rp, P, GW, SPP)
                 qx = qx.to(kmin_ptr.dtype.element_ty)
                 if DOT_F32:
                     qx = qx.to(tl.float32)
@@ -126,6 +131,8 @@ def _window_refresh_kernel(
                 best = tl.where(has_j[None, :], best, float("-inf"))
                 tl.store(scratch_row + (i * SPP + steps)[:, None] * BLOCK_S + pidx[None, :], best,
                          mask=(i * SPP + steps < P)[:, None] & (pidx < S)[None, :])
+                if PREFETCH:
+                    qx = qx_next
         tl.debug_barrier()
         jj = tl.arange(0, P)
         xj = pos - P + 1 + jj  # [P] each row's position
@@ -133,6 +140,16 @@ def _window_refresh_kernel(
         refresh = _top_half_rows(v, ok, rs, tl.load(top_ptr + slot), P, BLOCK_S)
         last = tl.max(tl.where(refresh & (xj >= w0)[:, None] & unpinned[None, :], xj[:, None], -1), axis=0)
         tl.store(stamp_ptr + page * stride_fn + kvh * stride_fh, last, mask=last >= 0)
+
+
+def _ring_tile(ring_heads, i, pos, w0, pr, pg_ok, d_ok, stride_rp, P: tl.constexpr, GW: tl.constexpr,
+               SPP: tl.constexpr):
+    """The queries of the window's steps i * SPP .. i * SPP + SPP - 1 from the ring, as the rows of one product
+    [GP, D] (zeros past the window: none for i * SPP >= P)."""
+    j = i * SPP + pr // GW  # [GP] the rows' steps
+    x = pos - P + 1 + j
+    return tl.load(ring_heads + (x % P)[:, None] * stride_rp, mask=(pg_ok & (j < P) & (x >= w0))[:, None] & d_ok[None, :],
+                   other=0.0)
 
 
 def _top_half_rows(v, ok, cols, top, R: tl.constexpr, BLOCK_S: tl.constexpr):
@@ -145,17 +162,18 @@ def _top_half_rows(v, ok, cols, top, R: tl.constexpr, BLOCK_S: tl.constexpr):
     return ok[None, :] & (key >= kth[:, None]) & ((cols[None, :] * 0 + top) > 0)
 
 
-_kernel = lazy_jit(_window_refresh_kernel, helpers=(_row_ok, _rank_key, _top_half_rows, _page_key_bounds))
+_kernel = lazy_jit(_window_refresh_kernel, helpers=(_row_ok, _rank_key, _ring_tile, _top_half_rows, _page_key_bounds))
 
 
 def window_refresh(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, page_ids: torch.Tensor,
                    fill: torch.Tensor, refresh: Refresh, num_pages: torch.Tensor | None, ring: torch.Tensor,
-                   first_pos: torch.Tensor, *, bounds_pages: int | None = None) -> None:
+                   first_pos: torch.Tensor, *, bounds_pages: int | None = None, prefetch: bool = True) -> None:
     """The deferred refresh of one layer's decode step (module docstring). q [B, Hq, D] (rotated), kmin /
     kmax [N, Hkv, D], page_ids [B, Hkv, S], fill [N, Hkv], num_pages [B] or None: as `bounds_refresh`'s;
     ring [num_slots, P, Hq, D] (the layer's queries of the last P steps of each slot, in the cache's dtype),
     first_pos [num_slots] int64. Rule top_half only (module docstring). Updates the ring and, for the rows whose current
-    page is full, the stamps."""
+    page is full, the stamps. prefetch False: each product's queries loaded after the product before it (the
+    kernel up to run 85; the same stamps)."""
     B, Hq, D = q.shape
     N, Hkv, Dk = kmin.shape
     S = page_ids.shape[2]
@@ -181,6 +199,6 @@ def window_refresh(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, page
         P=P, HKV=Hkv, G=G, GW=triton.next_power_of_2(G), GP=max(16, triton.next_power_of_2(G)), D=D, BLOCK_D=triton.next_power_of_2(D),
         HAS_NUM_PAGES=num_pages is not None, DOT_PREC="ieee" if kmin.dtype == torch.float32 else "tf32",
         DOT_F32=interpreting() and kmin.dtype == torch.bfloat16, **rule_args,
-        BOUNDS_PAGES=BOUNDS_PAGES if bounds_pages is None else bounds_pages,
+        BOUNDS_PAGES=BOUNDS_PAGES if bounds_pages is None else bounds_pages, PREFETCH=prefetch,
         num_warps=4, num_stages=2, **pdl_args(q.device),
     )
