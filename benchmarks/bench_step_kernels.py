@@ -198,6 +198,10 @@ def layer_rows(cfg, skip=()) -> list[dict]:
     side = SideStream(torch.cuda.Stream() if CUDA else None)
     linear = torch.nn.functional.linear
 
+    def products(out):  # the layer's products after its attention (o, gate_up, SiLU and mul, down, the next qkv)
+        gate, up = linear(linear(out.view(B, Hq * D), wo), wgu).chunk(2, dim=-1)
+        linear(linear(torch.nn.functional.silu(gate) * up, wd), wqkv)
+
     def step(how):
         for k, v, kmin, kmax, fill, ids, refresh in layers:
             if how == "side":
@@ -208,8 +212,7 @@ def layer_rows(cfg, skip=()) -> list[dict]:
             out = out[0] if isinstance(out, tuple) else out  # (the bounds, with the refresh inside)
             if how == "side":
                 side.run(DEC.bounds_refresh, q, kmin, kmax, ids, fill, refresh)
-            gate, up = linear(linear(out.view(B, Hq * D), wo), wgu).chunk(2, dim=-1)
-            linear(linear(torch.nn.functional.silu(gate) * up, wd), wqkv)
+            products(out)
         side.join()
 
     rows, stamps = [], None
@@ -228,12 +231,12 @@ def layer_rows(cfg, skip=()) -> list[dict]:
         rows.append({"kernel": "layer: attention + products", "policy": "raas L=1024", "variant": name,
                      "ms_per_call": ms, "ms_per_step": ms * L, "pct_copy": float("nan"), "rel_err_vs_default": 0.0})
         print(f"  layer {name:40s} {ms * 1e3:8.1f} us/layer  {ms * L:6.3f} ms/step", flush=True)
-    rows += window_rows(cfg, layers, q, D, linear, (wo, wgu, wd, wqkv), side, skip)
+    rows += window_rows(cfg, layers, q, products, side, skip)
     layers.clear()
     return rows
 
 
-def window_rows(cfg, layers, q, D, linear, weights, side, skip=()) -> list[dict]:
+def window_rows(cfg, layers, q, products, side, skip=()) -> list[dict]:
     """The layer rows with RaaS's refresh once a page on the side stream (WINDOW_VARIANTS): row b at position
     3000 + (b + 7) mod P, so one row in P (b mod P = 0) closes its current page this step and scores its window
     (the ring's other entries hold zeros: the same work). Every launch setting must leave the same stamps."""
@@ -242,8 +245,7 @@ def window_rows(cfg, layers, q, D, linear, weights, side, skip=()) -> list[dict]
 
     from raas_batch.kernels.window_refresh import window_refresh
 
-    B, Hq, Hkv, P = cfg["B"], cfg["Hq"], cfg["Hkv"], cfg["P"]
-    wo, wgu, wd, wqkv = weights
+    B, Hq, Hkv, D, P = cfg["B"], cfg["Hq"], cfg["Hkv"], cfg["D"], cfg["P"]
     first = torch.full((B,), 100, dtype=torch.int64, device=DEV)
     rings = [torch.zeros((B, P, Hq, D), dtype=layer[0].dtype, device=DEV) for layer in layers]
 
@@ -265,8 +267,7 @@ def window_rows(cfg, layers, q, D, linear, weights, side, skip=()) -> list[dict]
             side.fork()
             out = DEC.paged_decode_attention_impl(q, k, v, ids, wfill, D ** -0.5)
             side.run(fn, q, kmin, kmax, ids, wfill, wrefresh, None, ring, first)
-            gate, up = linear(linear(out.view(B, Hq * D), wo), wgu).chunk(2, dim=-1)
-            linear(linear(torch.nn.functional.silu(gate) * up, wd), wqkv)
+            products(out)
         side.join()
 
     rows, stamps = [], None
