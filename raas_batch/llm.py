@@ -44,14 +44,36 @@ def auto_max_num_seqs(device: torch.device, policy, kv_budget: int | None, page_
     """
     if device.type != "cuda":
         return CPU_MAX_NUM_SEQS
-    from raas_batch.policies.bounded import BoundedPolicy
-
-    if not isinstance(policy, BoundedPolicy) or not kv_budget or policy.dense_layers > 0:
+    if not _batch_from_pool(policy, kv_budget):
         return DENSE_MAX_NUM_SEQS
     from raas_batch.engine.cuda_graph import BATCH_BUCKETS
 
     pages_per_seq = max(1, kv_budget // page_size)
     return max(1, min(BATCH_BUCKETS[-1], (num_kv_tokens // page_size) // pages_per_seq))
+
+
+def _batch_from_pool(policy, kv_budget: int | None) -> bool:
+    """Whether auto_max_num_seqs sizes the batch from the pool (a bounded policy with a budget) on CUDA."""
+    from raas_batch.policies.bounded import BoundedPolicy
+
+    return isinstance(policy, BoundedPolicy) and bool(kv_budget) and policy.dense_layers == 0
+
+
+def kv_pool_tokens(free: int, reserve: float, per_page: int, page_size: int, ring_per_slot: int = 0,
+                   num_seqs: int | None = None, pages_per_seq: int = 1) -> int:
+    """The page pool's default size in tokens: the pages that `free` bytes less `reserve` hold, less the rings of
+    the refresh once a page (`ring_per_slot` bytes a slot, model_runner.window_ring_bytes; 0 without them) of the
+    engine's slots: num_seqs and the padding slot, or with num_seqs None (max_num_seqs "auto" for a bounded
+    policy) as many as the memory holds at pages_per_seq pages and a ring each, at most the largest CUDA-graph
+    batch (auto_max_num_seqs then picks at most that many from the pool)."""
+    avail = free - reserve
+    if ring_per_slot:
+        if num_seqs is None:
+            from raas_batch.engine.cuda_graph import BATCH_BUCKETS
+
+            num_seqs = min(BATCH_BUCKETS[-1], max(1, int(avail // (per_page * pages_per_seq + ring_per_slot))))
+        avail -= (num_seqs + 1) * ring_per_slot
+    return max(page_size, int(avail // per_page) * page_size)
 
 
 class LLM:
@@ -94,10 +116,11 @@ class LLM:
                                  f"{self.max_model_len} tokens; pass at most {self.max_model_len}.")
             self.max_model_len = max_model_len
         policy = make_policy(kv_policy, kv_budget, page_size, **(policy_options or {}))
-        if num_kv_tokens is None:
-            num_kv_tokens = self._default_kv_tokens(page_size, gpu_memory_utilization)
         if backend is None:
             backend = "triton" if self.device.type == "cuda" else "cpu"
+        if num_kv_tokens is None:
+            num_kv_tokens = self._default_kv_tokens(page_size, gpu_memory_utilization, policy, backend,
+                                                    None if max_num_seqs in (None, "auto") else int(max_num_seqs))
         if max_num_seqs in (None, "auto"):
             max_num_seqs = auto_max_num_seqs(self.device, policy, kv_budget, page_size, num_kv_tokens)
         self.max_num_seqs = int(max_num_seqs)
@@ -119,16 +142,24 @@ class LLM:
             raise RuntimeError("cannot swap the engine while requests are running")
         self.llm_engine.engine = engine
 
-    def _default_kv_tokens(self, page_size: int, utilization: float) -> int:
+    def _default_kv_tokens(self, page_size: int, utilization: float, policy, backend: str,
+                           max_num_seqs: int | None) -> int:
+        """What gpu_memory_utilization leaves free for pages, after the rings of RaaS's refresh once a page
+        (`kv_pool_tokens`) for max_num_seqs slots (None: "auto")."""
         if self.device.type != "cuda":
             return 32768
+        from raas_batch.engine.model_runner import refresh_placement, window_ring_bytes
         from raas_batch.engine.page_pool import PagePool
 
         spec = self.model.spec
         free, total = torch.cuda.mem_get_info(self.device)
         reserve = (1 - utilization) * total + 4 * 2**30  # activations, logits, sampling buffers
         per_page = PagePool.bytes_per_page(spec.num_layers, spec.num_kv_heads, page_size, spec.head_dim, self.dtype)
-        return max(page_size, int((free - reserve) // per_page) * page_size)
+        ring = window_ring_bytes(spec, page_size, self.dtype) if refresh_placement(policy, self.device, backend)[1] else 0
+        if max_num_seqs is None and not _batch_from_pool(policy, self.kv_budget):
+            max_num_seqs = DENSE_MAX_NUM_SEQS  # what "auto" gives this policy whatever the pool
+        return kv_pool_tokens(free, reserve, per_page, page_size, ring, max_num_seqs,
+                              max(1, (self.kv_budget or 0) // page_size))
 
     def get_default_sampling_params(self) -> SamplingParams:
         """The sampling settings a request gets for every field it leaves unset: the model's

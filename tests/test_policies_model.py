@@ -254,10 +254,12 @@ def test_refresh_beside_the_attention_equals_the_refresh_inside_it(tiny):
 
 def test_refresh_window_only_for_the_top_half_rule(tiny, monkeypatch):
     """The runner's state for the refresh once a page (kernels/window_refresh.py): a ring of every layer's
-    queries, P a slot, in the cache's dtype, and each slot's first decode position (its prompt length), for
+    queries, P a slot, in the cache's dtype (window_ring_bytes a slot, what the pool's default size leaves room for), and each slot's first decode position (its prompt length), for
     RaaS's top_half rule only; none for the alpha rule (its softmax spans the current page, whose fill changes
     every step), raas-mass, H2O and dense. On the CPU the runner makes none (no side stream); a setting
     other than 0 or 1 is refused by name."""
+    from raas_batch.engine.model_runner import window_ring_bytes
+
     path, _ = tiny
     llm = LLM(model=path, device="cpu", dtype="fp32", max_num_seqs=3, kv_policy="raas", kv_budget=20, page_size=4)
     runner = llm.engine.runner
@@ -266,6 +268,7 @@ def test_refresh_window_only_for_the_top_half_rule(tiny, monkeypatch):
     window = runner.refresh_window(runner.policy, 4)
     assert window.ring.shape == (spec.num_layers, 4, 4, spec.num_heads, spec.head_dim)
     assert window.ring.dtype == llm.engine.pool.kmin.dtype and window.first_pos is runner.prompt_len
+    assert window.ring.numel() * window.ring.element_size() == 4 * window_ring_bytes(spec, 4, window.ring.dtype)
     for name, options in (("raas", {"refresh_rule": "alpha"}), ("raas-mass", {}), ("h2o", {})):
         assert runner.refresh_window(make_policy(name, kv_budget=20, page_size=4, **options), 4) is None
     assert runner.refresh_window(make_policy("dense"), 4) is None

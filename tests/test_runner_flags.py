@@ -13,7 +13,7 @@ from fake_llm import FakeLLM, FakeTokenizer, sample_rows, write_input
 from raas_batch.cli import main
 from raas_batch.config import ConfigError, resolve
 from raas_batch.engine.cuda_graph import BATCH_BUCKETS
-from raas_batch.llm import CPU_MAX_NUM_SEQS, DENSE_MAX_NUM_SEQS, auto_max_num_seqs
+from raas_batch.llm import CPU_MAX_NUM_SEQS, DENSE_MAX_NUM_SEQS, auto_max_num_seqs, kv_pool_tokens
 from raas_batch.policies import make_policy
 
 
@@ -127,6 +127,49 @@ def test_auto_max_num_seqs_from_the_page_pool():
         assert auto_max_num_seqs(cuda, make_policy(name, budget, 16), budget, 16, 10**9) == DENSE_MAX_NUM_SEQS
     with_dense_layers = make_policy("raas", 2048, 16, dense_layers=2)
     assert auto_max_num_seqs(cuda, with_dense_layers, 2048, 16, 10**9) == DENSE_MAX_NUM_SEQS
+
+
+def test_the_default_pool_leaves_room_for_the_refresh_rings():
+    """The page pool's default size (kv_pool_tokens) takes the rings of RaaS's refresh once a page out of the free
+    memory first: for max_num_seqs slots and the padding slot, or with "auto" for every slot that auto_max_num_seqs
+    then picks from that pool; the pool is the largest that leaves them room. Without rings: (free - reserve)
+    in whole pages."""
+    cuda, P = torch.device("cuda"), 16
+    raas = make_policy("raas", 1024, P)  # 64 pages a sequence
+    per_page, ring = 28 * 2 * 2 * P * 128 * 2, 28 * P * 12 * 128 * 2  # the 1.5B shape's page and ring, bf16
+    assert kv_pool_tokens(10**9 + 7, 10**8, per_page, P) == (10**9 + 7 - 10**8) // per_page * P
+    assert kv_pool_tokens(0, 10**8, per_page, P) == P  # at least one page (the engine then reports what does not fit)
+    for avail in (3 * 10**9, 17 * 10**9, 40 * 10**9, 120 * 10**9):
+        for seqs in (None, 1, 512):
+            tokens = kv_pool_tokens(avail + 10**9, 10**9, per_page, P, ring, seqs, 1024 // P)
+            slots = seqs if seqs is not None else auto_max_num_seqs(cuda, raas, 1024, P, tokens)
+            used = tokens // P * per_page + (slots + 1) * ring
+            assert used <= avail < used + per_page + (ring if seqs is None else 0), (avail, seqs, slots)
+            if seqs is None:
+                assert slots <= BATCH_BUCKETS[-1]
+    # rings for 1,025 slots at most: with memory for more, the pool takes the rest
+    big = kv_pool_tokens(10**12, 0, per_page, P, ring, None, 1024 // P)
+    assert big // P * per_page + (BATCH_BUCKETS[-1] + 1) * ring <= 10**12 < big // P * per_page + 1025 * ring + per_page
+
+
+def test_refresh_placement_names_where_the_refresh_runs(monkeypatch):
+    """The side stream and the ring of the refresh once a page: CUDA, Triton and RaaS's refresh by the bounds;
+    the ring for the top_half rule only; either setting turns its part off. The engine's runner and the pool's
+    default size (above) read this one rule."""
+    from raas_batch.engine.model_runner import refresh_placement
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    raas = make_policy("raas", 1024, 16)
+    assert refresh_placement(raas, cuda, "triton") == (True, True)
+    assert refresh_placement(raas, cpu, "cpu") == refresh_placement(raas, cuda, "torch") == (False, False)
+    assert refresh_placement(make_policy("raas", 1024, 16, refresh_rule="alpha"), cuda, "triton") == (True, False)
+    for name in ("raas-mass", "h2o", "streaming", "quest", "dense"):
+        policy = make_policy(name, None if name == "dense" else 1024, 16)
+        assert refresh_placement(policy, cuda, "triton") == (False, False), name
+    monkeypatch.setenv("RAAS_BATCH_REFRESH_WINDOW", "0")
+    assert refresh_placement(raas, cuda, "triton") == (True, False)
+    monkeypatch.setenv("RAAS_BATCH_REFRESH_STREAM", "0")
+    assert refresh_placement(raas, cuda, "triton") == (False, False)
 
 
 def test_max_model_len_caps_the_context(tiny_model_dir):

@@ -46,6 +46,23 @@ class DecodeLaunch:
         return self.tokens.tolist(), self.stats
 
 
+def _refreshes_top_half(policy: KVPolicy) -> bool:
+    return getattr(policy, "refresh_rule", None) == "top_half" and policy.needs_bounds
+
+
+def refresh_placement(policy: KVPolicy, device: torch.device, backend: str) -> tuple[bool, bool]:
+    """Where an engine of `policy` on `device` with kernel `backend` runs RaaS's refresh -> (on a side stream, once a
+    page with a ring of queries). The side stream: CUDA, Triton, a refresh by the Quest bounds
+    (RAAS_BATCH_REFRESH_STREAM). Once a page: besides, the top_half rule (RAAS_BATCH_REFRESH_WINDOW)."""
+    side = device.type == "cuda" and backend == "triton" and policy.needs_bounds and refresh_stream_enabled()
+    return side, side and refresh_window_enabled() and _refreshes_top_half(policy)
+
+
+def window_ring_bytes(spec, page_size: int, dtype: torch.dtype) -> int:
+    """Bytes of one slot's ring of queries for the refresh once a page: P steps of every layer's query heads."""
+    return spec.num_layers * page_size * spec.num_heads * spec.head_dim * dtype.itemsize
+
+
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, pool: PagePool, policy: KVPolicy, ops, device: torch.device,
                  num_slots: int, max_pages: int):
@@ -71,20 +88,18 @@ class ModelRunner:
         # RaaS's refresh by the Quest bounds on a second stream, beside an attention without bounds, instead
         # of inside the attention's program (RAAS_BATCH_REFRESH_STREAM=0): see layers/attention.py
         self.side = None
-        if (device.type == "cuda" and getattr(ops, "backend", "") == "triton" and policy.needs_bounds
-                and refresh_stream_enabled()):
+        side, window = refresh_placement(policy, device, getattr(ops, "backend", ""))
+        if side:
             self.side = SideStream(torch.cuda.Stream(device))
         # With the refresh on the side stream, RaaS's top_half refresh runs once per page, at the step that fills
         # a row's current page (RAAS_BATCH_REFRESH_WINDOW=0: every step): kernels/window_refresh.py
-        self.window = None
-        if self.side is not None and refresh_window_enabled():
-            self.window = self.refresh_window(policy, num_slots)
+        self.window = self.refresh_window(policy, num_slots) if window else None
 
     def refresh_window(self, policy: KVPolicy, num_slots: int) -> RefreshWindow | None:
         """The deferred refresh's state for `policy`, or None where its refresh is not top_half by the bounds.
-        The ring takes num_layers * P * Hq * D values a slot (1.5B shape, P = 16: 1.4 MB a slot, 5% of a
-        1024-token KV budget), out of what --gpu-memory-utilization leaves for activations."""
-        if getattr(policy, "refresh_rule", None) != "top_half" or not policy.needs_bounds:
+        The ring takes `window_ring_bytes` a slot (1.5B shape, P = 16: 1.4 MB, 5% of a 1024-token KV budget);
+        the page pool's default size leaves room for it (raas_batch/llm.py `kv_pool_tokens`)."""
+        if not _refreshes_top_half(policy):
             return None
         spec, pool = self.model.spec, self.pool
         ring = torch.zeros((spec.num_layers, num_slots, pool.page_size, spec.num_heads, spec.head_dim),
