@@ -1,5 +1,6 @@
 """Jobs' engine settings and the request core on a CUDA device (run on the GPU machine; skipped
-elsewhere): `max_num_seqs="auto"` from the page pool, a stream closed early leaves the engine reusable
+elsewhere): `max_num_seqs="auto"` from the page pool, the default pool leaving the activations' reserve free
+with RaaS's rings of queries, a stream closed early leaves the engine reusable
 with CUDA graphs, a streaming job with shards of 1, 3 and 10 rows, and a batch-invariant job whose rows
 do not depend on the shard size."""
 
@@ -36,6 +37,21 @@ def test_auto_max_num_seqs_fills_the_page_pool():
     assert llm.max_num_seqs == 100 == llm.engine.scheduler.max_num_seqs
     assert small_llm("raas", 256, num_kv_tokens=10**7).max_num_seqs == BATCH_BUCKETS[-1]
     assert small_llm("dense", None, num_kv_tokens=64 * 1024).max_num_seqs == DENSE_MAX_NUM_SEQS
+
+
+def test_the_default_pool_leaves_the_reserve_to_activations():
+    """A raas LLM sized by default ("auto" batch, the pool from gpu_memory_utilization): its refresh once a page
+    keeps a ring for every slot, and after the pool and the rings are allocated the memory kept for activations
+    ((1 - utilization) of the GPU + 4 GiB) is still free, less small per-slot tensors (the rings alone: 67 MB)."""
+    util = 0.5
+    llm = small_llm("raas", 256, gpu_memory_utilization=util)
+    window = llm.engine.runner.window
+    assert window is not None and window.ring.shape[1] == llm.max_num_seqs + 1 == BATCH_BUCKETS[-1] + 1
+    free, total = torch.cuda.mem_get_info()
+    assert free >= (1 - util) * total + 4 * 2**30 - 32 * 2**20, (free, total)
+    out = llm.generate({"prompt_token_ids": list(range(100, 140))},
+                       SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 40
 
 
 def test_stream_closed_early_leaves_the_engine_reusable_with_graphs():
