@@ -142,10 +142,11 @@ class LLM:
             raise RuntimeError("cannot swap the engine while requests are running")
         self.llm_engine.engine = engine
 
-    def _default_kv_tokens(self, page_size: int, utilization: float, policy, backend: str,
-                           max_num_seqs: int | None) -> int:
+    def _default_kv_tokens(self, page_size: int, utilization: float, policy=None, backend: str = "",
+                           max_num_seqs: int | None = None) -> int:
         """What gpu_memory_utilization leaves free for pages, after the rings of RaaS's refresh once a page
-        (`kv_pool_tokens`) for max_num_seqs slots (None: "auto")."""
+        (`kv_pool_tokens`) that an engine of `policy` with `backend` keeps, for max_num_seqs slots (None: "auto").
+        policy None: no rings (the audit's engine, raas_batch/audit_engine.py, whose mixture keeps none)."""
         if self.device.type != "cuda":
             return 32768
         from raas_batch.engine.model_runner import refresh_placement, window_ring_bytes
@@ -155,7 +156,9 @@ class LLM:
         free, total = torch.cuda.mem_get_info(self.device)
         reserve = (1 - utilization) * total + 4 * 2**30  # activations, logits, sampling buffers
         per_page = PagePool.bytes_per_page(spec.num_layers, spec.num_kv_heads, page_size, spec.head_dim, self.dtype)
-        ring = window_ring_bytes(spec, page_size, self.dtype) if refresh_placement(policy, self.device, backend)[1] else 0
+        ring = 0
+        if policy is not None and refresh_placement(policy, self.device, backend)[1]:
+            ring = window_ring_bytes(spec, page_size, self.dtype)
         if max_num_seqs is None and not _batch_from_pool(policy, self.kv_budget):
             max_num_seqs = DENSE_MAX_NUM_SEQS  # what "auto" gives this policy whatever the pool
         return kv_pool_tokens(free, reserve, per_page, page_size, ring, max_num_seqs,

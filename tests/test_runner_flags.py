@@ -152,6 +152,31 @@ def test_the_default_pool_leaves_room_for_the_refresh_rings():
     assert big // P * per_page + (BATCH_BUCKETS[-1] + 1) * ring <= 10**12 < big // P * per_page + 1025 * ring + per_page
 
 
+def test_the_llm_sizes_its_pool_on_cuda_with_the_rings(tiny_model_dir, monkeypatch):
+    """LLM._default_kv_tokens on CUDA (the device and its free memory stood in for): the rings of the refresh
+    once a page come off the pool for a raas engine on Triton, none for dense or without a policy (the
+    audit's engine calls it so)."""
+    from raas_batch import LLM
+    from raas_batch.engine.model_runner import window_ring_bytes
+    from raas_batch.engine.page_pool import PagePool
+
+    llm = LLM(model=tiny_model_dir("llama"), device="cpu")
+    free, total = 30 * 2**30, 40 * 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, total))
+    llm.device, llm.kv_budget = torch.device("cuda"), 64
+    spec, P = llm.model.spec, 16
+    per_page = PagePool.bytes_per_page(spec.num_layers, spec.num_kv_heads, P, spec.head_dim, llm.dtype)
+    reserve = 0.1 * total + 4 * 2**30
+    plain = llm._default_kv_tokens(P, 0.9)
+    assert plain == kv_pool_tokens(free, reserve, per_page, P) == llm._default_kv_tokens(P, 0.9, make_policy("dense"),
+                                                                                          "triton", None)
+    ring = window_ring_bytes(spec, P, llm.dtype)
+    for seqs in (8, None):
+        got = llm._default_kv_tokens(P, 0.9, make_policy("raas", 64, P), "triton", seqs)
+        assert got == kv_pool_tokens(free, reserve, per_page, P, ring, seqs, 64 // P) < plain
+    assert llm._default_kv_tokens(P, 0.9, make_policy("raas", 64, P), "torch", 8) == plain
+
+
 def test_refresh_placement_names_where_the_refresh_runs(monkeypatch):
     """The side stream and the ring of the refresh once a page: CUDA, Triton and RaaS's refresh by the bounds;
     the ring for the top_half rule only; either setting turns its part off. The engine's runner and the pool's
