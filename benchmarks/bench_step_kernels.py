@@ -167,7 +167,9 @@ LAYER_VARIANTS = [("refresh in the attention's program", "inside"),
 # the rows close a page each step (positions spread over a page). Run 84 tried fewer warps and capped registers (so
 # that a window program fits beside the attention's 4 programs an SM), 4 or 16 rows a program, and run 85 every listed
 # page's bounds in one block without the scratch: all slower or the same. Run 86: loading a product's queries two
-# products ahead instead of one was no faster (261.3 against 257.8 us a layer).
+# products ahead instead of one was no faster (261.3 against 257.8 us a layer). Run 89: 64 or 32 programs a KV head
+# finding the closing rows and sharing them (the queries stored beforehand) instead of a program a row: 263.4 / 263.8
+# against 258.3, and with no row closing 250.3 against 250.8 (the 1,024 short programs cost nothing measurable).
 WINDOW_VARIANTS = [("refresh once a page, side stream", {}),
                    # each product's queries loaded only after the product before it has been stored (up to run 85)
                    ("once a page, no prefetch", {"prefetch": False}),
