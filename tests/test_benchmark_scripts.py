@@ -51,12 +51,15 @@ def test_benchmark_smoke_runs(tmp_path, script, stem):
             LAYER_VARIANTS,
             REFRESH_VARIANTS,
             SAMPLER_VARIANTS,
+            WINDOW_VARIANTS,
         )
 
         # (raas with the refresh both ways: the script asserts they leave the same stamps; dense has no bounds
-        # pass, so no bounds-only variants; no PDL chain on a CPU)
+        # pass, so no bounds-only variants; no PDL chain on a CPU; the refresh once a page's launch settings and
+        # diagnostics, whose stamps the script checks)
         assert len(rows) == (2 * len(ATTN_VARIANTS) - len(BOUNDS_ONLY) + len(REFRESH_VARIANTS) + 2
-                             + len(LAYER_VARIANTS) + len(SAMPLER_VARIANTS))
+                             + len(LAYER_VARIANTS) + len(WINDOW_VARIANTS) + len(SAMPLER_VARIANTS))
+        assert {r["variant"] for r in rows if r["kernel"].startswith("layer")} >= {name for name, _ in WINDOW_VARIANTS}
         assert {r["variant"] for r in rows if r["policy"] == "raas L=1024"} >= BOUNDS_ONLY
         assert all(r["rel_err_vs_default"] <= 2e-2 for r in rows if r["kernel"] == "decode attention"), rows
         assert all(r["rel_err_vs_default"] == 0 for r in rows if r["kernel"] == "sampler"), rows
