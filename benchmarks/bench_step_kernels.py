@@ -229,17 +229,27 @@ def layer_rows(cfg, skip=()) -> list[dict]:
             layer[-1].stamp.zero_()
         step(how)
         if how != "none":  # both placements leave the same stamps in every layer
-            got = torch.stack([layer[-1].stamp for layer in layers])
-            assert int((got > 0).sum()) > 0, f"{name}: the refresh stamped no page"
-            stamps = got if stamps is None else stamps
-            assert torch.equal(got, stamps), f"{name}: other stamps than {LAYER_VARIANTS[0][0]}"
-        ms = timed(cfg["reps"], step, how) / L
-        rows.append({"kernel": "layer: attention + products", "policy": "raas L=1024", "variant": name,
-                     "ms_per_call": ms, "ms_per_step": ms * L, "pct_copy": float("nan"), "rel_err_vs_default": 0.0})
-        print(f"  layer {name:40s} {ms * 1e3:8.1f} us/layer  {ms * L:6.3f} ms/step", flush=True)
+            stamps = _same_stamps(name, [layer[-1].stamp for layer in layers], stamps, LAYER_VARIANTS[0][0])
+        rows.append(_layer_row(name, timed(cfg["reps"], step, how) / L, L))
     rows += window_rows(cfg, layers, q, products, side, skip)
     layers.clear()
     return rows
+
+
+def _same_stamps(name: str, per_layer: list, stamps, first: str):
+    """The variant's stamps of every layer, checked non-empty and equal to the first variant's (`stamps`, None for
+    the first) -> the stamps the next variant must leave."""
+    got = torch.stack(per_layer)
+    assert int((got > 0).sum()) > 0, f"{name}: the refresh stamped no page"
+    assert stamps is None or torch.equal(got, stamps), f"{name}: other stamps than {first}"
+    return got if stamps is None else stamps
+
+
+def _layer_row(name: str, ms: float, num_layers: int) -> dict:
+    """A layer row of the table (ms a layer), printed as it comes."""
+    print(f"  layer {name:40s} {ms * 1e3:8.1f} us/layer  {ms * num_layers:6.3f} ms/step", flush=True)
+    return {"kernel": "layer: attention + products", "policy": "raas L=1024", "variant": name, "ms_per_call": ms,
+            "ms_per_step": ms * num_layers, "pct_copy": float("nan"), "rel_err_vs_default": 0.0}
 
 
 def window_rows(cfg, layers, q, products, side, skip=()) -> list[dict]:
@@ -292,16 +302,9 @@ def window_rows(cfg, layers, q, products, side, skip=()) -> list[dict]:
             ring.zero_()
         step(state, kw, after)
         if closing == "spread":  # every launch setting leaves the same stamps
-            got = torch.stack([layer[6].stamp for layer in state])
-            assert int((got > 0).sum()) > 0, f"{name}: the refresh stamped no page"
-            stamps = got if stamps is None else stamps
-            assert torch.equal(got, stamps), f"{name}: other stamps than {WINDOW_VARIANTS[0][0]}"
-        ms = timed(cfg["reps"], step, state, kw, after) / cfg["layers"]
+            stamps = _same_stamps(name, [layer[6].stamp for layer in state], stamps, WINDOW_VARIANTS[0][0])
+        rows.append(_layer_row(name, timed(cfg["reps"], step, state, kw, after) / cfg["layers"], cfg["layers"]))
         state.clear()
-        rows.append({"kernel": "layer: attention + products", "policy": "raas L=1024", "variant": name,
-                     "ms_per_call": ms, "ms_per_step": ms * cfg["layers"], "pct_copy": float("nan"),
-                     "rel_err_vs_default": 0.0})
-        print(f"  layer {name:40s} {ms * 1e3:8.1f} us/layer  {ms * cfg['layers']:6.3f} ms/step", flush=True)
     return rows
 
 

@@ -156,13 +156,12 @@ class LLM:
         free, total = torch.cuda.mem_get_info(self.device)
         reserve = (1 - utilization) * total + 4 * 2**30  # activations, logits, sampling buffers
         per_page = PagePool.bytes_per_page(spec.num_layers, spec.num_kv_heads, page_size, spec.head_dim, self.dtype)
-        ring = 0
-        if policy is not None and refresh_placement(policy, self.device, backend)[1]:
-            ring = window_ring_bytes(spec, page_size, self.dtype)
+        if policy is None or not refresh_placement(policy, self.device, backend)[1]:
+            return kv_pool_tokens(free, reserve, per_page, page_size)
         if max_num_seqs is None and not _batch_from_pool(policy, self.kv_budget):
-            max_num_seqs = DENSE_MAX_NUM_SEQS  # what "auto" gives this policy whatever the pool
-        return kv_pool_tokens(free, reserve, per_page, page_size, ring, max_num_seqs,
-                              max(1, (self.kv_budget or 0) // page_size))
+            max_num_seqs = DENSE_MAX_NUM_SEQS  # what "auto" gives this policy whatever the pool (dense layers)
+        return kv_pool_tokens(free, reserve, per_page, page_size, window_ring_bytes(spec, page_size, self.dtype),
+                              max_num_seqs, max(1, (self.kv_budget or 0) // page_size))
 
     def get_default_sampling_params(self) -> SamplingParams:
         """The sampling settings a request gets for every field it leaves unset: the model's

@@ -268,7 +268,7 @@ def test_refresh_window_only_for_the_top_half_rule(tiny, monkeypatch):
     window = runner.refresh_window(runner.policy, 4)
     assert window.ring.shape == (spec.num_layers, 4, 4, spec.num_heads, spec.head_dim)
     assert window.ring.dtype == llm.engine.pool.kmin.dtype and window.first_pos is runner.prompt_len
-    assert window.ring.numel() * window.ring.element_size() == 4 * window_ring_bytes(spec, 4, window.ring.dtype)
+    assert window.ring.numel() * window.ring.element_size() == 4 * window_ring_bytes(spec, 4, llm.dtype)  # (as sized)
     for name, options in (("raas", {"refresh_rule": "alpha"}), ("raas-mass", {}), ("h2o", {})):
         assert runner.refresh_window(make_policy(name, kv_budget=20, page_size=4, **options), 4) is None
     assert runner.refresh_window(make_policy("dense"), 4) is None

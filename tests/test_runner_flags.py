@@ -154,8 +154,8 @@ def test_the_default_pool_leaves_room_for_the_refresh_rings():
 
 def test_the_llm_sizes_its_pool_on_cuda_with_the_rings(tiny_model_dir, monkeypatch):
     """LLM._default_kv_tokens on CUDA (the device and its free memory stood in for): the rings of the refresh
-    once a page come off the pool for a raas engine on Triton, none for dense or without a policy (the
-    audit's engine calls it so)."""
+    once a page come off the pool for a raas engine on Triton (with dense layers, for the 256 sequences "auto"
+    then gives), none for dense, the torch backend or without a policy (the audit's engine calls it so)."""
     from raas_batch import LLM
     from raas_batch.engine.model_runner import window_ring_bytes
     from raas_batch.engine.page_pool import PagePool
@@ -175,6 +175,9 @@ def test_the_llm_sizes_its_pool_on_cuda_with_the_rings(tiny_model_dir, monkeypat
         got = llm._default_kv_tokens(P, 0.9, make_policy("raas", 64, P), "triton", seqs)
         assert got == kv_pool_tokens(free, reserve, per_page, P, ring, seqs, 64 // P) < plain
     assert llm._default_kv_tokens(P, 0.9, make_policy("raas", 64, P), "torch", 8) == plain
+    # with dense layers "auto" gives 256 sequences whatever the pool: rings for those
+    with_dense = llm._default_kv_tokens(P, 0.9, make_policy("raas", 64, P, dense_layers=1), "triton", None)
+    assert with_dense == kv_pool_tokens(free, reserve, per_page, P, ring, DENSE_MAX_NUM_SEQS) < plain
 
 
 def test_refresh_placement_names_where_the_refresh_runs(monkeypatch):

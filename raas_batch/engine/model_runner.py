@@ -13,6 +13,7 @@ counters after the step) arrive in pinned host memory; `DecodeLaunch.wait()` wai
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -58,9 +59,14 @@ def refresh_placement(policy: KVPolicy, device: torch.device, backend: str) -> t
     return side, side and refresh_window_enabled() and _refreshes_top_half(policy)
 
 
+def window_ring_shape(spec, num_slots: int, page_size: int) -> tuple[int, ...]:
+    """The ring of queries of the refresh once a page: [layers, slots, P, Hq, D] (P steps of every query head)."""
+    return spec.num_layers, num_slots, page_size, spec.num_heads, spec.head_dim
+
+
 def window_ring_bytes(spec, page_size: int, dtype: torch.dtype) -> int:
-    """Bytes of one slot's ring of queries for the refresh once a page: P steps of every layer's query heads."""
-    return spec.num_layers * page_size * spec.num_heads * spec.head_dim * dtype.itemsize
+    """Bytes of one slot's ring (`window_ring_shape`), what the page pool's default size leaves room for."""
+    return math.prod(window_ring_shape(spec, 1, page_size)) * dtype.itemsize
 
 
 class ModelRunner:
@@ -101,9 +107,8 @@ class ModelRunner:
         the page pool's default size leaves room for it (raas_batch/llm.py `kv_pool_tokens`)."""
         if not _refreshes_top_half(policy):
             return None
-        spec, pool = self.model.spec, self.pool
-        ring = torch.zeros((spec.num_layers, num_slots, pool.page_size, spec.num_heads, spec.head_dim),
-                           dtype=pool.kmin.dtype, device=self.device)
+        ring = torch.zeros(window_ring_shape(self.model.spec, num_slots, self.pool.page_size),
+                           dtype=self.pool.kmin.dtype, device=self.device)
         return RefreshWindow(ring, self.prompt_len)
 
     def _tensor(self, values, dtype=torch.int64) -> torch.Tensor:
