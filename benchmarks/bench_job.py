@@ -478,6 +478,8 @@ def run_one(args, model_dir: str, data: str, policy: str, shard_size: int, bw: f
         "slow_steps": len(slow), "slow_steps_s": sum(slow),
         "weight_bytes": weight_bytes, "kv_bytes_per_token": kv_per_token, "copy_bandwidth_Bps": bw,
         "finish_reasons": summary.get("finish_reasons"), "profile": llm.profile,
+        "refresh_placement": {"side": engine.runner.side is not None, "window": engine.runner.window is not None,
+                              "all_layers": bool(engine.runner.window is not None and engine.runner.window.all_layers)},
     }
     del llm, engine
     WatchedLLM.last = None
@@ -518,7 +520,7 @@ def table(results: list[dict]) -> str:
               "norm+rot+app+act | other | host |")
     lines = [header, "| --- | --- |" + " ---: |" * 18]
     for r in results:
-        name = r["policy"] + (f" L={r['budget']}" if r["budget"] else "")
+        name = r["policy"] + (f" L={r['budget']}" if r["budget"] else "") + (f" ({r['setting']})" if r.get("setting") else "")
         p = r.get("profile") or {}
         cat = p.get("by_category_ms_per_step", {})
         prof = " | ".join(f"{cat.get(c, 0):.2f}" for c in ("attention", "gemm", "policy", "sampler",
@@ -539,7 +541,8 @@ def main() -> None:
     sys.modules.setdefault("bench_job", sys.modules[__name__])  # RAAS_BATCH_ENGINE imports this very module
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", default="1.5b", choices=sorted(SHAPES))
-    ap.add_argument("--policies", default="dense,raas")
+    ap.add_argument("--policies", default="dense,raas", help="comma list; an entry POLICY+NAME=VALUE runs that "
+                    "policy's jobs with that environment setting (an A/B in one run)")
     ap.add_argument("--budget", type=int, default=1024)
     ap.add_argument("--rows", type=int, default=512)
     ap.add_argument("--max-new-tokens", type=int, default=6144)
@@ -576,7 +579,14 @@ def main() -> None:
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s; model {model_dir}; {args.rows} rows", flush=True)
     results = []
     stem = "bench_job" + (f"_{args.tag}" if args.tag else "")
-    for policy in args.policies.split(","):
+    for entry in args.policies.split(","):
+        # "raas+NAME=VALUE": the policy's jobs (warm-up included) with that environment setting, e.g. an A/B of
+        # RAAS_BATCH_REFRESH_ALL_LAYERS inside one run
+        policy, _, setting = entry.partition("+")
+        env_name, _, env_value = setting.partition("=")
+        saved = os.environ.get(env_name) if env_name else None
+        if env_name:
+            os.environ[env_name] = env_value
         for shard_size in (int(s) for s in args.shard_size.split(",")):
             w = None
             if args.warmup:
@@ -586,6 +596,7 @@ def main() -> None:
                       f"{w['max_rows_per_decode_step']}, {w['kernel_builds']['count']} kernel variants built in "
                       f"{w['kernel_builds']['s']:.1f} s", flush=True)
             r = run_one(args, model_dir, data, policy, shard_size, bw)
+            r["setting"] = setting or None
             if w is not None:  # what the warm-up built, to compare with what the measured job still had to
                 r["warm_up"] = {"max_rows_per_decode_step": w["max_rows_per_decode_step"],
                                 "kernel_builds": w["kernel_builds"]}
@@ -600,6 +611,8 @@ def main() -> None:
                 print(json.dumps(r["profile"]["by_category_ms_per_step"]), "host gap",
                       round(r["profile"]["host_gap_ms_per_step"], 3), flush=True)
             save_results(out_dir, stem, {"shape": args.shape, "args": vars(args), "results": results})
+        if env_name:
+            os.environ.pop(env_name) if saved is None else os.environ.__setitem__(env_name, saved)
     text = (f"# Job benchmark: {args.shape} shape, {args.rows} rows, {args.regime} lengths (max {args.max_new_tokens}), "
             f"copy bandwidth {bw / 1e12:.2f} TB/s\n\n" + table(results))
     print(text)

@@ -41,6 +41,16 @@ def refresh_window_enabled() -> bool:
     return _flag(REFRESH_WINDOW_ENV)
 
 
+# With the refresh once a page: every layer's in one kernel a step, forked after the last layer's append (1, the
+# default), the append kernels storing each layer's queries into its ring; or one kernel a layer beside that
+# layer's attention (0). kernels/window_refresh.py `window_close`.
+REFRESH_ALL_LAYERS_ENV = "RAAS_BATCH_REFRESH_ALL_LAYERS"
+
+
+def refresh_all_layers_enabled() -> bool:
+    return _flag(REFRESH_ALL_LAYERS_ENV)
+
+
 @dataclass
 class RefreshWindow:
     """What the deferred refresh keeps across steps (kernels/window_refresh.py): ring [layers, num_slots, P,
@@ -49,6 +59,7 @@ class RefreshWindow:
 
     ring: torch.Tensor
     first_pos: torch.Tensor
+    all_layers: bool = False  # every layer's closing rows in one launch at the last layer (REFRESH_ALL_LAYERS_ENV)
 
 
 @dataclass
