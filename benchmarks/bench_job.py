@@ -479,7 +479,7 @@ def run_one(args, model_dir: str, data: str, policy: str, shard_size: int, bw: f
         "weight_bytes": weight_bytes, "kv_bytes_per_token": kv_per_token, "copy_bandwidth_Bps": bw,
         "finish_reasons": summary.get("finish_reasons"), "profile": llm.profile,
         "refresh_placement": {"side": engine.runner.side is not None, "window": engine.runner.window is not None,
-                              "all_layers": bool(engine.runner.window is not None and engine.runner.window.all_layers)},
+                              "layers_a_launch": engine.runner.window.layers_a_launch if engine.runner.window else None},
     }
     del llm, engine
     WatchedLLM.last = None
@@ -581,7 +581,7 @@ def main() -> None:
     stem = "bench_job" + (f"_{args.tag}" if args.tag else "")
     for entry in args.policies.split(","):
         # "raas+NAME=VALUE": the policy's jobs (warm-up included) with that environment setting, e.g. an A/B of
-        # RAAS_BATCH_REFRESH_ALL_LAYERS inside one run
+        # RAAS_BATCH_REFRESH_LAYERS_A_LAUNCH inside one run
         policy, _, setting = entry.partition("+")
         env_name, _, env_value = setting.partition("=")
         saved = os.environ.get(env_name) if env_name else None

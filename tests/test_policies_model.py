@@ -224,21 +224,22 @@ def test_refresh_beside_the_attention_equals_the_refresh_inside_it(tiny):
     the first steps on, so a wrong stamp would choose another victim. The same with the refresh deferred to
     each page's last step (RAAS_BATCH_REFRESH_WINDOW=1 on CUDA; ops.window_refresh): the same victims, so
     the same tokens, and the same stamps at the end (every row's last step fills its page: prompts of
-    4k + 1 tokens, 23 decode steps); layer by layer, or every layer's at once after the last layer's append
-    (RAAS_BATCH_REFRESH_ALL_LAYERS=1, ops.window_close, the append kernels storing the queries)."""
+    4k + 1 tokens, 23 decode steps); layer by layer, or from the queries the append kernels store, one launch
+    (ops.window_close) for every layer, or for all layers at the last one (RAAS_BATCH_REFRESH_LAYERS_A_LAUNCH)."""
     path, _ = tiny
     params = SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True)
     runs = []
-    for side, window in ((None, None), (CountingSide(), None), (CountingSide(), "each"), (CountingSide(), "all")):
+    for side, window in ((None, None), (CountingSide(), None), (CountingSide(), 0), (CountingSide(), 1),
+                         (CountingSide(), 99)):
         llm = LLM(model=path, device="cpu", dtype="fp32", backend="triton", max_num_seqs=3, kv_policy="raas",
                   kv_budget=20, page_size=4)
         runner = llm.engine.runner
         runner.side = side
-        if window:
+        if window is not None:
             runner.window = replace(runner.refresh_window(runner.policy, runner.slot_tables.shape[0]),
-                                    all_layers=window == "all")
+                                    layers_a_launch=window)
             windows = []
-            name = "window_close" if window == "all" else "window_refresh"
+            name = "window_close" if window else "window_refresh"
             runner.ops = copy.copy(runner.ops)
             op = getattr(runner.ops, name)
             setattr(runner.ops, name, lambda *a, op=op, calls=windows: calls.append(1) or op(*a))
@@ -251,11 +252,12 @@ def test_refresh_beside_the_attention_equals_the_refresh_inside_it(tiny):
         assert all(o.outputs[0].evicted_pages > 0 for o in outs)
         runs.append(([o.outputs[0].token_ids for o in outs], llm.engine.pool.stamp.clone()))
         assert all(bounds_given) if side is None else not any(bounds_given)
-        if window == "all":  # one launch a step, at the last layer, for every layer
-            assert side.calls == side.forks == side.joins == len(windows) == 23
+        layers = llm.model.spec.num_layers
+        if window:  # one launch a step for every `window` layers, the last one's at the last layer
+            assert side.calls == side.forks == len(windows) == 23 * -(-layers // window) and side.joins == 23
         elif side is not None:
-            assert side.calls == len(bounds_given) > 0 and side.forks == side.calls and side.joins == 23
-        if window == "each":
+            assert side.calls == len(bounds_given) == 23 * layers and side.forks == side.calls and side.joins == 23
+        if window == 0:
             assert len(windows) == side.calls
     for tokens, stamps in runs[1:]:
         assert tokens == runs[0][0] and torch.equal(stamps, runs[0][1])

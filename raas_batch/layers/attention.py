@@ -47,9 +47,9 @@ def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
     if not keep_bounds:
         kmin = kmax = None
     rope = None if rotary is None else (q, *rotary[0].tables(q.device), rotary[1])
-    # RaaS's refresh once a page, every layer's at once (ctx.window.all_layers): this layer's queries go to its
-    # ring here, from the append kernel that rotates them; the last layer runs every layer's closing rows
-    together = ctx.side is not None and ctx.window is not None and ctx.window.all_layers
+    # RaaS's refresh once a page, several layers' in one launch (ctx.window.layers_a_launch): this layer's queries
+    # go to its ring here, from the append kernel that rotates them; every N-th layer launches the closing rows
+    together = ctx.side is not None and ctx.window is not None and ctx.window.layers_a_launch > 0
     ring = ctx.window.ring[layer] if together and policy.attention_refresh(layer, dec) is not None else None
     if ring is not None and rope is not None:
         policy.append(layer, dec, k, v, bounds=keep_bounds, rope=rope, ring=ring)
@@ -97,19 +97,23 @@ def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
 
 
 def _attend_then_close(layer, ops, pool, policy, dec, ctx, q, page_ids, limit, scale) -> torch.Tensor:
-    """A decode layer's attention with RaaS's refresh once a page of every layer at once: at the last layer,
-    after its append, the side stream runs the closing rows of every sparse layer (ops.window_close), beside
-    this attention, the products, the head and the sampler; the step joins it after the sampler. One launch
-    a step instead of one beside each layer's attention (the side stream's presence cost ~4 us a layer even
-    with no row closing: runs 84-89, docs/gpu-notes.md)."""
+    """A decode layer's attention with RaaS's refresh once a page of N layers a launch (N =
+    ctx.window.layers_a_launch): after the append of every N-th sparse layer and of the last, the side stream
+    runs the closing rows of the sparse layers since the last launch (ops.window_close), beside this attention
+    and what follows; the step joins it after the sampler. Fewer launches than one beside each layer's
+    attention (the side stream's presence cost ~4 us a layer even with no row closing: runs 84-89,
+    docs/gpu-notes.md); a launch's closing programs are latency-bound chains, so N = all puts them in waves
+    at the step's end (run 92)."""
     k_cache, v_cache, _, _, fill = pool.layer_views[layer]
-    last = layer == pool.num_layers - 1
-    if last:
+    first = getattr(policy, "dense_layers", 0)  # the first sparse layer
+    n = ctx.window.layers_a_launch
+    start = first + (layer - first) // n * n  # the first layer of this launch's group
+    launch = layer == pool.num_layers - 1 or layer - start == n - 1
+    if launch:
         ctx.side.fork()
     out = ops.paged_decode_attention(q, k_cache, v_cache, page_ids, fill, scale, num_pages=limit)
-    if last:
-        refresh = policy.stacked_refresh(dec)
-        d = pool.num_layers - refresh.cur.shape[0]
-        ctx.side.run(ops.window_close, pool.kmin[d:], pool.kmax[d:], page_ids, pool.fill[d:], refresh, limit,
-                     ctx.window.ring[d:], ctx.window.first_pos)
+    if launch:
+        layers = slice(start, layer + 1)
+        ctx.side.run(ops.window_close, pool.kmin[layers], pool.kmax[layers], page_ids, pool.fill[layers],
+                     policy.stacked_refresh(dec, layers), limit, ctx.window.ring[layers], ctx.window.first_pos)
     return out

@@ -82,11 +82,11 @@ class RaasPolicy(BoundedPolicy):
             return None
         return self._refresh(layer, ctx)
 
-    def stacked_refresh(self, ctx) -> Refresh | None:
-        """`attention_refresh` of every sparse layer at once (layers dense_layers.. of the stacks: cur, pinned,
-        stamp and mass [L, ...]), for ops.window_close; None without a sparse layer."""
-        d = self.dense_layers
-        return self._refresh(slice(d, None), ctx) if d < self.cur.shape[0] else None
+    def stacked_refresh(self, ctx, layers: slice) -> Refresh:
+        """`attention_refresh` of the sparse layers `layers` at once (slices of the stacks: cur, pinned, stamp and
+        mass [L, ...]), for ops.window_close."""
+        assert layers.start >= self.dense_layers and layers.step is None
+        return self._refresh(layers, ctx)
 
     def _refresh(self, layers, ctx) -> Refresh:
         pool = self.pool
