@@ -478,8 +478,7 @@ def run_one(args, model_dir: str, data: str, policy: str, shard_size: int, bw: f
         "slow_steps": len(slow), "slow_steps_s": sum(slow),
         "weight_bytes": weight_bytes, "kv_bytes_per_token": kv_per_token, "copy_bandwidth_Bps": bw,
         "finish_reasons": summary.get("finish_reasons"), "profile": llm.profile,
-        "refresh_placement": {"side": engine.runner.side is not None, "window": engine.runner.window is not None,
-                              "layers_a_launch": engine.runner.window.layers_a_launch if engine.runner.window else None},
+        "refresh_placement": {"side": engine.runner.side is not None, "window": engine.runner.window is not None},
     }
     del llm, engine
     WatchedLLM.last = None
@@ -581,7 +580,7 @@ def main() -> None:
     stem = "bench_job" + (f"_{args.tag}" if args.tag else "")
     for entry in args.policies.split(","):
         # "raas+NAME=VALUE": the policy's jobs (warm-up included) with that environment setting, e.g. an A/B of
-        # RAAS_BATCH_REFRESH_LAYERS_A_LAUNCH inside one run
+        # RAAS_BATCH_REFRESH_WINDOW inside one run
         policy, _, setting = entry.partition("+")
         env_name, _, env_value = setting.partition("=")
         saved = os.environ.get(env_name) if env_name else None

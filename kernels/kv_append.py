@@ -49,7 +49,7 @@ def _kv_append_kernel(
     k_ptr, v_ptr, kc_ptr, vc_ptr, kmin_ptr, kmax_ptr, fill_ptr, wp_ptr,
     q_ptr, cos_ptr, sin_ptr, pos_ptr,
     table_ptr, slot_ptr, sparse_pages_ptr, window_ptr, cur_ptr, held_ptr, peak_ptr, evicted_ptr,
-    logical_ptr, pinned_ptr, stamp_ptr, mass_ptr, ring_ptr,
+    logical_ptr, pinned_ptr, stamp_ptr, mass_ptr,
     stride_kb, stride_kh, stride_kd,
     stride_vb, stride_vh, stride_vd,
     stride_cn, stride_ch, stride_cp, stride_cd,
@@ -60,11 +60,10 @@ def _kv_append_kernel(
     stride_wb, stride_wh,
     stride_qb, stride_qh, stride_c,
     stride_tb, stride_tw, stride_ss, stride_sh,
-    stride_rs, stride_rp, stride_rh,
     W, P, min_logical,
     D: tl.constexpr, BLOCK_D: tl.constexpr, ROPE: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
-    CHOOSE: tl.constexpr, BLOCK_W: tl.constexpr, KEY: tl.constexpr, STAMP_ON_WRITE: tl.constexpr, RING: tl.constexpr,
+    CHOOSE: tl.constexpr, BLOCK_W: tl.constexpr, KEY: tl.constexpr, STAMP_ON_WRITE: tl.constexpr,
     PDL: tl.constexpr,
 ):
     if PDL:  # programmatic dependent launch (kernels/_jit.py): the kernel before must have finished
@@ -106,15 +105,8 @@ def _kv_append_kernel(
         x1 = tl.load(q_at, mask=qm, other=0.0)
         x2 = tl.load(q_at + HALF, mask=qm, other=0.0)
         a1, a2 = x1.to(tl.float32), x2.to(tl.float32)
-        r1 = (a1 * c[None, :] - a2 * s[None, :]).to(x1.dtype)
-        r2 = (a2 * c[None, :] + a1 * s[None, :]).to(x1.dtype)
-        tl.store(q_at, r1, mask=qm)
-        tl.store(q_at + HALF, r2, mask=qm)
-        if RING:  # the rotated queries also go to the slot's ring, row pos % P (kernels/window_refresh.py)
-            slot = tl.load(slot_ptr + b).to(tl.int64)
-            ring_at = ring_ptr + slot * stride_rs + (pos % P) * stride_rp + (kvh * G + gg)[:, None] * stride_rh + hh[None, :]
-            tl.store(ring_at, r1.to(ring_ptr.dtype.element_ty), mask=qm)
-            tl.store(ring_at + HALF, r2.to(ring_ptr.dtype.element_ty), mask=qm)
+        tl.store(q_at, (a1 * c[None, :] - a2 * s[None, :]).to(x1.dtype), mask=qm)
+        tl.store(q_at + HALF, (a2 * c[None, :] + a1 * s[None, :]).to(x1.dtype), mask=qm)
         # the key, rotated on its way to the cache (k itself is left as it was)
         k1 = tl.load(k_at + hh * stride_kd, mask=h_ok, other=0.0)
         k2 = tl.load(k_at + (HALF + hh) * stride_kd, mask=h_ok, other=0.0)
@@ -135,7 +127,7 @@ def _kv_append_kernel(
 _kernel = lazy_jit(_kv_append_kernel, helpers=(_store_key, _choose_page))
 
 
-def _launch(k, v, k_cache, v_cache, kmin, kmax, fill, write_page, rope, bounded=None, ring=None) -> None:
+def _launch(k, v, k_cache, v_cache, kmin, kmax, fill, write_page, rope, bounded=None) -> None:
     B, Hkv, D = k.shape
     assert v.shape == k.shape and k_cache.shape[1] == Hkv and k_cache.shape[3] == D
     assert write_page.shape == (B, Hkv) and kmin is not None and kmax is not None
@@ -165,19 +157,12 @@ def _launch(k, v, k_cache, v_cache, kmin, kmax, fill, write_page, rope, bounded=
         choose_args = (fill,) * 12  # unused (dead code under CHOOSE=False)
         choose_strides = (0, 0, 0, 0, 1, 1, 0)
         choose_meta = {"CHOOSE": False, "BLOCK_W": 16, "KEY": 0, "STAMP_ON_WRITE": False}
-    if ring is not None:  # [num_slots, P, Hq, D]: row positions % P of the rows' slots (needs the write step's slots)
-        assert rope is not None and bounded is not None and ring.shape[1] == page_size and ring.stride(3) == 1
-        assert ring.shape[2:] == rope[0].shape[1:]
-        ring_args = (ring, *ring.stride()[:3])
-    else:
-        ring_args = (fill, 0, 0, 0)  # unused (dead code under RING=False)
     _kernel()[(B, Hkv)](
-        k, v, k_cache, v_cache, kmin, kmax, fill, write_page, *rope_args, *choose_args, ring_args[0],
+        k, v, k_cache, v_cache, kmin, kmax, fill, write_page, *rope_args, *choose_args,
         *k.stride(), *v.stride(), *k_cache.stride(), *v_cache.stride(),
-        *kmin.stride(), *kmax.stride(), *fill.stride(), *write_page.stride(), *rope_strides, *choose_strides[:4],
-        *ring_args[1:], *choose_strides[4:],
+        *kmin.stride(), *kmax.stride(), *fill.stride(), *write_page.stride(), *rope_strides, *choose_strides,
         D=D, BLOCK_D=triton.next_power_of_2(D), ROPE=rope is not None, G=G, GP=triton.next_power_of_2(G),
-        HALF=D // 2, BLOCK_HALF=triton.next_power_of_2(max(1, D // 2)), **choose_meta, RING=ring is not None,
+        HALF=D // 2, BLOCK_HALF=triton.next_power_of_2(max(1, D // 2)), **choose_meta,
         num_warps=1, **pdl_args(k.device),
     )
 
@@ -208,11 +193,9 @@ def kv_append(
 def bounded_write_append(k, v, k_cache, v_cache, kmin, kmax, table, slot_ids, positions, sparse_pages, window,
                          cur, held, peak, evicted, fill, logical, pinned, stamp, mass, page_size: int,
                          key: str = "stamp", min_logical: int = 0, stamp_on_write: bool = True,
-                         rope: tuple | None = None, ring: torch.Tensor | None = None) -> torch.Tensor:
+                         rope: tuple | None = None) -> torch.Tensor:
     """`bounded_write` then `kv_append` (with `rope`) in one kernel: each (sequence, KV head) program
     chooses its page, evicting where one opens, and appends the token there -> the pages [B, Hkv] int32.
-    ring [num_slots, P, Hq, D] (with rope): the rotated queries also go to ring[slot_ids, positions % P], for
-    the refresh once a page of every layer at once (kernels/window_refresh.py `window_close`).
     See `kernels.reference.write_then_append` for the contract (rope's positions must be `positions`)."""
     B, Hkv = table.shape[0], fill.shape[1]
     assert cur.shape == held.shape == peak.shape == evicted.shape and cur.shape[1] == Hkv
@@ -222,7 +205,7 @@ def bounded_write_append(k, v, k_cache, v_cache, kmin, kmax, table, slot_ids, po
     out = torch.empty((B, Hkv), dtype=torch.int32, device=table.device)
     _launch(k, v, k_cache, v_cache, kmin, kmax, fill, out, rope,
             (table, slot_ids, positions, sparse_pages, window, cur, held, peak, evicted, logical, pinned, stamp,
-             mass, page_size, key, min_logical, stamp_on_write), ring)
+             mass, page_size, key, min_logical, stamp_on_write))
     return out
 
 

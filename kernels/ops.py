@@ -3,7 +3,7 @@
 
 All namespaces carry the ops of docs/architecture.md with the same signatures: paged_decode_attention,
 bounds_refresh (RaaS's refresh by the Quest bounds without the attention), window_refresh (the same, run
-once per page: kernels/window_refresh.py) and window_close (that of every layer at once), page_scores, kv_append,
+once per page: kernels/window_refresh.py), page_scores, kv_append,
 prefill_attention, and the bounded policies' bookkeeping, bounded_write, bounded_write_append (the write
 and the append in one op) and bounded_update, and the sampler, sample_tokens. Triton modules are imported only
 when asked for, so the torch backend works where Triton cannot run.
@@ -20,7 +20,6 @@ _TRITON_MODULES = {
     "paged_decode_attention": "decode_attention",
     "bounds_refresh": "decode_attention",
     "window_refresh": "window_refresh",
-    "window_close": "window_refresh",
     "page_scores": "page_scores",
     "kv_append": "kv_append",
     "prefill_attention": "prefill_attention",

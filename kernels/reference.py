@@ -148,18 +148,6 @@ def window_refresh(q, kmin, kmax, page_ids, fill, refresh: Refresh, num_pages, r
                        None if num_pages is None else num_pages[rows])
 
 
-def window_close(kmin, kmax, page_ids, fill, refresh: Refresh, num_pages, ring, first_pos) -> None:
-    """`window_refresh` of L layers whose queries of this step are already in their rings (the append put
-    them there): kmin / kmax [L, N, Hkv, D], fill [L, N, Hkv], ring [L, num_slots, P, Hq, D], refresh's cur
-    [L, num_slots, Hkv], pinned, stamp and mass [L, N, Hkv]; the rest as `window_refresh`'s, every layer's."""
-    at = refresh.positions % ring.shape[2]
-    for layer in range(kmin.shape[0]):
-        r = replace(refresh, cur=refresh.cur[layer], pinned=refresh.pinned[layer], stamp=refresh.stamp[layer],
-                    mass=refresh.mass[layer])
-        window_refresh(ring[layer][refresh.slot_ids, at], kmin[layer], kmax[layer], page_ids, fill[layer], r,
-                       num_pages, ring[layer], first_pos)
-
-
 def _decode_attention(q, k_cache, v_cache, page_ids, fill, scale, return_mass, num_pages):
     B, Hq, D = q.shape
     Hkv, P = k_cache.shape[1], k_cache.shape[2]
@@ -446,19 +434,16 @@ def write_then_append(append):
     """The op `bounded_write_append` built on an append op (this module's `kv_append`, or the CPU path's):
     `bounded_write` (the page of each (sequence, KV head), evicting where one opens), then `append` of
     k, v (with `rope`) to those pages -> the pages [B, Hkv] int32. The decode step's write for the
-    bounded policies, one kernel on the Triton backend (whose rope positions must be `positions`). ring
-    [num_slots, P, Hq, D] (with rope): the rotated q also goes to ring[slot_ids, positions % P]."""
+    bounded policies, one kernel on the Triton backend (whose rope positions must be `positions`)."""
 
     def bounded_write_append(k, v, k_cache, v_cache, kmin, kmax, table, slot_ids, positions, sparse_pages, window,
                              cur, held, peak, evicted, fill, logical, pinned, stamp, mass, page_size: int,
                              key: str = "stamp", min_logical: int = 0, stamp_on_write: bool = True,
-                             rope: tuple | None = None, ring: torch.Tensor | None = None) -> torch.Tensor:
+                             rope: tuple | None = None) -> torch.Tensor:
         pages = bounded_write(table, slot_ids, positions, sparse_pages, window, cur, held, peak, evicted, fill,
                               logical, pinned, stamp, mass, page_size, key=key, min_logical=min_logical,
                               stamp_on_write=stamp_on_write)
         append(k, v, k_cache, v_cache, kmin, kmax, fill, pages, rope=rope)
-        if ring is not None:  # the rotated queries, for `window_close` (rope required: q is rope's)
-            ring[slot_ids, positions % ring.shape[1]] = rope[0].to(ring.dtype)
         return pages
 
     return bounded_write_append

@@ -40,8 +40,6 @@ No host synchronisation; CUDA-graph capturable.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 import triton
 import triton.language as tl
@@ -61,36 +59,27 @@ def _window_refresh_kernel(
     stride_ib, stride_ih, stride_is,
     stride_fn, stride_fh,
     stride_rs, stride_rp, stride_rh, stride_rd,
-    stride_kl, stride_fl, stride_cl, stride_rl,
     S, refresh_alpha, refresh_scale,
     P: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GW: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
     BLOCK_D: tl.constexpr, HAS_NUM_PAGES: tl.constexpr, DOT_PREC: tl.constexpr, DOT_F32: tl.constexpr,
     RULE: tl.constexpr, REFRESH_PINNED: tl.constexpr, BLOCK_S: tl.constexpr, BOUNDS_PAGES: tl.constexpr,
-    PREFETCH: tl.constexpr, STORE_Q: tl.constexpr, PDL: tl.constexpr,
+    PREFETCH: tl.constexpr, PDL: tl.constexpr,
 ):
     if PDL:  # programmatic dependent launch (kernels/_jit.py): the kernel before must have finished
         tl.extra.cuda.gdc_wait()
     b = tl.program_id(0)
     kvh = tl.program_id(1)
-    lay = tl.program_id(2).to(tl.int64)  # the layer (`window_close`: every layer in one launch; else 0)
-    kmin_ptr += lay * stride_kl
-    kmax_ptr += lay * stride_kl
-    fill_ptr += lay * stride_fl
-    pinned_ptr += lay * stride_fl
-    stamp_ptr += lay * stride_fl
-    cur_ptr += lay * stride_cl
-    ring_ptr += lay * stride_rl
     slot = tl.load(slot_ptr + b).to(tl.int64)
     pos = tl.load(pos_ptr + b).to(tl.int64)
+    rows = tl.arange(0, GW)  # query head within the group (padded to a power of two)
+    row_ok = rows < G
     dd = tl.arange(0, BLOCK_D)
     d_ok = dd < D
-    if STORE_Q:  # (`window_close`: the append kernel stored it)
-        rows = tl.arange(0, GW)  # query head within the group (padded to a power of two)
-        m2 = (rows < G)[:, None] & d_ok[None, :]
-        qh = kvh * G + rows
-        q = tl.load(q_ptr + b * stride_qb + qh[:, None] * stride_qh + dd[None, :] * stride_qd, mask=m2, other=0.0)
-        ring_row = ring_ptr + slot * stride_rs + qh[:, None] * stride_rh + dd[None, :] * stride_rd
-        tl.store(ring_row + (pos % P) * stride_rp, q.to(ring_ptr.dtype.element_ty), mask=m2)
+    m2 = row_ok[:, None] & d_ok[None, :]
+    qh = kvh * G + rows
+    q = tl.load(q_ptr + b * stride_qb + qh[:, None] * stride_qh + dd[None, :] * stride_qd, mask=m2, other=0.0)
+    ring_row = ring_ptr + slot * stride_rs + qh[:, None] * stride_rh + dd[None, :] * stride_rd
+    tl.store(ring_row + (pos % P) * stride_rp, q.to(ring_ptr.dtype.element_ty), mask=m2)
 
     cur = tl.load(cur_ptr + slot * stride_cs + kvh * stride_ch)
     f_cur = tl.load(fill_ptr + tl.maximum(cur, 0) * stride_fn + kvh * stride_fh, mask=cur >= 0, other=0)
@@ -115,7 +104,7 @@ def _window_refresh_kernel(
         pg = pr % GW  # query head of the row
         pg_ok = pg < G
         ring_heads = ring_ptr + slot * stride_rs + (kvh * G + pg)[:, None] * stride_rh + dd[None, :] * stride_rd
-        scratch_row = bounds_ptr + ((lay * tl.num_programs(0) + b) * HKV + kvh) * (P * BLOCK_S)
+        scratch_row = bounds_ptr + (b * HKV + kvh) * (P * BLOCK_S)
         sb = tl.arange(0, BOUNDS_PAGES)
         steps = tl.arange(0, SPP)
         for s0 in range(0, S, BOUNDS_PAGES):
@@ -185,58 +174,31 @@ def window_refresh(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, page
     first_pos [num_slots] int64. Rule top_half only (module docstring). Updates the ring and, for the rows whose current
     page is full, the stamps. prefetch False: each product's queries loaded after the product before it (the
     kernel up to run 85; the same stamps)."""
-    assert ring.shape[2:] == q.shape[1:] and q.shape[0] == page_ids.shape[0]
-    _launch(q, kmin, kmax, page_ids, fill, refresh, num_pages, ring, first_pos, None, bounds_pages, prefetch)
-
-
-def window_close(kmin: torch.Tensor, kmax: torch.Tensor, page_ids: torch.Tensor, fill: torch.Tensor,
-                 refresh: Refresh, num_pages: torch.Tensor | None, ring: torch.Tensor, first_pos: torch.Tensor,
-                 *, bounds_pages: int | None = None, prefetch: bool = True) -> None:
-    """`window_refresh` of L layers in one launch, without storing the queries: the decode step's append
-    stored each layer's (kernels/kv_append.py, `ring`). kmin / kmax [L, N, Hkv, D], fill [L, N, Hkv], ring
-    [L, num_slots, P, Hq, D], and refresh's cur [L, num_slots, Hkv], pinned and stamp [L, N, Hkv]: the layers'
-    stacks; page_ids, num_pages, slot_ids, positions, top and first_pos are every layer's. Grid (B, Hkv, L):
-    one launch a step, after the last layer's append, instead of one beside every layer's attention."""
-    L = kmin.shape[0]
-    assert kmin.dim() == 4 and fill.shape[0] == ring.shape[0] == refresh.cur.shape[0] == L
-    assert refresh.pinned.stride() == refresh.stamp.stride() == fill.stride()
-    layer = replace(refresh, cur=refresh.cur[0], pinned=refresh.pinned[0], stamp=refresh.stamp[0],
-                    mass=refresh.mass[0])
-    strides = (kmin.stride(0), fill.stride(0), refresh.cur.stride(0), ring.stride(0))
-    _launch(None, kmin[0], kmax[0], page_ids, fill[0], layer, num_pages, ring[0], first_pos, (L, strides),
-            bounds_pages, prefetch)
-
-
-def _launch(q, kmin, kmax, page_ids, fill, refresh, num_pages, ring, first_pos, layers, bounds_pages, prefetch):
-    """One layer's views (and q, stored into the ring), or with layers = (L, layer strides of kmin / kmax,
-    fill / pinned / stamp, cur and ring) L layers from layer 0's views, q None (already in the ring)."""
-    N, Hkv, D = kmin.shape
-    B, S = page_ids.shape[0], page_ids.shape[2]
-    Hq, P = ring.shape[2], ring.shape[1]
-    assert kmax.shape == kmin.shape and kmin.stride() == kmax.stride() and Hq % Hkv == 0
+    B, Hq, D = q.shape
+    N, Hkv, Dk = kmin.shape
+    S = page_ids.shape[2]
+    P = ring.shape[1]
+    assert Dk == D and kmax.shape == kmin.shape and kmin.stride() == kmax.stride() and Hq % Hkv == 0
     assert page_ids.shape[:2] == (B, Hkv) and fill.shape == (N, Hkv) and refresh.rule == "top_half"
-    assert ring.shape[3] == D and ring.dtype == kmin.dtype and refresh.slot_ids.shape[0] == B
-    L, layer_strides = layers if layers is not None else (1, (0, 0, 0, 0))
-    if B == 0 or S == 0 or L == 0:
+    assert ring.shape[2:] == (Hq, D) and ring.dtype == kmin.dtype
+    if B == 0 or S == 0:
         return
     G = Hq // Hkv
     meta, rule_args, floats = _refresh_args(refresh, page_ids, fill, S)
     block_s = rule_args["BLOCK_S"]
-    bounds = torch.empty((L, B, Hkv, P, block_s), dtype=torch.float32, device=kmin.device)  # the window's bounds
-    q_args = (q, *q.stride()) if q is not None else (kmin, 0, 0, 0)  # (unused without STORE_Q)
-    _kernel()[(B, Hkv, L)](
-        q_args[0], kmin, kmax, page_ids, fill, num_pages if num_pages is not None else fill, ring, first_pos, bounds,
+    bounds = torch.empty((B, Hkv, P, block_s), dtype=torch.float32, device=q.device)  # the window's bounds
+    _kernel()[(B, Hkv)](
+        q, kmin, kmax, page_ids, fill, num_pages if num_pages is not None else fill, ring, first_pos, bounds,
         *meta,
-        *q_args[1:],
+        q.stride(0), q.stride(1), q.stride(2),
         *kmin.stride(),
         page_ids.stride(0), page_ids.stride(1), page_ids.stride(2),
         fill.stride(0), fill.stride(1),
         *ring.stride(),
-        *layer_strides,
         S, *floats,
         P=P, HKV=Hkv, G=G, GW=triton.next_power_of_2(G), GP=max(16, triton.next_power_of_2(G)), D=D, BLOCK_D=triton.next_power_of_2(D),
         HAS_NUM_PAGES=num_pages is not None, DOT_PREC="ieee" if kmin.dtype == torch.float32 else "tf32",
         DOT_F32=interpreting() and kmin.dtype == torch.bfloat16, **rule_args,
         BOUNDS_PAGES=BOUNDS_PAGES if bounds_pages is None else bounds_pages, PREFETCH=prefetch,
-        STORE_Q=q is not None, num_warps=4, num_stages=2, **pdl_args(kmin.device),
+        num_warps=4, num_stages=2, **pdl_args(q.device),
     )

@@ -96,13 +96,11 @@ APPEND_INTS = {"fill_ptr": "i32", "wp_ptr": "i32", "pos_ptr": "i64", "table_ptr"
 def append_variants():
     from raas_batch.kernels import kv_append
 
-    for rope, choose, key, ring in ((False, False, 0, False), (False, True, 0, False), (False, True, 1, False),
-                                    (False, True, 2, False), (True, False, 0, False), (True, True, 0, False),
-                                    (True, True, 1, False), (True, True, 2, False), (True, True, 0, True)):
-        # ring: RaaS's refresh once a page of every layer at once (the rotated queries into the ring)
-        yield (kv_append._kernel, APPEND_INTS,
-               {"D": 128, "BLOCK_D": 128, "ROPE": rope, "G": 6, "GP": 8, "HALF": 64, "BLOCK_HALF": 64,
-                "CHOOSE": choose, "BLOCK_W": 128, "KEY": key, "STAMP_ON_WRITE": True, "RING": ring, "num_warps": 1})
+    for rope in (False, True):
+        for choose, key in ((False, 0), (True, 0), (True, 1), (True, 2)):
+            yield (kv_append._kernel, APPEND_INTS,
+                   {"D": 128, "BLOCK_D": 128, "ROPE": rope, "G": 6, "GP": 8, "HALF": 64, "BLOCK_HALF": 64,
+                    "CHOOSE": choose, "BLOCK_W": 128, "KEY": key, "STAMP_ON_WRITE": True, "num_warps": 1})
 
 
 def attention_variants():
@@ -155,13 +153,11 @@ def window_refresh_variants():
     ptrs = {"ids_ptr": "i32", "fill_ptr": "i32", "npages_ptr": "i32", "first_ptr": "i64", "bounds_ptr": "fp32",
             "cur_ptr": "i64", "slot_ptr": "i64", "pos_ptr": "i64", "top_ptr": "i64", "pinned_ptr": "u8",
             "stamp_ptr": "i64"}
-    # store_q False: `window_close`, every layer at once (the append stored the queries)
-    for refresh_pinned, has_num_pages, store_q in ((False, True, True), (True, False, True), (False, False, False),
-                                                   (True, False, False)):
+    for refresh_pinned, has_num_pages in ((False, True), (True, False)):
         yield (window_refresh._kernel, ptrs,
                {"P": 16, "HKV": 2, "G": 6, "GW": 8, "GP": 16, "D": 128, "BLOCK_D": 128, "HAS_NUM_PAGES": has_num_pages,
                 "DOT_PREC": "tf32", "DOT_F32": False, "RULE": 0, "REFRESH_PINNED": refresh_pinned, "BLOCK_S": 64,
-                "BOUNDS_PAGES": 32, "PREFETCH": True, "STORE_Q": store_q, "num_warps": 4, "num_stages": 2})
+                "BOUNDS_PAGES": 32, "PREFETCH": True, "num_warps": 4, "num_stages": 2})
 
 
 def other_variants():

@@ -25,7 +25,6 @@ from raas_batch.engine.step_context import (
     RefreshWindow,
     SideStream,
     StepContext,
-    refresh_layers_a_launch,
     refresh_stream_enabled,
     refresh_window_enabled,
     set_context,
@@ -110,7 +109,7 @@ class ModelRunner:
             return None
         ring = torch.zeros(window_ring_shape(self.model.spec, num_slots, self.pool.page_size),
                            dtype=self.pool.kmin.dtype, device=self.device)
-        return RefreshWindow(ring, self.prompt_len, layers_a_launch=refresh_layers_a_launch(self.model.spec.num_layers))
+        return RefreshWindow(ring, self.prompt_len)
 
     def _tensor(self, values, dtype=torch.int64) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype, device=self.device)

@@ -41,25 +41,6 @@ def refresh_window_enabled() -> bool:
     return _flag(REFRESH_WINDOW_ENV)
 
 
-# With the refresh once a page, how many layers' closing rows one launch takes: N (a positive number, or "all"),
-# the append kernels storing each layer's queries into its ring and one launch (kernels/window_refresh.py
-# `window_close`) after the append of every N-th sparse layer and of the last, for the layers since the last
-# launch; or 0: one launch a layer beside its attention, which stores the layer's queries itself.
-REFRESH_LAYERS_ENV = "RAAS_BATCH_REFRESH_LAYERS_A_LAUNCH"
-REFRESH_LAYERS_DEFAULT = "0"
-
-
-def refresh_layers_a_launch(num_layers: int) -> int:
-    """RAAS_BATCH_REFRESH_LAYERS_A_LAUNCH as a number of layers (all: num_layers); 0 = the per-layer launch."""
-    value = os.environ.get(REFRESH_LAYERS_ENV, REFRESH_LAYERS_DEFAULT).strip()
-    if value == "all":
-        return max(1, num_layers)
-    if not value.isdigit():
-        raise ValueError(f"{REFRESH_LAYERS_ENV} must be a number of layers (0: one launch a layer beside its "
-                         f"attention) or 'all', got {value!r}")
-    return int(value)
-
-
 @dataclass
 class RefreshWindow:
     """What the deferred refresh keeps across steps (kernels/window_refresh.py): ring [layers, num_slots, P,
@@ -68,7 +49,6 @@ class RefreshWindow:
 
     ring: torch.Tensor
     first_pos: torch.Tensor
-    layers_a_launch: int = 0  # layers whose closing rows one launch takes (REFRESH_LAYERS_ENV); 0: per layer
 
 
 @dataclass

@@ -47,16 +47,7 @@ def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
     if not keep_bounds:
         kmin = kmax = None
     rope = None if rotary is None else (q, *rotary[0].tables(q.device), rotary[1])
-    # RaaS's refresh once a page, several layers' in one launch (ctx.window.layers_a_launch): this layer's queries
-    # go to its ring here, from the append kernel that rotates them; every N-th layer launches the closing rows
-    together = ctx.side is not None and ctx.window is not None and ctx.window.layers_a_launch > 0
-    ring = ctx.window.ring[layer] if together and policy.attention_refresh(layer, dec) is not None else None
-    if ring is not None and rope is not None:
-        policy.append(layer, dec, k, v, bounds=keep_bounds, rope=rope, ring=ring)
-    else:
-        policy.append(layer, dec, k, v, bounds=keep_bounds, rope=rope)  # the page, then the token (and RoPE)
-        if ring is not None:  # q came rotated
-            ring[dec.slot_ids, dec.positions % ring.shape[1]] = q.to(ring.dtype)
+    policy.append(layer, dec, k, v, bounds=keep_bounds, rope=rope)  # the page, then the token (and RoPE)
     page_ids = policy.read_pages(layer, q, dec)  # [B, Hkv, S]
     limit = policy.read_limit(layer, dec)  # [B] leading entries that can hold tokens, or None
     # RaaS ranks pages by their Quest bounds: the kernel computes them from kmin / kmax while it reads
@@ -75,8 +66,6 @@ def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
         # 1.5B job's decode gained 0.75-0.9% (runs 71-72, docs/gpu-notes.md) and the 7B step 1.8% (run 75);
         # a layer of attention and products alone was 0.9% slower (run 73), so (inferred) the gain comes from
         # the step's other kernels and the attention's last wave leaving SMs to the bounds pass.
-        if together:  # nothing beside this layer's attention unless it is the last one
-            return _attend_then_close(layer, ops, pool, policy, dec, ctx, q, page_ids, limit, scale)
         ctx.side.fork()
         out = ops.paged_decode_attention(q, k_cache, v_cache, page_ids, fill, scale, num_pages=limit)
         if ctx.window is not None:  # top_half, once a page (the runner keeps a window for that rule only)
@@ -94,26 +83,3 @@ def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
         scores = result[-1] if bounds is not None else None
         policy.after_attention(layer, q, dec, page_ids, mass, scores)
     return result[0]
-
-
-def _attend_then_close(layer, ops, pool, policy, dec, ctx, q, page_ids, limit, scale) -> torch.Tensor:
-    """A decode layer's attention with RaaS's refresh once a page of N layers a launch (N =
-    ctx.window.layers_a_launch): after the append of every N-th sparse layer and of the last, the side stream
-    runs the closing rows of the sparse layers since the last launch (ops.window_close), beside this attention
-    and what follows; the step joins it after the sampler. Fewer launches than one beside each layer's
-    attention (the side stream's presence cost ~4 us a layer even with no row closing: runs 84-89,
-    docs/gpu-notes.md); a launch's closing programs are latency-bound chains, so N = all puts them in waves
-    at the step's end (run 92)."""
-    k_cache, v_cache, _, _, fill = pool.layer_views[layer]
-    first = getattr(policy, "dense_layers", 0)  # the first sparse layer
-    n = ctx.window.layers_a_launch
-    start = first + (layer - first) // n * n  # the first layer of this launch's group
-    launch = layer == pool.num_layers - 1 or layer - start == n - 1
-    if launch:
-        ctx.side.fork()
-    out = ops.paged_decode_attention(q, k_cache, v_cache, page_ids, fill, scale, num_pages=limit)
-    if launch:
-        layers = slice(start, layer + 1)
-        ctx.side.run(ops.window_close, pool.kmin[layers], pool.kmax[layers], page_ids, pool.fill[layers],
-                     policy.stacked_refresh(dec, layers), limit, ctx.window.ring[layers], ctx.window.first_pos)
-    return out

@@ -169,16 +169,13 @@ class BoundedPolicy(KVPolicy):
         return self._ops().bounded_write(*self._write_args(layer, ctx), **self._write_options())
 
     def append(self, layer: int, ctx: DecodeContext, k: torch.Tensor, v: torch.Tensor, bounds: bool = True,
-               rope: tuple | None = None, ring: torch.Tensor | None = None) -> torch.Tensor:
-        """The write step and the append as one op, `bounded_write_append` (one kernel on Triton). ring
-        [num_slots, P, Hq, D] (with rope): the op also stores the rotated q at each row's position % P (RaaS's
-        refresh once a page of every layer at once: layers/attention.py)."""
+               rope: tuple | None = None) -> torch.Tensor:
+        """The write step and the append as one op, `bounded_write_append` (one kernel on Triton)."""
         k_cache, v_cache, kmin, kmax, _ = self.pool.layer_views[layer]
         if not bounds:
             kmin = kmax = None
-        extra = {} if ring is None else {"ring": ring}
         return self._ops().bounded_write_append(k, v, k_cache, v_cache, kmin, kmax, *self._write_args(layer, ctx),
-                                                **self._write_options(), rope=rope, **extra)
+                                                **self._write_options(), rope=rope)
 
     def read_pages(self, layer: int, q: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
         """Pure: the sequence's usable quota pages, [B, Hkv, W] (a stride-0 view over heads)."""

@@ -80,18 +80,9 @@ class RaasPolicy(BoundedPolicy):
         current one, unpinned unless refresh_pinned) chosen by the rule get stamp = position."""
         if layer < self.dense_layers:
             return None
-        return self._refresh(layer, ctx)
-
-    def stacked_refresh(self, ctx, layers: slice) -> Refresh:
-        """`attention_refresh` of the sparse layers `layers` at once (slices of the stacks: cur, pinned, stamp and
-        mass [L, ...]), for ops.window_close."""
-        assert layers.start >= self.dense_layers and layers.step is None
-        return self._refresh(layers, ctx)
-
-    def _refresh(self, layers, ctx) -> Refresh:
         pool = self.pool
-        return Refresh(self.cur[layers], ctx.slot_ids, ctx.positions, self.top, pool.pinned[layers],
-                       pool.stamp[layers], pool.mass[layers], rule=self.refresh_rule,
+        return Refresh(self.cur[layer], ctx.slot_ids, ctx.positions, self.top, pool.pinned[layer],
+                       pool.stamp[layer], pool.mass[layer], rule=self.refresh_rule,
                        refresh_pinned=self.refresh_pinned, alpha=self.alpha, scale=pool.head_dim ** -0.5)
 
     def after_attention(self, layer, q, ctx, page_ids, mass, bounds=None):
