@@ -66,6 +66,18 @@ def python_loop(n: int = 2_000_000) -> float:
     return time.perf_counter() - t
 
 
+def load_tokenizer(path: str | None):
+    """The tokenizer saved in `path`, or the embedded SmolLM2's (from its GGUF file) when None."""
+    from transformers import AutoTokenizer
+
+    if path:
+        return AutoTokenizer.from_pretrained(path)
+    from raas_batch.models.loader import embedded_gguf_path
+
+    gguf = embedded_gguf_path()
+    return AutoTokenizer.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=512)
@@ -76,15 +88,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.smoke:
         args.rows, args.tokens = 16, 400
-    from transformers import AutoTokenizer
-
-    if args.tokenizer:
-        tok = AutoTokenizer.from_pretrained(args.tokenizer)
-    else:
-        from raas_batch.models.loader import embedded_gguf_path
-
-        path = embedded_gguf_path()
-        tok = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    tok = load_tokenizer(args.tokenizer)
     rng = random.Random(0)
     ids = [[rng.randrange(len(tok)) for _ in range(args.tokens)] for _ in range(args.rows)]
     want = [tok.decode(row, skip_special_tokens=True) for row in ids[:1]]  # warm the tokenizer

@@ -27,7 +27,8 @@ def run_smoke(script: str, out, *args: str) -> str:
                                          ("bench_kernels.py", "bench_kernels_smoke"),
                                          ("bench_step_kernels.py", "bench_step_kernels_smoke"),
                                          ("bench_gpu_decode.py", None),
-                                         ("bench_detok.py", "bench_detok_smoke")])
+                                         ("bench_detok.py", "bench_detok_smoke"),
+                                         ("bench_writer.py", "bench_writer_smoke")])
 def test_benchmark_smoke_runs(tmp_path, script, stem):
     stdout = run_smoke(script, tmp_path)
     assert stdout.strip()

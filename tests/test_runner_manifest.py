@@ -131,6 +131,27 @@ def test_write_shard_atomic_and_verifiable(tmp_path):
     assert not verify_shard(path, meta)
 
 
+def test_write_shard_keeps_long_text_out_of_dictionaries(tmp_path):
+    """A shard is zstd-compressed; the long text columns (prompt, completion, reasoning, answer) are written
+    without dictionary encoding, the short ones and the carried input columns with it (bench_writer.py: the
+    dictionary of distinct long texts only cost time)."""
+    schema = job_schema(pa.schema([("level", pa.string())]), (("level", "level"),))
+    path = str(tmp_path / "part-00000.parquet")
+    meta = {"index": 0, "start": 0, "end": 3, "n": 1, "fingerprint": "f"}
+    rows = [_row(i, 0, level="easy") for i in range(3)]
+    for r in rows:
+        r["completion"] = r["reasoning"] = "a long trace " * 200 + str(r["row_idx"])
+    write_shard(path, rows, meta, schema)
+    group = pq.ParquetFile(path).metadata.row_group(0)
+    columns = {group.column(i).path_in_schema: group.column(i) for i in range(group.num_columns)}
+    assert {c.compression for c in columns.values()} == {"ZSTD"}
+    dictionary = {name for name, c in columns.items() if c.has_dictionary_page}
+    assert not dictionary & {"prompt", "completion", "reasoning", "answer"}
+    assert {"id", "finish_reason", "kv_policy", "model", "level"} <= dictionary
+    assert verify_shard(path, meta, schema)
+    assert pq.read_table(path).column("completion").to_pylist() == [r["completion"] for r in rows]
+
+
 def test_write_shard_failure_leaves_nothing(tmp_path):
     path = str(tmp_path / "part-00000.parquet")
     with pytest.raises((ValueError, TypeError)):
