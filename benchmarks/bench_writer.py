@@ -24,6 +24,7 @@ import os
 import random
 import sys
 import time
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,7 +53,7 @@ def output_rows(texts: list[str], tokens: int) -> list[dict]:
 
 def prose(count: int, length: int) -> list[str]:
     """`count` texts of `length` characters cut, at varying offsets, from the repository's Markdown."""
-    corpus = "\n\n".join(open(p, encoding="utf-8").read()
+    corpus = "\n\n".join(Path(p).read_text(encoding="utf-8")
                          for p in sorted([os.path.join(ROOT, "README.md"), *glob.glob(os.path.join(ROOT, "docs", "*.md"))]))
     while len(corpus) < 2 * length:
         corpus += corpus
