@@ -357,7 +357,12 @@ def main() -> None:
     if "raas" in sections:
         from raas_batch.engine.cuda_graph import BATCH_BUCKETS
 
-        largest = min(BATCH_BUCKETS[-1], int(usable // (per_page * (args.budget // P + 2))))
+        from raas_batch.engine.model_runner import window_ring_bytes
+
+        # a row's pages at the budget, and its ring of queries for the refresh once a page (3.2 MB a row at the
+        # 7B shape; before run 95 the ring came out of the 8 GB kept for activations)
+        ring = window_ring_bytes(spec, P, torch.bfloat16)
+        largest = min(BATCH_BUCKETS[-1], int((usable - ring) // (per_page * (args.budget // P + 2) + ring)))
         for raas_batch_size in sorted({min(512, largest), args.raas_batch or largest}):
             r = bench_raas_steady(model, args.budget, raas_batch_size, 128, steps)
             flops = 2 * wbytes / 2 * raas_batch_size

@@ -43,8 +43,10 @@ OPTIONS = {
 
 
 def output_rows(texts: list[str], tokens: int) -> list[dict]:
+    """The rows a job writes for these completions: without a think block, the answer is the whole text
+    (`raas_batch.reasoning.split_reasoning`), so the shard holds every text twice."""
     return [{"id": f"q{i}", "row_idx": i, "sample_idx": 0, "prompt": f"Question {i}: how many apples are left?",
-             "completion": text, "reasoning": None, "answer": None, "finish_reason": "length",
+             "completion": text, "reasoning": "", "answer": text.strip(), "finish_reason": "length",
              "num_prompt_tokens": 80, "num_completion_tokens": tokens, "num_reasoning_tokens": 0,
              "thinking_budget_hit": False, "kv_policy": "raas", "kv_budget": 1024, "peak_kv_tokens": 1024,
              "evicted_pages": tokens // 16, "kv_over_budget": False, "ttft_s": 0.4, "e2e_s": 44.0, "seed": i,
