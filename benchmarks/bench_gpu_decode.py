@@ -356,7 +356,6 @@ def main() -> None:
             print(r, flush=True)
     if "raas" in sections:
         from raas_batch.engine.cuda_graph import BATCH_BUCKETS
-
         from raas_batch.engine.model_runner import window_ring_bytes
 
         # a row's pages at the budget, and its ring of queries for the refresh once a page (3.2 MB a row at the
