@@ -47,10 +47,10 @@ OUTPUT_SCHEMA = pa.schema([
 
 # The columns of long text (a prompt, the model's output: tens of KB a row for a long reasoning trace) are
 # written without dictionary encoding: a dictionary of distinct long strings only grows until Parquet's writer
-# gives up on it at its page limit and falls back to plain encoding, after the time is spent. zstd at level 1:
-# on the job benchmark's 512-row shard of 6,144-token outputs (benchmarks/bench_writer.py) the two together take
-# the write from 0.28 to 0.17 s on this machine's CPU, the file the same size; English text compresses a few
-# percent less than at zstd's default level. Carried input columns keep the writer's defaults.
+# gives up on it at its page limit and falls back to plain encoding. zstd at level 1. On the job benchmark's
+# 512-row shard of 6,144-token outputs (benchmarks/bench_writer.py) the write took 0.157 s instead of 0.168 on
+# the H200 machine's CPU (run 95, docs/gpu-notes.md), the file the same size; prose compresses a little less.
+# Carried input columns keep the writer's defaults.
 PLAIN_TEXT_COLUMNS = ("prompt", "completion", "reasoning", "answer")
 PARQUET_OPTIONS = {"compression": "zstd", "compression_level": 1}
 
