@@ -79,7 +79,7 @@ CATEGORIES = [  # (category, regex on the kernel name), first match wins
 # (module, attribute): wrapped for the benchmark's process only, to time each call
 EDGE_FUNCTIONS = [
     ("raas_batch.runner", "load_engine"), ("raas_batch.shard_stream", "plan_shard"),
-    ("raas_batch.llm_engine", "LLMEngine.prepare"), ("raas_batch.llm_engine", "decode_texts"),
+    ("raas_batch.llm_engine", "LLMEngine.prepare_many"), ("raas_batch.llm_engine", "decode_texts"),
     ("raas_batch.llm_engine", "fill_completion"), ("raas_batch.shard_stream", "write_shard_file"),
     ("raas_batch.shards", "write_shard"), ("raas_batch.data.writer", "rows_to_table"),
     ("raas_batch.data.writer", "pq.write_table"), ("raas_batch.data.writer", "file_sha256"),

@@ -2,6 +2,7 @@
 
     core = LLMEngine(engine, tokenizer, max_model_len)
     core.add_request(key, prompt, params)        # checked, tokenized, n sequences added to the engine
+    core.add_requests([(key, prompt, params), ...])  # the same, the prompts tokenized in one call
     while core.has_unfinished_requests():
         finished, num_tokens = core.step()       # [(key, RequestOutput)]: requests whose samples all ended
 
@@ -40,7 +41,7 @@ from typing import Any
 
 from raas_batch.engine.sequence import PromptGroup, Sequence
 from raas_batch.outputs import CompletionOutput, RequestOutput
-from raas_batch.prompts import check_prompt, tokenize
+from raas_batch.prompts import check_prompt, encode_many, render
 from raas_batch.reasoning import count_reasoning_tokens, prompt_opens_think, split_reasoning
 from raas_batch.sampling_params import SamplingParams
 
@@ -84,13 +85,43 @@ class LLMEngine:
     # ---- requests in ----
     def prepare(self, prompt: Any) -> tuple[str | None, list[int], str | None]:
         """-> (prompt text as the model sees it, token ids, error or None). Never raises."""
-        normal, error = check_prompt(prompt)
-        if error:
-            return None, [], error
-        try:
-            text, ids = tokenize(self.tokenizer, normal, self.chat_template_kwargs)
-        except Exception as exc:  # noqa: BLE001 - a tokenizer or template failure is this prompt's problem only
-            return None, [], f"the prompt could not be tokenized ({type(exc).__name__}: {exc})"
+        return self.prepare_many([prompt])[0]
+
+    def prepare_many(self, prompts: list) -> list[tuple[str | None, list[int], str | None]]:
+        """`prepare` of each prompt, the texts to encode going through the tokenizer in one batch call (a fast
+        tokenizer encodes it in parallel); the same results as one by one. Never raises."""
+        out: list = [None] * len(prompts)
+        texts: dict[bool, list[tuple[int, str]]] = {True: [], False: []}  # add_special_tokens -> (index, text)
+        for i, prompt in enumerate(prompts):
+            normal, error = check_prompt(prompt)
+            if error:
+                out[i] = (None, [], error)
+                continue
+            try:
+                text, ids, special = render(self.tokenizer, normal, self.chat_template_kwargs)
+            except Exception as exc:  # noqa: BLE001 - a template failure is this prompt's problem only
+                out[i] = (None, [], _untokenizable(exc))
+                continue
+            if ids is None:
+                texts[special].append((i, text))
+            else:
+                out[i] = self._checked(text, ids)
+        for special, items in texts.items():
+            try:
+                encoded = encode_many(self.tokenizer, [text for _, text in items], special)
+            except Exception:  # noqa: BLE001 - one text broke the batch: each on its own, to name it
+                encoded = None
+            for k, (i, text) in enumerate(items):
+                if encoded is not None:
+                    out[i] = self._checked(text, encoded[k])
+                    continue
+                try:
+                    out[i] = self._checked(text, list(self.tokenizer.encode(text, add_special_tokens=special)))
+                except Exception as exc:  # noqa: BLE001
+                    out[i] = (None, [], _untokenizable(exc))
+        return out
+
+    def _checked(self, text: str | None, ids: list[int]) -> tuple[str | None, list[int], str | None]:
         if not ids:
             return text, ids, "the prompt has no tokens"
         if len(ids) >= self.max_model_len:
@@ -98,12 +129,25 @@ class LLMEngine:
                                "shorten it")
         return text, ids, None
 
+    def samples_of(self, params: SamplingParams | None) -> int:
+        """The sequences a request with `params` adds (its n, after the defaults)."""
+        return (params or SamplingParams()).with_defaults(self.generation_defaults).n
+
+    def add_requests(self, requests: list[tuple[Hashable, Any, SamplingParams | None]]) -> None:
+        """`add_request` of each (key, prompt, params), their prompts prepared together (`prepare_many`)."""
+        for (key, _, params), prepared in zip(requests, self.prepare_many([p for _, p, _ in requests])):
+            self._add(key, prepared, params)
+
     def add_request(self, key: Hashable, prompt: Any, params: SamplingParams | None = None, *,
                     forced: list[int] | None = None, kv_override: object = None) -> None:
         """Queue one request. forced: tokens fed instead of sampled ones (teacher forcing);
         kv_override: a per-sequence KV budget (see raas_batch.policies.base)."""
+        self._add(key, self.prepare(prompt), params, forced, kv_override)
+
+    def _add(self, key: Hashable, prepared: tuple, params: SamplingParams | None, forced: list[int] | None = None,
+             kv_override: object = None) -> None:
         params = (params or SamplingParams()).with_defaults(self.generation_defaults)
-        text, ids, error = self.prepare(prompt)
+        text, ids, error = prepared
         request_id = next(self._ids)
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         outs = [CompletionOutput(index=j, seed=seed) for j in range(params.n)]
@@ -281,6 +325,10 @@ def advance_texts(backend, seqs: list[Sequence]) -> None:
         if before + after == window:
             s.text_done += chunk
             s.text_upto = cut
+
+
+def _untokenizable(exc: Exception) -> str:
+    return f"the prompt could not be tokenized ({type(exc).__name__}: {exc})"
 
 
 def decode_texts(tokenizer, seqs: list[Sequence]) -> dict[int, str]:

@@ -81,14 +81,22 @@ def text_as_chat(value: Any, system_prompt: str | None = None) -> Any:
     return value
 
 
-def tokenize(tokenizer, prompt: Prompt, chat_template_kwargs: dict | None = None) -> tuple[str | None, list[int]]:
-    """A prompt in normal form -> (its text as the model sees it, token ids). Raises what the tokenizer
-    or the chat template raises (the caller makes it the prompt's error)."""
+def render(tokenizer, prompt: Prompt, chat_template_kwargs: dict | None = None) -> tuple[str | None, list[int] | None, bool]:
+    """A prompt in normal form -> (its text as the model sees it, its token ids when the prompt is token ids, else
+    None (the text is to be encoded), whether encoding the text adds the tokenizer's special tokens). Raises what
+    the chat template raises (the caller makes it the prompt's error)."""
     if isinstance(prompt, str):
-        return prompt, list(tokenizer.encode(prompt))
+        return prompt, None, True
     if prompt and isinstance(prompt[0], dict):
         text = tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True,
                                              **(chat_template_kwargs or {}))
-        return text, list(tokenizer.encode(text, add_special_tokens=False))
-    text = tokenizer.decode(prompt) if tokenizer is not None else None
-    return text, list(prompt)
+        return text, None, False
+    return (tokenizer.decode(prompt) if tokenizer is not None else None), list(prompt), False
+
+
+def encode_many(tokenizer, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+    """`tokenizer.encode(text, add_special_tokens=...)` of each text, in one call: a fast tokenizer encodes the
+    batch in parallel, in Rust."""
+    if not texts:
+        return []
+    return [list(ids) for ids in tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]]

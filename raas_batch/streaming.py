@@ -51,7 +51,8 @@ def generate_stream(core, requests: Iterable[Request | None], progress_callback:
     try:
         while True:
             got_none = False
-            while not exhausted and core.num_waiting() < max_waiting:
+            batch, pending = [], 0  # pulled, and the sequences they add: prepared together (tokenized in one call)
+            while not exhausted and core.num_waiting() + pending < max_waiting:
                 try:
                     item = next(source)
                 except StopIteration:
@@ -60,8 +61,10 @@ def generate_stream(core, requests: Iterable[Request | None], progress_callback:
                 if item is None:
                     got_none = True
                     break
-                key, prompt, params = item
-                core.add_request(key, prompt, params)
+                batch.append(item)
+                pending += core.samples_of(item[2])
+            if batch:
+                core.add_requests(batch)
             if not core.has_unfinished_requests():
                 if exhausted:
                     return

@@ -261,3 +261,52 @@ def test_the_texts_worker_ends_with_its_engine(smollm_tokenizer):
     gc.collect()
     mine.join(timeout=10)
     assert not mine.is_alive()
+
+
+def test_prompts_prepared_together_equal_one_by_one(smollm_tokenizer):
+    """`prepare_many` (a batch of requests tokenized in one call, what generate_stream hands the core) gives
+    each prompt what the tokenizer gives it alone: strings with the special tokens, chats through the template
+    without them, token ids as they are, and each bad or too long prompt its own error; a text that breaks the
+    batch call is tokenized on its own, so only its row gets the error."""
+    from types import SimpleNamespace
+
+    from raas_batch.llm_engine import LLMEngine
+
+    tok = smollm_tokenizer
+    engine = SimpleNamespace(scheduler=SimpleNamespace(running=[], waiting=[]))
+    core = LLMEngine(engine, tok, max_model_len=64, seed_key=lambda seed, j: 0)
+    chat = [{"role": "user", "content": "How many legs do 3 spiders have?"}]
+    prompts = ["The capital of France is", chat, [5, 6, 7], {"prompt_token_ids": [9, 8]}, None, "  ", [],
+               "word " * 80, [{"role": "user", "content": "Name a prime."}], "Once upon a time"]
+    got = core.prepare_many(prompts)
+    assert got == [core.prepare(p) for p in prompts]
+    text = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert got[0] == ("The capital of France is", tok.encode("The capital of France is"), None)
+    assert got[1] == (text, tok.encode(text, add_special_tokens=False), None)
+    assert got[2][1:] == ([5, 6, 7], None) and got[3][1:] == ([9, 8], None)
+    assert [g[2] for g in got[4:7]] == ["the prompt is null", "the prompt is empty",
+                                        "the prompt is an empty list of messages"]
+    assert "but the model's context is 64" in got[7][2] and got[8][2] is None and got[9][2] is None
+
+    class Fragile:  # the tokenizer, but any call that sees "BOOM" raises
+        def __getattr__(self, name):
+            return getattr(tok, name)
+
+        def __call__(self, texts, **kw):
+            if any("BOOM" in t for t in texts):
+                raise ValueError("cannot encode BOOM")
+            return tok(texts, **kw)
+
+        def encode(self, text, **kw):
+            if "BOOM" in text:
+                raise ValueError("cannot encode BOOM")
+            return tok.encode(text, **kw)
+
+    core.tokenizer = Fragile()
+    mixed = core.prepare_many(["fine text", "BOOM here", "also fine"])
+    assert mixed[0] == got_alone(core, "fine text") and mixed[2] == got_alone(core, "also fine")
+    assert mixed[1] == (None, [], "the prompt could not be tokenized (ValueError: cannot encode BOOM)")
+
+
+def got_alone(core, prompt):
+    return prompt, core.tokenizer.encode(prompt), None

@@ -33,7 +33,7 @@ def test_later_shards_are_admitted_before_earlier_shards_finish(tmp_path, shared
     runner that waited for each shard would admit shard i+1 only after shard i's row finished)."""
     core, engine = shared.llm_engine, shared.engine
     keys, seqs = [], []
-    add_request, add = core.add_request, engine.add
+    add_request, add = core._add, engine.add  # every request's way in (add_request and add_requests)
 
     def recording_add_request(key, *args, **kwargs):
         keys.append(key)
@@ -43,7 +43,7 @@ def test_later_shards_are_admitted_before_earlier_shards_finish(tmp_path, shared
         seqs.append((keys[-1], seq))
         return add(seq)
 
-    monkeypatch.setattr(core, "add_request", recording_add_request)
+    monkeypatch.setattr(core, "_add", recording_add_request)
     monkeypatch.setattr(engine, "add", recording_add)
     src = write_input(tmp_path / "in", "jsonl", sample_rows(8))
     rc = main(["--input", src, "--output", str(tmp_path / "out"), "--shard-size", "1", "--max-new-tokens", "8",
