@@ -189,6 +189,7 @@ class WatchedLLM(LLM):
     last: WatchedLLM | None = None
     profile_at: int | None = None  # decode step at which a profiled window of `profile_steps` starts
     profile_steps: int = 8
+    profile_first: str | None = None  # a path: the job's first engine step (a prefill) profiled, its tables there
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
@@ -227,8 +228,9 @@ class WatchedLLM(LLM):
                 if finished:
                     return finished, 0
             self._current = {}
+            first = not self.steps and WatchedLLM.profile_first
             t0 = time.perf_counter()
-            out = step()
+            out = step() if not first else self._profiled_first(step)
             t1 = time.perf_counter()
             # gap_s: host time between the previous step's return and this step's call (the runner loop,
             # the LLM engine's output handling); with overlapped decode the GPU runs meanwhile
@@ -241,6 +243,26 @@ class WatchedLLM(LLM):
         engine.step = watched_step
         runner.launch_decode = watched_launch
         runner.prefill = watched_prefill
+
+    def _profiled_first(self, step):
+        """The job's first step (a prefill: admission, the prompts' forward, the first tokens) under torch.profiler,
+        CPU and CUDA; its ops by device time and by host time go to `profile_first` (its wall counts the
+        profiler's overhead: a diagnostic, not a figure)."""
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        with profile(activities=acts) as prof:
+            out = step()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+        table = prof.key_averages()
+        device_key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+        with open(WatchedLLM.profile_first, "w") as f:
+            f.write(f"# the first step: {self._current}\n\n## by device time\n")
+            f.write(table.table(sort_by=device_key, row_limit=40, max_name_column_width=70))
+            f.write("\n\n## by host time (self)\n")
+            f.write(table.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=70))
+        return out
 
     def _profile_window(self, step) -> list:
         """Run `profile_steps` engine steps under torch.profiler; keep kernel time by category.
@@ -396,13 +418,24 @@ def run_one(args, model_dir: str, data: str, policy: str, shard_size: int, bw: f
         flags["ignore_eos"] = True  # the model's own EOS is one more random id: keep the mean as set
     cfg = resolve(flags)
     WatchedLLM.profile_at = None if warmup or args.profile_at < 0 else args.profile_at
+    WatchedLLM.profile_first = (None if warmup or not args.profile_first
+                                else os.path.join(results_dir(args.work if args.smoke else None), f"profile_first_step_{policy}.txt"))
     os.environ["RAAS_BATCH_ENGINE"] = "bench_job:WatchedLLM"
     watch_edges()
     watch_compiles()
     EDGE_CALLS.clear()
+    prof = None
+    if args.cprofile and not warmup:
+        import cProfile
+
+        prof = cProfile.Profile()
+        prof.enable()
     t0 = time.perf_counter()
     summary = run_job(cfg)
     wall = time.perf_counter() - t0
+    if prof is not None:
+        prof.disable()
+        save_cprofile(prof, os.path.join(results_dir(args.work if args.smoke else None), f"cprofile_{policy}.txt"))
     llm = WatchedLLM.last
     engine = llm.engine
     spec = engine.runner.model.spec
@@ -491,6 +524,18 @@ def run_one(args, model_dir: str, data: str, policy: str, shard_size: int, bw: f
     return res
 
 
+def save_cprofile(prof, path: str, limit: int = 80) -> None:
+    """The product's functions (raas_batch, kernels, pyarrow, tokenizers) by cumulative time, from a cProfile run."""
+    import pstats
+
+    rows = [(ct, tt, nc, f"{f.split('site-packages/')[-1].split('main/')[-1]}:{line}({name})")
+            for (f, line, name), (_, nc, tt, ct, _) in pstats.Stats(prof).stats.items()
+            if any(k in f for k in ("raas_batch", "kernels", "pyarrow", "tokenizers", "transformers"))]
+    with open(path, "w") as f:
+        f.write("cumulative_s  self_s  calls  function\n")
+        f.writelines(f"{ct:10.3f} {tt:8.3f} {nc:7d}  {name}\n" for ct, tt, nc, name in sorted(rows, reverse=True)[:limit])
+
+
 def results_dir(default: str | None = None) -> str:
     """Where a benchmark writes its tables: $OUT, else `default`, else benchmarks/results (created)."""
     out = os.environ.get("OUT") or default or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -552,6 +597,10 @@ def main() -> None:
     ap.add_argument("--profile-at", type=int, default=600, help="decode step where the profiled window starts "
                     "(-1: none, so job tokens/s is the product's alone, without the window's correction; the "
                     "table's kernel columns are then empty)")
+    ap.add_argument("--profile-first", action="store_true", help="profile each measured job's first step (a "
+                    "prefill) with torch.profiler: profile_first_step_<policy>.txt in the results folder")
+    ap.add_argument("--cprofile", action="store_true", help="each measured job under cProfile: the product's "
+                    "functions by cumulative time in cprofile_<policy>.txt (a diagnostic: it slows the host)")
     ap.add_argument("--tokenizer", default=".gpu_assets/tok")
     ap.add_argument("--work", default="/tmp/raas_bench")
     ap.add_argument("--tag", default="")
