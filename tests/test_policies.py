@@ -375,3 +375,33 @@ def test_pin_prompt_auto_pins_a_prompt_that_takes_at_most_half_the_budget():
     assert h.policy.window[0] == h.policy.window[1] == 1
     with pytest.raises(ValueError, match="pin_prompt"):
         make_policy("raas", 64, P, pin_prompt="sometimes")
+
+
+@pytest.mark.parametrize("name,options", [("raas", {}), ("raas", {"pin_prompt": "auto"}), ("h2o", {}),
+                                          ("streaming", {}), ("quest", {})])
+def test_admitting_a_round_at_once_equals_one_by_one(name, options):
+    """`on_admit_many` (the scheduler's round of admissions, written with one op a tensor) leaves every slot's
+    state as `on_admit` one sequence at a time: the quota columns, window, refresh count, current page, counts
+    and the pinning choice, for prompts of several lengths and a per-sequence budget."""
+    admissions = [(2, list(range(10, 22)), 9, None), (0, list(range(30, 34)), 1, None),
+                  (3, list(range(40, 52)), 23, 8), (1, list(range(60, 70)), 16, None)]
+    states = []
+    for together in (False, True):
+        policy = make_policy(name, kv_budget=16, page_size=P, **options)
+        Harness(policy, num_pages=80, num_layers=2)
+        if together:
+            policy.on_admit_many(admissions)
+        else:
+            for a in admissions:
+                policy.on_admit(*a)
+        tensors = {k: v.clone() for k, v in vars(policy).items() if isinstance(v, torch.Tensor)}
+        states.append((tensors, dict(getattr(policy, "_pinned_slots", {}))))
+    (one, pins_one), (many, pins_many) = states
+    assert one.keys() == many.keys() and one
+    for k in one:
+        assert torch.equal(one[k], many[k]), k
+    assert pins_one == pins_many
+    if name == "raas" and not options:  # the values themselves: page of the prompt's last token, counts, top half
+        assert (many["cur"][:, 2] == 12).all() and (many["cur"][:, 3] == 45).all() and (many["held"][:, 3] == 23).all()
+        assert many["all_pages"][2] == 12 and many["top"][2] == 2 and many["top"][3] == 1
+        assert (many["peak"][:, 0] == 1).all() and (many["evicted"] == 0).all()

@@ -121,9 +121,11 @@ class ModelRunner:
 
     def _admit(self, seqs: list[Sequence]) -> torch.Tensor:
         """Write the admitted sequences' per-slot state; -> their slots [B] int64 on the device."""
-        for seq in seqs:
-            self.set_slot_pages(seq.slot, seq.pages)
+        rows = torch.full((len(seqs), self.slot_tables.shape[1]), -1, dtype=torch.int32)
+        for i, seq in enumerate(seqs):
+            rows[i, :len(seq.pages)] = torch.tensor(seq.pages, dtype=torch.int32)
         slots = self._tensor([s.slot for s in seqs])
+        self.slot_tables[slots] = rows.to(self.device)  # one copy for the batch
         self.temperature[slots] = self._tensor([s.params.temperature for s in seqs], torch.float32)
         self.top_p[slots] = self._tensor([s.params.top_p for s in seqs], torch.float32)
         self.top_k[slots] = self._tensor([s.params.top_k for s in seqs])

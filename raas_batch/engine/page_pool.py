@@ -68,18 +68,22 @@ class PagePool:
     def num_free(self) -> int:
         return len(self._free)
 
-    def allocate(self, num: int) -> list[int] | None:
-        """Reserve `num` pages, reset them, and return their ids; None when too few are free."""
+    def allocate(self, num: int, reset: bool = True) -> list[int] | None:
+        """Reserve `num` pages, reset them (reset False: the caller resets them, with others, before any use), and
+        return their ids; None when too few are free."""
         if num > len(self._free):
             return None
         pages = [self._free.popleft() for _ in range(num)]
-        self.reset(pages)
+        if reset:
+            self.reset(pages)
         return pages
 
     def release(self, pages: list[int]) -> None:
         self._free.extend(pages)
 
     def reset(self, pages: list[int]) -> None:
+        if not pages:
+            return
         idx = torch.tensor(pages, dtype=torch.long, device=self.fill.device)
         if self.zero_on_admit:  # a previous owner's non-finite values must not reach this sequence
             self.k_cache[:, idx] = 0

@@ -67,6 +67,8 @@ class Scheduler:
     def schedule(self) -> tuple[str, list[Sequence]]:
         """-> ("prefill", newly admitted) when any waiting sequence fits, else ("decode", running)."""
         admitted: list[Sequence] = []
+        fresh: list[int] = []  # the pages taken in this call, reset together before the prefill reads any
+        admissions = []  # (slot, pages, prompt tokens, override): the policy's slot state, written together
         num_tokens = 0
         while self.waiting and self._free_slots:
             seq = self.waiting[0]
@@ -78,8 +80,10 @@ class Scheduler:
             if own + prompt_pages > self.pool.num_free:
                 break
             if prompt_pages:
-                group.pages = self.pool.allocate(prompt_pages)
-            pages = self.pool.allocate(own)
+                group.pages = self.pool.allocate(prompt_pages, reset=False)
+                fresh += group.pages
+            pages = self.pool.allocate(own, reset=False)
+            fresh += pages
             self.waiting.popleft()
             seq.num_shared = self.num_shared(seq)
             seq.pages = (group.pages[:seq.num_shared] if group is not None else []) + pages
@@ -88,11 +92,13 @@ class Scheduler:
             if group is not None:
                 group.num_unadmitted -= 1
             seq.t_admitted = time.perf_counter()
-            self.policy.on_admit(seq.slot, seq.pages, n, seq.kv_override)
+            admissions.append((seq.slot, seq.pages, n, seq.kv_override))
             seq.kv_over_budget = self.policy.over_budget(n, seq.max_new_tokens, seq.kv_override)
             admitted.append(seq)
             num_tokens += n if runs_prompt else 0
         if admitted:
+            self.pool.reset(fresh)  # one reset for the batch (512 admissions: one set of index ops, not 512)
+            self.policy.on_admit_many(admissions)
             self.running.extend(admitted)
             return "prefill", admitted
         return "decode", list(self.running)

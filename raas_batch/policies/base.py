@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -112,6 +112,12 @@ class KVPolicy:
 
     def on_admit(self, slot: int, pages: list[int], num_prompt_tokens: int, override=None) -> None:
         """Host-side: a sequence took `slot` with quota `pages`; its prompt fills the first pages."""
+
+    def on_admit_many(self, admissions: list[tuple[int, list[int], int, Any]]) -> None:
+        """`on_admit` of each (slot, pages, num_prompt_tokens, override) of one scheduling round (distinct slots);
+        a policy with per-slot device state may write it in one op a tensor instead of one a sequence."""
+        for slot, pages, num_prompt_tokens, override in admissions:
+            self.on_admit(slot, pages, num_prompt_tokens, override)
 
     def over_budget(self, num_prompt_tokens: int, max_new_tokens: int, override=None) -> bool:
         """Host-side: whether the sequence's quota exceeds its kv_budget (the prompt did not fit)."""

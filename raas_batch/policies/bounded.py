@@ -128,21 +128,40 @@ class BoundedPolicy(KVPolicy):
         self._pinned_slots: dict[int, bool] = {}  # pin_prompt="auto": each admitted slot's choice
 
     def on_admit(self, slot: int, pages: list[int], num_prompt_tokens: int, override=None) -> None:
-        n = num_prompt_tokens
-        prompt_pages = self.pages_for(n)
-        budget_pages = self._budget(override) // self.page_size
-        # max_new_tokens is not passed here: the quota already caps the slots at the sequence's pages.
-        sparse_pages = min(len(pages), max(budget_pages, prompt_pages + self.decode_allowance()))
-        self.sparse_pages[slot] = sparse_pages
-        self.all_pages[slot] = len(pages)
-        pinned = self.pins(prompt_pages, budget_pages)
-        self._pinned_slots[slot] = pinned
-        self.window[slot] = self.window_pages(sparse_pages, prompt_pages if pinned else 0)
-        self.top[slot] = budget_pages // 2
-        self.cur[:, slot] = pages[(n - 1) // self.page_size]
-        self.held[:, slot] = n
-        self.peak[:, slot] = n
-        self.evicted[:, slot] = 0
+        self.on_admit_many([(slot, pages, num_prompt_tokens, override)])
+
+    def on_admit_many(self, admissions) -> None:
+        """The slots' state, computed on the host and written with one op a tensor (512 admissions at once: ~10
+        ops, not ~5,000 one-element writes, each a launch on CUDA)."""
+        slots, cols = [], {name: [] for name in ("sparse_pages", "all_pages", "window", "top", "cur", "held")}
+        for slot, pages, n, override in admissions:
+            prompt_pages = self.pages_for(n)
+            budget_pages = self._budget(override) // self.page_size
+            # max_new_tokens is not passed here: the quota already caps the slots at the sequence's pages.
+            sparse_pages = min(len(pages), max(budget_pages, prompt_pages + self.decode_allowance()))
+            pinned = self.pins(prompt_pages, budget_pages)
+            self._pinned_slots[slot] = pinned
+            slots.append(slot)
+            for name, value in (("sparse_pages", sparse_pages), ("all_pages", len(pages)),
+                                ("window", self.window_pages(sparse_pages, prompt_pages if pinned else 0)),
+                                ("top", budget_pages // 2), ("cur", pages[(n - 1) // self.page_size]), ("held", n)):
+                cols[name].append(value)
+        if not slots:
+            return
+        dev = self.cur.device
+        idx = torch.tensor(slots, dtype=torch.long, device=dev)
+
+        def values(name: str, like: torch.Tensor) -> torch.Tensor:
+            return torch.tensor(cols[name], dtype=like.dtype, device=dev)
+
+        for name in ("sparse_pages", "all_pages", "window", "top"):
+            getattr(self, name)[idx] = values(name, getattr(self, name))
+        per_head = (1, len(slots), 1)  # [layers, slots, heads] state: the same value in every layer and head
+        self.cur[:, idx] = values("cur", self.cur).view(per_head)
+        held = values("held", self.held).view(per_head)
+        self.held[:, idx] = held
+        self.peak[:, idx] = held
+        self.evicted[:, idx] = torch.zeros((), dtype=self.evicted.dtype, device=dev)
 
     def seq_stats(self, slot: int, pages: list[int]) -> tuple[int, int]:
         return int(self.peak[:, slot].max().item()), int(self.evicted[:, slot].max().item())
