@@ -528,7 +528,8 @@ def save_cprofile(prof, path: str, limit: int = 80) -> None:
     """The product's functions (raas_batch, kernels, pyarrow, tokenizers) by cumulative time, from a cProfile run."""
     import pstats
 
-    rows = [(ct, tt, nc, f"{f.split('site-packages/')[-1].split('main/')[-1]}:{line}({name})")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository's files by their own path
+    rows = [(ct, tt, nc, f"{f.split('site-packages/')[-1] if 'site-packages/' in f else os.path.relpath(f, root)}:{line}({name})")
             for (f, line, name), (_, nc, tt, ct, _) in pstats.Stats(prof).stats.items()
             if any(k in f for k in ("raas_batch", "kernels", "pyarrow", "tokenizers", "transformers"))]
     with open(path, "w") as f:
@@ -659,8 +660,10 @@ def main() -> None:
                 print(json.dumps(r["profile"]["by_category_ms_per_step"]), "host gap",
                       round(r["profile"]["host_gap_ms_per_step"], 3), flush=True)
             save_results(out_dir, stem, {"shape": args.shape, "args": vars(args), "results": results})
-        if env_name:
-            os.environ.pop(env_name) if saved is None else os.environ.__setitem__(env_name, saved)
+        if env_name and saved is None:
+            del os.environ[env_name]
+        elif env_name:
+            os.environ[env_name] = saved
     text = (f"# Job benchmark: {args.shape} shape, {args.rows} rows, {args.regime} lengths (max {args.max_new_tokens}), "
             f"copy bandwidth {bw / 1e12:.2f} TB/s\n\n" + table(results))
     print(text)

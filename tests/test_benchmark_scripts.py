@@ -122,6 +122,25 @@ def test_job_benchmark_without_a_profiled_window(tmp_path, smollm_tokenizer):
     assert rows and rows[0].rstrip(" |").endswith("| - | - | - | - | - | - | -")
 
 
+def test_job_benchmark_settings_and_edge_profiles(tmp_path, smollm_tokenizer):
+    """A POLICY+NAME=VALUE entry runs that policy's job labelled with its setting (the plain entry without one);
+    --profile-first writes the first step's (a prefill's) profile tables and --cprofile the product's functions
+    by cumulative time, run_job among them, with paths relative to the repository."""
+    tok = tmp_path / "tok"
+    smollm_tokenizer.save_pretrained(tok)
+    run_smoke("bench_job.py", tmp_path, "--tokenizer", str(tok), "--work", str(tmp_path / "work"), "--profile-at", "-1",
+              "--policies", "raas+RAAS_BATCH_REFRESH_WINDOW=0,dense", "--profile-first", "--cprofile")
+    result = json.loads((tmp_path / "bench_job.json").read_text())["results"]
+    assert [(r["policy"], r["setting"]) for r in result] == [("raas", "RAAS_BATCH_REFRESH_WINDOW=0"), ("dense", None)]
+    table = (tmp_path / "bench_job.md").read_text()
+    assert "| raas L=64 (RAAS_BATCH_REFRESH_WINDOW=0) |" in table and "| dense |" in table
+    for policy in ("raas", "dense"):
+        first = (tmp_path / f"profile_first_step_{policy}.txt").read_text()
+        assert "'kind': 'prefill'" in first and "## by device time" in first and "## by host time" in first
+        calls = (tmp_path / f"cprofile_{policy}.txt").read_text()
+        assert "raas_batch/runner.py:" in calls and "run_job" in calls and ROOT not in calls
+
+
 def test_job_benchmark_records_the_kernel_builds(monkeypatch):
     """watch_compiles keeps what Triton's JIT hooks report of a variant built (its kernel, seconds and
     arguments, pointer alignments included), and compile_times returns those inside a job's window: the

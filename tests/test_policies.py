@@ -405,3 +405,35 @@ def test_admitting_a_round_at_once_equals_one_by_one(name, options):
         assert (many["cur"][:, 2] == 12).all() and (many["cur"][:, 3] == 45).all() and (many["held"][:, 3] == 23).all()
         assert many["all_pages"][2] == 12 and many["top"][2] == 2 and many["top"][3] == 1
         assert (many["peak"][:, 0] == 1).all() and (many["evicted"] == 0).all()
+
+
+def test_a_scheduling_round_resets_its_pages_and_writes_its_slots():
+    """The scheduler admits a round at once: every page it takes is reset (fill 0, logical -1, stamp 0, unpinned,
+    mass 0, in every layer) before the prefill, pages it does not take keep what they held, and the policy's slot
+    state of each admitted sequence is written (on_admit_many)."""
+    from raas_batch.engine.scheduler import Scheduler
+    from raas_batch.engine.sequence import Sequence
+    from raas_batch.sampling_params import SamplingParams
+
+    policy = make_policy("raas", kv_budget=16, page_size=P)
+    h = Harness(policy, num_pages=40, num_layers=2)
+    pool = h.pool
+    for t, dirty in ((pool.fill, 3), (pool.logical, 7), (pool.stamp, 9), (pool.pinned, True), (pool.mass, 2.5)):
+        t.fill_(dirty)  # a previous owner's metadata on every page
+    sched = Scheduler(pool, policy, max_num_seqs=4, max_prefill_tokens=10**6)
+    params = SamplingParams(max_new_tokens=8)
+    seqs = [Sequence(request_idx=i, sample_idx=0, prompt_token_ids=list(range(n)), params=params, seed_key=0, seed=0,
+                     max_new_tokens=8) for i, n in enumerate((5, 9))]
+    for s in seqs:
+        sched.add(s)
+    kind, admitted = sched.schedule()
+    assert kind == "prefill" and admitted == seqs
+    taken = sorted(p for s in seqs for p in s.pages)
+    others = sorted(set(range(pool.num_pages)) - set(taken))
+    assert len(taken) == len(set(taken)) > 0 and others
+    for t, fresh, dirty in ((pool.fill, 0, 3), (pool.logical, -1, 7), (pool.stamp, 0, 9), (pool.pinned, False, True),
+                            (pool.mass, 0.0, 2.5)):
+        assert (t[:, taken] == fresh).all() and (t[:, others] == dirty).all()
+    for s, n in zip(seqs, (5, 9)):
+        assert (policy.held[:, s.slot] == n).all() and (policy.cur[:, s.slot] == s.pages[(n - 1) // P]).all()
+        assert policy.all_pages[s.slot] == len(s.pages)
