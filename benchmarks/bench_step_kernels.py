@@ -172,6 +172,13 @@ LAYER_VARIANTS = [("refresh in the attention's program", "inside"),
 # against 258.3, and with no row closing 250.3 against 250.8 (the 1,024 short programs cost nothing measurable).
 # Run 90: beside the products instead of the attention, 266.8 against 264.1.
 WINDOW_VARIANTS = [("refresh once a page, side stream", {}),
+                   # the kernel up to run 97: 2 of the window's steps a product (16 rows); run 98: 261.3 us a layer
+                   # against 255.8 with 8 steps (64 rows, the default since), 264.9 with 4; 8 steps at 8 warps 259.7,
+                   # 64 pages a block (2 steps) 261.7; every row closing 341.3 (2 steps) against 317.7 (8 steps)
+                   ("once a page, 2 steps a product (up to run 97)", {"steps_a_product": 2}),
+                   ("once a page, 16 steps a product", {"steps_a_product": 16}),
+                   ("once a page, 16 steps a product, 8 warps", {"steps_a_product": 16, "num_warps": 8}),
+                   ("once a page, 64 pages a block", {"bounds_pages": 64}),
                    # each product's queries loaded only after the product before it has been stored (up to run 85)
                    ("once a page, no prefetch", {"prefetch": False}),
                    # the side stream forked after the attention: the refresh runs beside the layer's products
@@ -180,7 +187,10 @@ WINDOW_VARIANTS = [("refresh once a page, side stream", {}),
                    # diagnostics: no row closes its page (the queries stored, nothing scored), or every row does
                    ("once a page, no row closing (diagnostic)", {"closing": "none"}),
                    ("once a page, every row closing (diagnostic)", {"closing": "all"}),
-                   ("once a page, no prefetch, every row closing (diagnostic)", {"closing": "all", "prefetch": False})]
+                   ("once a page, 2 steps a product, every row closing (diagnostic)",
+                    {"closing": "all", "steps_a_product": 2}),
+                   ("once a page, 16 steps a product, every row closing (diagnostic)",
+                    {"closing": "all", "steps_a_product": 16})]
 
 
 def layer_rows(cfg, skip=()) -> list[dict]:

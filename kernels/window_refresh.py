@@ -24,8 +24,10 @@ Grid (B, Hkv). A program stores its row's query into ring[slot, position % P] (t
 head's group). If the row's current page is full after this step's append, it then scores the page's
 window, positions max(position - P + 1, first_pos[slot]) .. position, with those steps' queries from
 the ring: each block of BOUNDS_PAGES pages' kmin / kmax rows is loaded once, and GP / GW steps of GW
-query-head rows go through each product, so every product has the GP rows and the operands of the
-per-step bounds pass (`_bounds_pass` in kernels/decode_attention.py) and every bound is the same bits.
+query-head rows go through each product (8 steps, 64 rows, at the 1.5B and 7B shapes: run 98 found the
+closing programs' chain of products shorter that way than at 2 steps, 16 rows), so every bound is the
+product of the operands of the per-step bounds pass (`_bounds_pass` in kernels/decode_attention.py),
+reduced over D in the same order: the same bits (the GPU tests compare the sampled tokens and stamps).
 The scores go to a scratch [P, BLOCK_S] a row, one sort a step ranks them with top_half's keys
 (`_rank_key`, shared with `_refresh_mask`), and the program stores, for each page a step of the window
 refreshed, the position of the last such step. first_pos is the position of the slot's first decode
@@ -39,6 +41,8 @@ No host synchronisation; CUDA-graph capturable.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -97,8 +101,8 @@ def _window_refresh_kernel(
         w0 = tl.maximum(pos - P + 1, tl.load(first_ptr + slot).to(tl.int64))  # the window's first step
         # The window's bounds, step j (position pos - P + 1 + j) in row j of the scratch [P, BLOCK_S]: each block
         # of BOUNDS_PAGES pages loaded once, then SPP = GP / GW steps a product. SPP steps of GW query heads make
-        # the GP rows of the bounds pass's product (kernels/decode_attention.py), so each bound is the same
-        # product on the same operands as the refresh at that step: the same bits.
+        # the GP rows of a product whose every entry is the bounds pass's (kernels/decode_attention.py) on the
+        # same operands as the refresh at that step: the same bits.
         SPP: tl.constexpr = GP // GW
         pr = tl.arange(0, GP)
         pg = pr % GW  # query head of the row
@@ -167,13 +171,15 @@ _kernel = lazy_jit(_window_refresh_kernel, helpers=(_row_ok, _rank_key, _ring_ti
 
 def window_refresh(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, page_ids: torch.Tensor,
                    fill: torch.Tensor, refresh: Refresh, num_pages: torch.Tensor | None, ring: torch.Tensor,
-                   first_pos: torch.Tensor, *, bounds_pages: int | None = None, prefetch: bool = True) -> None:
+                   first_pos: torch.Tensor, *, bounds_pages: int | None = None, prefetch: bool = True,
+                   steps_a_product: int | None = None, num_warps: int = 4) -> None:
     """The deferred refresh of one layer's decode step (module docstring). q [B, Hq, D] (rotated), kmin /
     kmax [N, Hkv, D], page_ids [B, Hkv, S], fill [N, Hkv], num_pages [B] or None: as `bounds_refresh`'s;
     ring [num_slots, P, Hq, D] (the layer's queries of the last P steps of each slot, in the cache's dtype),
     first_pos [num_slots] int64. Rule top_half only (module docstring). Updates the ring and, for the rows whose current
     page is full, the stamps. prefetch False: each product's queries loaded after the product before it (the
-    kernel up to run 85; the same stamps)."""
+    kernel up to run 85; the same stamps). steps_a_product: the window's steps in one product (GP / GW; by
+    default 8, capped so that a product has at most 64 rows, at least 16), a power of two."""
     B, Hq, D = q.shape
     N, Hkv, Dk = kmin.shape
     S = page_ids.shape[2]
@@ -184,6 +190,14 @@ def window_refresh(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, page
     if B == 0 or S == 0:
         return
     G = Hq // Hkv
+    if steps_a_product is None:  # (an A/B knob of the job benchmark, read when the step is captured)
+        steps_a_product = int(os.environ.get("RAAS_BATCH_WINDOW_STEPS", "0")) or None
+    num_warps = int(os.environ.get("RAAS_BATCH_WINDOW_WARPS", num_warps))
+    GW = triton.next_power_of_2(G)
+    # 8 steps a product by default (64 rows at G = 6 or 7), no more than 64 rows unless a group is larger: run 98,
+    # 255.8 us a layer against 261.3 with 2 steps (16 rows, the kernel up to run 97), 264.9 with 4
+    GP = max(16, GW, min(64, 8 * GW)) if steps_a_product is None else GW * steps_a_product
+    assert GP >= 16 and GP % GW == 0 and GP & (GP - 1) == 0, "steps_a_product: a power of two, 16 rows at least"
     meta, rule_args, floats = _refresh_args(refresh, page_ids, fill, S)
     block_s = rule_args["BLOCK_S"]
     bounds = torch.empty((B, Hkv, P, block_s), dtype=torch.float32, device=q.device)  # the window's bounds
@@ -196,9 +210,9 @@ def window_refresh(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, page
         fill.stride(0), fill.stride(1),
         *ring.stride(),
         S, *floats,
-        P=P, HKV=Hkv, G=G, GW=triton.next_power_of_2(G), GP=max(16, triton.next_power_of_2(G)), D=D, BLOCK_D=triton.next_power_of_2(D),
+        P=P, HKV=Hkv, G=G, GW=GW, GP=GP, D=D, BLOCK_D=triton.next_power_of_2(D),
         HAS_NUM_PAGES=num_pages is not None, DOT_PREC="ieee" if kmin.dtype == torch.float32 else "tf32",
         DOT_F32=interpreting() and kmin.dtype == torch.bfloat16, **rule_args,
         BOUNDS_PAGES=BOUNDS_PAGES if bounds_pages is None else bounds_pages, PREFETCH=prefetch,
-        num_warps=4, num_stages=2, **pdl_args(q.device),
+        num_warps=num_warps, num_stages=2, **pdl_args(q.device),
     )

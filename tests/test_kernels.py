@@ -324,16 +324,18 @@ def test_decode_runs_the_refresh(rule, refresh_pinned, ns, limit, S, monkeypatch
             assert torch.equal(stamp, want) and torch.equal(bounds, want_out[-1])
 
 
-@pytest.mark.parametrize("refresh_pinned,limit,S,Hq,prefetch", [
-    (False, False, 9, 12, True), (True, True, 40, 8, True), (False, True, 9, 2, True), (True, True, 40, 8, False)])
-def test_window_refresh_leaves_the_per_step_stamps(refresh_pinned, limit, S, Hq, prefetch):
+@pytest.mark.parametrize("refresh_pinned,limit,S,Hq,prefetch,steps", [
+    (False, False, 9, 12, True, None), (True, True, 40, 8, True, None), (False, True, 9, 2, True, None),
+    (True, True, 40, 8, False, None), (False, True, 40, 12, True, 2), (True, False, 9, 8, False, 4)])
+def test_window_refresh_leaves_the_per_step_stamps(refresh_pinned, limit, S, Hq, prefetch, steps):
     """window_refresh (RaaS's refresh deferred to the step that fills a row's current page): over 14 steps
     of 3 rows whose pages fill at different steps and whose windows start at their first decode position,
     every row whose current page has just filled holds, on each of its pages, the stamp that the refresh at
     every step (bounds_refresh) leaves; rows whose page is not full are left alone; the Triton kernel and
     the reference keep the same ring of queries and stamps. Integer-valued q and bounds: exact scores. Groups
-    of 6, 4 and 1 query heads: 2, 4 and 16 steps (of 4) in one product of the kernel; each product's queries
-    loaded before the product ahead of it (prefetch, the default) or after it.
+    of 6, 4 and 1 query heads: by default 8, 8 and 16 steps in one product of the kernel (the window's 4 and
+    padding), or 2 and 4 steps (two products and one); each product's queries loaded before the product ahead
+    of it (prefetch, the default) or after it.
     Rule top_half only: with alpha (its softmax spans the current page, whose fill changes every step) the
     stamps would differ, which this case found; the engine keeps alpha's refresh per step."""
     rule = "top_half"
@@ -372,7 +374,7 @@ def test_window_refresh_leaves_the_per_step_stamps(refresh_pinned, limit, S, Hq,
 
         TRI.bounds_refresh(q, kmin, kmax, ids, fill, refresh_of(stamps["step"]), num_pages)
         TRI.window_refresh(q, kmin, kmax, ids, fill, refresh_of(stamps["window"]), num_pages, rings["window"],
-                           first_pos, prefetch=prefetch)
+                           first_pos, prefetch=prefetch, steps_a_product=steps)
         ref.window_refresh(q, kmin, kmax, ids, fill, refresh_of(stamps["reference"]), num_pages,
                            rings["reference"], first_pos)
         assert torch.equal(rings["window"], rings["reference"])

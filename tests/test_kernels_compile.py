@@ -155,7 +155,7 @@ def window_refresh_variants():
             "stamp_ptr": "i64"}
     for refresh_pinned, has_num_pages in ((False, True), (True, False)):
         yield (window_refresh._kernel, ptrs,
-               {"P": 16, "HKV": 2, "G": 6, "GW": 8, "GP": 16, "D": 128, "BLOCK_D": 128, "HAS_NUM_PAGES": has_num_pages,
+               {"P": 16, "HKV": 2, "G": 6, "GW": 8, "GP": 64, "D": 128, "BLOCK_D": 128, "HAS_NUM_PAGES": has_num_pages,
                 "DOT_PREC": "tf32", "DOT_F32": False, "RULE": 0, "REFRESH_PINNED": refresh_pinned, "BLOCK_S": 64,
                 "BOUNDS_PAGES": 32, "PREFETCH": True, "num_warps": 4, "num_stages": 2})
 
