@@ -28,7 +28,8 @@ def run_smoke(script: str, out, *args: str) -> str:
                                          ("bench_step_kernels.py", "bench_step_kernels_smoke"),
                                          ("bench_gpu_decode.py", None),
                                          ("bench_detok.py", "bench_detok_smoke"),
-                                         ("bench_writer.py", "bench_writer_smoke")])
+                                         ("bench_writer.py", "bench_writer_smoke"),
+                                         ("bench_load.py", "bench_load_smoke")])
 def test_benchmark_smoke_runs(tmp_path, script, stem):
     stdout = run_smoke(script, tmp_path)
     assert stdout.strip()

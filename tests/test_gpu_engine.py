@@ -251,3 +251,21 @@ def test_samples_share_the_prompt_on_the_gpu(policy, budget, options):
     assert all(t == greedy[0] for t in greedy)
     if budget:
         assert max(c.evicted_pages for c in outs["s"].outputs) > 0
+
+
+@pytest.mark.parametrize("stage_bytes", [256, None])
+def test_staged_weight_copy_on_cuda(stage_bytes):
+    """copy_weights on CUDA (the loader's path for a checkpoint's tensors: pinned buffers, a thread and a stream
+    each, double-buffered): every parameter, freshly allocated and written on the current stream, holds its
+    source converted to its dtype once the call returns, with buffers far smaller than the tensors (256 bytes)
+    or the default's."""
+    from raas_batch.models.loader import copy_weights
+
+    g = torch.Generator().manual_seed(5)
+    shapes = [(1000, 37), (4096,), (3, 5), (257, 129), (1,)]
+    sources = [torch.randn(s, generator=g) for s in shapes]
+    sources[1] = sources[1].to(torch.bfloat16)
+    targets = [torch.full(s, float("nan"), dtype=torch.bfloat16, device="cuda") for s in shapes]
+    copy_weights(list(zip(targets, sources)), threads=3, stage_bytes=stage_bytes)
+    for t, s in zip(targets, sources):
+        assert torch.equal(t.cpu(), s.to(torch.bfloat16))

@@ -105,3 +105,25 @@ def test_loading_skips_the_initialisers_and_loads_every_weight(tmp_path, smollm_
     q, k, v = (theirs[f"model.layers.1.self_attn.{n}_proj.weight"] for n in "qkv")
     assert torch.equal(ours["layers.1.self_attn.qkv_proj.weight"], torch.cat([q, k, v]))
     assert torch.equal(ours["layers.1.mlp.down_proj.weight"], theirs["model.layers.1.mlp.down_proj.weight"])
+
+
+@pytest.mark.parametrize("threads,stage_bytes", [(3, 64), (1, 6), (8, 1 << 20)])
+def test_staged_weight_copy_equals_one_copy_at_a_time(threads, stage_bytes):
+    """copy_weights' staged path (on CUDA: pinned buffers, a thread and stream each; here forced on the CPU):
+    every target gets its source, converted to the target's dtype, whatever the buffer's size against the
+    tensors' (chunks of one element to many tensors in one buffer) and the threads against the pairs; slices
+    of one fused parameter, as the loader's q/k/v parts, each get theirs."""
+    from raas_batch.models.loader import copy_weights
+
+    g = torch.Generator().manual_seed(3)
+    fused = torch.zeros(7, 5, dtype=torch.bfloat16)
+    targets = [fused[0:3], fused[3:7], torch.zeros(33, dtype=torch.bfloat16), torch.zeros(2, 4, 3),
+               torch.zeros(1, dtype=torch.bfloat16)]
+    sources = [torch.randn(3, 5, generator=g), torch.randn(4, 5, generator=g).to(torch.bfloat16),
+               torch.randn(33, generator=g), torch.randn(2, 4, 3, generator=g).to(torch.bfloat16),
+               torch.randn(1, generator=g)]
+    want = [t.clone().copy_(s) for t, s in zip(targets, sources)]
+    copy_weights(list(zip(targets, sources)), threads=threads, stage_bytes=stage_bytes, staged=True)
+    for got, w in zip(targets, want):
+        assert torch.equal(got, w)
+    assert torch.equal(fused, torch.cat(want[:2]))

@@ -138,14 +138,15 @@ def _hf_to_ours(name: str) -> tuple[str, int | None, str | None]:
     return name, None, None
 
 
-def _load_state(model: torch.nn.Module, tensors) -> None:
-    """Copy (name, tensor) pairs of a HF checkpoint into our fused parameters."""
+def _load_state(model: torch.nn.Module, tensors, threads: int | None = None) -> None:
+    """Copy (name, tensor) pairs of a HF checkpoint into our fused parameters (`copy_weights`: on CUDA through
+    pinned buffers, `threads` of them at once)."""
     params = dict(model.named_parameters())
     spec = model.spec
     q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
     offsets = {"qkv": [(0, q), (q, kv), (q + kv, kv)],
                "gate_up": [(0, spec.intermediate_size), (spec.intermediate_size, spec.intermediate_size)]}
-    seen = set()
+    seen, pairs = set(), []
     for hf_name, tensor in tensors:
         if "rotary_emb" in hf_name:
             continue
@@ -160,7 +161,7 @@ def _load_state(model: torch.nn.Module, tensors) -> None:
             target = target[start:start + size]
         if tuple(target.shape) != tuple(tensor.shape):
             raise ValueError(f"checkpoint tensor {hf_name!r} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}.")
-        target.copy_(tensor)
+        pairs.append((target, tensor))
         seen.add((name, part))
     expected = {(n, None) for n in params} - {(n, None) for n in params if "qkv_proj" in n or "gate_up_proj" in n}
     expected |= {(n, i) for n in params if "qkv_proj" in n for i in range(3)}
@@ -170,6 +171,77 @@ def _load_state(model: torch.nn.Module, tensors) -> None:
     missing = sorted(f"{n}[{p}]" if p is not None else n for n, p in expected - seen)
     if missing:
         raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}.")
+    copy_weights(pairs, threads)
+
+
+# The weights' copy to a GPU: each of LOAD_THREADS threads converts its share of the checkpoint's tensors (views of
+# the memory-mapped files) into a pinned buffer and sends it to the device on its own stream, double-buffered
+# (torch releases the GIL inside both copies). One tensor at a time from pageable memory, as up to run 98, took
+# 0.39 s of the 1.5B job's 0.63 s engine load (docs/gpu-notes.md). RAAS_BATCH_LOAD_THREADS=0: one at a time.
+LOAD_THREADS = 4
+STAGE_BYTES = 16 << 20  # a pinned buffer; two a thread
+
+
+def copy_weights(pairs: list[tuple[torch.Tensor, torch.Tensor]], threads: int | None = None,
+                 stage_bytes: int | None = None, staged: bool | None = None) -> None:
+    """target.copy_(source) for each (target, source) pair: targets are contiguous parameter slices, all on one
+    device, sources CPU tensors; returns when every copy is done. staged (default: the targets are on CUDA and
+    threads > 0; threads default LOAD_THREADS, or RAAS_BATCH_LOAD_THREADS): `threads` threads, each through two
+    buffers of stage_bytes (pinned on CUDA), as above; otherwise one copy at a time."""
+    if threads is None:
+        threads = int(os.environ.get("RAAS_BATCH_LOAD_THREADS", LOAD_THREADS))
+    stage_bytes = stage_bytes or STAGE_BYTES
+    if not pairs:
+        return
+    device = pairs[0][0].device
+    cuda = device.type == "cuda"
+    if staged is None:
+        staged = cuda and threads > 0
+    if not staged:
+        for target, source in pairs:
+            target.copy_(source)
+        return
+    shares = [[] for _ in range(max(1, min(threads, len(pairs))))]
+    loads = [0] * len(shares)
+    for pair in sorted(pairs, key=lambda p: -p[0].numel() * p[0].element_size()):  # largest first, to the lightest
+        i = loads.index(min(loads))
+        shares[i].append(pair)
+        loads[i] += pair[0].numel() * pair[0].element_size()
+    ready = torch.cuda.current_stream(device) if cuda else None  # the parameters were allocated there
+
+    def send(share):
+        stream = torch.cuda.Stream(device) if cuda else None
+        if cuda:
+            stream.wait_stream(ready)
+        bufs = [torch.empty(stage_bytes, dtype=torch.uint8, pin_memory=cuda) for _ in range(2)]
+        done = [None, None]  # the event of each buffer's last copy to the device
+        k = 0
+        for target, source in share:
+            assert target.is_contiguous() and target.numel() == source.numel()
+            dst, src = target.view(-1), source.reshape(-1)
+            step = max(1, stage_bytes // target.element_size())
+            for start in range(0, dst.numel(), step):
+                n = min(step, dst.numel() - start)
+                if done[k % 2] is not None:
+                    done[k % 2].synchronize()  # before the buffer is overwritten
+                buf = bufs[k % 2][:n * target.element_size()].view(target.dtype)
+                buf.copy_(src[start:start + n])  # on the CPU, into the parameter's dtype
+                if cuda:
+                    with torch.cuda.stream(stream):
+                        dst[start:start + n].copy_(buf, non_blocking=True)
+                        done[k % 2] = torch.cuda.Event()
+                        done[k % 2].record(stream)
+                else:
+                    dst[start:start + n].copy_(buf)
+                k += 1
+        if cuda:
+            stream.synchronize()
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(shares), thread_name_prefix="raas-load") as pool:
+        for f in [pool.submit(send, share) for share in shares]:
+            f.result()
 
 
 def _safetensors_tensors(directory: str):
@@ -197,6 +269,7 @@ def load_model(model: str | None, dtype: torch.dtype, device: torch.device, load
     """Build our model for `model` on `device` in `dtype` (see the module docstring for sources)."""
     from transformers import AutoConfig, AutoTokenizer
 
+    pending = None  # the tokenizer, loaded on a thread beside the weights (0.16 s of the 1.5B job's load, run 96)
     if hf_config is not None:  # random weights from a config object (benchmarks)
         directory, gguf, name = None, None, f"random-{getattr(hf_config, 'model_type', 'model')}"
         tokenizer = None
@@ -204,7 +277,28 @@ def load_model(model: str | None, dtype: torch.dtype, device: torch.device, load
         directory, gguf, name = _resolve(model)
         kwargs = {"gguf_file": gguf} if gguf else {}
         hf_config = AutoConfig.from_pretrained(directory, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
+        if gguf:  # (transformers reads the same GGUF file for both: one after the other)
+            tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+
+            pending = ThreadPoolExecutor(1, thread_name_prefix="raas-tokenizer")
+            tokenizer = pending.submit(AutoTokenizer.from_pretrained, directory)
+    try:
+        net = _build(hf_config, name, dtype, device, load_format, directory, gguf, random=tokenizer is None)
+    finally:
+        if pending is not None:
+            pending.shutdown(wait=True)
+    if pending is not None:
+        tokenizer = tokenizer.result()
+    eos = _eos_ids(directory, gguf, hf_config, tokenizer) if tokenizer is not None else []
+    return LoadedModel(model=net, hf_config=hf_config, tokenizer=tokenizer, eos_token_ids=eos, name=name)
+
+
+def _build(hf_config, name: str, dtype: torch.dtype, device: torch.device, load_format: str, directory: str | None,
+           gguf: str | None, random: bool) -> torch.nn.Module:
+    """Our model for hf_config on device in dtype, its weights random (load_format "random", or random) or the
+    checkpoint's in directory (gguf: that file in it, else its safetensors)."""
     cls = model_class_for(hf_config, name)
     if getattr(hf_config, "sliding_window", None) and getattr(hf_config, "use_sliding_window", True):
         log.warning("%s has a sliding window of %s tokens; raas_batch attends to the full cache instead.",
@@ -218,7 +312,7 @@ def load_model(model: str | None, dtype: torch.dtype, device: torch.device, load
         if hasattr(module, "build") and hasattr(module, "inv_freq"):
             module.build(device)
     with torch.no_grad():
-        if load_format == "random" or tokenizer is None:
+        if load_format == "random" or random:
             gen = torch.Generator(device=device).manual_seed(0)
             for pname, p in net.named_parameters():
                 if p.dim() > 1:
@@ -231,7 +325,5 @@ def load_model(model: str | None, dtype: torch.dtype, device: torch.device, load
             _load_state(net, _gguf_tensors(directory, gguf))
         else:
             _load_state(net, _safetensors_tensors(directory))
-    net.eval()
-    eos = _eos_ids(directory, gguf, hf_config, tokenizer) if tokenizer is not None else []
-    return LoadedModel(model=net, hf_config=hf_config, tokenizer=tokenizer, eos_token_ids=eos, name=name)
+    return net.eval()
 
