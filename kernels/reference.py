@@ -229,12 +229,14 @@ def kv_append(
 
 
 def prefill_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, scale: float,
+    max_seqlen: int | None = None,
 ) -> torch.Tensor:
     """Causal attention within each of several concatenated sequences.
 
     q: [T, Hq, D]; k, v: [T, Hkv, D]; cu_seqlens: [num_seqs + 1] int32 (start offsets, last = T).
-    Returns [T, Hq, D] in q's dtype; fp32 softmax.
+    Returns [T, Hq, D] in q's dtype; fp32 softmax. max_seqlen (the longest sequence) is the Triton
+    kernel's, which sizes its grid with it; unused here.
     """
     Hq, Hkv = q.shape[1], k.shape[1]
     G = Hq // Hkv

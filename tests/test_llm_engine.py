@@ -2,6 +2,7 @@
 at the next step, abort leaves the engine reusable, timings from admission, generation_config
 defaults for unset sampling fields, and the one prompt validator."""
 
+import itertools
 import json
 import shutil
 
@@ -310,3 +311,20 @@ def test_prompts_prepared_together_equal_one_by_one(smollm_tokenizer):
 
 def got_alone(core, prompt):
     return prompt, core.tokenizer.encode(prompt), None
+
+
+def test_prefill_hands_the_kernel_its_longest_prompt(tiny, monkeypatch):
+    """Every layer's prefill attention gets the batch's longest prompt from the host (the Triton kernel
+    sizes its grid with it, and would otherwise read it back from cu_seqlens: a host sync a layer)."""
+    ops = tiny.engine.runner.ops
+    op, seen = ops.prefill_attention, []
+
+    def watched(q, k, v, cu, scale, **kw):
+        seen.append((cu.tolist(), kw.get("max_seqlen")))
+        return op(q, k, v, cu, scale, **kw)
+
+    monkeypatch.setattr(ops, "prefill_attention", watched)
+    tiny.generate([{"prompt_token_ids": [5] * 3}, {"prompt_token_ids": [6] * 7}, {"prompt_token_ids": [7] * 2}],
+                  SamplingParams(max_new_tokens=1, temperature=0))
+    assert seen and all(m == max(b - a for a, b in itertools.pairwise(cu)) for cu, m in seen)
+    assert max(m for _, m in seen) == 7

@@ -41,7 +41,8 @@ def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
             # H2O scores a page by the attention it has received: the prompt's own queries count too.
             # [M, Hkv] in PrefillPages.pages order (written after write_prefill, which leaves mass alone).
             pool.mass[layer, ctx.prefill.pages] = prefill_page_mass(q, k, ctx.cu_seqlens, scale, pool.page_size)
-        return ops.prefill_attention(q, k, v, ctx.cu_seqlens, scale)
+        # the longest prompt from the host: the kernel would otherwise read it back (a host sync every layer)
+        return ops.prefill_attention(q, k, v, ctx.cu_seqlens, scale, max_seqlen=ctx.max_seqlen or None)
     dec = ctx.decode
     k_cache, v_cache, kmin, kmax, fill = pool.layer_views[layer]
     if not keep_bounds:
