@@ -8,6 +8,7 @@ a `.gguf` file, or a hub id (downloaded to the local cache with huggingface_hub,
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import importlib.util
 import json
@@ -175,19 +176,19 @@ def _load_state(model: torch.nn.Module, tensors, threads: int | None = None) -> 
 
 
 # The weights' copy to a GPU: each of LOAD_THREADS threads converts its share of the checkpoint's tensors (views of
-# the memory-mapped files) into a pinned buffer and sends it to the device on its own stream, double-buffered
-# (torch releases the GIL inside both copies). One tensor at a time from pageable memory, as up to run 98, took
+# the memory-mapped files) into a pinned buffer and sends it to the device on its own stream, so that one thread's
+# copy to the device runs while others fill their buffers (torch releases the GIL inside both copies). One tensor at a time from pageable memory, as up to run 98, took
 # 0.39 s of the 1.5B job's 0.63 s engine load (docs/gpu-notes.md). RAAS_BATCH_LOAD_THREADS=0: one at a time.
 LOAD_THREADS = 4
-STAGE_BYTES = 16 << 20  # a pinned buffer; two a thread
+STAGE_BYTES = 16 << 20  # a thread's pinned buffer
 
 
 def copy_weights(pairs: list[tuple[torch.Tensor, torch.Tensor]], threads: int | None = None,
                  stage_bytes: int | None = None, staged: bool | None = None) -> None:
     """target.copy_(source) for each (target, source) pair: targets are contiguous parameter slices, all on one
     device, sources CPU tensors; returns when every copy is done. staged (default: the targets are on CUDA and
-    threads > 0; threads default LOAD_THREADS, or RAAS_BATCH_LOAD_THREADS): `threads` threads, each through two
-    buffers of stage_bytes (pinned on CUDA), as above; otherwise one copy at a time."""
+    threads > 0; threads default LOAD_THREADS, or RAAS_BATCH_LOAD_THREADS): `threads` threads, each through a
+    buffer of stage_bytes (pinned on CUDA), as above; otherwise one copy at a time."""
     if threads is None:
         threads = int(os.environ.get("RAAS_BATCH_LOAD_THREADS", LOAD_THREADS))
     stage_bytes = stage_bytes or STAGE_BYTES
@@ -213,29 +214,20 @@ def copy_weights(pairs: list[tuple[torch.Tensor, torch.Tensor]], threads: int | 
         stream = torch.cuda.Stream(device) if cuda else None
         if cuda:
             stream.wait_stream(ready)
-        bufs = [torch.empty(stage_bytes, dtype=torch.uint8, pin_memory=cuda) for _ in range(2)]
-        done = [None, None]  # the event of each buffer's last copy to the device
-        k = 0
+        buf = torch.empty(stage_bytes, dtype=torch.uint8, pin_memory=cuda)
         for target, source in share:
             assert target.is_contiguous() and target.numel() == source.numel()
             dst, src = target.view(-1), source.reshape(-1)
             step = max(1, stage_bytes // target.element_size())
             for start in range(0, dst.numel(), step):
                 n = min(step, dst.numel() - start)
-                if done[k % 2] is not None:
-                    done[k % 2].synchronize()  # before the buffer is overwritten
-                buf = bufs[k % 2][:n * target.element_size()].view(target.dtype)
-                buf.copy_(src[start:start + n])  # on the CPU, into the parameter's dtype
-                if cuda:
-                    with torch.cuda.stream(stream):
-                        dst[start:start + n].copy_(buf, non_blocking=True)
-                        done[k % 2] = torch.cuda.Event()
-                        done[k % 2].record(stream)
-                else:
-                    dst[start:start + n].copy_(buf)
-                k += 1
-        if cuda:
-            stream.synchronize()
+                chunk = buf[:n * target.element_size()].view(target.dtype)
+                chunk.copy_(src[start:start + n])  # on the CPU, into the parameter's dtype
+                # a blocking copy: its thread waits for it, and no event is left with the pinned allocator (an
+                # asynchronous copy's event, queried when pinned memory is next allocated, breaks a CUDA-graph
+                # capture that happens to be running then: seen in the GPU tests of run 102)
+                with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
+                    dst[start:start + n].copy_(chunk)
 
     from concurrent.futures import ThreadPoolExecutor
 
