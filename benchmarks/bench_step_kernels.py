@@ -172,9 +172,10 @@ LAYER_VARIANTS = [("refresh in the attention's program", "inside"),
 # against 258.3, and with no row closing 250.3 against 250.8 (the 1,024 short programs cost nothing measurable).
 # Run 90: beside the products instead of the attention, 266.8 against 264.1.
 WINDOW_VARIANTS = [("refresh once a page, side stream", {}),
-                   # the kernel up to run 97: 2 of the window's steps a product (16 rows); run 98: 261.3 us a layer
+                   # the kernel up to run 97: 2 of the window's steps a product (16 rows); run 98: ~261 us a layer
                    # against 255.8 with 8 steps (64 rows, the default since), 264.9 with 4; 8 steps at 8 warps 259.7,
                    # 64 pages a block (2 steps) 261.7; every row closing 341.3 (2 steps) against 317.7 (8 steps)
+                   # (run 99: 261.2 against 265.9 again; the fixed job's step 7.03 against 7.04 ms)
                    ("once a page, 2 steps a product (up to run 97)", {"steps_a_product": 2}),
                    ("once a page, 16 steps a product", {"steps_a_product": 16}),
                    ("once a page, 16 steps a product, 8 warps", {"steps_a_product": 16, "num_warps": 8}),

@@ -195,7 +195,8 @@ def window_refresh(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, page
     num_warps = int(os.environ.get("RAAS_BATCH_WINDOW_WARPS", num_warps))
     GW = triton.next_power_of_2(G)
     # 8 steps a product by default (64 rows at G = 6 or 7), no more than 64 rows unless a group is larger: run 98,
-    # 255.8 us a layer against 261.3 with 2 steps (16 rows, the kernel up to run 97), 264.9 with 4
+    # 255.8 us a layer against ~261 with 2 steps (16 rows, the kernel up to run 97), 264.9 with 4
+    # (the fixed job's step: 7.03 against 7.04 ms, run 99: the layer rows overstate the refresh's cost in the job)
     GP = max(16, GW, min(64, 8 * GW)) if steps_a_product is None else GW * steps_a_product
     assert GP >= 16 and GP % GW == 0 and GP & (GP - 1) == 0, "steps_a_product: a power of two, 16 rows at least"
     meta, rule_args, floats = _refresh_args(refresh, page_ids, fill, S)
