@@ -255,10 +255,11 @@ def test_samples_share_the_prompt_on_the_gpu(policy, budget, options):
 
 @pytest.mark.parametrize("stage_bytes", [256, None])
 def test_staged_weight_copy_on_cuda(stage_bytes):
-    """copy_weights on CUDA (the loader's path for a checkpoint's tensors: pinned buffers, a thread and a stream
-    each, double-buffered): every parameter, freshly allocated and written on the current stream, holds its
+    """copy_weights on CUDA (the loader's path for a checkpoint's tensors: a pinned buffer, a thread and a stream
+    each, blocking copies): every parameter, freshly allocated and written on the current stream, holds its
     source converted to its dtype once the call returns, with buffers far smaller than the tensors (256 bytes)
-    or the default's."""
+    or the default's. (Run 102: when these copies were asynchronous, a CUDA-graph capture in a later test of the
+    same process failed; tests/test_gpu_jobs.py runs after this file.)"""
     from raas_batch.models.loader import copy_weights
 
     g = torch.Generator().manual_seed(5)
