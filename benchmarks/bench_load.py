@@ -10,6 +10,7 @@ after the first read):
   by LOAD_THREADS threads (`copy_weights`);
 - one at a time (RAAS_BATCH_LOAD_THREADS=0: each tensor copied from the memory-mapped file, as up to run 98);
 - the tokenizer alone, and the weights' bytes over the time, for scale.
+Both ways must load the same parameters (checked first; on the CPU both copy one tensor at a time).
 Prints and saves bench_load.md / .json to $OUT (default benchmarks/results/). --smoke: the tiny shape on the CPU.
 """
 
@@ -29,8 +30,9 @@ from bench_job import build_model_dir, results_dir, save_results
 from raas_batch.models import loader
 
 
-def timed_load(model_dir: str, device: torch.device, threads: int | None) -> tuple[float, int]:
-    """One load_model call (its weights' bytes) with RAAS_BATCH_LOAD_THREADS=threads (None: the default)."""
+def timed_load(model_dir: str, device: torch.device, threads: int | None, keep: bool = False):
+    """One load_model call with RAAS_BATCH_LOAD_THREADS=threads (None: the default) -> (seconds, the weights' bytes,
+    the model when keep)."""
     saved = os.environ.pop("RAAS_BATCH_LOAD_THREADS", None)
     if threads is not None:
         os.environ["RAAS_BATCH_LOAD_THREADS"] = str(threads)
@@ -47,10 +49,12 @@ def timed_load(model_dir: str, device: torch.device, threads: int | None) -> tup
         if saved is not None:
             os.environ["RAAS_BATCH_LOAD_THREADS"] = saved
     size = sum(p.numel() * p.element_size() for p in net.parameters())
+    if keep:
+        return dt, size, net
     del net
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return dt, size
+    return dt, size, None
 
 
 def main() -> None:
@@ -76,10 +80,16 @@ def main() -> None:
     variants = {"product (tokenizer beside, staged weights)": None, "one at a time (RAAS_BATCH_LOAD_THREADS=0)": 0}
     best = {name: float("inf") for name in variants}
     size = 0
-    timed_load(model_dir, device, None)  # first read: the files into the page cache, CUDA's context
+    # first reads (the files into the page cache, CUDA's context): both ways must give the same parameters
+    _, _, product = timed_load(model_dir, device, None, keep=True)
+    _, _, plain = timed_load(model_dir, device, 0, keep=True)
+    theirs = dict(plain.named_parameters())
+    same = all(torch.equal(p, theirs[n]) for n, p in product.named_parameters())
+    assert same, "the staged load gave other weights than the one-at-a-time load"
+    del product, plain, theirs
     for _ in range(args.repeats):
         for name, threads in variants.items():
-            dt, size = timed_load(model_dir, device, threads)
+            dt, size, _ = timed_load(model_dir, device, threads)
             best[name] = min(best[name], dt)
     tok_s = float("inf")
     for _ in range(args.repeats):
@@ -96,7 +106,7 @@ def main() -> None:
     text += "".join(f"| {r['variant']} | {r['s']:.3f} | {r['weights_GB_per_s']:.1f} |\n" for r in rows)
     print(text, flush=True)
     save_results(results_dir(), "bench_load" + ("_smoke" if args.smoke else ""),
-                 {"shape": shape, "device": name, "weight_bytes": size, "rows": rows}, text)
+                 {"shape": shape, "device": name, "weight_bytes": size, "same_weights": same, "rows": rows}, text)
 
 
 if __name__ == "__main__":

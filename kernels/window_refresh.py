@@ -192,7 +192,6 @@ def window_refresh(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, page
     G = Hq // Hkv
     if steps_a_product is None:  # (an A/B knob of the job benchmark, read when the step is captured)
         steps_a_product = int(os.environ.get("RAAS_BATCH_WINDOW_STEPS", "0")) or None
-    num_warps = int(os.environ.get("RAAS_BATCH_WINDOW_WARPS", num_warps))
     GW = triton.next_power_of_2(G)
     # 8 steps a product by default (64 rows at G = 6 or 7), no more than 64 rows unless a group is larger: run 98,
     # 255.8 us a layer against ~261 with 2 steps (16 rows, the kernel up to run 97), 264.9 with 4

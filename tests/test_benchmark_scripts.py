@@ -41,6 +41,10 @@ def test_benchmark_smoke_runs(tmp_path, script, stem):
     if script == "bench_invariance.py":  # on the CPU (fp32) rows agree with and without the switch
         rows = json.loads((tmp_path / "bench_invariance_smoke.json").read_text())
         assert len(rows) == 4 and all(r["rows_identical"] == r["rows"] for r in rows)
+    if script == "bench_load.py":  # both ways timed, on the same weights
+        got = json.loads((tmp_path / "bench_load_smoke.json").read_text())
+        assert got["same_weights"] and got["weight_bytes"] > 0 and len(got["rows"]) == 3
+        assert all(r["s"] > 0 for r in got["rows"])
     if script == "bench_kernels.py":  # every Triton kernel agreed with its reference within tolerance
         checks = json.loads((tmp_path / "bench_kernels_smoke.json").read_text())["checks"]
         assert checks and all(c["ok"] for c in checks), [c for c in checks if not c["ok"]]

@@ -115,17 +115,19 @@ class ModelRunner:
         return torch.tensor(values, dtype=dtype, device=self.device)
 
     def set_slot_pages(self, slot: int, pages: list[int]) -> None:
-        row = torch.full((self.slot_tables.shape[1],), -1, dtype=torch.int32)
-        row[:len(pages)] = torch.tensor(pages, dtype=torch.int32)
-        self.slot_tables[slot] = row.to(self.device)
+        self._set_page_tables([slot], [pages])
+
+    def _set_page_tables(self, slots, page_lists: list[list[int]]) -> None:
+        """Each slot's page table row: its pages, then -1; the rows built on the host, one copy for them all."""
+        rows = torch.full((len(page_lists), self.slot_tables.shape[1]), -1, dtype=torch.int32)
+        for i, pages in enumerate(page_lists):
+            rows[i, :len(pages)] = torch.tensor(pages, dtype=torch.int32)
+        self.slot_tables[slots] = rows.to(self.device)
 
     def _admit(self, seqs: list[Sequence]) -> torch.Tensor:
         """Write the admitted sequences' per-slot state; -> their slots [B] int64 on the device."""
-        rows = torch.full((len(seqs), self.slot_tables.shape[1]), -1, dtype=torch.int32)
-        for i, seq in enumerate(seqs):
-            rows[i, :len(seq.pages)] = torch.tensor(seq.pages, dtype=torch.int32)
         slots = self._tensor([s.slot for s in seqs])
-        self.slot_tables[slots] = rows.to(self.device)  # one copy for the batch
+        self._set_page_tables(slots, [s.pages for s in seqs])
         self.temperature[slots] = self._tensor([s.params.temperature for s in seqs], torch.float32)
         self.top_p[slots] = self._tensor([s.params.top_p for s in seqs], torch.float32)
         self.top_k[slots] = self._tensor([s.params.top_k for s in seqs])

@@ -139,9 +139,8 @@ def _hf_to_ours(name: str) -> tuple[str, int | None, str | None]:
     return name, None, None
 
 
-def _load_state(model: torch.nn.Module, tensors, threads: int | None = None) -> None:
-    """Copy (name, tensor) pairs of a HF checkpoint into our fused parameters (`copy_weights`: on CUDA through
-    pinned buffers, `threads` of them at once)."""
+def _load_state(model: torch.nn.Module, tensors) -> None:
+    """Copy (name, tensor) pairs of a HF checkpoint into our fused parameters (`copy_weights`)."""
     params = dict(model.named_parameters())
     spec = model.spec
     q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
@@ -172,13 +171,14 @@ def _load_state(model: torch.nn.Module, tensors, threads: int | None = None) -> 
     missing = sorted(f"{n}[{p}]" if p is not None else n for n, p in expected - seen)
     if missing:
         raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}.")
-    copy_weights(pairs, threads)
+    copy_weights(pairs)
 
 
 # The weights' copy to a GPU: each of LOAD_THREADS threads converts its share of the checkpoint's tensors (views of
 # the memory-mapped files) into a pinned buffer and sends it to the device on its own stream, so that one thread's
-# copy to the device runs while others fill their buffers (torch releases the GIL inside both copies). One tensor at a time from pageable memory, as up to run 98, took
-# 0.39 s of the 1.5B job's 0.63 s engine load (docs/gpu-notes.md). RAAS_BATCH_LOAD_THREADS=0: one at a time.
+# copy to the device runs while others fill their buffers (torch releases the GIL inside both copies). With the
+# tokenizer loaded beside the weights, `load_model` of the 1.5B directory took 0.345 s against 0.959 one tensor at a
+# time from pageable memory, as before (benchmarks/bench_load.py, run 103). RAAS_BATCH_LOAD_THREADS=0: one at a time.
 LOAD_THREADS = 4
 STAGE_BYTES = 16 << 20  # a thread's pinned buffer
 
@@ -261,8 +261,9 @@ def load_model(model: str | None, dtype: torch.dtype, device: torch.device, load
     """Build our model for `model` on `device` in `dtype` (see the module docstring for sources)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    pending = None  # the tokenizer, loaded on a thread beside the weights (0.16 s of the 1.5B job's load, run 96)
-    if hf_config is not None:  # random weights from a config object (benchmarks)
+    pending = None  # the tokenizer's thread, loading it beside the weights (0.16 s at the 1.5B job, bench_load.py)
+    hf_config_given = hf_config is not None
+    if hf_config_given:  # random weights from a config object (benchmarks)
         directory, gguf, name = None, None, f"random-{getattr(hf_config, 'model_type', 'model')}"
         tokenizer = None
     else:
@@ -275,14 +276,14 @@ def load_model(model: str | None, dtype: torch.dtype, device: torch.device, load
             from concurrent.futures import ThreadPoolExecutor
 
             pending = ThreadPoolExecutor(1, thread_name_prefix="raas-tokenizer")
-            tokenizer = pending.submit(AutoTokenizer.from_pretrained, directory)
+            loading = pending.submit(AutoTokenizer.from_pretrained, directory)
     try:
-        net = _build(hf_config, name, dtype, device, load_format, directory, gguf, random=tokenizer is None)
+        net = _build(hf_config, name, dtype, device, load_format, directory, gguf, random=hf_config_given)
     finally:
         if pending is not None:
             pending.shutdown(wait=True)
     if pending is not None:
-        tokenizer = tokenizer.result()
+        tokenizer = loading.result()
     eos = _eos_ids(directory, gguf, hf_config, tokenizer) if tokenizer is not None else []
     return LoadedModel(model=net, hf_config=hf_config, tokenizer=tokenizer, eos_token_ids=eos, name=name)
 
