@@ -84,6 +84,10 @@ EDGE_FUNCTIONS = [
     ("raas_batch.shards", "write_shard"), ("raas_batch.data.writer", "rows_to_table"),
     ("raas_batch.data.writer", "pq.write_table"), ("raas_batch.data.writer", "file_sha256"),
     ("raas_batch.data.writer", "os.fsync"), ("raas_batch.runner", "write_summary"),
+    # for the tail's timeline (`tail_timeline`): where the time after the last step goes between these
+    ("raas_batch.shard_stream", "ShardStream._hand_back"), ("raas_batch.runner", "_LocalRun._write"),
+    ("raas_batch.data.manifest", "Manifest.save"), ("raas_batch.runner", "JobProgress.close"),
+    ("raas_batch.runner", "ThreadPoolExecutor.shutdown"), ("raas_batch.shards", "shard_stats"),
 ]
 # watched over the whole job: a decode graph's capture (its eager warm-up step, which compiles any kernel
 # the new shape needs, then the capture itself), whenever a step meets a new (batch bucket, table width)
@@ -91,6 +95,45 @@ EDGE_FUNCTIONS = [
 CAPTURE_FUNCTIONS = [("raas_batch.engine.cuda_graph", "DecodeGraphs._capture"),
                      ("raas_batch.engine.cuda_graph", "DecodeGraphs._warm_up_once")]
 EDGE_CALLS: list[tuple[str, float, float]] = []  # (name, start, end), perf_counter
+GC_CALLS: list[tuple[int, float, float]] = []  # (generation, start, end) of every garbage collection, perf_counter
+_GC_START: list[float] = []
+
+
+def _gc_callback(phase: str, info: dict) -> None:
+    if phase == "start":
+        _GC_START[:] = [time.perf_counter()]
+    elif _GC_START:
+        GC_CALLS.append((info.get("generation", -1), _GC_START[0], time.perf_counter()))
+
+
+def watch_gc() -> None:
+    """Record every garbage collection (its generation and span) in GC_CALLS, once per process."""
+    import gc
+
+    if _gc_callback not in gc.callbacks:
+        gc.callbacks.append(_gc_callback)
+
+
+def gc_times(t_start: float, t_end: float) -> dict:
+    """The collections between t_start and t_end: count and seconds by generation."""
+    out: dict[str, list] = {}
+    for gen, t0, t1 in GC_CALLS:
+        if t_start <= t0 and t1 <= t_end:
+            c = out.setdefault(f"gen{gen}", [0, 0.0])
+            c[0] += 1
+            c[1] += t1 - t0
+    return {k: {"count": n, "s": round(sec, 4)} for k, (n, sec) in out.items()}
+
+
+def tail_timeline(t_last: float, t_end: float) -> list:
+    """The watched calls and the garbage collections of more than 1 ms after the last step, in order:
+    [name, start, end] in seconds from the last step's end (what the edges' sums cannot show: the time
+    between the calls)."""
+    rows = [(t0 - t_last, t1 - t_last, name) for name, t0, t1 in EDGE_CALLS if t0 >= t_last]
+    rows += [(t0 - t_last, t1 - t_last, f"gc gen{gen}") for gen, t0, t1 in GC_CALLS
+             if t0 >= t_last and t1 - t0 > 1e-3]
+    rows.append((t_end - t_last, t_end - t_last, "run_job returned"))
+    return [[name, round(a, 4), round(b, 4)] for a, b, name in sorted(rows)]
 
 
 def watch_edges() -> None:
@@ -423,7 +466,9 @@ def run_one(args, model_dir: str, data: str, policy: str, shard_size: int, bw: f
     os.environ["RAAS_BATCH_ENGINE"] = "bench_job:WatchedLLM"
     watch_edges()
     watch_compiles()
+    watch_gc()
     EDGE_CALLS.clear()
+    GC_CALLS.clear()
     prof = None
     if args.cprofile and not warmup:
         import cProfile
@@ -490,6 +535,11 @@ def run_one(args, model_dir: str, data: str, policy: str, shard_size: int, bw: f
         "engine_load_s": summary.get("engine_load_s"),
         # the watched functions' time inside those edges (EDGE_FUNCTIONS; nested calls count in each)
         "edges": edge_times(llm.steps[0]["t_start"], llm.steps[-1]["t_end"]) if llm.steps else None,
+        "tail_timeline": tail_timeline(llm.steps[-1]["t_end"], t0 + wall) if llm.steps else None,
+        "gc": {"job": gc_times(t0, t0 + wall),
+               **({"before_first_step": gc_times(t0, llm.steps[0]["t_start"]),
+                   "steps": gc_times(llm.steps[0]["t_start"], llm.steps[-1]["t_end"]),
+                   "after_last_step": gc_times(llm.steps[-1]["t_end"], t0 + wall)} if llm.steps else {})},
         "graph_captures": capture_times(t0, t0 + wall),
         "kernel_builds": compile_times(t0, t0 + wall),
         "decode_steps": len(decode), "prefill_steps": len(prefill),
@@ -653,6 +703,8 @@ def main() -> None:
             print(json.dumps({k: v for k, v in r.items() if k != "profile"}), flush=True)
             print("edges", json.dumps(r.get("edges")), flush=True)
             print("graph captures", json.dumps(r.get("graph_captures")), flush=True)
+            print("gc", json.dumps(r.get("gc")), flush=True)
+            print("tail", json.dumps(r.get("tail_timeline")), flush=True)
             builds = r.get("kernel_builds") or {}
             print("kernel builds", builds.get("count"), builds.get("s"),
                   [(v["kernel"], v["s"]) for v in builds.get("variants", [])], flush=True)

@@ -347,8 +347,9 @@ def decode_texts(tokenizer, seqs: list[Sequence]) -> dict[int, str]:
 
 def fill_completion(out: CompletionOutput, seq: Sequence, tokenizer, text: str | None = None) -> None:
     """The output builder: a finished sequence -> its CompletionOutput (text, reasoning split, counts,
-    KV figures, timings from admission). text: the completion's text when already decoded (decode_texts)."""
-    out.token_ids = list(seq.output_token_ids)
+    KV figures, timings from admission). text: the completion's text when already decoded (decode_texts).
+    The output takes the finished sequence's token list itself (no copy: nothing appends to it any more)."""
+    out.token_ids = seq.output_token_ids
     if text is None:
         if seq.detok is not None:
             text = seq.detok.text if seq.stop_text_end is None else seq.detok.text[:seq.stop_text_end]

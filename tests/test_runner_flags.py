@@ -252,3 +252,21 @@ def test_generation_defaults_read_only_what_the_file_says(tmp_path):
     assert read_generation_defaults(str(tmp_path)) == {"temperature": 0.7, "top_k": 20}
     (tmp_path / "generation_config.json").write_text("{broken")
     assert read_generation_defaults(str(tmp_path)) == {}
+
+
+def test_the_job_freezes_the_heap_its_engine_leaves(tmp_path, capsys, monkeypatch):
+    """After the engine is built, the heap is collected and frozen (raas_batch/engine_factory.py), so that a full
+    collection during the run does not walk the model's stack; RAAS_BATCH_GC_FREEZE=0 leaves it alone."""
+    import gc
+
+    src = write_input(tmp_path / "in", "jsonl", sample_rows(2))
+    gc.unfreeze()
+    monkeypatch.setenv("RAAS_BATCH_GC_FREEZE", "0")
+    rc, err = run(capsys, "--input", src, "--output", tmp_path / "off")
+    assert rc == 0, err
+    assert gc.get_freeze_count() == 0
+    monkeypatch.delenv("RAAS_BATCH_GC_FREEZE")
+    rc, err = run(capsys, "--input", src, "--output", tmp_path / "on")
+    assert rc == 0, err
+    assert gc.get_freeze_count() > 1000  # the interpreter's, pytest's and torch's objects, the engine's among them
+    assert len(pq.read_table(tmp_path / "on" / "shards")) == 2

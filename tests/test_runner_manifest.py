@@ -14,6 +14,7 @@ from raas_batch.data.writer import (
     OUTPUT_SCHEMA,
     carried_columns,
     carried_value,
+    file_sha256,
     job_schema,
     read_shard_meta,
     rows_to_table,
@@ -119,7 +120,7 @@ def test_write_shard_atomic_and_verifiable(tmp_path):
     rows = [_row(i, s) for i in range(2) for s in range(2)]
     digest = write_shard(path, rows, meta)
     assert os.listdir(tmp_path) == ["part-00000.parquet"]
-    assert len(digest) == 64
+    assert digest == file_sha256(path)  # hashed as it was written: the file's own digest
     assert pq.read_schema(path).remove_metadata() == OUTPUT_SCHEMA
     assert read_shard_meta(path) == meta
     assert verify_shard(path, meta)

@@ -13,6 +13,7 @@ Invariants:
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from typing import Any
@@ -131,10 +132,11 @@ def write_shard(path: str, rows: list[dict[str, Any]], meta: dict[str, Any], sch
     tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            pq.write_table(table, f, **parquet_write_options(schema))
+            out = _HashingWriter(f)  # the file's sha256 as it is written: the file is not read back
+            pq.write_table(table, out, **parquet_write_options(schema))
             f.flush()
             os.fsync(f.fileno())
-        digest = file_sha256(tmp)
+        digest = out.hexdigest()
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -211,6 +213,34 @@ def verify_shard(path: str, expected: dict[str, Any], schema: pa.Schema = OUTPUT
     """True iff `path` is a complete shard file with `schema`, whose metadata matches `expected` and
     whose rows are exactly the (row_idx, sample_idx) pairs the metadata promises, each once."""
     return shard_problem(path, expected, schema) is None
+
+
+class _HashingWriter(io.RawIOBase):
+    """A write-only file over `f` that hashes (sha256) every byte written through it, in order. The Parquet writer
+    only appends, so the digest is the file's (tests/test_runner_job.py compares it with `file_sha256`)."""
+
+    def __init__(self, f):
+        super().__init__()
+        self._f, self._sha, self._pos = f, hashlib.sha256(), 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        size = memoryview(data).nbytes
+        self._sha.update(data)
+        self._f.write(data)
+        self._pos += size
+        return size
+
+    def tell(self) -> int:
+        return self._pos
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def hexdigest(self) -> str:
+        return self._sha.hexdigest()
 
 
 def file_sha256(path: str) -> str:
