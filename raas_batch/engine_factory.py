@@ -8,7 +8,6 @@ take raises TypeError naming the flag.
 
 from __future__ import annotations
 
-import gc
 import importlib
 import inspect
 import os
@@ -17,24 +16,6 @@ import sys
 from raas_batch.config import JobConfig
 
 ENGINE_ENV = "RAAS_BATCH_ENGINE"  # "module:attr" of an LLM-compatible class (tests use a fake)
-# While a job runs, the heap its engine leaves (torch, transformers, the model's modules: hundreds of thousands of
-# objects) is frozen (gc.freeze, after one collection), so that a full collection during the run walks only what the
-# run itself allocates. Without it a full collection pauses the step loop for as long as it takes to walk that heap
-# (0.15-0.2 s on a 2-core machine with the test model's stack loaded), and with the device only a step ahead of the
-# host the device waits as long. The run unfreezes when it ends: a frozen object is never collected, so an engine
-# dropped afterwards (a benchmark's warm-up job, a test's) would otherwise keep its GPU memory. 0 turns it off (an
-# A/B of the job benchmark).
-GC_FREEZE_ENV = "RAAS_BATCH_GC_FREEZE"
-
-
-def freeze_heap() -> bool:
-    """Collect, then move every object alive to the collector's permanent generation, unless GC_FREEZE_ENV is 0;
-    -> whether it froze (the caller then calls `gc.unfreeze()` when its run ends)."""
-    if os.environ.get(GC_FREEZE_ENV, "1") == "0":
-        return False
-    gc.collect()
-    gc.freeze()
-    return True
 
 
 def make_engine(cfg: JobConfig):

@@ -29,7 +29,6 @@ an interrupt), so the summary and the audit see every shard the run finished.
 
 from __future__ import annotations
 
-import gc
 import os
 import sys
 import threading
@@ -40,7 +39,7 @@ from typing import Any
 from raas_batch.audit import audit_pending, decode_rows, run_audit
 from raas_batch.config import JobConfig
 from raas_batch.data.progress import JobProgress
-from raas_batch.engine_factory import freeze_heap, make_engine, out_of_memory_advice
+from raas_batch.engine_factory import make_engine, out_of_memory_advice
 from raas_batch.job import (
     MANIFEST,
     SHARDS,
@@ -80,10 +79,8 @@ def run_job(cfg: JobConfig, stream=None, engine=None) -> dict[str, Any]:
     notes = list(job.notes)  # damage found and repaired: printed even with --quiet
     messages: list[str] = []
     t_load = time.monotonic()
-    frozen = False
     if (job.manifest.todo() or audit_pending(job)) and engine is None:
         engine = load_engine(job.cfg)
-        frozen = freeze_heap()  # unfrozen when the run ends (raas_batch/engine_factory.py)
     load_s = time.monotonic() - t_load
 
     run_record, adopted = begin_run(job, messages.append)
@@ -116,8 +113,6 @@ def run_job(cfg: JobConfig, stream=None, engine=None) -> dict[str, Any]:
         job.manifest.save(os.path.join(job.out_dir, MANIFEST))
         progress.close()
         summary = write_summary(job, run_record, engine, rows, tokens, run_s, load_s)
-        if frozen:
-            gc.unfreeze()
     return summary
 
 

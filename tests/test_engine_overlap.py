@@ -103,3 +103,19 @@ def test_launch_comes_before_record_when_overlapping(smollm, monkeypatch):
 @pytest.mark.parametrize("max_new", [1, 2])
 def test_short_requests(smollm, max_new):
     assert_same(smollm, PROMPTS[:3], SamplingParams(max_new_tokens=max_new, temperature=0))
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_output_tokens_are_the_runners_shared_ints(smollm, overlap):
+    """Every recorded token, the prefill's first one included, is the runner's one int object for its id
+    (model_runner.as_token_ints): a finished shard frees no int of its own per token."""
+    ints = smollm.engine.runner.token_ints
+    saved = smollm.engine.overlap
+    smollm.engine.overlap = overlap
+    try:
+        outs = smollm.generate(PROMPTS[:3], SamplingParams(max_new_tokens=12, temperature=0.8, seed=1, ignore_eos=True))
+    finally:
+        smollm.engine.overlap = saved
+    tokens = [t for r in outs for t in r.outputs[0].token_ids]
+    assert len(tokens) == 36 and any(t > 256 for t in tokens)  # (ints up to 256 are shared by Python itself)
+    assert all(t is ints[t] for t in tokens)

@@ -252,36 +252,3 @@ def test_generation_defaults_read_only_what_the_file_says(tmp_path):
     assert read_generation_defaults(str(tmp_path)) == {"temperature": 0.7, "top_k": 20}
     (tmp_path / "generation_config.json").write_text("{broken")
     assert read_generation_defaults(str(tmp_path)) == {}
-
-
-def test_the_job_freezes_the_heap_while_it_runs(tmp_path, capsys, monkeypatch):
-    """While a job runs, the heap its engine left is frozen (raas_batch/engine_factory.py): a full collection walks
-    only what the run allocates. The run unfreezes at its end, so an engine dropped afterwards is collected even
-    when only the cycle collector can free it; RAAS_BATCH_GC_FREEZE=0 leaves the collector alone."""
-    import gc
-    import weakref
-
-    seen = {}
-    plain = FakeLLM.generate_stream
-
-    def watched(self, *args, **kwargs):
-        seen["frozen"] = gc.get_freeze_count()
-        seen["engine"] = weakref.ref(self)
-        self.cycle = self  # only the cycle collector can free this engine
-        return plain(self, *args, **kwargs)
-
-    monkeypatch.setattr(FakeLLM, "generate_stream", watched)
-    src = write_input(tmp_path / "in", "jsonl", sample_rows(2))
-    gc.unfreeze()
-    monkeypatch.setenv("RAAS_BATCH_GC_FREEZE", "0")
-    rc, err = run(capsys, "--input", src, "--output", tmp_path / "off")
-    assert rc == 0, err
-    assert seen["frozen"] == 0
-    monkeypatch.delenv("RAAS_BATCH_GC_FREEZE")
-    rc, err = run(capsys, "--input", src, "--output", tmp_path / "on")
-    assert rc == 0, err
-    assert seen["frozen"] > 1000  # the interpreter's, pytest's and torch's objects, the engine's among them
-    assert gc.get_freeze_count() == 0  # unfrozen when the run ended
-    gc.collect()
-    assert seen["engine"]() is None  # the engine, in a cycle, was collected
-    assert len(pq.read_table(tmp_path / "on" / "shards")) == 2

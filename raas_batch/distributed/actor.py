@@ -27,7 +27,6 @@ Invariants:
 
 from __future__ import annotations
 
-import gc
 import os
 import queue
 import socket
@@ -37,7 +36,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from raas_batch.config import JobConfig
-from raas_batch.engine_factory import freeze_heap, make_engine, out_of_memory_advice
+from raas_batch.engine_factory import make_engine, out_of_memory_advice
 from raas_batch.shard_stream import ShardStream
 from raas_batch.shards import ShardPlan, ShardResult, ShardSpec
 
@@ -62,10 +61,8 @@ class GenerationWorker:
         self.worker_index = worker_index
         self.cfg = cfg
         self.start_error: str | None = None
-        self._frozen = False  # the heap frozen after this actor built its engine, until stop() (engine_factory.py)
         try:
             self.llm = llm if llm is not None else make_engine(cfg)
-            self._frozen = llm is None and freeze_heap()
         except Exception as exc:  # noqa: BLE001 - reported by ready(): a clean refusal, not a crashed actor
             self.llm, self.start_error = None, _describe(exc)
         self.load_s = time.monotonic() - t0
@@ -163,9 +160,6 @@ class GenerationWorker:
         if self._engine_thread.is_alive():
             self._engine_thread.join(timeout=5)
         self._writer.shutdown(wait=True)
-        if self._frozen:
-            gc.unfreeze()
-            self._frozen = False
 
     # --- engine thread ------------------------------------------------------------------------------
     def _engine_loop(self) -> None:
