@@ -25,7 +25,6 @@ from raas_batch.engine.step_context import (
     RefreshWindow,
     SideStream,
     StepContext,
-    refresh_first_enabled,
     refresh_stream_enabled,
     refresh_window_enabled,
     set_context,
@@ -112,7 +111,6 @@ class ModelRunner:
         # With the refresh on the side stream, RaaS's top_half refresh runs once per page, at the step that fills
         # a row's current page (RAAS_BATCH_REFRESH_WINDOW=0: every step): kernels/window_refresh.py
         self.window = self.refresh_window(policy, num_slots) if window else None
-        self.refresh_first = refresh_first_enabled()
 
     def refresh_window(self, policy: KVPolicy, num_slots: int) -> RefreshWindow | None:
         """The deferred refresh's state for `policy`, or None where its refresh is not top_half by the bounds.
@@ -294,7 +292,7 @@ class ModelRunner:
         dec = DecodeContext(slot_ids=slot_ids, positions=positions, page_tables=self.slot_tables[slot_ids, :width],
                             host_slot_ids=host_slot_ids or [])
         set_context(StepContext(is_prefill=False, pool=self.pool, policy=self.policy, ops=self.ops, decode=dec,
-                                side=self.side, window=self.window, refresh_first=self.refresh_first))
+                                side=self.side, window=self.window))
         try:
             return self.model(token_ids, positions)
         finally:

@@ -41,15 +41,6 @@ def refresh_window_enabled() -> bool:
     return _flag(REFRESH_WINDOW_ENV)
 
 
-# The refresh on the side stream enqueued before the layer's attention (1) or after it (0, the default): which of
-# the two the device starts first when the append they both wait for ends (an A/B of the job benchmark).
-REFRESH_FIRST_ENV = "RAAS_BATCH_REFRESH_FIRST"
-
-
-def refresh_first_enabled() -> bool:
-    return os.environ.get(REFRESH_FIRST_ENV, "0") == "1"
-
-
 @dataclass
 class RefreshWindow:
     """What the deferred refresh keeps across steps (kernels/window_refresh.py): ring [layers, num_slots, P,
@@ -109,7 +100,6 @@ class StepContext:
     decode: DecodeContext | None = None
     side: SideStream | None = None  # decode on CUDA (RAAS_BATCH_REFRESH_STREAM, on by default): RaaS's refresh there
     window: RefreshWindow | None = None  # read with side only: RaaS's top_half refresh once a page
-    refresh_first: bool = False  # with side: the refresh enqueued before the attention (REFRESH_FIRST_ENV)
 
 
 _CONTEXT: StepContext | None = None

@@ -68,16 +68,12 @@ def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
         # a layer of attention and products alone was 0.9% slower (run 73), so (inferred) the gain comes from
         # the step's other kernels and the attention's last wave leaving SMs to the bounds pass.
         ctx.side.fork()
-        out = None
-        if not ctx.refresh_first:
-            out = ops.paged_decode_attention(q, k_cache, v_cache, page_ids, fill, scale, num_pages=limit)
+        out = ops.paged_decode_attention(q, k_cache, v_cache, page_ids, fill, scale, num_pages=limit)
         if ctx.window is not None:  # top_half, once a page (the runner keeps a window for that rule only)
             ctx.side.run(ops.window_refresh, q, kmin, kmax, page_ids, fill, refresh, limit, ctx.window.ring[layer],
                          ctx.window.first_pos)
         else:
             ctx.side.run(ops.bounds_refresh, q, kmin, kmax, page_ids, fill, refresh, limit)
-        if out is None:
-            out = ops.paged_decode_attention(q, k_cache, v_cache, page_ids, fill, scale, num_pages=limit)
         return out
     result = ops.paged_decode_attention(q, k_cache, v_cache, page_ids, fill, scale, return_mass=policy.needs_mass,
                                         num_pages=limit, key_bounds=bounds, refresh=refresh)
