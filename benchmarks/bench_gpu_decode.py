@@ -276,10 +276,11 @@ def bench_hf(cfg, ctx: int, batch: int, steps: int) -> dict:
         torch.cuda.synchronize()
         return time.perf_counter() - t
 
-    # An untimed call first: the first generate() of a shape loads and picks its kernels, and that one-off cost, when
-    # it fell in the timed 1-token call, was subtracted from the steps' time. Then the best of 3 of each call: one
-    # timing of each gave transformers 84.5, 57.4 and 68.0 ms a step at 4K x 32 (runs 88, 108, 109), our dense
-    # 4,477-4,525 tokens/s in the same runs (its prefill's time varies from call to call)
+    # An untimed call first (a shape's first generate() loads and picks its kernels), then the best of 3 of each timed
+    # call. One timing of each gave transformers 84.5 and 57.4 ms a step at 4K x 32 without the untimed call (runs 88
+    # and 109) and 68.0 after it (run 110); the best of 3, 30.5 (run 111). Our dense: 4,477-4,525 tokens/s in all four.
+    # (Inferred: generate() grows its cache by concatenation, new tensor sizes every step, so a call's time depends on
+    # what the allocator already holds; a batch job calling generate() again and again sees the warm figure.)
     timed(hf, 2)
     one = min(timed(hf, 1) for _ in range(3))
     many = min(timed(hf, 1 + steps) for _ in range(3))
