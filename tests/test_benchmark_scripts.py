@@ -112,6 +112,18 @@ def test_job_benchmark_smoke_records_the_job_edges(tmp_path, smollm_tokenizer):
         assert abs(r["ms_per_decode_step"] - r["ms_per_decode_step_wall"] - gaps_ms) < 1e-6
         # no decode graphs on the CPU: the captures' record is there, and empty
         assert r["graph_captures"] == {"count": 0, "s": 0.0, "max_s": 0.0, "warm_up_s": 0.0}
+        # the tail's timeline: the last shard's write after the last step, in order, up to run_job's return
+        tail = r["tail_timeline"]
+        names = [name for name, _, _ in tail]
+        assert names[-1] == "run_job returned" and tail[-1][1] == pytest.approx(r["after_last_step_s"], abs=1e-3)
+        assert names.index("writer.rows_to_table") < names.index("writer.pq.write_table")
+        assert [start for _, start, _ in tail] == sorted(start for _, start, _ in tail)
+        assert all(0 <= start <= end <= tail[-1][2] for _, start, end in tail)
+        # the collections' record: the job's are split before, during and after the steps
+        gc_record = r["gc"]
+        assert {"job", "before_first_step", "steps", "after_last_step"} <= set(gc_record)
+        assert sum(v["count"] for v in gc_record["job"].values()) >= sum(
+            v["count"] for part in ("before_first_step", "steps", "after_last_step") for v in gc_record[part].values())
 
 
 def test_job_benchmark_without_a_profiled_window(tmp_path, smollm_tokenizer):
