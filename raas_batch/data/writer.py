@@ -217,7 +217,7 @@ def verify_shard(path: str, expected: dict[str, Any], schema: pa.Schema = OUTPUT
 
 class _HashingWriter(io.RawIOBase):
     """A write-only file over `f` that hashes (sha256) every byte written through it, in order. The Parquet writer
-    only appends, so the digest is the file's (tests/test_runner_job.py compares it with `file_sha256`)."""
+    only appends, so the digest is the file's (tests/test_runner_manifest.py compares it with `file_sha256`)."""
 
     def __init__(self, f):
         super().__init__()

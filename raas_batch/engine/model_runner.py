@@ -40,7 +40,7 @@ class DecodeLaunch:
     tokens: torch.Tensor  # [B] int64, host (pinned on CUDA)
     stats: torch.Tensor | None  # [2, num_slots] int64 host copy of the policy's counters after the step
     event: torch.cuda.Event | None
-    ints: list[int] | None = None  # the runner's token_ints: the tokens are returned as those objects
+    ints: list[int]  # the runner's token_ints: the tokens are returned as those objects
 
     def wait(self) -> tuple[list[int], torch.Tensor | None]:
         if self.event is not None:
@@ -48,13 +48,12 @@ class DecodeLaunch:
         return as_token_ints(self.tokens, self.ints), self.stats
 
 
-def as_token_ints(tokens: torch.Tensor, ints: list[int] | None) -> list[int]:
-    """A host tensor of token ids -> a list of ints, each the object of `ints` for its id (ints None: fresh ones).
+def as_token_ints(tokens: torch.Tensor, ints: list[int]) -> list[int]:
+    """A host tensor of token ids -> a list of ints, each the object of `ints` (the runner's token_ints) for its id.
     A sequence's list of output tokens then holds references to one shared object per vocabulary entry instead
     of an int object of its own per token: a finished 512 x 6,144-token shard no longer frees 3.1M ints (0.10-0.12 s
     of the fixed 1.5B job's last shard, on its writer thread before the job could end: run 105, docs/gpu-notes.md)."""
-    ids = tokens.tolist()
-    return ids if ints is None else list(map(ints.__getitem__, ids))
+    return list(map(ints.__getitem__, tokens.tolist()))
 
 
 def _refreshes_top_half(policy: KVPolicy) -> bool:
