@@ -11,7 +11,8 @@ few percent, run 32 vs run 35):
 - RaaS's refresh in a layer (the attention, then the layer's cuBLAS products): inside the attention's
   program, or on a second stream beside the attention and the products (the same stamps);
 - the sampler over a [512, 49152] logits row block (temperature 0.6, top-p 0.95): bf16 in, fp32 in
-  (the same tokens).
+  (the same tokens), without the race's screen (every token's exact value), and at top-p 1 (one round:
+  what the rejection rounds cost; other tokens).
 Each attention variant runs one call per layer over 28 layers' own caches (so L2 holds no layer's
 pages for the next), timed with bench_matmul.py's CUDA-graph timer; the table gives ms per call and per
 step (x 28 for attention, x 1 for the sampler), the share of copy bandwidth the attention reaches on
@@ -38,6 +39,7 @@ def _parse():
                     "always runs), e.g. the launch settings an earlier run already swept")
     ap.add_argument("--no-sampler", action="store_true", help="leave the sampler rows out")
     ap.add_argument("--layers-only", action="store_true", help="only the layer rows (RaaS's refresh placements)")
+    ap.add_argument("--sampler-only", action="store_true", help="only the sampler rows")
     return ap.parse_args()
 
 
@@ -81,7 +83,9 @@ ATTN_VARIANTS = [  # (name, launch keywords); the default is 2 warps (run 41), 4
 ]
 BOUNDS_ONLY = {"bounds 16 pages a block", "bounds 64 pages a block", "no bounds (diagnostic)",
                "no bounds, 200 registers", "no bounds, 168 registers"}
-SAMPLER_VARIANTS = [("8 warps", {"num_warps": 8}), ("4 warps", {"num_warps": 4}),
+SAMPLER_VARIANTS = [("no screen (every exact value)", {"screen": False}),
+                    ("no screen, top-p 1", {"screen": False, "top_p": 1.0}), ("top-p 1", {"top_p": 1.0}),
+                    ("block 512", {"block_v": 512}), ("8 warps", {"num_warps": 8}), ("4 warps", {"num_warps": 4}),
                     ("block 1024", {"block_v": 1024}), ("block 4096", {"block_v": 4096, "num_warps": 16}),
                     ("1 stage", {"num_stages": 1}), ("4 stages", {"num_stages": 4})]
 COLS = ["kernel", "policy", "variant", "ms_per_call", "ms_per_step", "pct_copy", "rel_err_vs_default"]
@@ -327,12 +331,16 @@ def sampler_rows(cfg) -> list[dict]:
     settings = (torch.full((B,), 0.6, device=DEV), torch.full((B,), 0.95, device=DEV),
                 torch.zeros(B, dtype=torch.int64, device=DEV), torch.arange(B, dtype=torch.int64, device=DEV) * 7919,
                 torch.full((B,), 1000, dtype=torch.int64, device=DEV))
-    rows, want = [], None
+    rows, wants = [], {}
     for name, x, kw in (("bf16 logits (decode)", logits, {}), ("fp32 logits", logits.float(), {}),
                         *((f"bf16, {n}", logits, kw) for n, kw in SAMPLER_VARIANTS)):
-        got = TRI.sample_tokens(x, *settings, **kw)
-        want = got if want is None else want
-        ms = timed(cfg["reps"], TRI.sample_tokens, x, *settings, **kw)
+        kw = dict(kw)
+        args = settings
+        if "top_p" in kw:  # a row setting, not a launch setting: its tokens differ (the rejection rounds' cost)
+            args = (settings[0], torch.full((B,), kw.pop("top_p"), device=DEV), *settings[2:])
+        got = TRI.sample_tokens(x, *args, **kw)
+        want = wants.setdefault(float(args[1][0]), got)  # the first row of its top-p: the same tokens
+        ms = timed(cfg["reps"], TRI.sample_tokens, x, *args, **kw)
         rows.append({"kernel": "sampler", "policy": "", "variant": name, "ms_per_call": ms, "ms_per_step": ms,
                      "pct_copy": float("nan"), "rel_err_vs_default": float((got != want).float().mean())})
         print(f"  sampler {name:24s} {ms * 1e3:8.1f} us", flush=True)
@@ -389,8 +397,10 @@ def main():
     print(f"# decode-step kernels, {torch.cuda.get_device_name() if CUDA else 'cpu'}; copy {copy_bw / 1e12:.2f} TB/s",
           flush=True)
     skip = {name.strip() for name in args.skip.split(",") if name.strip()}
-    rows = layer_rows(cfg, skip)
-    if not args.layers_only:
+    rows = [] if args.sampler_only else layer_rows(cfg, skip)
+    if args.sampler_only:
+        rows = sampler_rows(cfg)
+    elif not args.layers_only:
         rows = (attention_rows(cfg, copy_bw, skip) + rows + ([] if args.no_sampler else sampler_rows(cfg))
                 + (pdl_rows(cfg) if CUDA and not args.no_sampler else []))
     text = "\n".join([f"# Decode-step kernels at the 1.5B job shape (copy bandwidth {copy_bw / 1e12:.2f} TB/s)", "",

@@ -22,7 +22,7 @@ for part in $parts; do
   start=$(date +%s)
   case $part in
     tests)   timeout ${TESTS_TIMEOUT:-420} python -m pytest -q -p no:cacheprovider -rfE --tb=short ${TESTS_FILES:-tests/test_policy_kernels.py \
-               tests/test_sampling.py::test_sampler_kernel_equals_reference tests/test_kernels.py tests/test_gpu_engine.py \
+               tests/test_sampling.py::test_sampler_kernel_equals_reference tests/test_sampling.py::test_sampler_screen_keeps_near_ties tests/test_kernels.py tests/test_gpu_engine.py \
                tests/test_batch_invariant.py tests/test_gpu_jobs.py} \
                -m "gpu or not gpu" ${TESTS_K:+-k "$TESTS_K"} > "$OUT/pytest_gpu.log" 2>&1; tail -30 "$OUT/pytest_gpu.log" ;;
     job-fixed) timeout ${JOB_TIMEOUT:-420} python benchmarks/bench_job.py --shape 1.5b --policies ${JOB_POLICIES:-dense,raas} \

@@ -176,3 +176,71 @@ def test_sampler_kernel_equals_reference():
     got_half = kops.get_ops("triton").sample_tokens(half, temperature, top_p, top_k, keys, steps)
     assert torch.equal(got_half, want_half), (got_half != want_half).nonzero().flatten().tolist()
     assert torch.equal(ref.sample_tokens(half, temperature, top_p, top_k, keys, steps), want_half)
+
+
+
+def _race_values(logits, temperature, keys, steps):
+    """The reference's race values s - log(-log u), [B, V] (as kernels/reference.py's sample_tokens)."""
+    from raas_batch.kernels import reference as ref
+
+    s = logits.float() * (1.0 / temperature.float().clamp(min=1e-5)).unsqueeze(1)
+    return s - torch.log(-torch.log(ref.uniform_noise(keys, steps, logits.shape[1])))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6, 0.02])
+def test_sampler_screen_keeps_near_ties(temperature):
+    """The kernel's screen (kernels/sample.py, `_may_beat`) skips the exact race values of chunks that
+    cannot beat the best so far. Each row gets a token in a later chunk whose race value is the largest
+    float below the earlier best, equal to it, or the smallest above it: the kernel, with and without the
+    screen, must pick the reference's token: the later one only when strictly above (the earlier on a
+    tie). Small blocks: many chunks a row; a low temperature scales s, and its rounding, up."""
+    import os
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from raas_batch.kernels import ops as kops
+    from raas_batch.kernels import reference as ref
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # the rows are built with the device's logarithms
+    gen = torch.Generator().manual_seed(7)
+    B, V, block = 18, 2000, 256
+    logits = (torch.randn(B, V, generator=gen) * 2).to(dev)
+    temp = torch.full((B,), temperature, device=dev)
+    keys = torch.tensor([seed_key(5, j) for j in range(B)], dtype=torch.int64, device=dev)
+    steps = torch.full((B,), 4, dtype=torch.int64, device=dev)
+    up, down = torch.tensor(float("inf"), device=dev), torch.tensor(float("-inf"), device=dev)
+    first = _race_values(logits, temp, keys, steps).argmax(dim=1)
+    later, orders = [], []
+    for r in range(B):
+        w = int(first[r])
+        target = _race_values(logits[r:r + 1], temp[r:r + 1], keys[r:r + 1], steps[r:r + 1])[0, w].item()
+        j = min(V - 1, (w // block + 1 + r % 2) * block + 17)
+        order = (-1, 0, 1)[r % 3]  # below, tied (where a float reaches it), above
+        u = ref.uniform_noise(keys[r:r + 1], steps[r:r + 1], V)[0, j]
+        logits[r, j] = (target + torch.log(-torch.log(u)).item()) * temperature
+        for _ in range(64):  # start a few floats below, then walk up
+            logits[r, j] = torch.nextafter(logits[r, j], down)
+        for _ in range(400):  # one float at a time until the token's race value is where the row wants it
+            gj = _race_values(logits[r:r + 1], temp[r:r + 1], keys[r:r + 1], steps[r:r + 1])[0, j].item()
+            if (order < 0 and gj < target) or (order > 0 and gj > target) or (order == 0 and gj >= target):
+                break
+            logits[r, j] = torch.nextafter(logits[r, j], up)
+        if order < 0:  # approached from above: step down to the first value below
+            while _race_values(logits[r:r + 1], temp[r:r + 1], keys[r:r + 1], steps[r:r + 1])[0, j].item() >= target:
+                logits[r, j] = torch.nextafter(logits[r, j], down)
+        gj = _race_values(logits[r:r + 1], temp[r:r + 1], keys[r:r + 1], steps[r:r + 1])[0, j].item()
+        later.append(j if gj > target else w)
+        orders.append((order, gj - target))
+    top_p, top_k = torch.ones(B, device=dev), torch.zeros(B, dtype=torch.int64, device=dev)
+    want = ref.sample_tokens(logits, temp, top_p, top_k, keys, steps)
+    assert want.tolist() == later, orders  # the rows are what they claim: the later token wins only above
+    assert len(set(want.tolist()) & set(first.tolist())) > 0 and (want != first).any()
+    ops = kops.get_ops("triton")
+    for screen in (True, False):
+        got = ops.sample_tokens(logits, temp, top_p, top_k, keys, steps, block_v=block, screen=screen)
+        assert torch.equal(got, want), (screen, (got != want).nonzero().flatten().tolist())
+    # with top-p, the rejection rounds race above a pivot through the same screen
+    top_p = torch.full((B,), 0.8, device=dev)
+    want = ref.sample_tokens(logits, temp, top_p, top_k, keys, steps)
+    got = ops.sample_tokens(logits, temp, top_p, top_k, keys, steps, block_v=block)
+    assert torch.equal(got, want), (got != want).nonzero().flatten().tolist()
