@@ -85,7 +85,18 @@ BOUNDS_ONLY = {"bounds 16 pages a block", "bounds 64 pages a block", "no bounds 
                "no bounds, 200 registers", "no bounds, 168 registers"}
 SAMPLER_VARIANTS = [("no screen (every exact value)", {"screen": False}),
                     ("no screen, top-p 1", {"screen": False, "top_p": 1.0}), ("top-p 1", {"top_p": 1.0}),
-                    ("block 512", {"block_v": 512}), ("8 warps", {"num_warps": 8}), ("4 warps", {"num_warps": 4}),
+                    ("block 512", {"block_v": 512}), ("<= 40 registers", {"maxnreg": 40}),
+                    ("<= 32 registers", {"maxnreg": 32}), ("block 1024, <= 32 registers", {"block_v": 1024, "maxnreg": 32}),
+                    ("block 1024, 8 warps, <= 32 registers", {"block_v": 1024, "num_warps": 8, "maxnreg": 32}),
+                    ("block 512, 4 warps, <= 32 registers", {"block_v": 512, "num_warps": 4, "maxnreg": 32}),
+                    ("no screen, <= 40 registers", {"screen": False, "maxnreg": 40}),
+                    ("no screen, block 1024, <= 32 registers", {"screen": False, "block_v": 1024, "maxnreg": 32}),
+                    ("1 chunk ahead", {"ahead": 1}), ("2 chunks ahead", {"ahead": 2}),
+                    ("1 chunk ahead, top-p 1", {"ahead": 1, "top_p": 1.0}),
+                    ("block 1024, 2 chunks ahead", {"block_v": 1024, "ahead": 2}),
+                    ("block 1024, 2 chunks ahead, <= 40 registers", {"block_v": 1024, "ahead": 2, "maxnreg": 40}),
+                    ("no screen, 2 chunks ahead", {"screen": False, "ahead": 2}),
+                    ("8 warps", {"num_warps": 8}), ("4 warps", {"num_warps": 4}),
                     ("block 1024", {"block_v": 1024}), ("block 4096", {"block_v": 4096, "num_warps": 16}),
                     ("1 stage", {"num_stages": 1}), ("4 stages", {"num_stages": 4})]
 COLS = ["kernel", "policy", "variant", "ms_per_call", "ms_per_step", "pct_copy", "rel_err_vs_default"]

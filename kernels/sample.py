@@ -45,7 +45,12 @@ def _hash32(x):
     return x ^ (x >> 16)
 
 
-def _race(row, offs, V, inv_t, base, pivot, BLOCK_V: tl.constexpr, SCREEN: tl.constexpr):
+def _chunk(row, idx, V):
+    """A chunk of the row in its own dtype (-inf past the vocabulary)."""
+    return tl.load(row + idx, mask=idx < V, other=float("-inf"))
+
+
+def _race(row, offs, V, inv_t, base, pivot, BLOCK_V: tl.constexpr, SCREEN: tl.constexpr, AHEAD: tl.constexpr):
     """One read of the row: the exponential race among tokens with s > pivot -> (winner, its s, max s).
     Each lane keeps its own best across chunks (the earliest index on ties: indices only grow along a
     lane) and the block reduces once at the end, not once per chunk.
@@ -55,14 +60,29 @@ def _race(row, offs, V, inv_t, base, pivot, BLOCK_V: tl.constexpr, SCREEN: tl.co
     (`_may_beat`, a cheap test with a safe margin). A skipped token's value is below `top`, so it can be
     neither the winner nor tied with it: the same winner, bit for bit. After the first chunk few chunks
     pass (a chunk of C tokens after n: about C / (n + C)), so the row costs a few exact chunks and cheap
-    tests for the rest."""
+    tests for the rest.
+
+    AHEAD: how many chunks' loads are issued before the chunk that needs them (`_chunk`)."""
     best = tl.full([BLOCK_V], float("-inf"), tl.float32)
     win = tl.zeros([BLOCK_V], tl.int32)
     m = tl.full([BLOCK_V], float("-inf"), tl.float32)
     top = tl.max(best, axis=0)  # the best exact race value so far (SCREEN): -inf before the first chunk
+    if AHEAD >= 1:
+        a = _chunk(row, offs, V)
+    if AHEAD >= 2:
+        b = _chunk(row, offs + BLOCK_V, V)
     for v0 in range(0, V, BLOCK_V):
         idx = v0 + offs
-        s = tl.load(row + idx, mask=idx < V, other=float("-inf")).to(tl.float32) * inv_t
+        if AHEAD == 0:
+            x = _chunk(row, idx, V)
+        elif AHEAD == 1:
+            x = a
+            a = _chunk(row, idx + BLOCK_V, V)
+        else:
+            x = a
+            a = b
+            b = _chunk(row, idx + 2 * BLOCK_V, V)
+        s = x.to(tl.float32) * inv_t
         m = tl.maximum(m, s)
         h = _hash32(base + idx.to(tl.uint32) * 0x9E3779B9)
         u = ((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
@@ -99,14 +119,27 @@ def _may_beat(live, s, u, top):
     return live & ~((x > 0) & (u + 4e-6 < thr))
 
 
-def _above(row, offs, V, inv_t, m, w_s, BLOCK_V: tl.constexpr):
+def _above(row, offs, V, inv_t, m, w_s, BLOCK_V: tl.constexpr, AHEAD: tl.constexpr):
     """One read of the row -> (Z = sum exp(s - m), mass and count of the tokens with s > w_s)."""
     z = tl.zeros([BLOCK_V], tl.float32)
     mass = tl.zeros([BLOCK_V], tl.float32)
     count = tl.zeros([BLOCK_V], tl.int32)
+    if AHEAD >= 1:
+        a = _chunk(row, offs, V)
+    if AHEAD >= 2:
+        b = _chunk(row, offs + BLOCK_V, V)
     for v0 in range(0, V, BLOCK_V):
         idx = v0 + offs
-        s = tl.load(row + idx, mask=idx < V, other=float("-inf")).to(tl.float32) * inv_t
+        if AHEAD == 0:
+            x = _chunk(row, idx, V)
+        elif AHEAD == 1:
+            x = a
+            a = _chunk(row, idx + BLOCK_V, V)
+        else:
+            x = a
+            a = b
+            b = _chunk(row, idx + 2 * BLOCK_V, V)
+        s = x.to(tl.float32) * inv_t
         e = tl.exp(s - m)
         above = s > w_s
         z += e
@@ -118,7 +151,7 @@ def _above(row, offs, V, inv_t, m, w_s, BLOCK_V: tl.constexpr):
 def _sample_kernel(
     logits_ptr, temp_ptr, inv_t_ptr, top_p_ptr, top_k_ptr, keys_ptr, steps_ptr, out_ptr,
     stride_b, V,
-    BLOCK_V: tl.constexpr, MAX_ROUNDS: tl.constexpr, SCREEN: tl.constexpr,
+    BLOCK_V: tl.constexpr, MAX_ROUNDS: tl.constexpr, SCREEN: tl.constexpr, AHEAD: tl.constexpr,
     PDL: tl.constexpr,
 ):
     if PDL:  # programmatic dependent launch (kernels/_jit.py): the kernel before must have finished
@@ -135,14 +168,14 @@ def _sample_kernel(
         k = tl.load(top_k_ptr + b)
         k = tl.where(k > 0, k, V)
         # read 1: the race over every token, and the max m; read 2: Z, and the mass and count above s_w
-        win, win_s, m = _race(row, offs, V, inv_t, base, float("-inf"), BLOCK_V, SCREEN)
-        z, mass, count = _above(row, offs, V, inv_t, m, win_s, BLOCK_V)
+        win, win_s, m = _race(row, offs, V, inv_t, base, float("-inf"), BLOCK_V, SCREEN, AHEAD)
+        z, mass, count = _above(row, offs, V, inv_t, m, win_s, BLOCK_V, AHEAD)
         rounds = 1
         # The top token always passes, so this ends; the cap only guards rows of NaN logits.
         go = ((mass / z >= top_p) | (count >= k)) & (rounds < MAX_ROUNDS)
         while go:  # w is not in the kept set, nor is any token with s <= s_w: race again above it
-            win, win_s, _ = _race(row, offs, V, inv_t, base, win_s, BLOCK_V, SCREEN)
-            _, mass, count = _above(row, offs, V, inv_t, m, win_s, BLOCK_V)
+            win, win_s, _ = _race(row, offs, V, inv_t, base, win_s, BLOCK_V, SCREEN, AHEAD)
+            _, mass, count = _above(row, offs, V, inv_t, m, win_s, BLOCK_V, AHEAD)
             rounds += 1
             go = ((mass / z >= top_p) | (count >= k)) & (rounds < MAX_ROUNDS)
         tl.store(out_ptr + b, win.to(tl.int64))
@@ -159,12 +192,13 @@ def _sample_kernel(
         tl.store(out_ptr + b, tl.min(tl.where(lane_best == top_x, lane_win, V), axis=0).to(tl.int64))
 
 
-_kernel = lazy_jit(_sample_kernel, helpers=(_hash32, _race, _may_beat, _above))
+_kernel = lazy_jit(_sample_kernel, helpers=(_hash32, _chunk, _race, _may_beat, _above))
 
 
 def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
                   keys: torch.Tensor, steps: torch.Tensor, *, block_v: int = 2048, num_warps: int = 16,
-                  num_stages: int | None = None, screen: bool = True) -> torch.Tensor:
+                  num_stages: int | None = None, screen: bool = True, maxnreg: int | None = None,
+                  ahead: int = 0) -> torch.Tensor:
     """One token per row -> [B] int64. See `kernels.reference.sample_tokens` for the contract. The
     keywords are launch settings (benchmarks/bench_step_kernels.py tries others); they never change a token."""
     B, V = logits.shape
@@ -177,7 +211,8 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.
     _kernel()[(B,)](
         logits, temperature, inv_t, top_p.float(), top_k, keys, steps, out,
         logits.stride(0), V,
-        BLOCK_V=block_v, MAX_ROUNDS=64, SCREEN=screen, num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}),
+        BLOCK_V=block_v, MAX_ROUNDS=64, SCREEN=screen, AHEAD=ahead, num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}),
+        **({} if maxnreg is None else {"maxnreg": maxnreg}),
         **pdl_args(logits.device),
     )
     return out
