@@ -198,9 +198,13 @@ _kernel = lazy_jit(_sample_kernel, helpers=(_hash32, _chunk, _race, _may_beat, _
 def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
                   keys: torch.Tensor, steps: torch.Tensor, *, block_v: int = 2048, num_warps: int = 16,
                   num_stages: int | None = None, screen: bool = True, maxnreg: int | None = None,
-                  ahead: int = 0) -> torch.Tensor:
+                  ahead: int = 1) -> torch.Tensor:
     """One token per row -> [B] int64. See `kernels.reference.sample_tokens` for the contract. The
-    keywords are launch settings (benchmarks/bench_step_kernels.py tries others); they never change a token."""
+    keywords are launch settings (benchmarks/bench_step_kernels.py tries others); they never change a token.
+    screen=False computes every token's exact race value (the kernel up to run 112); ahead: how many chunks'
+    loads are issued before the chunk that needs them; maxnreg caps a thread's registers. For 512 x 49,152
+    bf16 logits at top-p 0.95 (run 115, docs/gpu-notes.md): 0.108 ms as set, 0.117 with ahead=0, 0.129
+    without the screen as well."""
     B, V = logits.shape
     assert logits.dtype in (torch.float32, torch.bfloat16, torch.float16) and logits.stride(1) == 1
     out = torch.empty(B, dtype=torch.int64, device=logits.device)

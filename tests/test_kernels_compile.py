@@ -81,7 +81,7 @@ def ptx_fingerprint(ptx: str) -> str:
 def sampler_variants():
     from raas_batch.kernels import sample
 
-    for dtype, screen, ahead in (("bf16", True, 0), ("fp32", True, 0), ("bf16", False, 0), ("bf16", True, 1),
+    for dtype, screen, ahead in (("bf16", True, 1), ("fp32", True, 1), ("bf16", False, 1), ("bf16", True, 0),
                                  ("bf16", True, 2)):
         yield (sample._kernel, {"logits_ptr": dtype, "temp_ptr": "fp32", "inv_t_ptr": "fp32", "top_p_ptr": "fp32",
                                 "top_k_ptr": "i64", "keys_ptr": "i64", "steps_ptr": "i64", "out_ptr": "i64"},
