@@ -40,6 +40,8 @@ def _parse():
     ap.add_argument("--no-sampler", action="store_true", help="leave the sampler rows out")
     ap.add_argument("--layers-only", action="store_true", help="only the layer rows (RaaS's refresh placements)")
     ap.add_argument("--sampler-only", action="store_true", help="only the sampler rows")
+    ap.add_argument("--sampler-shape", default="", help="ROWSxVOCAB for the sampler rows (default 512x49152; "
+                    "batch 1 at the 7B shape: 1x152064)")
     return ap.parse_args()
 
 
@@ -338,6 +340,8 @@ def window_rows(cfg, layers, q, products, side, skip=()) -> list[dict]:
 def sampler_rows(cfg) -> list[dict]:
     """bf16 logits (the decode step's) and their fp32 copy must give the same tokens."""
     B, V = cfg["B"], cfg["V"]
+    if ARGS is not None and ARGS.sampler_shape:
+        B, V = (int(n) for n in ARGS.sampler_shape.lower().split("x"))
     g = torch.Generator(device=DEV).manual_seed(5)
     logits = (torch.randn((B, V), generator=g, device=DEV) * 3).to(torch.bfloat16)
     settings = (torch.full((B,), 0.6, device=DEV), torch.full((B,), 0.95, device=DEV),
@@ -420,7 +424,8 @@ def main():
                       "layers' caches; rel_err_vs_default: each variant's output (bounds included) against the "
                       "default's, and for the sampler the share of tokens that differ. Launch-chain rows: "
                       "ms_per_call is one link's time."), "", md_table(rows, COLS)])
-    save_results(results_dir(), "bench_step_kernels" + ("_smoke" if args.smoke else ""),
+    save_results(results_dir(), "bench_step_kernels" + ("_smoke" if args.smoke else "")
+                 + (f"_sampler_{args.sampler_shape.lower()}" if args.sampler_shape else ""),
                  {"config": cfg, "copy_TBps": copy_bw / 1e12, "rows": rows}, text)
     print(md_table(rows, COLS))
     return 0
