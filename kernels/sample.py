@@ -15,9 +15,11 @@ The reference sorts each row to find the kept set; here a program reads its row 
    with s > s_w (pivot = s_w), go to 2.
 The race's winner lies in the kept set with probability >= top_p, so most rows take 2 reads of the
 row; greedy rows (temperature 0) take one argmax pass. A token's exact race value costs two accurate
-logarithms (the reference's bits need them), which made the race the sampler's cost: a cheap screen
-(`_may_beat`, two fast exponentials) computes them only for the chunks where some token might beat the
-best value so far, a few chunks a row. Within a read each lane of the block keeps its
+logarithms (the reference's bits need them): a cheap screen (`_may_beat`, two fast exponentials)
+computes them only for the chunks where some token might beat the best value so far, a few chunks a
+row. On the GPU this shortens the rejection rounds of the few rows that run them (one program alone,
+bound by its arithmetic); the common passes over all rows are bound by neither arithmetic nor
+occupancy (run 115 in docs/gpu-notes.md: at top-p 1, 0.092 ms with or without the screen). Within a read each lane of the block keeps its
 own running best (or sums) and the block reduces once at the end, instead of once per chunk (each
 reduction is a barrier across the block's warps).
 Rejection in the spirit of FlashInfer's sorting-free top-p sampling (Ye et al., 2025,
@@ -55,7 +57,7 @@ def _race(row, offs, V, inv_t, base, pivot, BLOCK_V: tl.constexpr, SCREEN: tl.co
     Each lane keeps its own best across chunks (the earliest index on ties: indices only grow along a
     lane) and the block reduces once at the end, not once per chunk.
 
-    SCREEN: a chunk's exact race values (two accurate logarithms a token: most of the sampler's time) are
+    SCREEN: a chunk's exact race values (two accurate logarithms a token: the race's arithmetic) are
     computed only when one of its tokens might beat `top`, the best exact value of the chunks before it
     (`_may_beat`, a cheap test with a safe margin). A skipped token's value is below `top`, so it can be
     neither the winner nor tied with it: the same winner, bit for bit. After the first chunk few chunks
