@@ -85,20 +85,10 @@ ATTN_VARIANTS = [  # (name, launch keywords); the default is 2 warps (run 41), 4
 ]
 BOUNDS_ONLY = {"bounds 16 pages a block", "bounds 64 pages a block", "no bounds (diagnostic)",
                "no bounds, 200 registers", "no bounds, 168 registers"}
-SAMPLER_VARIANTS = [("no screen, no chunk ahead (run 112's kernel)", {"screen": False, "ahead": 0}),
-                    ("no screen (every exact value)", {"screen": False}),
+SAMPLER_VARIANTS = [("no screen (every exact value)", {"screen": False}),
                     ("no screen, top-p 1", {"screen": False, "top_p": 1.0}), ("top-p 1", {"top_p": 1.0}),
                     ("block 512", {"block_v": 512}), ("<= 40 registers", {"maxnreg": 40}),
                     ("<= 32 registers", {"maxnreg": 32}), ("block 1024, <= 32 registers", {"block_v": 1024, "maxnreg": 32}),
-                    ("block 1024, 8 warps, <= 32 registers", {"block_v": 1024, "num_warps": 8, "maxnreg": 32}),
-                    ("block 512, 4 warps, <= 32 registers", {"block_v": 512, "num_warps": 4, "maxnreg": 32}),
-                    ("no screen, <= 40 registers", {"screen": False, "maxnreg": 40}),
-                    ("no screen, block 1024, <= 32 registers", {"screen": False, "block_v": 1024, "maxnreg": 32}),
-                    ("no chunk ahead", {"ahead": 0}), ("2 chunks ahead", {"ahead": 2}),
-                    ("no chunk ahead, top-p 1", {"ahead": 0, "top_p": 1.0}),
-                    ("block 1024, 2 chunks ahead", {"block_v": 1024, "ahead": 2}),
-                    ("block 1024, 2 chunks ahead, <= 40 registers", {"block_v": 1024, "ahead": 2, "maxnreg": 40}),
-                    ("no screen, 2 chunks ahead", {"screen": False, "ahead": 2}),
                     ("8 warps", {"num_warps": 8}), ("4 warps", {"num_warps": 4}),
                     ("block 1024", {"block_v": 1024}), ("block 4096", {"block_v": 4096, "num_warps": 16}),
                     ("1 stage", {"num_stages": 1}), ("4 stages", {"num_stages": 4})]
@@ -413,12 +403,13 @@ def main():
     print(f"# decode-step kernels, {torch.cuda.get_device_name() if CUDA else 'cpu'}; copy {copy_bw / 1e12:.2f} TB/s",
           flush=True)
     skip = {name.strip() for name in args.skip.split(",") if name.strip()}
-    rows = [] if args.sampler_only else layer_rows(cfg, skip)
     if args.sampler_only:
         rows = sampler_rows(cfg)
-    elif not args.layers_only:
-        rows = (attention_rows(cfg, copy_bw, skip) + rows + ([] if args.no_sampler else sampler_rows(cfg))
-                + (pdl_rows(cfg) if CUDA and not args.no_sampler else []))
+    else:
+        rows = layer_rows(cfg, skip)
+        if not args.layers_only:
+            rows = (attention_rows(cfg, copy_bw, skip) + rows + ([] if args.no_sampler else sampler_rows(cfg))
+                    + (pdl_rows(cfg) if CUDA and not args.no_sampler else []))
     text = "\n".join([f"# Decode-step kernels at the 1.5B job shape (copy bandwidth {copy_bw / 1e12:.2f} TB/s)", "",
                       ("`python benchmarks/bench_step_kernels.py`: CUDA graphs of one call per layer over 28 "
                       "layers' caches; rel_err_vs_default: each variant's output (bounds included) against the "

@@ -52,7 +52,7 @@ def _chunk(row, idx, V):
     return tl.load(row + idx, mask=idx < V, other=float("-inf"))
 
 
-def _race(row, offs, V, inv_t, base, pivot, BLOCK_V: tl.constexpr, SCREEN: tl.constexpr, AHEAD: tl.constexpr):
+def _race(row, offs, V, inv_t, base, pivot, BLOCK_V: tl.constexpr, SCREEN: tl.constexpr):
     """One read of the row: the exponential race among tokens with s > pivot -> (winner, its s, max s).
     Each lane keeps its own best across chunks (the earliest index on ties: indices only grow along a
     lane) and the block reduces once at the end, not once per chunk.
@@ -62,28 +62,16 @@ def _race(row, offs, V, inv_t, base, pivot, BLOCK_V: tl.constexpr, SCREEN: tl.co
     (`_may_beat`, a cheap test with a safe margin). A skipped token's value is below `top`, so it can be
     neither the winner nor tied with it: the same winner, bit for bit. After the first chunk few chunks
     pass (a chunk of C tokens after n: about C / (n + C)), so the row costs a few exact chunks and cheap
-    tests for the rest.
-
-    AHEAD: how many chunks' loads are issued before the chunk that needs them (`_chunk`)."""
+    tests for the rest."""
     best = tl.full([BLOCK_V], float("-inf"), tl.float32)
     win = tl.zeros([BLOCK_V], tl.int32)
     m = tl.full([BLOCK_V], float("-inf"), tl.float32)
     top = tl.max(best, axis=0)  # the best exact race value so far (SCREEN): -inf before the first chunk
-    if AHEAD >= 1:
-        a = _chunk(row, offs, V)
-    if AHEAD >= 2:
-        b = _chunk(row, offs + BLOCK_V, V)
+    nxt = _chunk(row, offs, V)  # each chunk's loads are issued one chunk ahead of its work
     for v0 in range(0, V, BLOCK_V):
         idx = v0 + offs
-        if AHEAD == 0:
-            x = _chunk(row, idx, V)
-        elif AHEAD == 1:
-            x = a
-            a = _chunk(row, idx + BLOCK_V, V)
-        else:
-            x = a
-            a = b
-            b = _chunk(row, idx + 2 * BLOCK_V, V)
+        x = nxt
+        nxt = _chunk(row, idx + BLOCK_V, V)
         s = x.to(tl.float32) * inv_t
         m = tl.maximum(m, s)
         h = _hash32(base + idx.to(tl.uint32) * 0x9E3779B9)
@@ -121,26 +109,16 @@ def _may_beat(live, s, u, top):
     return live & ~((x > 0) & (u + 4e-6 < thr))
 
 
-def _above(row, offs, V, inv_t, m, w_s, BLOCK_V: tl.constexpr, AHEAD: tl.constexpr):
+def _above(row, offs, V, inv_t, m, w_s, BLOCK_V: tl.constexpr):
     """One read of the row -> (Z = sum exp(s - m), mass and count of the tokens with s > w_s)."""
     z = tl.zeros([BLOCK_V], tl.float32)
     mass = tl.zeros([BLOCK_V], tl.float32)
     count = tl.zeros([BLOCK_V], tl.int32)
-    if AHEAD >= 1:
-        a = _chunk(row, offs, V)
-    if AHEAD >= 2:
-        b = _chunk(row, offs + BLOCK_V, V)
+    nxt = _chunk(row, offs, V)  # each chunk's loads are issued one chunk ahead of its work
     for v0 in range(0, V, BLOCK_V):
         idx = v0 + offs
-        if AHEAD == 0:
-            x = _chunk(row, idx, V)
-        elif AHEAD == 1:
-            x = a
-            a = _chunk(row, idx + BLOCK_V, V)
-        else:
-            x = a
-            a = b
-            b = _chunk(row, idx + 2 * BLOCK_V, V)
+        x = nxt
+        nxt = _chunk(row, idx + BLOCK_V, V)
         s = x.to(tl.float32) * inv_t
         e = tl.exp(s - m)
         above = s > w_s
@@ -153,7 +131,7 @@ def _above(row, offs, V, inv_t, m, w_s, BLOCK_V: tl.constexpr, AHEAD: tl.constex
 def _sample_kernel(
     logits_ptr, temp_ptr, inv_t_ptr, top_p_ptr, top_k_ptr, keys_ptr, steps_ptr, out_ptr,
     stride_b, V,
-    BLOCK_V: tl.constexpr, MAX_ROUNDS: tl.constexpr, SCREEN: tl.constexpr, AHEAD: tl.constexpr,
+    BLOCK_V: tl.constexpr, MAX_ROUNDS: tl.constexpr, SCREEN: tl.constexpr,
     PDL: tl.constexpr,
 ):
     if PDL:  # programmatic dependent launch (kernels/_jit.py): the kernel before must have finished
@@ -170,14 +148,14 @@ def _sample_kernel(
         k = tl.load(top_k_ptr + b)
         k = tl.where(k > 0, k, V)
         # read 1: the race over every token, and the max m; read 2: Z, and the mass and count above s_w
-        win, win_s, m = _race(row, offs, V, inv_t, base, float("-inf"), BLOCK_V, SCREEN, AHEAD)
-        z, mass, count = _above(row, offs, V, inv_t, m, win_s, BLOCK_V, AHEAD)
+        win, win_s, m = _race(row, offs, V, inv_t, base, float("-inf"), BLOCK_V, SCREEN)
+        z, mass, count = _above(row, offs, V, inv_t, m, win_s, BLOCK_V)
         rounds = 1
         # The top token always passes, so this ends; the cap only guards rows of NaN logits.
         go = ((mass / z >= top_p) | (count >= k)) & (rounds < MAX_ROUNDS)
         while go:  # w is not in the kept set, nor is any token with s <= s_w: race again above it
-            win, win_s, _ = _race(row, offs, V, inv_t, base, win_s, BLOCK_V, SCREEN, AHEAD)
-            _, mass, count = _above(row, offs, V, inv_t, m, win_s, BLOCK_V, AHEAD)
+            win, win_s, _ = _race(row, offs, V, inv_t, base, win_s, BLOCK_V, SCREEN)
+            _, mass, count = _above(row, offs, V, inv_t, m, win_s, BLOCK_V)
             rounds += 1
             go = ((mass / z >= top_p) | (count >= k)) & (rounds < MAX_ROUNDS)
         tl.store(out_ptr + b, win.to(tl.int64))
@@ -199,14 +177,12 @@ _kernel = lazy_jit(_sample_kernel, helpers=(_hash32, _chunk, _race, _may_beat, _
 
 def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
                   keys: torch.Tensor, steps: torch.Tensor, *, block_v: int = 2048, num_warps: int = 16,
-                  num_stages: int | None = None, screen: bool = True, maxnreg: int | None = None,
-                  ahead: int = 1) -> torch.Tensor:
+                  num_stages: int | None = None, screen: bool = True, maxnreg: int | None = None) -> torch.Tensor:
     """One token per row -> [B] int64. See `kernels.reference.sample_tokens` for the contract. The
     keywords are launch settings (benchmarks/bench_step_kernels.py tries others); they never change a token.
-    screen=False computes every token's exact race value (the kernel up to run 112); ahead: how many chunks'
-    loads are issued before the chunk that needs them; maxnreg caps a thread's registers. For 512 x 49,152
-    bf16 logits at top-p 0.95 (run 115, docs/gpu-notes.md): 0.108 ms as set, 0.117 with ahead=0, 0.129
-    without the screen as well."""
+    screen=False computes every token's exact race value (the kernel of run 112 computed them all, and
+    without its loads a chunk ahead); maxnreg caps a thread's registers. For 512 x 49,152 bf16 logits at
+    top-p 0.95: 0.107 ms as set, 0.129 for run 112's kernel (run 116, docs/gpu-notes.md)."""
     B, V = logits.shape
     assert logits.dtype in (torch.float32, torch.bfloat16, torch.float16) and logits.stride(1) == 1
     out = torch.empty(B, dtype=torch.int64, device=logits.device)
@@ -217,7 +193,7 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.
     _kernel()[(B,)](
         logits, temperature, inv_t, top_p.float(), top_k, keys, steps, out,
         logits.stride(0), V,
-        BLOCK_V=block_v, MAX_ROUNDS=64, SCREEN=screen, AHEAD=ahead, num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}),
+        BLOCK_V=block_v, MAX_ROUNDS=64, SCREEN=screen, num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}),
         **({} if maxnreg is None else {"maxnreg": maxnreg}),
         **pdl_args(logits.device),
     )

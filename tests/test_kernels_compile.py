@@ -81,11 +81,10 @@ def ptx_fingerprint(ptx: str) -> str:
 def sampler_variants():
     from raas_batch.kernels import sample
 
-    for dtype, screen, ahead in (("bf16", True, 1), ("fp32", True, 1), ("bf16", False, 1), ("bf16", True, 0),
-                                 ("bf16", True, 2)):
+    for dtype, screen in (("bf16", True), ("fp32", True), ("bf16", False)):
         yield (sample._kernel, {"logits_ptr": dtype, "temp_ptr": "fp32", "inv_t_ptr": "fp32", "top_p_ptr": "fp32",
                                 "top_k_ptr": "i64", "keys_ptr": "i64", "steps_ptr": "i64", "out_ptr": "i64"},
-               {"BLOCK_V": 2048, "MAX_ROUNDS": 64, "SCREEN": screen, "AHEAD": ahead, "num_warps": 16})
+               {"BLOCK_V": 2048, "MAX_ROUNDS": 64, "SCREEN": screen, "num_warps": 16})
 
 
 APPEND_INTS = {"fill_ptr": "i32", "wp_ptr": "i32", "pos_ptr": "i64", "table_ptr": "i32", "slot_ptr": "i64",
