@@ -89,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="on the GPU, each row's tokens do not depend on what else is in the batch (shard size, "
                             "order, number of GPUs): products and attention whose reduction order depends only on the "
                             "weights and the row; about 7%% (dense) to 12%% (raas) fewer tokens/s on an H200")
+    model.add_argument("--prefill-cost-steps", type=float, metavar="STEPS",
+                       help="while rows decode, admit waiting rows in groups, once the slots left empty since the "
+                            "last prefill add up to this many full decode steps (about what a prefill step costs); "
+                            "0 admits each row as soon as a slot frees (default: 4 on a GPU, 0 on the CPU)")
     model.add_argument("--chat-template-kwargs", metavar="JSON",
                        help="extra arguments of the chat template, e.g. '{\"enable_thinking\": true}'")
     sampling = p.add_argument_group(

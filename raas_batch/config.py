@@ -60,6 +60,7 @@ class JobConfig:
     enforce_eager: bool = False  # no CUDA graphs
     share_prompts: bool = True  # a row's n samples prefill once and share the prompt's pages
     batch_invariant: bool = False  # GPU: a row's tokens do not depend on the batch (shard size, order)
+    prefill_cost_steps: float | None = None  # refills in groups (engine/scheduler.py); None: 4 on CUDA, 0 on the CPU
     chat_template_kwargs: dict[str, Any] | None = None
     # --- sampling (None: the model's generation_config, else FALLBACK_DEFAULTS; see SamplingParams) --
     max_new_tokens: int | None = None
@@ -116,6 +117,9 @@ class JobConfig:
                 raise ConfigError(f"--{_flag(name)} must be a positive integer, got {value!r}.")
         if self.max_num_seqs != "auto" and (not _is_int(self.max_num_seqs) or self.max_num_seqs < 1):
             raise ConfigError(f"--max-num-seqs must be a positive integer or auto, got {self.max_num_seqs!r}.")
+        if self.prefill_cost_steps is not None and not self.prefill_cost_steps >= 0:
+            raise ConfigError(f"--prefill-cost-steps must be a number >= 0 (0: admit each row at once), got "
+                              f"{self.prefill_cost_steps}.")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}.")
         if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
@@ -167,7 +171,8 @@ class JobConfig:
                 "device": self.device, "chat_template_kwargs": self.chat_template_kwargs,
                 "policy_options": self.kv_policy_options, "max_model_len": self.max_model_len,
                 "gpu_memory_utilization": self.gpu_memory_utilization, "enforce_eager": self.enforce_eager,
-                "share_prompts": self.share_prompts, "batch_invariant": self.batch_invariant}
+                "share_prompts": self.share_prompts, "batch_invariant": self.batch_invariant,
+                "prefill_cost_steps": self.prefill_cost_steps}
 
     def output_settings(self) -> dict[str, Any]:
         """The settings that change the job's output, keyed by field name (fingerprinted by the manifest)."""
@@ -187,7 +192,7 @@ class JobConfig:
 _RUN_CONTROL = ("config", "resume", "overwrite", "verify", "ray", "ray_address", "num_workers", "max_attempts")
 
 # Fields whose change changes the output (fingerprinted). Not here: output, device, max_num_seqs,
-# gpu_memory_utilization, enforce_eager, share_prompts, batch_invariant, quiet and run control (they change where and how fast, not
+# gpu_memory_utilization, enforce_eager, share_prompts, batch_invariant, prefill_cost_steps, quiet and run control (they change where and how fast, not
 # what). page_size is here because sparse policies evict whole pages; max_model_len because it clips
 # generation and turns long prompts into error rows.
 OUTPUT_FIELDS = ("prompt_column", "apply_chat_template", "system_prompt", "id_column", "limit", "shard_size",
@@ -295,7 +300,8 @@ def resolve(cli_values: dict[str, Any]) -> JobConfig:
 
 def _coerce_types(cfg: JobConfig) -> None:
     """YAML may give '0.6' or 1 where a float is meant; coerce numbers, refuse what is not one."""
-    for name, kind in (("temperature", float), ("top_p", float), ("gpu_memory_utilization", float)):
+    for name, kind in (("temperature", float), ("top_p", float), ("gpu_memory_utilization", float),
+                       ("prefill_cost_steps", float)):
         value = getattr(cfg, name)
         if value is None:
             continue

@@ -91,7 +91,9 @@ class LLM:
     "Samples of one prompt"); False prefills and stores each sample's prompt separately.
     batch_invariant (Triton backend): every row's logits bit-identical whatever else is in the batch
     (fixed-tile products, one attention split per row; README "Reproducible rows"); the torch and cpu
-    backends ignore it.
+    backends ignore it. prefill_cost_steps: while rows decode, waiting rows are admitted in groups, once
+    the slots left empty since the last prefill add up to this many full decode steps (what a prefill
+    step costs; raas_batch/engine/scheduler.py); None: 4 on CUDA, 0 (each row at once) elsewhere.
     """
 
     def __init__(self, model: str | None = None, kv_policy: str = "dense", kv_budget: int | None = None,
@@ -100,7 +102,7 @@ class LLM:
                  backend: str | None = None, policy_options: dict | None = None, load_format: str = "auto",
                  hf_config=None, max_prefill_tokens: int = 8192, gpu_memory_utilization: float = 0.9,
                  enforce_eager: bool = False, max_model_len: int | None = None, share_prompts: bool = True,
-                 batch_invariant: bool = False):
+                 batch_invariant: bool = False, prefill_cost_steps: float | None = None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = resolve_dtype(dtype, self.device)
         loaded = load_model(model, self.dtype, self.device, load_format=load_format, hf_config=hf_config)
@@ -127,7 +129,7 @@ class LLM:
         engine = Engine(self.model, self.tokenizer, self.eos_token_ids, policy, page_size, self.max_num_seqs,
                         num_kv_tokens, self.device, self.dtype, backend, max_prefill_tokens,
                         cuda_graphs=self.device.type == "cuda" and not enforce_eager, share_prompts=share_prompts,
-                        batch_invariant=batch_invariant)
+                        batch_invariant=batch_invariant, prefill_cost_steps=prefill_cost_steps)
         defaults = {} if hf_config is not None else read_generation_defaults(model)
         self.llm_engine = LLMEngine(engine, self.tokenizer, self.max_model_len, self.chat_template_kwargs, defaults)
 

@@ -22,6 +22,8 @@ logits hook. Both orders give the same tokens (tests/test_engine_overlap.py).
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from raas_batch.engine.model_runner import DecodeLaunch, ModelRunner
@@ -31,12 +33,31 @@ from raas_batch.engine.sequence import Sequence
 from raas_batch.kernels.ops import get_layer_ops, get_ops
 from raas_batch.policies.base import KVPolicy
 
+# A prefill step of a few rows costs about this many decode steps on the GPU (an H200 at the 1.5B shape:
+# ~30 ms against 5-9 ms; bench_job_1p5b_realistic_2048_run121): the scheduler's refill rule
+DEFAULT_PREFILL_COST_STEPS = 4.0
+PREFILL_COST_ENV = "RAAS_BATCH_PREFILL_COST_STEPS"  # the default's override (benchmarks' A/B runs)
+
+
+def default_prefill_cost_steps(device: torch.device) -> float:
+    """$RAAS_BATCH_PREFILL_COST_STEPS if set, else DEFAULT_PREFILL_COST_STEPS on CUDA and 0 (every row admitted
+    as soon as it fits, as before) on the CPU."""
+    value = os.environ.get(PREFILL_COST_ENV)
+    if value is not None:
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"{PREFILL_COST_ENV}={value!r} is not a number of decode steps (e.g. 4; 0: admit at "
+                             "once)") from None
+    return DEFAULT_PREFILL_COST_STEPS if device.type == "cuda" else 0.0
+
 
 class Engine:
     def __init__(self, model: torch.nn.Module, tokenizer, eos_token_ids: list[int], policy: KVPolicy,
                  page_size: int, max_num_seqs: int, num_kv_tokens: int, device: torch.device, dtype: torch.dtype,
                  backend: str = "torch", max_prefill_tokens: int = 8192, cuda_graphs: bool | None = None,
-                 overlap: bool | None = None, share_prompts: bool = True, batch_invariant: bool = False):
+                 overlap: bool | None = None, share_prompts: bool = True, batch_invariant: bool = False,
+                 prefill_cost_steps: float | None = None):
         spec = model.spec
         self.tokenizer = tokenizer
         self.eos_token_ids = set(eos_token_ids)
@@ -49,7 +70,9 @@ class Engine:
         self.policy = policy
         policy.bind(self.pool, max_num_seqs + 1)
         policy.on_admit(max_num_seqs, [scratch_page], 1)
-        self.scheduler = Scheduler(self.pool, policy, max_num_seqs, max_prefill_tokens)
+        if prefill_cost_steps is None:  # refills in groups on CUDA (engine/scheduler.py); the CPU path as it was
+            prefill_cost_steps = default_prefill_cost_steps(device)
+        self.scheduler = Scheduler(self.pool, policy, max_num_seqs, max_prefill_tokens, prefill_cost_steps)
         max_pages = -(-spec.max_positions // page_size) + 1
         self.runner = ModelRunner(model, self.pool, policy, get_ops(backend, batch_invariant), device,
                                   max_num_seqs + 1, max_pages)
