@@ -2,7 +2,7 @@
 # One GPU-machine session: kernel and engine tests on the GPU, then the kernel and decode benchmarks.
 # Usage (device tool, repo root): bash benchmarks/gpu_session.sh [tests|kernels|step-kernels|overlap|decode|job-fixed|job-realistic|
 # job-others|job-bi|decode7b|matmul|invariance|control|ray ...]; results under $OUT. TESTS_FILES replaces the tests part's
-# file list, TESTS_K selects in it; JOB_POLICIES and JOB_TAG replace job-fixed's policies and tag, PROFILE_AT its profiled step (-1: none; job-realistic's too); REAL_ROWS and REAL_TAG job-realistic's rows and tag; STEP_ARGS are bench_step_kernels.py's arguments; CLOCKS_LOG=1 logs the GPU's clocks and power to $OUT/clocks.csv. The job parts need a tokenizer in .gpu_assets/tok (carry it; see
+# file list, TESTS_K selects in it; JOB_POLICIES and JOB_TAG replace job-fixed's policies and tag, PROFILE_AT its profiled step (-1: none; job-realistic's too); REAL_ROWS, REAL_POLICIES and REAL_TAG job-realistic's rows, policies and tag; STEP_ARGS are bench_step_kernels.py's arguments; CLOCKS_LOG=1 logs the GPU's clocks and power to $OUT/clocks.csv. The job parts need a tokenizer in .gpu_assets/tok (carry it; see
 # benchmarks/bench_job.py).
 set -u
 OUT=${OUT:-benchmarks/results}
@@ -28,7 +28,7 @@ for part in $parts; do
     job-fixed) timeout ${JOB_TIMEOUT:-420} python benchmarks/bench_job.py --shape 1.5b --policies ${JOB_POLICIES:-dense,raas} \
                --rows 512 --max-new-tokens 6144 --regime fixed --profile-at ${PROFILE_AT:-3000} --tag ${JOB_TAG:-1p5b_fixed} 2>&1 \
                | grep -v Warning | tail -12 ;;
-    job-realistic) timeout ${JOB_TIMEOUT:-420} python benchmarks/bench_job.py --shape 1.5b --policies dense,raas \
+    job-realistic) timeout ${JOB_TIMEOUT:-420} python benchmarks/bench_job.py --shape 1.5b --policies ${REAL_POLICIES:-dense,raas} \
                --rows ${REAL_ROWS:-512} --max-new-tokens 8192 --regime realistic --num-stop-ids 16 --shard-size ${SHARDS:-512} \
                --profile-at ${PROFILE_AT:-1500} --tag ${REAL_TAG:-1p5b_realistic} 2>&1 | grep -v Warning | tail -12 ;;
     job-others) timeout 420 python benchmarks/bench_job.py --shape 1.5b --policies raas-mass,raas-paper,h2o,streaming \

@@ -270,3 +270,34 @@ def test_staged_weight_copy_on_cuda(stage_bytes):
     copy_weights(list(zip(targets, sources)), threads=3, stage_bytes=stage_bytes)
     for t, s in zip(targets, sources):
         assert torch.equal(t.cpu(), s.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("policy,budget", [("dense", None), ("raas", 64)])
+def test_grouped_refills_on_the_gpu(policy, budget):
+    """CUDA's default refill rule (engine/scheduler.py: admissions once the empty slots add up to 4 decode steps)
+    admits the rows that wait in fewer prefill steps; with batch-invariant rows (a row's tokens do not depend on
+    its batch) every row's tokens are those of admitting each row as soon as it fits."""
+    llm = make_llm(policy, budget, batch_invariant=True)
+    engine = llm.engine
+    assert engine.scheduler.prefill_cost_steps == 4.0
+    stop = list(range(100, 4000, 97))
+    params = [SamplingParams(max_new_tokens=120, temperature=0.8, top_p=0.95, seed=i, stop_token_ids=stop)
+              for i in range(40)]
+    calls, real = [], engine.runner.prefill
+
+    def counted(seqs):
+        calls.append(len(seqs))
+        return real(seqs)
+
+    engine.runner.prefill = counted
+    outs = {}
+    try:
+        for cost in (0.0, 4.0):
+            engine.scheduler.prefill_cost_steps = cost
+            calls.clear()
+            outs[cost] = ([(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in llm.generate(prompts(8) * 5, params)],
+                          list(calls))
+    finally:
+        engine.runner.prefill = real
+    assert outs[4.0][0] == outs[0.0][0]
+    assert sum(outs[4.0][1]) == sum(outs[0.0][1]) == 40 and len(outs[4.0][1]) < len(outs[0.0][1]), outs
