@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU-machine session: kernel and engine tests on the GPU, then the kernel and decode benchmarks.
-# Usage (device tool, repo root): bash benchmarks/gpu_session.sh [tests|kernels|step-kernels|overlap|decode|job-fixed|job-realistic|
+# Usage (device tool, repo root): bash benchmarks/gpu_session.sh [tests|kernels|step-kernels|overlap|prefill|decode|job-fixed|job-realistic|
 # job-others|job-bi|decode7b|matmul|invariance|control|ray ...]; results under $OUT. TESTS_FILES replaces the tests part's
 # file list, TESTS_K selects in it; JOB_POLICIES and JOB_TAG replace job-fixed's policies and tag, PROFILE_AT its profiled step (-1: none; job-realistic's too); REAL_ROWS, REAL_POLICIES and REAL_TAG job-realistic's rows, policies and tag; STEP_ARGS are bench_step_kernels.py's arguments; CLOCKS_LOG=1 logs the GPU's clocks and power to $OUT/clocks.csv. The job parts need a tokenizer in .gpu_assets/tok (carry it; see
 # benchmarks/bench_job.py).
@@ -40,6 +40,7 @@ for part in $parts; do
     kernels) timeout 200 python benchmarks/bench_kernels.py 2>&1 | tail -60 ;;
     step-kernels) timeout 240 python benchmarks/bench_step_kernels.py ${STEP_ARGS:-} 2>&1 | tail -30 ;;
     overlap) timeout 240 python benchmarks/bench_overlap.py 2>&1 | tail -24 ;;
+    prefill) timeout 240 python benchmarks/profile_prefill.py ${PREFILL_ARGS:-} 2>&1 | grep -v Warning | tail -45 ;;
     matmul)  timeout ${MATMUL_TIMEOUT:-300} python benchmarks/bench_matmul.py ${MATMUL_ARGS:-} 2>&1 | grep -v '^{' | tail -40 ;;
     invariance) RAAS_BATCH_FULL_INVARIANCE=1 timeout ${TESTS_TIMEOUT:-420} python -m pytest -q -p no:cacheprovider -rfE \
                --tb=short --durations=5 tests/test_batch_invariant.py -m "gpu or not gpu" > "$OUT/pytest_invariance.log" 2>&1

@@ -222,3 +222,13 @@ def test_trace_gaps_finds_the_idle_time():
     first = text.splitlines()[4]
     assert first.split()[0] == "85.0" and "c -> d" in first and "cudaStreamSynchronize" in first
     assert "aten::mm" not in text
+
+
+def test_prefill_probe_smoke(tmp_path, smollm_tokenizer):
+    """profile_prefill.py times a prefill step per group size and writes its profile."""
+    tok = tmp_path / "tok"
+    smollm_tokenizer.save_pretrained(tok)
+    run_smoke("profile_prefill.py", tmp_path, "--tokenizer", str(tok), "--work", str(tmp_path / "work"), "--repeats", "2")
+    rows = json.loads((tmp_path / "profile_prefill_smoke.json").read_text())["rows"]
+    assert [r["rows"] for r in rows] == [1, 4] and all(r["prefill_ms_median"] > 0 and r["runs"] == 2 for r in rows)
+    assert "Self CPU time total" in (tmp_path / "profile_prefill.txt").read_text()
