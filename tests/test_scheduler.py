@@ -138,3 +138,20 @@ def test_the_default_by_device_and_its_override(monkeypatch):
     monkeypatch.setenv(PREFILL_COST_ENV, "soon")
     with pytest.raises(ValueError, match=PREFILL_COST_ENV):
         default_prefill_cost_steps(torch.device("cpu"))
+
+
+def test_a_round_cut_by_the_prefill_token_cap_goes_on_at_once():
+    """A batch's start (or a burst of free slots) larger than max_prefill_tokens is prefilled in consecutive
+    steps, not held back by the refill rule once the first part runs."""
+    pool = PagePool(1, 64, 1, P, 8, torch.float32, torch.device("cpu"))
+    policy = make_policy("dense", page_size=P)
+    policy.bind(pool, 5)
+    sched = Scheduler(pool, policy, max_num_seqs=4, max_prefill_tokens=10, prefill_cost_steps=4.0)
+    seqs = [seq(i) for i in range(6)]
+    for s in seqs:
+        sched.add(s)
+    assert sched.schedule() == ("prefill", seqs[0:2])  # 10 prompt tokens: the cap
+    assert sched.schedule() == ("prefill", seqs[2:4])  # the rest of the round, though two run
+    assert sched.schedule() == ("decode", seqs[0:4])  # no slot free
+    finish(sched, seqs[:1])
+    assert sched.schedule() == ("decode", seqs[1:4])  # a new round waits for its R steps' worth

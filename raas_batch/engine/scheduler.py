@@ -20,8 +20,9 @@ the last prefill add up to R full steps (the sum over decode steps of the waitin
 have fitted >= R x the batch they would make): the loss to empty slots is then about one prefill's
 worth, and a burst of free slots (a shard whose rows all stop together) refills within a few steps.
 With rows finishing steadily this admits groups of about sqrt(2 R x batch x rows finishing a step).
-Nothing running, or R = 0: every sequence that fits is admitted at once. The rule counts steps, not
-seconds, so the schedule, and with it every row's tokens, is the same on every run.
+Nothing running, or R = 0: every sequence that fits is admitted at once; so is the rest of a round that
+max_prefill_tokens cut (the first 8,192 prompt tokens of a full batch's start, then the next). The rule
+counts steps, not seconds, so the schedule, and with it every row's tokens, is the same on every run.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class Scheduler:
         self.max_num_seqs, self.max_prefill_tokens = max_num_seqs, max_prefill_tokens
         self.prefill_cost_steps = prefill_cost_steps
         self.idle_slot_steps = 0  # since the last prefill: sum over decode steps of the waiting sequences that fitted
+        self._round_open = False  # the last prefill was cut by max_prefill_tokens: the rest of its round goes next
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._free_slots = list(range(max_num_seqs - 1, -1, -1))
@@ -85,7 +87,7 @@ class Scheduler:
     def schedule(self) -> tuple[str, list[Sequence]]:
         """-> ("prefill", newly admitted) when waiting sequences fit and their refill is due (see the module
         doc), else ("decode", running)."""
-        if self.prefill_cost_steps > 0 and self.running and self.waiting and self._free_slots:
+        if self.prefill_cost_steps > 0 and self.running and self.waiting and self._free_slots and not self._round_open:
             fitting = self.num_fitting()
             if fitting and self.idle_slot_steps + fitting < self.prefill_cost_steps * (len(self.running) + fitting):
                 self.idle_slot_steps += fitting
@@ -94,11 +96,13 @@ class Scheduler:
         fresh: list[int] = []  # the pages taken in this call, reset together before the prefill reads any
         admissions = []  # (slot, pages, prompt tokens, override): the policy's slot state, written together
         num_tokens = 0
+        capped = False
         while self.waiting and self._free_slots:
             seq = self.waiting[0]
             group, n = seq.group, len(seq.prompt_token_ids)
             runs_prompt = group is None or group.pages is None  # else its group's prefill is done or under way
             if admitted and runs_prompt and num_tokens + n > self.max_prefill_tokens:
+                capped = True
                 break
             own, prompt_pages = self.quota(seq), self._prompt_pages_to_reserve(seq)
             if own + prompt_pages > self.pool.num_free:
@@ -120,6 +124,7 @@ class Scheduler:
             seq.kv_over_budget = self.policy.over_budget(n, seq.max_new_tokens, seq.kv_override)
             admitted.append(seq)
             num_tokens += n if runs_prompt else 0
+        self._round_open = capped
         if admitted:
             self.idle_slot_steps = 0
             self.pool.reset(fresh)  # one reset for the batch (512 admissions: one set of index ops, not 512)
