@@ -36,18 +36,19 @@ def test_engine_flags_reach_the_engine_and_config_yaml(tmp_path, capsys):
     rc, err = run(capsys, "--input", src, "--output", out, "--kv-policy", "raas", "--kv-budget", 64,
                   "--kv-policy-options", '{"pin_prompt": false}', "--max-num-seqs", 3, "--max-model-len", 96,
                   "--gpu-memory-utilization", 0.5, "--enforce-eager", "--stop-token-ids", f"5,{think}",
-                  "--stop-token-ids", 7, "--no-share-prompts", "--batch-invariant")
+                  "--stop-token-ids", 7, "--no-share-prompts", "--batch-invariant", "--prefill-cost-steps", 2.5)
     assert rc == 0, err
     settings = FakeLLM.last_settings
     assert settings == {"max_num_seqs": 3, "policy_options": {"pin_prompt": False}, "max_model_len": 96,
                         "gpu_memory_utilization": 0.5, "enforce_eager": True, "share_prompts": False,
-                        "batch_invariant": True}
+                        "batch_invariant": True, "prefill_cost_steps": 2.5}
     rows = pq.read_table(out / "shards").to_pylist()
     assert {(r["finish_reason"], r["num_completion_tokens"]) for r in rows} == {("stop", 1)}
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["kv-policy-options"] == {"pin_prompt": False} and saved["stop-token-ids"] == [5, think, 7]
     assert (saved["max-num-seqs"], saved["max-model-len"], saved["gpu-memory-utilization"],
-            saved["enforce-eager"], saved["share-prompts"], saved["batch-invariant"]) == (3, 96, 0.5, True, False, True)
+            saved["enforce-eager"], saved["share-prompts"], saved["batch-invariant"], saved["prefill-cost-steps"]) == \
+        (3, 96, 0.5, True, False, True, 2.5)
     # config.yaml reruns the same job: --resume finds it done (same fingerprint).
     rc, err = run(capsys, "--config", out / "config.yaml", "--resume")
     assert rc == 0, err
@@ -59,12 +60,13 @@ def test_defaults_are_auto_and_yaml_spellings(tmp_path, capsys):
     assert rc == 0, err
     assert FakeLLM.last_settings == {"max_num_seqs": "auto", "policy_options": None, "max_model_len": None,
                                      "gpu_memory_utilization": 0.9, "enforce_eager": False, "share_prompts": True,
-                                     "batch_invariant": False}
+                                     "batch_invariant": False, "prefill_cost_steps": None}
     y = tmp_path / "job.yaml"
     y.write_text(f"input: {src}\noutput: {tmp_path / 'b'}\nkv-policy: raas\nkv-budget: 64\n"
                  "kv-policy-options: {pin_prompt: false, recent_pages: 1}\nstop-token-ids: [3, 4]\n"
-                 "max-num-seqs: auto\nenforce-eager: true\n")
+                 "max-num-seqs: auto\nenforce-eager: true\nprefill-cost-steps: '3'\n")
     cfg = resolve({"config": str(y)})
+    assert cfg.prefill_cost_steps == 3.0
     assert cfg.kv_policy_options == {"pin_prompt": False, "recent_pages": 1}
     assert cfg.stop_token_ids == [3, 4] and cfg.max_num_seqs == "auto" and cfg.enforce_eager is True
     assert resolve({"config": str(y), "max_num_seqs": "12"}).max_num_seqs == 12
@@ -80,6 +82,8 @@ def test_defaults_are_auto_and_yaml_spellings(tmp_path, capsys):
     ({"kv_policy_options": "[1]"}, "--kv-policy-options must be a JSON object"),
     ({"kv_policy_options": "{bad"}, "--kv-policy-options is not valid JSON"),
     ({"enforce_eager": "yes"}, "enforce-eager must be true or false"),
+    ({"prefill_cost_steps": -1}, "--prefill-cost-steps must be a number >= 0"),
+    ({"prefill_cost_steps": "soon"}, "--prefill-cost-steps must be a number"),
 ])
 def test_bad_engine_flags_are_one_sentence(values, fragment):
     with pytest.raises(ConfigError) as info:
@@ -94,7 +98,7 @@ def test_fingerprint_holds_output_settings_only(tmp_path, capsys):
     assert run(capsys, *base)[0] == 0
     # Speed settings may change between runs ...
     rc, err = run(capsys, *base, "--max-num-seqs", 2, "--gpu-memory-utilization", 0.7, "--enforce-eager",
-                  "--resume")
+                  "--prefill-cost-steps", 8, "--resume")
     assert rc == 0, err
     # ... output settings may not.
     for extra, named in ((["--stop-token-ids", 8], "--stop-token-ids was [9], now [9, 8]"),
