@@ -48,6 +48,7 @@ def generate_stream(core, requests: Iterable[Request | None], progress_callback:
     source = iter(requests)
     max_waiting = max_waiting or core.engine.scheduler.max_num_seqs
     exhausted = False
+    _more_coming(core, True)
     try:
         while True:
             got_none = False
@@ -57,6 +58,7 @@ def generate_stream(core, requests: Iterable[Request | None], progress_callback:
                     item = next(source)
                 except StopIteration:
                     exhausted = True
+                    _more_coming(core, False)  # the scheduler may start the last rows without waiting to group them
                     break
                 if item is None:
                     got_none = True
@@ -76,8 +78,16 @@ def generate_stream(core, requests: Iterable[Request | None], progress_callback:
                 progress_callback(num_tokens, len(finished))
             yield from finished
     finally:
+        _more_coming(core, True)
         if core.has_unfinished_requests():
             core.abort_all()
+
+
+def _more_coming(core, value: bool) -> None:
+    """Tell the engine's scheduler whether requests may still arrive (its refill rule, engine/scheduler.py)."""
+    scheduler = getattr(core.engine, "scheduler", None)
+    if scheduler is not None:
+        scheduler.more_coming = value
 
 
 def collect(core, prompts: list, params: list[SamplingParams | None], use_tqdm: bool = False,

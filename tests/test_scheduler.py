@@ -155,3 +155,48 @@ def test_a_round_cut_by_the_prefill_token_cap_goes_on_at_once():
     assert sched.schedule() == ("decode", seqs[0:4])  # no slot free
     finish(sched, seqs[:1])
     assert sched.schedule() == ("decode", seqs[1:4])  # a new round waits for its R steps' worth
+
+
+def test_the_last_rows_of_a_stream_start_once_all_of_them_fit():
+    """With nothing more coming (raas_batch.streaming sets `more_coming` when its source is exhausted), waiting
+    sequences that all fit are admitted at once: one prefill runs them either way, and waiting only delays them."""
+    sched = make(cost=2.0)
+    seqs = [seq(i) for i in range(7)]
+    for s in seqs:
+        sched.add(s)
+    assert sched.schedule() == ("prefill", seqs[:4])
+    sched.more_coming = False
+    finish(sched, seqs[:1])  # 1 of the 3 waiting fits: the rule still groups
+    assert sched.schedule()[0] == "decode"
+    finish(sched, seqs[1:2])  # 2 of 3
+    assert sched.schedule()[0] == "decode"
+    finish(sched, seqs[2:3])  # all 3 fit: at once, whatever the empty slots added up to
+    assert sched.idle_slot_steps < 2.0 * 4
+    assert sched.schedule() == ("prefill", seqs[4:7])
+
+
+def test_streams_tell_the_scheduler_when_their_source_is_exhausted(smollm):
+    from raas_batch.streaming import generate_stream
+
+    sched = smollm.engine.scheduler
+    seen = []
+
+    def source():
+        for i in range(3):
+            seen.append(sched.more_coming)
+            yield i, f"Say {i}.", SamplingParams(max_new_tokens=2, temperature=0)
+        seen.append(sched.more_coming)
+
+    at_steps, real = [], sched.schedule
+
+    def schedule():
+        at_steps.append(sched.more_coming)
+        return real()
+
+    sched.schedule = schedule
+    try:
+        outs = list(generate_stream(smollm.llm_engine, source(), max_waiting=1))
+    finally:
+        del sched.schedule
+    assert len(outs) == 3 and all(seen) and sched.more_coming  # True while pulling; set back after the stream
+    assert at_steps[0] and not at_steps[-1]  # steps after the source ran out saw more_coming False

@@ -21,7 +21,9 @@ have fitted >= R x the batch they would make): the loss to empty slots is then a
 worth, and a burst of free slots (a shard whose rows all stop together) refills within a few steps.
 With rows finishing steadily this admits groups of about sqrt(2 R x batch x rows finishing a step).
 Nothing running, or R = 0: every sequence that fits is admitted at once; so is the rest of a round that
-max_prefill_tokens cut (the first 8,192 prompt tokens of a full batch's start, then the next). The rule
+max_prefill_tokens cut (the first 8,192 prompt tokens of a full batch's start, then the next), and the last
+sequences of a stream (`more_coming` False: the caller's source is exhausted) once all of them fit: one
+prefill then runs them all, and waiting could only delay them. The rule
 counts steps, not seconds, so the schedule, and with it every row's tokens, is the same on every run.
 """
 
@@ -46,6 +48,7 @@ class Scheduler:
         self.prefill_cost_steps = prefill_cost_steps
         self.idle_slot_steps = 0  # since the last prefill: sum over decode steps of the waiting sequences that fitted
         self._round_open = False  # the last prefill was cut by max_prefill_tokens: the rest of its round goes next
+        self.more_coming = True  # False: every sequence still to run has been added (raas_batch.streaming sets it)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._free_slots = list(range(max_num_seqs - 1, -1, -1))
@@ -89,7 +92,8 @@ class Scheduler:
         doc), else ("decode", running)."""
         if self.prefill_cost_steps > 0 and self.running and self.waiting and self._free_slots and not self._round_open:
             fitting = self.num_fitting()
-            if fitting and self.idle_slot_steps + fitting < self.prefill_cost_steps * (len(self.running) + fitting):
+            last = not self.more_coming and fitting == len(self.waiting)  # the stream's last sequences, all fitting
+            if fitting and not last and self.idle_slot_steps + fitting < self.prefill_cost_steps * (len(self.running) + fitting):
                 self.idle_slot_steps += fitting
                 return "decode", list(self.running)
         admitted: list[Sequence] = []
