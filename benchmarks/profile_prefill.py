@@ -2,8 +2,8 @@
 
 A prefill step stops every running row (raas_batch/engine/scheduler.py, `prefill_cost_steps`). This times
 `ModelRunner.prefill` alone (admission, the eager forward, the first tokens' sampler and their copy to the
-host) for groups of 1, 4, 27 and 128 rows of the job benchmark's ~90-token chat prompts, on the job
-benchmark's random-weight model directory, then profiles one 1-row prefill with torch.profiler (host time by
+host) for groups of 1, 4, 27 and 128 rows of the job benchmark's chat prompts (`bench_job.write_dataset`), on
+its random-weight model directory (a group over max_prefill_tokens runs as several steps: `steps_per_call`), then profiles one 1-row prefill with torch.profiler (host time by
 op and the device's kernel time). Nothing else runs: a job's prefill step also waits for the decode step in
 flight.
 
@@ -14,6 +14,7 @@ flight.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -22,16 +23,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_job import build_model_dir, results_dir, save_results
+from bench_job import build_model_dir, results_dir, save_results, write_dataset
 
 from raas_batch import LLM, SamplingParams
-
-
-def prompt(i: int) -> list[dict]:
-    return [{"role": "user", "content": f"A baker makes {12 + i} trays of {7 + i % 5} rolls and sells {30 + i} "
-                                        f"rolls before noon. A second baker makes {i % 9 + 2} more trays than the "
-                                        "first. How many rolls are left at noon, and how many do both bake? "
-                                        "Think step by step and give the final answer as a number."}]
 
 
 def main() -> None:
@@ -48,6 +42,10 @@ def main() -> None:
     shape = "tiny" if args.smoke else args.shape
     groups = (1, 4) if args.smoke else (1, 4, 27, 128)
     model_dir = build_model_dir(shape, args.tokenizer, args.work, device)
+    data = os.path.join(args.work, "prefill-rows.jsonl")
+    write_dataset(data, max(groups) + args.repeats)
+    with open(data) as f:
+        chats = [json.loads(line)["messages"] for line in f]
     budget = None if args.policy == "dense" else args.budget
     llm = LLM(model=model_dir, kv_policy=args.policy, kv_budget=budget, max_num_seqs=max(groups),
               device=device, dtype="bf16" if device == "cuda" else None)
@@ -67,17 +65,18 @@ def main() -> None:
     params = SamplingParams(max_new_tokens=1, temperature=0.6, top_p=0.95, seed=0)
     rows = []
     for group in groups:
-        llm.generate([prompt(i) for i in range(group)], params)  # warm-up: kernel variants, allocator
+        llm.generate(chats[:group], params)  # warm-up: kernel variants, allocator
         timed.clear()
         for r in range(args.repeats):
-            llm.generate([prompt(i + r) for i in range(group)], params)
+            llm.generate(chats[r:r + group], params)
         ms = statistics.median(timed) * 1e3
-        rows.append({"rows": group, "prefill_ms_median": ms, "runs": len(timed)})
-        print(f"{group} rows: {ms:.2f} ms a prefill step (median of {len(timed)})", flush=True)
+        steps = len(timed) / args.repeats
+        rows.append({"rows": group, "steps_per_call": steps, "prefill_ms_median": ms, "runs": len(timed)})
+        print(f"{group} rows ({steps:g} steps a call): {ms:.2f} ms a prefill step (median of {len(timed)})", flush=True)
     runner.prefill = real
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device == "cuda" else [])
     with torch.profiler.profile(activities=acts) as prof:
-        llm.generate([prompt(0)], params)
+        llm.generate(chats[:1], params)
         sync()
     sort = "self_cpu_time_total"
     table_cpu = prof.key_averages().table(sort_by=sort, row_limit=30)
@@ -88,9 +87,9 @@ def main() -> None:
         f.write(f"# by device time\n{table_dev}\n")
     print(table_cpu[:6000])
     md = ["# A prefill step alone (`ModelRunner.prefill`: admission, eager forward, sampler, tokens to the host)", "",
-          f"{shape} shape, {args.policy}, {device}; ~90-token chat prompts; median of {args.repeats}", "",
-          "| rows | ms a prefill step |", "| ---: | ---: |"]
-    md += [f"| {r['rows']} | {r['prefill_ms_median']:.2f} |" for r in rows]
+          f"{shape} shape, {args.policy}, {device}; the job benchmark's chat prompts; median of {args.repeats} calls", "",
+          "| rows a call | prefill steps a call | ms a prefill step |", "| ---: | ---: | ---: |"]
+    md += [f"| {r['rows']} | {r['steps_per_call']:g} | {r['prefill_ms_median']:.2f} |" for r in rows]
     save_results(out, "profile_prefill" + ("_smoke" if args.smoke else ""),
                  {"shape": shape, "policy": args.policy, "device": device, "rows": rows}, "\n".join(md) + "\n")
 

@@ -230,5 +230,6 @@ def test_prefill_probe_smoke(tmp_path, smollm_tokenizer):
     smollm_tokenizer.save_pretrained(tok)
     run_smoke("profile_prefill.py", tmp_path, "--tokenizer", str(tok), "--work", str(tmp_path / "work"), "--repeats", "2")
     rows = json.loads((tmp_path / "profile_prefill_smoke.json").read_text())["rows"]
-    assert [r["rows"] for r in rows] == [1, 4] and all(r["prefill_ms_median"] > 0 and r["runs"] == 2 for r in rows)
+    assert [r["rows"] for r in rows] == [1, 4]
+    assert all(r["prefill_ms_median"] > 0 and r["steps_per_call"] == 1 and r["runs"] == 2 for r in rows)
     assert "Self CPU time total" in (tmp_path / "profile_prefill.txt").read_text()

@@ -16,11 +16,11 @@ from raas_batch.policies import make_policy
 P = 4
 
 
-def make(num_pages=64, slots=4, cost=2.0):
+def make(num_pages=64, slots=4, cost=2.0, max_prefill_tokens=10**6):
     pool = PagePool(1, num_pages, 1, P, 8, torch.float32, torch.device("cpu"))
     policy = make_policy("dense", page_size=P)
     policy.bind(pool, slots + 1)
-    return Scheduler(pool, policy, max_num_seqs=slots, max_prefill_tokens=10**6, prefill_cost_steps=cost)
+    return Scheduler(pool, policy, max_num_seqs=slots, max_prefill_tokens=max_prefill_tokens, prefill_cost_steps=cost)
 
 
 def seq(i: int, prompt_len: int = 5, max_new: int = 7) -> Sequence:
@@ -143,10 +143,7 @@ def test_the_default_by_device_and_its_override(monkeypatch):
 def test_a_round_cut_by_the_prefill_token_cap_goes_on_at_once():
     """A batch's start (or a burst of free slots) larger than max_prefill_tokens is prefilled in consecutive
     steps, not held back by the refill rule once the first part runs."""
-    pool = PagePool(1, 64, 1, P, 8, torch.float32, torch.device("cpu"))
-    policy = make_policy("dense", page_size=P)
-    policy.bind(pool, 5)
-    sched = Scheduler(pool, policy, max_num_seqs=4, max_prefill_tokens=10, prefill_cost_steps=4.0)
+    sched = make(cost=4.0, max_prefill_tokens=10)
     seqs = [seq(i) for i in range(6)]
     for s in seqs:
         sched.add(s)
