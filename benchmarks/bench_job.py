@@ -563,6 +563,7 @@ def run_one(args, model_dir: str, data: str, policy: str, shard_size: int, bw: f
         "finish_reasons": summary.get("finish_reasons"), "profile": llm.profile,
         "refresh_placement": {"side": engine.runner.side is not None, "window": engine.runner.window is not None},
     }
+    res["by_rows"] = by_rows(decode, roof)
     del llm, engine
     WatchedLLM.last = None
     import gc
@@ -572,6 +573,46 @@ def run_one(args, model_dir: str, data: str, policy: str, shard_size: int, bw: f
         torch.cuda.empty_cache()
     shutil.rmtree(out, ignore_errors=True)
     return res
+
+
+ROW_BANDS = (64, 128, 256, 384, 512)  # a band holds the steps of more rows than the band before and at most this many
+
+
+def by_rows(decode: list[dict], roof: list[float]) -> list[dict]:
+    """Decode steps grouped by the rows they ran: how much of the decode time each band took and how far its steps
+    were from their roofline. A realistic job's batch drains to its longest rows at the end; this says what the
+    drain costs against the full batch."""
+    total = sum(s["wall_s"] + s.get("gap_s", 0.0) for s in decode) or 1.0
+    bands, lo = [], 0
+    for hi in ROW_BANDS + (max((s["rows"] for s in decode), default=0),):
+        if hi <= lo:
+            continue
+        idx = [i for i, s in enumerate(decode) if lo < s["rows"] <= hi]
+        if idx:
+            period = sum(decode[i]["wall_s"] + decode[i].get("gap_s", 0.0) for i in idx)
+            gap = sum(decode[i].get("gap_s", 0.0) for i in idx)
+            rows = sum(decode[i]["rows"] for i in idx)
+            r = sum(roof[i] for i in idx)
+            bands.append({"rows": f"{lo + 1}-{hi}", "steps": len(idx), "tokens": rows,
+                          "share_of_decode_time": period / total, "mean_rows": rows / len(idx),
+                          "ms_per_step": period / len(idx) * 1e3, "gap_ms_per_step": gap / len(idx) * 1e3,
+                          "roofline_ms_per_step": r / len(idx) * 1e3, "step_over_roofline": period / r if r else None,
+                          "tokens_per_s": rows / period if period else 0.0})
+        lo = hi
+    return bands
+
+
+def rows_table(results: list[dict]) -> str:
+    header = ("| policy | rows in the step | steps | tokens | share of decode time | ms a step (period) | of it, host gap ms | "
+              "roofline ms | step/roof | tokens/s |")
+    lines = [header, "| --- | --- |" + " ---: |" * 8]
+    for r in results:
+        name = r["policy"] + (f" L={r['budget']}" if r["budget"] else "") + (f" ({r['setting']})" if r.get("setting") else "")
+        for b in r.get("by_rows") or []:
+            lines.append(f"| {name} | {b['rows']} | {b['steps']} | {b['tokens']} | {100 * b['share_of_decode_time']:.1f}% | "
+                         f"{b['ms_per_step']:.2f} | {b['gap_ms_per_step']:.2f} | {b['roofline_ms_per_step']:.2f} | "
+                         f"{_f(b['step_over_roofline'])} | {b['tokens_per_s']:.0f} |")
+    return "\n".join(lines) + "\n"
 
 
 def save_cprofile(prof, path: str, limit: int = 80) -> None:
@@ -717,7 +758,9 @@ def main() -> None:
         elif env_name:
             os.environ[env_name] = saved
     text = (f"# Job benchmark: {args.shape} shape, {args.rows} rows, {args.regime} lengths (max {args.max_new_tokens}), "
-            f"copy bandwidth {bw / 1e12:.2f} TB/s\n\n" + table(results))
+            f"copy bandwidth {bw / 1e12:.2f} TB/s\n\n" + table(results)
+            + "\n## Decode steps by the rows they ran (a step's period: its call plus the host's gap before it)\n\n"
+            + rows_table(results))
     print(text)
     save_results(out_dir, stem, {"shape": args.shape, "args": vars(args), "results": results}, text)
 

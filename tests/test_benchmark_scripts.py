@@ -110,6 +110,11 @@ def test_job_benchmark_smoke_records_the_job_edges(tmp_path, smollm_tokenizer):
         # a step's period is its call plus the host's gap before it
         gaps_ms = r["gaps_before_decode_steps_s"] / r["decode_steps"] * 1e3
         assert abs(r["ms_per_decode_step"] - r["ms_per_decode_step_wall"] - gaps_ms) < 1e-6
+        # the steps by rows: the bands hold every decode step and token once, their shares of the time add up
+        bands = r["by_rows"]
+        assert sum(b["steps"] for b in bands) == r["decode_steps"]
+        assert sum(b["tokens"] for b in bands) == pytest.approx(r["mean_rows_per_decode_step"] * r["decode_steps"])
+        assert sum(b["share_of_decode_time"] for b in bands) == pytest.approx(1.0)
         # no decode graphs on the CPU: the captures' record is there, and empty
         assert r["graph_captures"] == {"count": 0, "s": 0.0, "max_s": 0.0, "warm_up_s": 0.0}
         # the tail's timeline: the last shard's write after the last step, in order, up to run_job's return
@@ -124,6 +129,30 @@ def test_job_benchmark_smoke_records_the_job_edges(tmp_path, smollm_tokenizer):
         assert {"job", "before_first_step", "steps", "after_last_step"} <= set(gc_record)
         assert sum(v["count"] for v in gc_record["job"].values()) >= sum(
             v["count"] for part in ("before_first_step", "steps", "after_last_step") for v in gc_record[part].values())
+
+
+def test_job_benchmark_groups_steps_by_rows():
+    """by_rows: each step lands in the band of its row count (64, 128, 256, 384, 512, then the largest batch), with its
+    period (call plus gap) and roofline; empty bands are left out."""
+    import sys
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from bench_job import by_rows, rows_table
+
+    steps = [{"rows": 512, "wall_s": 0.007, "gap_s": 0.001}, {"rows": 400, "wall_s": 0.006, "gap_s": 0.0},
+             {"rows": 64, "wall_s": 0.002, "gap_s": 0.001}, {"rows": 1, "wall_s": 0.001, "gap_s": 0.0},
+             {"rows": 700, "wall_s": 0.009, "gap_s": 0.0}]
+    roof = [0.004, 0.003, 0.001, 0.0005, 0.005]
+    bands = by_rows(steps, roof)
+    assert [b["rows"] for b in bands] == ["1-64", "385-512", "513-700"]
+    low, full, big = bands
+    assert (low["steps"], low["tokens"], full["steps"], full["tokens"], big["tokens"]) == (2, 65, 2, 912, 700)
+    assert low["ms_per_step"] == pytest.approx(2.0) and low["gap_ms_per_step"] == pytest.approx(0.5)
+    assert full["step_over_roofline"] == pytest.approx(0.014 / 0.007)
+    assert full["tokens_per_s"] == pytest.approx(912 / 0.014)
+    assert sum(b["share_of_decode_time"] for b in bands) == pytest.approx(1.0)
+    text = rows_table([{"policy": "raas", "budget": 64, "by_rows": bands}])
+    assert "| raas L=64 | 385-512 | 2 | 912 |" in text
 
 
 def test_job_benchmark_without_a_profiled_window(tmp_path, smollm_tokenizer):
