@@ -665,7 +665,11 @@ def table(results: list[dict]) -> str:
         gap = f"{p['host_gap_ms_per_step']:.2f}" if p else "-"
         if not p:
             prof = " | ".join(["-"] * 6)
-        lines.append(f"| {name} | {r['regime']} | {r['shard_size']} | {r['max_num_seqs']} | {r['completion_tokens']} | "
+        # the batch: max_num_seqs, and the most rows a step ran when the pages held fewer (dense at long lengths)
+        batch = str(r["max_num_seqs"])
+        if 0 < r.get("max_rows_per_decode_step", r["max_num_seqs"]) < r["max_num_seqs"]:
+            batch += f" ({r['max_rows_per_decode_step']} ran)"
+        lines.append(f"| {name} | {r['regime']} | {r['shard_size']} | {batch} | {r['completion_tokens']} | "
                      f"{r['job_tokens_per_s']:.0f} | {_f(r.get('job_tokens_per_s_unprofiled'), '.0f')} | {r['decode_tokens_per_s']:.0f} | {r['ms_per_decode_step']:.2f} "
                      f"({r['median_ms_per_decode_step']:.2f}) | {r['roofline_ms_per_decode_step']:.2f} | "
                      f"{_f(r['step_over_roofline'])} | {r['serial_floor_ms_per_decode_step']:.2f} | "

@@ -102,6 +102,10 @@ def test_job_benchmark_smoke_records_the_job_edges(tmp_path, smollm_tokenizer):
     run_smoke("bench_job.py", tmp_path, "--tokenizer", str(tok), "--work", str(tmp_path / "work"))
     result = json.loads((tmp_path / "bench_job.json").read_text())["results"]
     assert [r["policy"] for r in result] == ["dense", "raas"]
+    # the batch column: max_num_seqs, and the most rows a step ran when fewer did (here: the job's 6 rows)
+    table = (tmp_path / "bench_job.md").read_text()
+    assert all(r["max_rows_per_decode_step"] == 6 for r in result)
+    assert f"| {result[0]['max_num_seqs']} (6 ran) |" in table
     for r in result:
         assert r["completion_tokens"] > 0 and r["decode_steps"] > 0
         assert r["profile"] and r["profile"]["window_wall_s"] > 0
