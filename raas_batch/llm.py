@@ -30,7 +30,20 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
 
 
 CPU_MAX_NUM_SEQS = 8  # a CPU decodes a few sequences at a time: more only adds latency
-DENSE_MAX_NUM_SEQS = 256  # vLLM's default on a GPU, for policies whose memory grows with the sequence
+# "auto" for policies whose memory grows with the sequence (dense, quest, a bounded policy with dense layers): vLLM's
+# default batch for its LLM class, which depends on the GPU: 1,024 sequences on one of 70 GiB or more (H100, H200,
+# MI300X; A100s excepted), 256 on the others. The page pool still admits a sequence only when its pages fit.
+DENSE_MAX_NUM_SEQS = 256
+LARGE_GPU_MAX_NUM_SEQS = 1024
+LARGE_GPU_BYTES = 70 * 2**30
+
+
+def dense_max_num_seqs(device: torch.device) -> int:
+    """What max_num_seqs="auto" gives, on CUDA, a policy whose memory grows with the sequence (see above)."""
+    props = torch.cuda.get_device_properties(device)
+    if props.total_memory >= LARGE_GPU_BYTES and "a100" not in props.name.lower():
+        return LARGE_GPU_MAX_NUM_SEQS
+    return DENSE_MAX_NUM_SEQS
 
 
 def auto_max_num_seqs(device: torch.device, policy, kv_budget: int | None, page_size: int,
@@ -40,12 +53,12 @@ def auto_max_num_seqs(device: torch.device, policy, kv_budget: int | None, page_
     On CUDA a bounded policy (RaaS, H2O, StreamingLLM: a sequence's quota is about kv_budget /
     page_size pages whatever its length) gets as many sequences as the pool holds at that quota, capped
     at the largest CUDA-graph batch bucket; dense and Quest (memory grows with the sequence) get
-    vLLM's 256 (as does a bounded policy with dense layers). The CPU gets 8.
+    vLLM's default for the GPU, `dense_max_num_seqs` (as does a bounded policy with dense layers). The CPU gets 8.
     """
     if device.type != "cuda":
         return CPU_MAX_NUM_SEQS
     if not _batch_from_pool(policy, kv_budget):
-        return DENSE_MAX_NUM_SEQS
+        return dense_max_num_seqs(device)
     from raas_batch.engine.cuda_graph import BATCH_BUCKETS
 
     pages_per_seq = max(1, kv_budget // page_size)
@@ -161,7 +174,7 @@ class LLM:
         if policy is None or not refresh_placement(policy, self.device, backend)[1]:
             return kv_pool_tokens(free, reserve, per_page, page_size)
         if max_num_seqs is None and not _batch_from_pool(policy, self.kv_budget):
-            max_num_seqs = DENSE_MAX_NUM_SEQS  # what "auto" gives this policy whatever the pool (dense layers)
+            max_num_seqs = dense_max_num_seqs(self.device)  # what "auto" gives this policy whatever the pool
         return kv_pool_tokens(free, reserve, per_page, page_size, window_ring_bytes(spec, page_size, self.dtype),
                               max_num_seqs, max(1, (self.kv_budget or 0) // page_size))
 

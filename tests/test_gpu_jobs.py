@@ -16,7 +16,7 @@ import torch
 from raas_batch import LLM, SamplingParams
 from raas_batch.config import resolve
 from raas_batch.engine.cuda_graph import BATCH_BUCKETS
-from raas_batch.llm import DENSE_MAX_NUM_SEQS
+from raas_batch.llm import dense_max_num_seqs
 from raas_batch.runner import run_job
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -36,7 +36,10 @@ def test_auto_max_num_seqs_fills_the_page_pool():
     llm = small_llm("raas", 256, num_kv_tokens=100 * 256)
     assert llm.max_num_seqs == 100 == llm.engine.scheduler.max_num_seqs
     assert small_llm("raas", 256, num_kv_tokens=10**7).max_num_seqs == BATCH_BUCKETS[-1]
-    assert small_llm("dense", None, num_kv_tokens=64 * 1024).max_num_seqs == DENSE_MAX_NUM_SEQS
+    dense = small_llm("dense", None, num_kv_tokens=64 * 1024)
+    assert dense.max_num_seqs == dense_max_num_seqs(dense.device) == dense.engine.scheduler.max_num_seqs
+    if torch.cuda.get_device_properties(dense.device).total_memory >= 70 * 2**30:  # an H100 / H200: vLLM's 1,024
+        assert dense.max_num_seqs == 1024
 
 
 def test_the_default_pool_leaves_the_reserve_to_activations():

@@ -13,7 +13,14 @@ from fake_llm import FakeLLM, FakeTokenizer, sample_rows, write_input
 from raas_batch.cli import main
 from raas_batch.config import ConfigError, resolve
 from raas_batch.engine.cuda_graph import BATCH_BUCKETS
-from raas_batch.llm import CPU_MAX_NUM_SEQS, DENSE_MAX_NUM_SEQS, auto_max_num_seqs, kv_pool_tokens
+from raas_batch.llm import (
+    CPU_MAX_NUM_SEQS,
+    DENSE_MAX_NUM_SEQS,
+    LARGE_GPU_MAX_NUM_SEQS,
+    auto_max_num_seqs,
+    dense_max_num_seqs,
+    kv_pool_tokens,
+)
 from raas_batch.policies import make_policy
 
 
@@ -120,7 +127,28 @@ def test_unknown_policy_option_is_refused_before_loading_the_model(tmp_path, cap
     assert not out.exists()
 
 
-def test_auto_max_num_seqs_from_the_page_pool():
+def fake_gpu(monkeypatch, name: str = "NVIDIA H200", gib: float = 140) -> None:
+    """torch.cuda.get_device_properties answers for a GPU of that name and memory (this machine has none)."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device=None: SimpleNamespace(name=name, total_memory=int(gib * 2**30)))
+
+
+def test_dense_auto_batch_is_vllms_default_for_the_gpu(monkeypatch):
+    """dense / quest "auto": vLLM's default batch for the GPU: 1,024 on 70 GiB or more (A100s excepted), else 256."""
+    cuda = torch.device("cuda")
+    for name, gib, want in (("NVIDIA H200", 140, LARGE_GPU_MAX_NUM_SEQS), ("NVIDIA H100 80GB HBM3", 79.6, 1024),
+                            ("NVIDIA A100-SXM4-80GB", 80, DENSE_MAX_NUM_SEQS), ("NVIDIA L40S", 44.5, 256),
+                            ("AMD Instinct MI300X", 192, 1024), ("NVIDIA GPU", 69.9, 256)):
+        fake_gpu(monkeypatch, name, gib)
+        assert dense_max_num_seqs(cuda) == want, name
+        assert auto_max_num_seqs(cuda, make_policy("dense"), None, 16, 10**9) == want
+        assert auto_max_num_seqs(cuda, make_policy("quest", 2048, 16), 2048, 16, 10**9) == want
+
+
+def test_auto_max_num_seqs_from_the_page_pool(monkeypatch):
+    fake_gpu(monkeypatch, "NVIDIA L4", 22)  # a GPU under 70 GiB: dense gets 256
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     raas = make_policy("raas", 2048, 16)  # 128 pages per sequence
     assert auto_max_num_seqs(cpu, raas, 2048, 16, 10**9) == CPU_MAX_NUM_SEQS
@@ -167,6 +195,7 @@ def test_the_llm_sizes_its_pool_on_cuda_with_the_rings(tiny_model_dir, monkeypat
     llm = LLM(model=tiny_model_dir("llama"), device="cpu")
     free, total = 30 * 2**30, 40 * 2**30
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, total))
+    fake_gpu(monkeypatch, "NVIDIA L40S", 40)  # under 70 GiB: "auto" gives dense-layered raas 256 sequences
     llm.device, llm.kv_budget = torch.device("cuda"), 64
     spec, P = llm.model.spec, 16
     per_page = PagePool.bytes_per_page(spec.num_layers, spec.num_kv_heads, P, spec.head_dim, llm.dtype)
