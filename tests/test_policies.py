@@ -36,6 +36,7 @@ class Harness:
             pages=torch.tensor(pages[:npg]), fills=torch.tensor([min(P, n - j * P) for j in range(npg)]),
             logical=torch.tensor(list(range(npg))), stamps=torch.tensor([min(n, (j + 1) * P) - 1 for j in range(npg)]),
             pinned=torch.full((npg,), self.policy.pin_prompt_pages(slot)))
+        self.pool.write_prefill_pages(meta)
         for layer in range(self.pool.num_layers):
             self.pool.write_prefill(layer, k, torch.randn_like(k), meta)
         self.seqs[slot] = {"pages": pages, "pos": n}
@@ -79,6 +80,31 @@ class Harness:
 def run_to(h: Harness, slot: int, pos: int) -> None:
     while h.seqs[slot]["pos"] < pos:
         h.step([slot])
+
+
+def test_prefill_writes_page_metadata_once_for_every_layer():
+    """write_prefill_pages: the prefilled pages' fill, logical index, stamp and pinned flag in every layer and head
+    at once (the per-layer write_prefill then writes keys, values and bounds only); other pages untouched; the
+    bounds skip the slots past a page's fill, and that mask is built once a prefill."""
+    pool = PagePool(3, 10, HKV, P, D, torch.float32, torch.device("cpu"))
+    n, pages = P + 3, [7, 2]  # a full page and one of 3 tokens
+    meta = PrefillPages(token_pages=torch.tensor([pages[i // P] for i in range(n)]),
+                        token_offsets=torch.tensor([i % P for i in range(n)]), pages=torch.tensor(pages),
+                        fills=torch.tensor([P, 3]), logical=torch.tensor([0, 1]), stamps=torch.tensor([P - 1, n - 1]),
+                        pinned=torch.tensor([True, False]))
+    pool.write_prefill_pages(meta)
+    assert pool.fill[:, 7].eq(P).all() and pool.fill[:, 2].eq(3).all()
+    assert pool.logical[:, 7].eq(0).all() and pool.logical[:, 2].eq(1).all()
+    assert pool.stamp[:, 7].eq(P - 1).all() and pool.stamp[:, 2].eq(n - 1).all()
+    assert pool.pinned[:, 7].all() and not pool.pinned[:, 2].any()
+    others = [i for i in range(10) if i not in pages]
+    assert pool.fill[:, others].eq(0).all() and pool.logical[:, others].eq(-1).all() and not pool.pinned[:, others].any()
+    for layer in range(3):
+        k = torch.randn(n, HKV, D)
+        pool.write_prefill(layer, k, -k, meta)
+        assert torch.equal(pool.kmin[layer, 2], k[P:].amin(dim=0)) and torch.equal(pool.kmax[layer, 7], k[:P].amax(dim=0))
+        assert torch.equal(pool.v_cache[layer, 2, :, :3], -k[P:].transpose(0, 1))
+    assert meta.empty_slots(P) is meta.empty_slots(P) and int(meta.empty_slots(P).sum()) == P - 3
 
 
 # ---- registry ----

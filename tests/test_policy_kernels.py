@@ -74,6 +74,7 @@ class Lockstep:
                 pages=t(pages[:npg]), fills=t([min(P, n - j * P) for j in range(npg)]), logical=t(list(range(npg))),
                 stamps=t([min(n, (j + 1) * P) - 1 for j in range(npg)]),
                 pinned=torch.full((npg,), policy.pin_prompt_pages(slot), device=DEVICE))
+            pool.write_prefill_pages(meta)
             for layer in range(LAYERS):
                 pool.write_prefill(layer, k, v, meta)
         self.seqs[slot] = [pages, n]

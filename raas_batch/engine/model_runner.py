@@ -208,6 +208,7 @@ class ModelRunner:
             pages=self._tensor(pages), fills=self._tensor(fills), logical=self._tensor(logical),
             stamps=self._tensor(stamps), pinned=self._tensor(pinned, torch.bool),
         )
+        self.pool.write_prefill_pages(meta)  # every layer's page metadata; each layer writes its keys and values
         ctx = StepContext(is_prefill=True, pool=self.pool, policy=self.policy, ops=self.ops,
                           cu_seqlens=self._tensor(cu, torch.int32), max_seqlen=max(cu[i + 1] - cu[i] for i in range(len(seqs))),
                           prefill=meta)

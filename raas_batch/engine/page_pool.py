@@ -106,28 +106,32 @@ class PagePool:
             t[:, d] = t[:, s]
 
     # ---- prefill writes ----
+    def write_prefill_pages(self, meta: PrefillPages) -> None:
+        """The metadata of the pages a prefill batch fills, in every layer at once (the same in each): fill,
+        logical index, stamp, pinned. meta.pages / fills / logical / stamps / pinned: [M] for each page touched.
+        (Once a prefill rather than once a layer: a small prefill is bound by its launches.)"""
+        pages = meta.pages
+        self.fill[:, pages] = meta.fills.view(1, -1, 1).to(torch.int32)
+        self.logical[:, pages] = meta.logical.view(1, -1, 1).to(torch.int32)
+        self.stamp[:, pages] = meta.stamps.view(1, -1, 1).to(self.stamp.dtype)
+        self.pinned[:, pages] = meta.pinned.view(1, -1, 1)
+
     def write_prefill(self, layer: int, k: torch.Tensor, v: torch.Tensor, meta: PrefillPages,
                       bounds: bool = True) -> None:
-        """Write a prefill batch's keys and values and the metadata of the pages they fill (the key
-        bounds kmin / kmax only if `bounds`).
+        """Write a prefill batch's keys and values into one layer's pages (and the pages' key bounds kmin / kmax if
+        `bounds`); the pages' metadata is `write_prefill_pages`'s, once for all layers.
 
-        k, v: [T, Hkv, D]; meta.token_pages / token_offsets: [T] (page and offset of every token);
-        meta.pages / fills / logical / stamps / pinned: [M] for each page touched.
+        k, v: [T, Hkv, D]; meta.token_pages / token_offsets: [T] (page and offset of every token).
         """
         self.k_cache[layer][meta.token_pages, :, meta.token_offsets] = k.to(self.k_cache.dtype)
         self.v_cache[layer][meta.token_pages, :, meta.token_offsets] = v.to(self.v_cache.dtype)
-        pages = meta.pages
         if bounds:
+            pages = meta.pages
             keys = self.k_cache[layer, pages]  # [M, Hkv, P, D]
-            valid = (torch.arange(self.page_size, device=keys.device).view(1, -1) < meta.fills.view(-1, 1))
-            valid = valid.view(-1, 1, self.page_size, 1)  # [M, 1, P, 1]
+            empty = meta.empty_slots(self.page_size)  # [M, 1, P, 1]: past each page's fill
             big = torch.finfo(keys.dtype).max
-            self.kmin[layer, pages] = keys.masked_fill(~valid, big).amin(dim=2)
-            self.kmax[layer, pages] = keys.masked_fill(~valid, -big).amax(dim=2)
-        self.fill[layer, pages] = meta.fills.view(-1, 1).to(torch.int32)
-        self.logical[layer, pages] = meta.logical.view(-1, 1).to(torch.int32)
-        self.stamp[layer, pages] = meta.stamps.view(-1, 1)
-        self.pinned[layer, pages] = meta.pinned.view(-1, 1)
+            self.kmin[layer, pages] = keys.masked_fill(empty, big).amin(dim=2)
+            self.kmax[layer, pages] = keys.masked_fill(empty, -big).amax(dim=2)
 
     def held_tokens(self, pages: list[int]) -> int:
         """Largest number of tokens a (layer, kv head) holds now in these pages (host sync)."""
@@ -141,3 +145,12 @@ class PrefillPages:
     def __init__(self, token_pages, token_offsets, pages, fills, logical, stamps, pinned):
         self.token_pages, self.token_offsets = token_pages, token_offsets  # [T], [T]
         self.pages, self.fills, self.logical, self.stamps, self.pinned = pages, fills, logical, stamps, pinned  # [M]
+        self._empty: torch.Tensor | None = None
+
+    def empty_slots(self, page_size: int) -> torch.Tensor:
+        """[M, 1, P, 1] bool: the token slots past each page's fill (the key bounds skip them); built once and
+        shared by every layer's write."""
+        if self._empty is None:
+            offsets = torch.arange(page_size, device=self.fills.device).view(1, -1)
+            self._empty = (offsets >= self.fills.view(-1, 1)).view(-1, 1, page_size, 1)
+        return self._empty
