@@ -34,7 +34,8 @@ from raas_batch.kernels.ops import get_layer_ops, get_ops
 from raas_batch.policies.base import KVPolicy
 
 # A prefill step of a few rows costs about this many decode steps on the GPU (an H200 at the 1.5B shape:
-# ~30 ms against 5-9 ms; bench_job_1p5b_realistic_2048_run121): the scheduler's refill rule
+# ~30 ms against 5-9 ms in bench_job_1p5b_realistic_2048_run121; 17-21 ms since the prefill writes its pages'
+# metadata once for all layers, run 132, where 4 was not measured again): the scheduler's refill rule
 DEFAULT_PREFILL_COST_STEPS = 4.0
 PREFILL_COST_ENV = "RAAS_BATCH_PREFILL_COST_STEPS"  # the default's override (benchmarks' A/B runs)
 
