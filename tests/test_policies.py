@@ -105,6 +105,7 @@ def test_prefill_writes_page_metadata_once_for_every_layer():
         assert torch.equal(pool.kmin[layer, 2], k[P:].amin(dim=0)) and torch.equal(pool.kmax[layer, 7], k[:P].amax(dim=0))
         assert torch.equal(pool.v_cache[layer, 2, :, :3], -k[P:].transpose(0, 1))
     assert meta.empty_slots(P) is meta.empty_slots(P) and int(meta.empty_slots(P).sum()) == P - 3
+    assert int(meta.empty_slots(2 * P).sum()) == P + (2 * P - 3)  # another page size: built again, not reused
 
 
 # ---- registry ----

@@ -33,9 +33,9 @@ from raas_batch.engine.sequence import Sequence
 from raas_batch.kernels.ops import get_layer_ops, get_ops
 from raas_batch.policies.base import KVPolicy
 
-# A prefill step of a few rows costs about this many decode steps on the GPU (an H200 at the 1.5B shape:
-# ~30 ms against 5-9 ms in bench_job_1p5b_realistic_2048_run121; 17-21 ms since the prefill writes its pages'
-# metadata once for all layers, run 132, where 4 was not measured again): the scheduler's refill rule
+# A prefill step of a few rows costs about this many decode steps on the GPU: the scheduler's refill rule. 4 was
+# the best of 1, 4 and 16 on the 2,048-row job (run 124, docs/gpu-notes.md), when such a step took ~30 ms against
+# 5-9 ms a decode step on an H200 at the 1.5B shape; since run 132 it takes 17-21 ms, and R was not measured again.
 DEFAULT_PREFILL_COST_STEPS = 4.0
 PREFILL_COST_ENV = "RAAS_BATCH_PREFILL_COST_STEPS"  # the default's override (benchmarks' A/B runs)
 

@@ -150,7 +150,7 @@ class PrefillPages:
     def empty_slots(self, page_size: int) -> torch.Tensor:
         """[M, 1, P, 1] bool: the token slots past each page's fill (the key bounds skip them); built once and
         shared by every layer's write."""
-        if self._empty is None:
+        if self._empty is None or self._empty.shape[2] != page_size:
             offsets = torch.arange(page_size, device=self.fills.device).view(1, -1)
             self._empty = (offsets >= self.fills.view(-1, 1)).view(-1, 1, page_size, 1)
         return self._empty
