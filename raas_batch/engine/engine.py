@@ -35,7 +35,8 @@ from raas_batch.policies.base import KVPolicy
 
 # A prefill step of a few rows costs about this many decode steps on the GPU: the scheduler's refill rule. 4 was
 # the best of 1, 4 and 16 on the 2,048-row job (run 124, docs/gpu-notes.md), when such a step took ~30 ms against
-# 5-9 ms a decode step on an H200 at the 1.5B shape; since run 132 it takes 17-21 ms, and R was not measured again.
+# 5-9 ms a decode step on an H200 at the 1.5B shape. Since run 132 it takes 17-21 ms; measured again at the default
+# batch (run 135), R = 2, 4 and 8 gave the job within 0.9% of each other (prefill ~1.5 s of 86 s), so 4 stays.
 DEFAULT_PREFILL_COST_STEPS = 4.0
 PREFILL_COST_ENV = "RAAS_BATCH_PREFILL_COST_STEPS"  # the default's override (benchmarks' A/B runs)
 
