@@ -70,6 +70,32 @@ def test_generation_config_fills_unset_sampling_fields(tiny):
     assert tiny.generate(prompt, greedy)[0].outputs[0].token_ids == tiny.generate(prompt, greedy)[0].outputs[0].token_ids
 
 
+def test_generation_config_keys_not_applied_are_named_once(tmp_path, caplog):
+    """A generation_config that sets what vLLM would apply and we do not (Qwen2.5-Instruct's repetition_penalty 1.05,
+    a min_p) gets one warning naming each key and value; neutral values and the keys we apply are silent."""
+    from raas_batch.generation_config import read_generation_defaults
+
+    model = tmp_path / "model"
+    model.mkdir()
+    path = model / "generation_config.json"
+    path.write_text(json.dumps({"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05,
+                                "min_p": 0.05, "do_sample": True}))
+    with caplog.at_level("WARNING", logger="raas_batch.generation_config"):
+        assert read_generation_defaults(str(model)) == {"temperature": 0.7, "top_p": 0.8, "top_k": 20}
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "repetition_penalty=1.05" in warnings[0] and "min_p=0.05" in warnings[0]
+    assert "vLLM would" in warnings[0] and str(path) in warnings[0]
+    caplog.clear()
+    path.write_text(json.dumps({"temperature": 0.6, "repetition_penalty": 1.0, "min_p": 0.0}))
+    with caplog.at_level("WARNING", logger="raas_batch.generation_config"):
+        assert read_generation_defaults(str(model)) == {"temperature": 0.6}
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    path.write_text("[1, 2]")  # valid JSON, not a mapping: ignored with a warning, not an AttributeError
+    with caplog.at_level("WARNING", logger="raas_batch.generation_config"):
+        assert read_generation_defaults(str(model)) == {}
+    assert "not a JSON object" in caplog.records[-1].getMessage()
+
+
 def test_sampling_params_read_back_what_was_set():
     p = SamplingParams(max_tokens=7)
     assert p.max_tokens == p.max_new_tokens == 7 and p.unset() == ["temperature", "top_p", "top_k"]
